@@ -1,0 +1,147 @@
+//! The carriers. Each module owns its credential handling, signature check, payload parsing,
+//! answer format and REST client; `pipeline` is the one webhook path they all share.
+
+pub mod answer;
+pub mod exotel;
+pub mod keys;
+pub mod pipeline;
+pub mod plivo;
+pub mod rest;
+pub mod routes;
+pub mod telnyx;
+pub mod twilio;
+pub mod vobiz;
+
+use std::net::IpAddr;
+
+use actix_web::http::header::HeaderMap;
+use actix_web::HttpResponse;
+use serde_json::Value;
+
+use crate::domain::Carrier;
+use crate::net::form::Pair;
+use crate::store::{EventRecord, PhoneRecord};
+pub use keys::Prepared;
+
+/// Which of a carrier's callbacks this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// The answer URL: the carrier waits for instructions.
+    Incoming,
+    /// Status and hangup callbacks: acknowledged with an empty 200.
+    Status,
+    /// Telnyx's single events URL.
+    Events,
+}
+
+/// A request as the carrier sent it, with the URL it signed. Only the pipeline builds it.
+pub struct Inbound<'a> {
+    pub method: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The public URL the carrier called, query included, exactly as received.
+    pub url: &'a str,
+    pub query: &'a str,
+    pub body: &'a [u8],
+    /// Decoded form fields of a form-encoded body; empty otherwise.
+    pub form: Vec<Pair<'a>>,
+    pub is_form: bool,
+    pub client_ip: IpAddr,
+    pub now_secs: i64,
+}
+
+impl Inbound<'_> {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// A field from the form body, else from the query string.
+    pub fn param(&self, name: &str) -> Option<String> {
+        if let Some((_, v)) = self.form.iter().find(|(k, _)| k == name) {
+            return Some(v.to_string());
+        }
+        crate::net::form::pairs(self.query.as_bytes())
+            .filter_map(Result::ok)
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+}
+
+/// Why a webhook was refused. The response names the class, never which part failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    InvalidSignature,
+    MissingSignature,
+    StaleTimestamp,
+    IpNotAllowed,
+    InvalidToken,
+    CredentialUnavailable,
+}
+
+impl Reject {
+    pub fn code(self) -> &'static str {
+        match self {
+            Reject::InvalidSignature => "invalid_signature",
+            Reject::MissingSignature => "missing_signature",
+            Reject::StaleTimestamp => "stale_timestamp",
+            Reject::IpNotAllowed => "ip_not_allowed",
+            Reject::InvalidToken => "invalid_token",
+            Reject::CredentialUnavailable => "credential_unavailable",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Reject::InvalidSignature => "the request signature is not valid",
+            Reject::MissingSignature => "the request carries no signature",
+            Reject::StaleTimestamp => "the request timestamp is outside the accepted window",
+            Reject::IpNotAllowed => "the request comes from an address that is not allowed",
+            Reject::InvalidToken => "the request token is missing or not valid",
+            Reject::CredentialUnavailable => "no credential is available to verify this request",
+        }
+    }
+}
+
+/// The carrier's payload in the normalized event's terms.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub kind: String,
+    pub call_id: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub direction: Option<String>,
+    pub status: Option<String>,
+    pub params: Value,
+    /// What identifies a redelivery of this very callback (nonce, event id, idempotency token).
+    pub replay_id: Option<String>,
+}
+
+/// The parts a carrier module supplies to the shared pipeline.
+pub trait CarrierHooks: Send + Sync + 'static {
+    const CARRIER: Carrier;
+
+    /// Whether `verify` needs the number's stored credential (Exotel's check does not).
+    const NEEDS_CREDENTIAL: bool = true;
+
+    /// Checks the request with one credential's keys; the name of the scheme that passed.
+    fn verify(
+        req: &Inbound<'_>,
+        keys: &Prepared,
+        phone: &PhoneRecord,
+        ctx: &VerifyContext<'_>,
+    ) -> Result<&'static str, Reject>;
+
+    fn parse(req: &Inbound<'_>, hook: Hook) -> Parsed;
+
+    /// The answer document for an incoming call, from the decision the hand-off reached.
+    fn answer(phone: &PhoneRecord, decision: &answer::Decision, ev: &EventRecord) -> HttpResponse;
+}
+
+/// Settings a verifier may need beyond the credential.
+pub struct VerifyContext<'a> {
+    pub exotel_allowed: &'a [ipnet::IpNet],
+}
+
+/// Converts a carrier's number (with or without `+`, maybe a SIP URI) to E.164 when it is one.
+pub fn e164_or_raw(s: &str) -> String {
+    crate::domain::E164::normalize(s).map(|n| n.to_string()).unwrap_or_else(|_| s.to_owned())
+}

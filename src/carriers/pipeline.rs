@@ -1,0 +1,279 @@
+//! The webhook path, written once for every carrier: resolve the number, reconstruct the URL
+//! the carrier signed, verify with the number's credential (or the previous one inside its
+//! grace), refuse replays, record durably, answer.
+
+use std::sync::Arc;
+
+use actix_web::http::header::CONTENT_TYPE;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+
+use super::answer::Decision;
+use super::{CarrierHooks, Hook, Inbound, Parsed, Prepared, Reject, VerifyContext};
+use crate::clock::rfc3339;
+use crate::domain::{EventId, PhoneId, SecretId};
+use crate::error::ApiError;
+use crate::net::{body, client, form};
+use crate::state::AppState;
+use crate::store::{DeliveryRecord, DeliveryState, EventRecord, PhoneRecord, Recorded, VerifiedBy};
+
+fn rejected(
+    carrier: crate::domain::Carrier,
+    state: &AppState,
+    why: Reject,
+    phone: Option<&PhoneId>,
+    ip: std::net::IpAddr,
+) -> HttpResponse {
+    state.metrics.rejected(carrier, why.code());
+    tracing::warn!(carrier = %carrier, phone = ?phone, client_ip = %ip, reason = why.code(), "webhook rejected");
+    HttpResponse::build(StatusCode::FORBIDDEN).json(json!({"error": {"code": why.code(), "message": why.message()}}))
+}
+
+fn not_found(carrier: crate::domain::Carrier, state: &AppState, ip: std::net::IpAddr) -> HttpResponse {
+    state.metrics.rejected(carrier, "unknown_phone");
+    tracing::info!(carrier = %carrier, client_ip = %ip, "webhook for an unknown phone number");
+    HttpResponse::NotFound().json(json!({"error": {"code": "not_found", "message": "phone number not found"}}))
+}
+
+/// Where the phone number comes from: the path, or (Telnyx) the verified-later payload.
+pub enum Locate {
+    Path(String),
+    Payload,
+}
+
+/// The shared handler. `C` supplies the carrier's parts.
+pub async fn handle<C: CarrierHooks>(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    locate: Locate,
+    hook: Hook,
+) -> HttpResponse {
+    let carrier = C::CARRIER;
+    let peer = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let settings = &state.settings;
+    let ip = client::client_ip(peer, req.headers(), &settings.trusted_proxies);
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let raw = match body::read_limited(payload, settings.body_limit_bytes, declared).await {
+        Ok(b) => b,
+        Err(e) => return actix_web::ResponseError::error_response(&e),
+    };
+    let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let is_form = req.method() == actix_web::http::Method::POST
+        && content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("application/x-www-form-urlencoded");
+    let form_pairs = if is_form {
+        match form::parse(&raw) {
+            Ok(p) => p,
+            Err(_) => {
+                return ApiError::bad_request("malformed_body", "the form body cannot be decoded").into_response();
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = client::signed_url(&settings.public_url, peer, req.headers(), &settings.trusted_proxies, path_and_query);
+    let now_ms = state.clock.now_ms();
+    let inbound = Inbound {
+        method: req.method().as_str(),
+        headers: req.headers(),
+        url: &url,
+        query: req.uri().query().unwrap_or(""),
+        body: &raw,
+        form: form_pairs,
+        is_form,
+        client_ip: ip,
+        now_secs: now_ms.div_euclid(1000),
+    };
+
+    let phone = match locate {
+        Locate::Path(id) => {
+            let Ok(id) = PhoneId::parse(&id) else { return not_found(carrier, &state, ip) };
+            state.store.phone_resolve(&id)
+        }
+        Locate::Payload => match super::telnyx::locate(&inbound, state.store.as_ref()) {
+            Ok(p) => p,
+            Err(why) => return rejected(carrier, &state, why, None, ip),
+        },
+    };
+    let phone = match phone {
+        Ok(Some(p)) if p.provider == carrier => p,
+        Ok(_) => return not_found(carrier, &state, ip),
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
+
+    let ctx = VerifyContext { exotel_allowed: &settings.exotel_allowed_ips };
+    let verified_by = match verify::<C>(&state, &inbound, &phone, &ctx, now_ms) {
+        Ok(v) => v,
+        Err(why) => return rejected(carrier, &state, why, Some(&phone.id), ip),
+    };
+
+    let parsed = C::parse(&inbound, hook);
+    let replay_key = replay_key(carrier, &phone, &parsed, &inbound);
+    let expires = now_ms + settings.replay_window.as_millis() as i64;
+    let mut ev = event(&phone, parsed, verified_by, now_ms);
+    let delivery = DeliveryRecord {
+        event_id: ev.id.clone(),
+        org_id: ev.org_id.clone(),
+        call_key: format!("{}:{}", carrier, ev.call_id.as_deref().unwrap_or(ev.id.as_str())),
+        state: DeliveryState::Pending,
+        attempts: Vec::new(),
+        next_attempt_ms: now_ms,
+        created_at_ms: now_ms,
+    };
+    let decision = (hook == Hook::Incoming).then(|| Decision::fallback(&phone));
+    if let Some(d) = &decision {
+        ev.answer = serde_json::to_value(d).ok();
+    }
+    match state.store.event_record(&ev, &delivery, Some((&replay_key, expires))) {
+        Ok(Recorded::New) => {}
+        Ok(Recorded::Duplicate) => {
+            state.metrics.replayed(carrier);
+            tracing::info!(carrier = %carrier, phone = %phone.id, "replayed webhook acknowledged, not recorded again");
+            return respond::<C>(&phone, hook, decision.as_ref(), &ev);
+        }
+        Err(e) => return ApiError::internal(e).into_response(),
+    }
+    // Acknowledge only what survives a crash.
+    if let Err(e) = state.commit.commit().await {
+        return ApiError::internal(e).into_response();
+    }
+    state.metrics.accepted(carrier);
+    tracing::debug!(carrier = %carrier, phone = %phone.id, event = %ev.id, kind = %ev.kind, "webhook recorded");
+    respond::<C>(&phone, hook, decision.as_ref(), &ev)
+}
+
+fn respond<C: CarrierHooks>(
+    phone: &PhoneRecord,
+    hook: Hook,
+    decision: Option<&Decision>,
+    ev: &EventRecord,
+) -> HttpResponse {
+    match (hook, decision) {
+        (Hook::Incoming, Some(d)) => C::answer(phone, d, ev),
+        _ => HttpResponse::Ok().finish(),
+    }
+}
+
+fn event(phone: &PhoneRecord, p: Parsed, verified_by: VerifiedBy, now_ms: i64) -> EventRecord {
+    EventRecord {
+        id: EventId::generate(),
+        org_id: phone.org_id.clone(),
+        phone_id: phone.id.clone(),
+        provider: phone.provider,
+        kind: p.kind,
+        call_id: p.call_id,
+        from: p.from,
+        to: p.to,
+        direction: p.direction,
+        status: p.status,
+        received_at: rfc3339(now_ms),
+        received_at_ms: now_ms,
+        verified_by,
+        params: p.params,
+        answer: None,
+    }
+}
+
+/// The carrier's own redelivery id when it has one; else what makes this callback itself
+/// unique (call, status, and a hash of everything signed).
+fn replay_key(carrier: crate::domain::Carrier, phone: &PhoneRecord, p: &Parsed, req: &Inbound<'_>) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut key = Vec::with_capacity(64);
+    key.extend_from_slice(carrier.as_str().as_bytes());
+    key.push(0);
+    match &p.replay_id {
+        Some(id) => key.extend_from_slice(id.as_bytes()),
+        None => {
+            let mut h = Sha256::new();
+            h.update(phone.id.as_str());
+            h.update([0]);
+            h.update(p.call_id.as_deref().unwrap_or(""));
+            h.update([0]);
+            h.update(p.status.as_deref().unwrap_or(""));
+            h.update([0]);
+            h.update(req.query);
+            h.update([0]);
+            h.update(req.body);
+            key.extend_from_slice(&h.finalize());
+        }
+    }
+    key
+}
+
+fn keys_for(state: &AppState, phone: &PhoneRecord, secret: &SecretId) -> Option<Arc<Prepared>> {
+    if let Some(k) = state.credentials.get(secret) {
+        return Some(k);
+    }
+    let rec = state.store.secret_get(&phone.org_id, secret).ok()??;
+    let cred = match state.vault.open_phone(&rec) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(phone = %phone.id, secret = %secret, error = %e, "cannot open the credential of a phone number");
+            return None;
+        }
+    };
+    if cred.carrier() != phone.provider {
+        return None;
+    }
+    Some(state.credentials.insert(secret.clone(), Prepared::from_credential(&cred)?))
+}
+
+fn verify<C: CarrierHooks>(
+    state: &AppState,
+    req: &Inbound<'_>,
+    phone: &PhoneRecord,
+    ctx: &VerifyContext<'_>,
+    now_ms: i64,
+) -> Result<VerifiedBy, Reject> {
+    if !C::NEEDS_CREDENTIAL {
+        let scheme = C::verify(req, &Prepared::Exotel, phone, ctx)?;
+        return Ok(VerifiedBy { scheme: scheme.into(), credential: "current".into(), secret_id: None });
+    }
+    let current = keys_for(state, phone, &phone.credential);
+    let first = match &current {
+        Some(k) => match C::verify(req, k, phone, ctx) {
+            Ok(scheme) => {
+                return Ok(VerifiedBy {
+                    scheme: scheme.into(),
+                    credential: "current".into(),
+                    secret_id: Some(phone.credential.clone()),
+                })
+            }
+            Err(why) => why,
+        },
+        None => Reject::CredentialUnavailable,
+    };
+    if let Some(prev) = phone.previous_credential.as_ref().filter(|p| now_ms <= p.valid_until_ms) {
+        if let Some(k) = keys_for(state, phone, &prev.secret_id) {
+            if let Ok(scheme) = C::verify(req, &k, phone, ctx) {
+                return Ok(VerifiedBy {
+                    scheme: scheme.into(),
+                    credential: "previous".into(),
+                    secret_id: Some(prev.secret_id.clone()),
+                });
+            }
+        }
+    }
+    Err(first)
+}
+
+trait IntoResponse {
+    fn into_response(self) -> HttpResponse;
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> HttpResponse {
+        actix_web::ResponseError::error_response(&self)
+    }
+}

@@ -1,0 +1,520 @@
+//! The carriers' REST APIs: listing an account's numbers and pointing one at the gateway.
+//!
+//! One `reqwest::Client` serves every carrier so connections are pooled across requests.
+//! Credentials travel only in headers, never in a URL, and no error built here carries a
+//! credential: carrier error texts that echo one are dropped, transport errors lose their URL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
+use reqwest::{Method, RequestBuilder};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::carriers::{exotel, plivo, telnyx, twilio, vobiz};
+use crate::domain::{Carrier, PhoneCredential, Secret, E164};
+
+/// Listing stops here even if the carrier has more: bounds the memory and the number of
+/// requests one import can cost.
+pub const MAX_NUMBERS: usize = 10_000;
+
+/// The name of the application callgate creates (or reuses) on Plivo, Vobiz and Telnyx.
+/// Reusing it means every number linked to it shares its URLs, which is what the gateway
+/// wants: its webhook URLs are per carrier, not per number.
+pub const APP_NAME: &str = "callgate";
+
+/// A carrier body larger than this is not a number listing; refusing it bounds memory.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// Carrier error texts end up in API responses; a long one is noise, not information.
+const MAX_MESSAGE: usize = 300;
+
+/// Origins (`scheme://host[:port]`, no trailing slash) of the carriers' REST APIs; tests
+/// point them at a fake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CarrierUrls {
+    pub plivo: String,
+    pub vobiz: String,
+    pub twilio: String,
+    pub telnyx: String,
+    /// `None`: `https://<subdomain>` from the credential, since Exotel accounts live on
+    /// regional clusters.
+    pub exotel: Option<String>,
+}
+
+impl Default for CarrierUrls {
+    fn default() -> Self {
+        Self {
+            plivo: "https://api.plivo.com".to_owned(),
+            vobiz: "https://api.vobiz.ai".to_owned(),
+            twilio: "https://api.twilio.com".to_owned(),
+            telnyx: "https://api.telnyx.com".to_owned(),
+            exotel: None,
+        }
+    }
+}
+
+/// A number as the carrier lists it, normalized to E.164.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedNumber {
+    pub number: E164,
+    /// The carrier's own handle for the number: Twilio `PN…` sid, Telnyx and Vobiz ids,
+    /// Exotel sid, Plivo's digits.
+    pub provider_number_id: String,
+    pub friendly_name: Option<String>,
+    pub voice_url: Option<String>,
+}
+
+/// Where auto-configuration points a number. For Telnyx both are the single voice URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookTargets {
+    pub incoming: String,
+    pub status: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The carrier answered 401 or 403. `message` is the carrier's own text, unless it
+    /// echoed a credential.
+    #[error("the carrier rejected the credentials{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    InvalidCredentials { message: Option<String> },
+    /// Connect error, 5xx, unexpected status or body. `reason` is for logs.
+    #[error("the carrier's API is unavailable: {reason}")]
+    Unavailable { reason: String },
+    #[error("the carrier's API did not answer in time")]
+    Timeout,
+    #[error("the carrier does not know this number or resource")]
+    NotFound,
+    /// The carrier would accept the change, but making it would break something the
+    /// customer set up (e.g. a Twilio number routed to a SIP trunk).
+    #[error("{message}")]
+    Refused { message: String },
+}
+
+/// The carriers' REST clients. Cheap to clone: the connection pool and the URLs are shared.
+#[derive(Clone)]
+pub struct ProviderApi {
+    client: reqwest::Client,
+    urls: Arc<CarrierUrls>,
+}
+
+impl std::fmt::Debug for ProviderApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderApi").field("urls", &self.urls).finish_non_exhaustive()
+    }
+}
+
+impl ProviderApi {
+    /// `timeout` bounds each request from connecting to the end of its body.
+    pub fn new(urls: CarrierUrls, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            // A redirect would resend the X-Auth-Token header (Vobiz) to wherever it points;
+            // no carrier API redirects, so one is an error.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("callgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { client, urls: Arc::new(urls) })
+    }
+
+    pub fn urls(&self) -> &CarrierUrls {
+        &self.urls
+    }
+
+    /// Every number on the account, following the carrier's pagination up to
+    /// [`MAX_NUMBERS`]. Items whose number is not E.164 are skipped.
+    pub async fn list_numbers(&self, cred: &PhoneCredential) -> Result<Vec<ListedNumber>, ProviderError> {
+        match cred {
+            PhoneCredential::Plivo(c) => plivo::rest::list_numbers(self, c).await,
+            PhoneCredential::Vobiz(c) => vobiz::rest::list_numbers(self, c).await,
+            PhoneCredential::Twilio(c) => twilio::rest::list_numbers(self, c).await,
+            PhoneCredential::Telnyx(c) => telnyx::rest::list_numbers(self, c).await,
+            PhoneCredential::Exotel(c) => exotel::rest::list_numbers(self, c).await,
+        }
+    }
+
+    /// Points `number` at the gateway and describes what changed on the carrier's side.
+    pub async fn configure_number(
+        &self,
+        cred: &PhoneCredential,
+        number: &ListedNumber,
+        urls: &WebhookTargets,
+    ) -> Result<Value, ProviderError> {
+        match cred {
+            PhoneCredential::Plivo(c) => plivo::rest::configure_number(self, c, number, urls).await,
+            PhoneCredential::Vobiz(c) => vobiz::rest::configure_number(self, c, number, urls).await,
+            PhoneCredential::Twilio(c) => twilio::rest::configure_number(self, c, number, urls).await,
+            PhoneCredential::Telnyx(c) => telnyx::rest::configure_number(self, c, number, urls).await,
+            PhoneCredential::Exotel(_) => Ok(exotel::rest::configure_number(number, urls)),
+        }
+    }
+
+    /// Answers a Telnyx call; `body` carries the stream fields and the caller's `command_id`.
+    pub async fn telnyx_answer(
+        &self,
+        api_key: &Secret,
+        call_control_id: &str,
+        body: &Value,
+    ) -> Result<(), ProviderError> {
+        telnyx::rest::answer(self, api_key, call_control_id, body).await
+    }
+
+    pub(crate) fn exchange<'a>(
+        &'a self,
+        carrier: Carrier,
+        origin: &str,
+        auth: Auth<'a>,
+    ) -> Result<Exchange<'a>, ProviderError> {
+        Exchange::new(&self.client, carrier, origin, auth)
+    }
+}
+
+/// How a carrier wants to be authenticated.
+pub(crate) enum Auth<'a> {
+    Basic {
+        user: &'a str,
+        password: &'a Secret,
+    },
+    /// Vobiz: `X-Auth-ID` / `X-Auth-Token`.
+    AuthHeaders {
+        auth_id: &'a str,
+        auth_token: &'a Secret,
+    },
+    Bearer(&'a Secret),
+}
+
+/// Requests to one carrier account: the origin, the auth headers, and the strings that
+/// must never appear in an error.
+pub(crate) struct Exchange<'a> {
+    client: &'a reqwest::Client,
+    carrier: Carrier,
+    origin: String,
+    headers: HeaderMap,
+    secrets: Vec<&'a str>,
+}
+
+fn sensitive(value: &str) -> Result<HeaderValue, ProviderError> {
+    let mut v = HeaderValue::from_str(value).map_err(|_| ProviderError::InvalidCredentials {
+        message: Some("the credential contains characters that cannot be sent in an HTTP header".to_owned()),
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+impl<'a> Exchange<'a> {
+    fn new(client: &'a reqwest::Client, carrier: Carrier, origin: &str, auth: Auth<'a>) -> Result<Self, ProviderError> {
+        let mut headers = HeaderMap::new();
+        let mut secrets = Vec::new();
+        match auth {
+            Auth::Basic { user, password } => {
+                let raw = format!("{user}:{}", password.expose());
+                headers.insert(AUTHORIZATION, sensitive(&format!("Basic {}", B64.encode(raw)))?);
+                secrets.push(password.expose());
+            }
+            Auth::AuthHeaders { auth_id, auth_token } => {
+                headers.insert(HeaderName::from_static("x-auth-id"), sensitive(auth_id)?);
+                headers.insert(HeaderName::from_static("x-auth-token"), sensitive(auth_token.expose())?);
+                secrets.push(auth_token.expose());
+            }
+            Auth::Bearer(key) => {
+                headers.insert(AUTHORIZATION, sensitive(&format!("Bearer {}", key.expose()))?);
+                secrets.push(key.expose());
+            }
+        }
+        Ok(Self { client, carrier, origin: origin.trim_end_matches('/').to_owned(), headers, secrets })
+    }
+
+    /// Also keeps `s` out of errors (Exotel's API key is half of its credential).
+    pub(crate) fn also_secret(mut self, s: &'a str) -> Self {
+        self.secrets.push(s);
+        self
+    }
+
+    /// `path` starts with `/` and is already percent-encoded.
+    pub(crate) fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, format!("{}{}", self.origin, path)).headers(self.headers.clone())
+    }
+
+    /// A next-page link from the carrier. Only a path on the same origin is followed, so a
+    /// response can never send our credentials to another host.
+    pub(crate) fn follow(&self, op: &'static str, next: &str) -> Result<RequestBuilder, ProviderError> {
+        let path = next.strip_prefix(self.origin.as_str()).unwrap_or(next);
+        let relative = path.starts_with('/')
+            && !path.starts_with("//")
+            && !path.bytes().any(|b| b == b'\\' || b == b'#' || b.is_ascii_whitespace() || b.is_ascii_control());
+        if !relative {
+            return Err(self.unavailable(op, "next-page link is not a path on the API's origin"));
+        }
+        Ok(self.request(Method::GET, path))
+    }
+
+    pub(crate) fn unavailable(&self, op: &'static str, what: &str) -> ProviderError {
+        ProviderError::Unavailable { reason: self.redact(format!("{} {op}: {what}", self.carrier)) }
+    }
+
+    fn mentions_secret(&self, s: &str) -> bool {
+        self.secrets.iter().any(|secret| !secret.is_empty() && s.contains(secret))
+    }
+
+    fn redact(&self, mut s: String) -> String {
+        for secret in &self.secrets {
+            if !secret.is_empty() && s.contains(secret) {
+                s = s.replace(secret, "[redacted]");
+            }
+        }
+        s
+    }
+
+    /// Sends, and returns the body of a 2xx answer; every other outcome is a `ProviderError`.
+    pub(crate) async fn send(&self, op: &'static str, req: RequestBuilder) -> Result<Vec<u8>, ProviderError> {
+        let mut resp = req.send().await.map_err(|e| self.transport(op, e))?;
+        let status = resp.status();
+        if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(self.unavailable(op, "response body too large"));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(op, e))? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(self.unavailable(op, "response body too large"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status.is_success() {
+            return Ok(body);
+        }
+        let message = carrier_message(&body).filter(|m| !self.mentions_secret(m));
+        match status.as_u16() {
+            401 | 403 => Err(ProviderError::InvalidCredentials { message }),
+            404 => Err(ProviderError::NotFound),
+            _ => {
+                let detail = message.map(|m| format!(": {m}")).unwrap_or_default();
+                Err(self.unavailable(op, &format!("HTTP {}{detail}", status.as_u16())))
+            }
+        }
+    }
+
+    /// Sends and parses a 2xx JSON answer into `T`, whose required fields are the
+    /// top-level shape the carrier documents.
+    pub(crate) async fn json<T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        req: RequestBuilder,
+    ) -> Result<T, ProviderError> {
+        let body = self.send(op, req).await?;
+        serde_json::from_slice(&body).map_err(|e| {
+            // serde's message can quote the body; the position is enough for a log.
+            self.unavailable(
+                op,
+                &format!(
+                    "unexpected response body ({:?} error at line {} column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ),
+            )
+        })
+    }
+
+    fn transport(&self, op: &'static str, e: reqwest::Error) -> ProviderError {
+        if e.is_timeout() {
+            return ProviderError::Timeout;
+        }
+        let kind = if e.is_connect() {
+            "could not connect"
+        } else if e.is_body() || e.is_decode() {
+            "reading the response failed"
+        } else {
+            "request failed"
+        };
+        let e = e.without_url();
+        let mut detail = kind.to_owned();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            source = s.source();
+        }
+        self.unavailable(op, &detail)
+    }
+}
+
+/// The carrier's own error text from an error body, whichever carrier's shape it has:
+/// Telnyx `errors[0].detail|title`, Twilio `message`, Plivo `error`, Exotel
+/// `RestException.Message` or `response.error_data.description|message`.
+fn carrier_message(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let candidates = [
+        &v["errors"][0]["detail"],
+        &v["errors"][0]["title"],
+        &v["message"],
+        &v["error"],
+        &v["error"]["message"],
+        &v["RestException"]["Message"],
+        &v["response"]["error_data"]["description"],
+        &v["response"]["error_data"]["message"],
+        &v["detail"],
+    ];
+    let text = candidates.iter().find_map(|c| c.as_str().map(str::trim).filter(|s| !s.is_empty()))?;
+    let mut clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_MESSAGE).collect();
+    if text.chars().count() > MAX_MESSAGE {
+        clean.push('…');
+    }
+    Some(clean)
+}
+
+/// Everything but unreserved characters, and `:` which Telnyx ids contain and which the
+/// carriers' own SDKs send unescaped.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b':');
+
+/// One percent-encoded path segment. An id that would change the path's shape (empty, `.`,
+/// `..`) names nothing the carrier could have.
+pub(crate) fn segment(s: &str) -> Result<String, ProviderError> {
+    if s.is_empty() || s == "." || s == ".." {
+        return Err(ProviderError::NotFound);
+    }
+    Ok(utf8_percent_encode(s, SEGMENT).to_string())
+}
+
+/// Carrier ids arrive as JSON strings or, from some endpoints, as numbers.
+pub(crate) fn id_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+pub(crate) fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.trim().is_empty())
+}
+
+/// Accumulates one listing across pages, enforcing [`MAX_NUMBERS`] over the raw items so a
+/// carrier that returns only unusable items still terminates.
+pub(crate) struct Listing {
+    carrier: Carrier,
+    numbers: Vec<ListedNumber>,
+    seen: usize,
+    skipped: usize,
+}
+
+impl Listing {
+    pub(crate) fn new(carrier: Carrier) -> Self {
+        Self { carrier, numbers: Vec::new(), seen: 0, skipped: 0 }
+    }
+
+    /// Adds one page's items; an item that does not parse as `T` or whose number is not
+    /// E.164 is skipped. Returns the page's item count.
+    pub(crate) fn add_page<T: DeserializeOwned>(
+        &mut self,
+        items: Vec<Value>,
+        parse: impl Fn(T) -> Option<ListedNumber>,
+    ) -> usize {
+        let count = items.len();
+        for item in items {
+            if self.full() {
+                break;
+            }
+            self.seen += 1;
+            let parsed = serde_json::from_value::<T>(item).ok().and_then(&parse);
+            match parsed {
+                Some(entry) => self.numbers.push(entry),
+                None => self.skipped += 1,
+            }
+        }
+        count
+    }
+
+    pub(crate) fn seen(&self) -> usize {
+        self.seen
+    }
+
+    pub(crate) fn full(&self) -> bool {
+        self.seen >= MAX_NUMBERS
+    }
+
+    pub(crate) fn finish(self) -> Vec<ListedNumber> {
+        if self.skipped > 0 {
+            tracing::debug!(carrier = %self.carrier, skipped = self.skipped, "skipped listed numbers that are not E.164");
+        }
+        if self.full() {
+            tracing::warn!(carrier = %self.carrier, cap = MAX_NUMBERS, "number listing truncated");
+        }
+        self.numbers
+    }
+}
+
+/// A [`ListedNumber`] if `raw` normalizes to E.164.
+pub(crate) fn listed(
+    raw: &str,
+    provider_number_id: String,
+    friendly_name: Option<String>,
+    voice_url: Option<String>,
+) -> Option<ListedNumber> {
+    Some(ListedNumber {
+        number: E164::normalize(raw).ok()?,
+        provider_number_id,
+        friendly_name: non_empty(friendly_name),
+        voice_url: non_empty(voice_url),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carrier_messages_are_found_in_each_shape() {
+        let twilio = br#"{"code": 20003, "detail": "x", "message": "Authenticate", "status": 401}"#;
+        assert_eq!(carrier_message(twilio).as_deref(), Some("Authenticate"));
+        let telnyx = br#"{"errors": [{"code": "10009", "title": "Authentication failed", "detail": "bad key"}]}"#;
+        assert_eq!(carrier_message(telnyx).as_deref(), Some("bad key"));
+        let telnyx_title = br#"{"errors": [{"code": "10009", "title": "Authentication failed"}]}"#;
+        assert_eq!(carrier_message(telnyx_title).as_deref(), Some("Authentication failed"));
+        assert_eq!(carrier_message(br#"{"api_id": "a", "error": "not valid"}"#).as_deref(), Some("not valid"));
+        let exotel = br#"{"response": {"error_data": {"code": 1010, "message": "m", "description": "d"}}}"#;
+        assert_eq!(carrier_message(exotel).as_deref(), Some("d"));
+        assert_eq!(carrier_message(b"<html>401</html>"), None);
+        assert_eq!(carrier_message(br#"{"error": ""}"#), None);
+        let long = format!(r#"{{"message": "{}\n"}}"#, "a".repeat(1000));
+        let m = carrier_message(long.as_bytes()).unwrap();
+        assert_eq!(m.chars().count(), MAX_MESSAGE + 1);
+    }
+
+    #[test]
+    fn segments_are_encoded_and_dot_segments_refused() {
+        assert_eq!(segment("v3:ab_c-d.e~f").unwrap(), "v3:ab_c-d.e~f");
+        assert_eq!(segment("a/b?c#d%e f+").unwrap(), "a%2Fb%3Fc%23d%25e%20f%2B");
+        for bad in ["", ".", ".."] {
+            assert!(matches!(segment(bad), Err(ProviderError::NotFound)));
+        }
+    }
+
+    #[test]
+    fn errors_redact_and_links_stay_on_origin() {
+        let client = reqwest::Client::new();
+        let token = Secret::new("tok-SECRET-123".to_owned());
+        let ex = Exchange::new(
+            &client,
+            Carrier::Plivo,
+            "https://api.plivo.com/",
+            Auth::Basic { user: "MA1", password: &token },
+        )
+        .unwrap();
+        let e = ex.unavailable("list numbers", "echo tok-SECRET-123 here");
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+        assert!(ex.follow("op", "/v1/Account/MA1/Number/?offset=20").is_ok());
+        assert!(ex.follow("op", "https://api.plivo.com/v1/x").is_ok());
+        for bad in ["https://evil.example/v1", "//evil.example/v1", "v1/x", "/a b"] {
+            assert!(ex.follow("op", bad).is_err(), "{bad}");
+        }
+        let bad_header = Secret::new("line\nbreak".to_owned());
+        let err = Exchange::new(&client, Carrier::Telnyx, "https://x", Auth::Bearer(&bad_header)).err().unwrap();
+        assert!(!err.to_string().contains("break"));
+    }
+}

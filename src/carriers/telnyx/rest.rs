@@ -1,0 +1,160 @@
+//! Telnyx REST (protocols.md §4.3, §4.4): Bearer auth, `page[number]`/`page[size]` with
+//! `meta.total_pages`, a Call Control application, and call answering.
+
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::carriers::rest::{
+    id_string, listed, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError, WebhookTargets,
+    APP_NAME,
+};
+use crate::domain::credentials::TelnyxCredential;
+use crate::domain::{Carrier, Secret};
+
+const PAGE_SIZE: u64 = 100;
+
+/// An account with more matching applications than this many pages is not searched further.
+const MAX_APP_PAGES: u64 = 20;
+
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(default)]
+    total_pages: u64,
+}
+
+#[derive(Deserialize)]
+struct Page {
+    data: Vec<Value>,
+    meta: Meta,
+}
+
+#[derive(Deserialize)]
+struct Item {
+    id: Value,
+    phone_number: String,
+}
+
+#[derive(Deserialize)]
+struct App {
+    id: Value,
+    #[serde(default)]
+    application_name: Option<String>,
+    #[serde(default)]
+    webhook_event_url: Option<String>,
+    #[serde(default)]
+    webhook_api_version: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Created {
+    data: App,
+}
+
+fn exchange<'a>(api: &'a ProviderApi, key: &'a Secret) -> Result<Exchange<'a>, ProviderError> {
+    api.exchange(Carrier::Telnyx, &api.urls().telnyx, Auth::Bearer(key))
+}
+
+pub(crate) async fn list_numbers(
+    api: &ProviderApi,
+    cred: &TelnyxCredential,
+) -> Result<Vec<ListedNumber>, ProviderError> {
+    let ex = exchange(api, &cred.api_key)?;
+    let mut listing = Listing::new(Carrier::Telnyx);
+    let mut page_no: u64 = 1;
+    loop {
+        let req =
+            ex.request(Method::GET, "/v2/phone_numbers").query(&[("page[number]", page_no), ("page[size]", PAGE_SIZE)]);
+        let page: Page = ex.json("list numbers", req).await?;
+        let count = listing.add_page(page.data, |item: Item| {
+            let id = id_string(&item.id)?;
+            listed(&item.phone_number, id, None, None)
+        });
+        if count == 0 || listing.full() || page_no >= page.meta.total_pages {
+            break;
+        }
+        page_no += 1;
+    }
+    Ok(listing.finish())
+}
+
+pub(crate) async fn configure_number(
+    api: &ProviderApi,
+    cred: &TelnyxCredential,
+    number: &ListedNumber,
+    targets: &WebhookTargets,
+) -> Result<Value, ProviderError> {
+    const LIST: &str = "list applications";
+    let ex = exchange(api, &cred.api_key)?;
+    let webhook_url = targets.incoming.as_str();
+
+    // `contains` narrows the search; the exact name is matched here.
+    let mut found = None;
+    for page_no in 1..=MAX_APP_PAGES {
+        let req = ex.request(Method::GET, "/v2/call_control_applications").query(&[
+            ("filter[application_name][contains]", APP_NAME.to_owned()),
+            ("page[number]", page_no.to_string()),
+            ("page[size]", PAGE_SIZE.to_string()),
+        ]);
+        let page: Page = ex.json(LIST, req).await?;
+        let count = page.data.len();
+        found = page
+            .data
+            .into_iter()
+            .filter_map(|o| serde_json::from_value::<App>(o).ok())
+            .find(|a| a.application_name.as_deref() == Some(APP_NAME));
+        if found.is_some() || count == 0 || page_no >= page.meta.total_pages {
+            break;
+        }
+    }
+
+    let body = json!({
+        "application_name": APP_NAME,
+        "webhook_event_url": webhook_url,
+        "webhook_api_version": "2",
+    });
+    let mut actions = Vec::new();
+    let app_id = match found {
+        Some(app) => {
+            let id = id_string(&app.id).ok_or_else(|| ex.unavailable(LIST, "application without id"))?;
+            if app.webhook_event_url.as_deref() == Some(webhook_url) && app.webhook_api_version.as_deref() == Some("2")
+            {
+                actions.push("reused application");
+            } else {
+                let path = format!("/v2/call_control_applications/{}", segment(&id)?);
+                ex.send("update application", ex.request(Method::PATCH, &path).json(&body)).await?;
+                actions.push("updated application");
+            }
+            id
+        }
+        None => {
+            let req = ex.request(Method::POST, "/v2/call_control_applications").json(&body);
+            let created: Created = ex.json("create application", req).await?;
+            actions.push("created application");
+            id_string(&created.data.id).ok_or_else(|| ex.unavailable("create application", "answer without id"))?
+        }
+    };
+
+    let path = format!("/v2/phone_numbers/{}", segment(&number.provider_number_id)?);
+    ex.send("link number", ex.request(Method::PATCH, &path).json(&json!({ "connection_id": app_id }))).await?;
+    actions.push("linked number");
+    Ok(json!({
+        "changed": true,
+        "application_id": app_id,
+        "application_name": APP_NAME,
+        "webhook_event_url": webhook_url,
+        "actions": actions,
+    }))
+}
+
+pub(crate) async fn answer(
+    api: &ProviderApi,
+    api_key: &Secret,
+    call_control_id: &str,
+    body: &Value,
+) -> Result<(), ProviderError> {
+    let ex = exchange(api, api_key)?;
+    let path = format!("/v2/calls/{}/actions/answer", segment(call_control_id)?);
+    ex.send("answer call", ex.request(Method::POST, &path).json(body)).await?;
+    Ok(())
+}

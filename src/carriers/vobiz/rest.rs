@@ -1,0 +1,88 @@
+//! Vobiz REST (protocols.md §2.1–2.3): `X-Auth-ID`/`X-Auth-Token` headers, numbers listed
+//! by `page`/`per_page` until `total`, and Plivo's application API under `/api/v1`.
+
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::carriers::plivo::rest::ensure_application;
+use crate::carriers::rest::{
+    id_string, listed, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError, WebhookTargets,
+    APP_NAME,
+};
+use crate::domain::credentials::AuthPair;
+use crate::domain::Carrier;
+
+/// Vobiz's largest `per_page`.
+const PAGE_SIZE: u64 = 100;
+
+#[derive(Deserialize)]
+struct Page {
+    items: Vec<Value>,
+    total: u64,
+}
+
+#[derive(Deserialize)]
+struct Item {
+    id: Value,
+    e164: String,
+}
+
+fn exchange<'a>(api: &'a ProviderApi, cred: &'a AuthPair) -> Result<Exchange<'a>, ProviderError> {
+    api.exchange(
+        Carrier::Vobiz,
+        &api.urls().vobiz,
+        Auth::AuthHeaders { auth_id: &cred.auth_id, auth_token: &cred.auth_token },
+    )
+}
+
+fn account_path(cred: &AuthPair) -> Result<String, ProviderError> {
+    Ok(format!("/api/v1/Account/{}/", segment(&cred.auth_id)?))
+}
+
+pub(crate) async fn list_numbers(api: &ProviderApi, cred: &AuthPair) -> Result<Vec<ListedNumber>, ProviderError> {
+    let ex = exchange(api, cred)?;
+    let path = format!("{}numbers", account_path(cred)?);
+    let mut listing = Listing::new(Carrier::Vobiz);
+    let mut page_no: u64 = 1;
+    loop {
+        let req = ex.request(Method::GET, &path).query(&[("page", page_no), ("per_page", PAGE_SIZE)]);
+        let page: Page = ex.json("list numbers", req).await?;
+        let count = listing.add_page(page.items, |item: Item| {
+            let id = id_string(&item.id).unwrap_or_else(|| item.e164.clone());
+            listed(&item.e164, id, None, None)
+        });
+        // Counting what was received, not pages, copes with a server that caps per_page.
+        if count == 0 || listing.full() || listing.seen() as u64 >= page.total {
+            break;
+        }
+        page_no += 1;
+    }
+    Ok(listing.finish())
+}
+
+pub(crate) async fn configure_number(
+    api: &ProviderApi,
+    cred: &AuthPair,
+    number: &ListedNumber,
+    targets: &WebhookTargets,
+) -> Result<Value, ProviderError> {
+    let ex = exchange(api, cred)?;
+    let base = account_path(cred)?;
+    let mut actions = Vec::new();
+    let app_id = ensure_application(&ex, &format!("{base}Application/"), targets, &mut actions).await?;
+    // The number goes in the path with its `+`, which `segment` sends as `%2B`.
+    let attach = ex
+        .request(Method::POST, &format!("{base}numbers/{}/application", segment(number.number.as_str())?))
+        .json(&json!({ "application_id": app_id }));
+    ex.send("attach application", attach).await?;
+    actions.push("linked number");
+    Ok(json!({
+        "changed": true,
+        "application_id": app_id,
+        "application_name": APP_NAME,
+        "answer_url": targets.incoming,
+        "hangup_url": targets.status,
+        "actions": actions,
+    }))
+}

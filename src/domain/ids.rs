@@ -1,0 +1,99 @@
+//! Prefixed, time-sortable identifiers (`org_…`, `ph_…`): the prefix makes a pasted id
+//! self-describing, and UUIDv7 makes store keys sort by creation time.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed {kind} id")]
+pub struct IdError {
+    pub kind: &'static str,
+}
+
+macro_rules! prefixed_id {
+    ($name:ident, $prefix:literal, $kind:literal) => {
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+
+            pub fn generate() -> Self {
+                Self(format!("{}{}", $prefix, uuid::Uuid::now_v7().simple()))
+            }
+
+            pub fn parse(s: &str) -> Result<Self, IdError> {
+                let rest = s.strip_prefix($prefix).ok_or(IdError { kind: $kind })?;
+                if rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                    Ok(Self(s.to_owned()))
+                } else {
+                    Err(IdError { kind: $kind })
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                Self::parse(&s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<[u8]> for $name {
+            fn as_ref(&self) -> &[u8] {
+                self.0.as_bytes()
+            }
+        }
+    };
+}
+
+prefixed_id!(OrgId, "org_", "organization");
+prefixed_id!(ApiKeyId, "key_", "api key");
+prefixed_id!(SecretId, "sec_", "secret");
+prefixed_id!(PhoneId, "ph_", "phone number");
+prefixed_id!(EventId, "evt_", "event");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_parse_back_and_sort_by_time() {
+        let a = PhoneId::generate();
+        let b = PhoneId::generate();
+        assert_eq!(PhoneId::parse(a.as_str()).unwrap(), a);
+        assert!(a < b);
+    }
+
+    #[test]
+    fn malformed_ids_are_refused() {
+        for bad in ["", "ph_", "org_0123", "ph_../../etc/passwd", "ph_0123456789ABCDEF0123456789abcdef"] {
+            assert!(PhoneId::parse(bad).is_err(), "{bad}");
+        }
+        assert!(PhoneId::parse(OrgId::generate().as_str()).is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! Types that cross module boundaries, parsed once at the edge.
+
+pub mod credentials;
+pub mod e164;
+pub mod ids;
+pub mod provider;
+pub mod secret;
+
+pub use credentials::PhoneCredential;
+pub use e164::E164;
+pub use ids::{ApiKeyId, EventId, OrgId, PhoneId, SecretId};
+pub use provider::Carrier;
+pub use secret::Secret;

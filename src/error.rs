@@ -1,0 +1,146 @@
+//! One error type for the whole HTTP API: a stable snake_case `code`, a status that fits, a
+//! message safe to show. Causes of a 500 are logged, never sent.
+
+use std::fmt;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)")
+    }
+
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    pub fn rate_limited(retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after.max(1)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; retry later")
+        }
+    }
+
+    /// Logs the cause here, once, and keeps it out of the response.
+    pub fn internal(cause: impl fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status);
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        if let Some(secs) = self.retry_after {
+            res.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        res.json(json!({"error": {"code": self.code, "message": self.message}}))
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+/// actix's extractor errors, rendered in the same shape instead of its plain-text defaults.
+pub mod extractors {
+    use actix_web::error::{JsonPayloadError, PathError, PayloadError, QueryPayloadError, UrlencodedError};
+    use actix_web::http::StatusCode;
+    use actix_web::{web, HttpRequest};
+
+    use super::ApiError;
+
+    pub fn json(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+        match err {
+            JsonPayloadError::OverflowKnownLength { .. } | JsonPayloadError::Overflow { .. } => too_large(),
+            JsonPayloadError::ContentType => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected Content-Type: application/json",
+            )
+            .into(),
+            JsonPayloadError::Deserialize(e) if e.is_data() => {
+                ApiError::unprocessable("invalid_field", format!("invalid request body: {}", e)).into()
+            }
+            JsonPayloadError::Payload(PayloadError::Overflow) => too_large(),
+            _ => ApiError::bad_request("malformed_json", "the request body is not valid JSON").into(),
+        }
+    }
+
+    pub fn query(err: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
+        ApiError::bad_request("invalid_query", format!("invalid query string: {err}")).into()
+    }
+
+    pub fn path(_: PathError, _: &HttpRequest) -> actix_web::Error {
+        ApiError::not_found("resource").into()
+    }
+
+    pub fn form(err: UrlencodedError, _: &HttpRequest) -> actix_web::Error {
+        match err {
+            UrlencodedError::Overflow { .. } => too_large(),
+            _ => ApiError::bad_request("malformed_form", "the request body is not a valid form").into(),
+        }
+    }
+
+    pub fn too_large() -> actix_web::Error {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large").into()
+    }
+
+    pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
+        cfg.app_data(web::JsonConfig::default().limit(body_limit).error_handler(json))
+            .app_data(web::QueryConfig::default().error_handler(query))
+            .app_data(web::PathConfig::default().error_handler(path))
+            .app_data(web::FormConfig::default().limit(body_limit).error_handler(form))
+            .app_data(web::PayloadConfig::new(body_limit));
+    }
+}

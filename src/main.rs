@@ -1,0 +1,40 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use callgate::cli::{Cli, Command};
+use callgate::settings::{ProcessEnv, Settings};
+use callgate::startup::Application;
+use callgate::{commands, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref(), &ProcessEnv) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("callgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&settings.log);
+    let result = match cli.command {
+        Command::Serve => serve(settings),
+        Command::Org { command } => commands::org(&settings, command),
+        Command::Keys { command } => commands::keys(&settings, command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("callgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async move {
+        let app = Application::build(settings.clone()).await?;
+        tracing::info!(listen = %settings.listen, port = app.port(), data_dir = %settings.data_dir.display(), "callgate listening");
+        app.run_until_stopped().await
+    })
+}

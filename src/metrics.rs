@@ -1,0 +1,87 @@
+//! Counters kept in memory and exposed at `GET /metrics` (Prometheus text format).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::domain::Carrier;
+
+pub const REJECT_REASONS: [&str; 7] = [
+    "invalid_signature",
+    "missing_signature",
+    "stale_timestamp",
+    "ip_not_allowed",
+    "invalid_token",
+    "credential_unavailable",
+    "unknown_phone",
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    rejected: [[AtomicU64; REJECT_REASONS.len()]; 5],
+    accepted: [AtomicU64; 5],
+    replayed: [AtomicU64; 5],
+}
+
+fn idx(c: Carrier) -> usize {
+    match c {
+        Carrier::Plivo => 0,
+        Carrier::Vobiz => 1,
+        Carrier::Twilio => 2,
+        Carrier::Exotel => 3,
+        Carrier::Telnyx => 4,
+    }
+}
+
+const ORDER: [Carrier; 5] = [Carrier::Plivo, Carrier::Vobiz, Carrier::Twilio, Carrier::Exotel, Carrier::Telnyx];
+
+impl Metrics {
+    pub fn rejected(&self, c: Carrier, reason: &str) {
+        if let Some(r) = REJECT_REASONS.iter().position(|x| *x == reason) {
+            self.rejected[idx(c)][r].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn accepted(&self, c: Carrier) {
+        self.accepted[idx(c)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn replayed(&self, c: Carrier) {
+        self.replayed[idx(c)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejected_count(&self, c: Carrier, reason: &str) -> u64 {
+        REJECT_REASONS
+            .iter()
+            .position(|x| *x == reason)
+            .map(|r| self.rejected[idx(c)][r].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# TYPE callgate_webhooks_rejected_total counter\n");
+        for c in ORDER {
+            for (r, reason) in REJECT_REASONS.iter().enumerate() {
+                let n = self.rejected[idx(c)][r].load(Ordering::Relaxed);
+                let _ = writeln!(out, "callgate_webhooks_rejected_total{{carrier=\"{c}\",reason=\"{reason}\"}} {n}");
+            }
+        }
+        out.push_str("# TYPE callgate_webhooks_accepted_total counter\n");
+        for c in ORDER {
+            let _ = writeln!(
+                out,
+                "callgate_webhooks_accepted_total{{carrier=\"{c}\"}} {}",
+                self.accepted[idx(c)].load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# TYPE callgate_webhooks_replayed_total counter\n");
+        for c in ORDER {
+            let _ = writeln!(
+                out,
+                "callgate_webhooks_replayed_total{{carrier=\"{c}\"}} {}",
+                self.replayed[idx(c)].load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,367 @@
+//! Typed settings: the compiled-in `config/default.toml`, then an optional file, then the
+//! environment. Everything is validated here so the server never starts half-configured.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::carriers::rest::CarrierUrls;
+use crate::domain::Secret;
+
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+const EXOTEL_ALLOWLIST: &str = include_str!("../config/exotel-allowlist");
+
+/// One bad setting, named, so the start-up failure is a single clear line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {name}: {problem}")]
+pub struct SettingsError {
+    pub name: String,
+    pub problem: String,
+}
+
+fn bad(name: &str, problem: impl Into<String>) -> SettingsError {
+    SettingsError { name: name.to_owned(), problem: problem.into() }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: String,
+    data_dir: PathBuf,
+    public_url: String,
+    master_key: Option<String>,
+    admin_token: Option<String>,
+    trusted_proxies: Vec<String>,
+    exotel_allowed_ips: Option<Vec<String>>,
+    log: String,
+    body_limit_bytes: usize,
+    byok_rate_limit_per_minute: u32,
+    credential_grace_secs: u64,
+    replay_window_secs: u64,
+    provider_timeout_ms: u64,
+    carriers: RawCarriers,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCarriers {
+    plivo_api_url: String,
+    vobiz_api_url: String,
+    twilio_api_url: String,
+    telnyx_api_url: String,
+    exotel_api_url: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Scheme, host and optional port; never a trailing slash.
+    pub public_url: String,
+    pub master_key: Option<MasterKeyInput>,
+    pub admin_token: Option<Secret>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub exotel_allowed_ips: Vec<IpNet>,
+    pub log: String,
+    pub body_limit_bytes: usize,
+    pub byok_rate_limit_per_minute: u32,
+    pub credential_grace: Duration,
+    pub replay_window: Duration,
+    pub provider_timeout: Duration,
+    pub carrier_urls: CarrierUrls,
+}
+
+/// The master key as given by the operator, already checked to be 32 bytes.
+#[derive(Clone)]
+pub struct MasterKeyInput(pub zeroize::Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for MasterKeyInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl MasterKeyInput {
+    pub fn parse_base64(name: &str, text: &str) -> Result<Self, SettingsError> {
+        let raw = zeroize::Zeroizing::new(
+            B64.decode(text.trim()).map_err(|_| bad(name, "must be base64 of 32 random bytes"))?,
+        );
+        let bytes: [u8; 32] =
+            raw.as_slice().try_into().map_err(|_| bad(name, format!("must decode to 32 bytes, got {}", raw.len())))?;
+        Ok(Self(zeroize::Zeroizing::new(bytes)))
+    }
+}
+
+/// The environment as a lookup, so tests can pass their own instead of the process's.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for std::collections::HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn cidr_list(name: &str, items: &[String]) -> Result<Vec<IpNet>, SettingsError> {
+    items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).map(|s| parse_net(name, s)).collect()
+}
+
+fn parse_net(name: &str, s: &str) -> Result<IpNet, SettingsError> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| bad(name, format!("{s:?} is not an IP address or CIDR")))
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect()
+}
+
+fn origin(name: &str, s: &str) -> Result<String, SettingsError> {
+    let u = url::Url::parse(s).map_err(|_| bad(name, format!("{s:?} is not a URL")))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(bad(name, "must be an http:// or https:// URL with a host"));
+    }
+    if u.query().is_some() || u.fragment().is_some() || u.username() != "" || u.password().is_some() {
+        return Err(bad(name, "must not carry credentials, a query or a fragment"));
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+impl Settings {
+    pub fn load(config_file: Option<&Path>, env: &dyn Env) -> Result<Settings, SettingsError> {
+        let mut table: toml::Table = DEFAULT_TOML.parse().expect("the compiled-in default.toml parses");
+        if let Some(path) = config_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| bad("--config", format!("cannot read {}: {e}", path.display())))?;
+            let over: toml::Table =
+                text.parse().map_err(|e: toml::de::Error| bad("--config", e.message().to_owned()))?;
+            merge(&mut table, over);
+        }
+        let mut raw: Raw = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| bad("--config", e.message().to_owned()))?;
+
+        let num = |name: &str, v: Option<String>| -> Result<Option<u64>, SettingsError> {
+            v.map(|s| s.trim().parse::<u64>().map_err(|_| bad(name, "must be a whole number"))).transpose()
+        };
+        if let Some(v) = env.var("CALLGATE_LISTEN") {
+            raw.listen = v;
+        }
+        if let Some(v) = env.var("CALLGATE_DATA_DIR") {
+            raw.data_dir = v.into();
+        }
+        if let Some(v) = env.var("CALLGATE_PUBLIC_URL") {
+            raw.public_url = v;
+        }
+        if let Some(v) = env.var("CALLGATE_MASTER_KEY") {
+            raw.master_key = Some(v);
+        }
+        if let Some(v) = env.var("CALLGATE_ADMIN_TOKEN") {
+            raw.admin_token = Some(v);
+        }
+        if let Some(v) = env.var("CALLGATE_TRUSTED_PROXIES") {
+            raw.trusted_proxies = split_list(&v);
+        }
+        if let Some(v) = env.var("EXOTEL_ALLOWED_IPS") {
+            raw.exotel_allowed_ips = Some(split_list(&v));
+        }
+        if let Some(v) = env.var("CALLGATE_LOG") {
+            raw.log = v;
+        }
+        if let Some(v) = num("CALLGATE_BODY_LIMIT_BYTES", env.var("CALLGATE_BODY_LIMIT_BYTES"))? {
+            raw.body_limit_bytes = v as usize;
+        }
+        if let Some(v) = num("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE", env.var("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE"))? {
+            raw.byok_rate_limit_per_minute = u32::try_from(v).unwrap_or(u32::MAX);
+        }
+        if let Some(v) = num("CALLGATE_CREDENTIAL_GRACE_SECS", env.var("CALLGATE_CREDENTIAL_GRACE_SECS"))? {
+            raw.credential_grace_secs = v;
+        }
+        if let Some(v) = num("CALLGATE_REPLAY_WINDOW_SECS", env.var("CALLGATE_REPLAY_WINDOW_SECS"))? {
+            raw.replay_window_secs = v;
+        }
+        if let Some(v) = num("CALLGATE_PROVIDER_TIMEOUT_MS", env.var("CALLGATE_PROVIDER_TIMEOUT_MS"))? {
+            raw.provider_timeout_ms = v;
+        }
+        let c = &mut raw.carriers;
+        for (name, slot) in [
+            ("CALLGATE_PLIVO_API_URL", &mut c.plivo_api_url),
+            ("CALLGATE_VOBIZ_API_URL", &mut c.vobiz_api_url),
+            ("CALLGATE_TWILIO_API_URL", &mut c.twilio_api_url),
+            ("CALLGATE_TELNYX_API_URL", &mut c.telnyx_api_url),
+        ] {
+            if let Some(v) = env.var(name) {
+                *slot = v;
+            }
+        }
+        if let Some(v) = env.var("CALLGATE_EXOTEL_API_URL") {
+            c.exotel_api_url = Some(v);
+        }
+        Self::validate(raw)
+    }
+
+    fn validate(raw: Raw) -> Result<Settings, SettingsError> {
+        let listen = raw
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|_| bad("CALLGATE_LISTEN", format!("{:?} is not an address:port", raw.listen)))?;
+        let public_url = origin("CALLGATE_PUBLIC_URL", &raw.public_url)?;
+        if url::Url::parse(&public_url).map(|u| u.path() != "/").unwrap_or(true) {
+            return Err(bad("CALLGATE_PUBLIC_URL", "must be scheme://host[:port] with no path"));
+        }
+        let master_key = raw
+            .master_key
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| MasterKeyInput::parse_base64("CALLGATE_MASTER_KEY", &s))
+            .transpose()?;
+        let admin_token = match raw.admin_token.filter(|s| !s.is_empty()) {
+            Some(t) if t.len() < 16 => return Err(bad("CALLGATE_ADMIN_TOKEN", "must be at least 16 characters")),
+            other => other.map(Secret::new),
+        };
+        let exotel_allowed_ips = match raw.exotel_allowed_ips {
+            Some(list) => cidr_list("EXOTEL_ALLOWED_IPS", &list)?,
+            None => EXOTEL_ALLOWLIST
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(|l| parse_net("config/exotel-allowlist", l))
+                .collect::<Result<_, _>>()?,
+        };
+        tracing_subscriber::EnvFilter::try_new(&raw.log).map_err(|e| bad("CALLGATE_LOG", e.to_string()))?;
+        if raw.body_limit_bytes < 1024 {
+            return Err(bad("CALLGATE_BODY_LIMIT_BYTES", "must be at least 1024"));
+        }
+        if raw.byok_rate_limit_per_minute == 0 {
+            return Err(bad("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE", "must be at least 1"));
+        }
+        if raw.provider_timeout_ms == 0 {
+            return Err(bad("CALLGATE_PROVIDER_TIMEOUT_MS", "must be at least 1"));
+        }
+        let c = raw.carriers;
+        let carrier_urls = CarrierUrls {
+            plivo: origin("CALLGATE_PLIVO_API_URL", &c.plivo_api_url)?,
+            vobiz: origin("CALLGATE_VOBIZ_API_URL", &c.vobiz_api_url)?,
+            twilio: origin("CALLGATE_TWILIO_API_URL", &c.twilio_api_url)?,
+            telnyx: origin("CALLGATE_TELNYX_API_URL", &c.telnyx_api_url)?,
+            exotel: c
+                .exotel_api_url
+                .filter(|s| !s.is_empty())
+                .map(|s| origin("CALLGATE_EXOTEL_API_URL", &s))
+                .transpose()?,
+        };
+        Ok(Settings {
+            listen,
+            data_dir: raw.data_dir,
+            public_url,
+            master_key,
+            admin_token,
+            trusted_proxies: cidr_list("CALLGATE_TRUSTED_PROXIES", &raw.trusted_proxies)?,
+            exotel_allowed_ips,
+            log: raw.log,
+            body_limit_bytes: raw.body_limit_bytes,
+            byok_rate_limit_per_minute: raw.byok_rate_limit_per_minute,
+            credential_grace: Duration::from_secs(raw.credential_grace_secs),
+            replay_window: Duration::from_secs(raw.replay_window_secs),
+            provider_timeout: Duration::from_millis(raw.provider_timeout_ms),
+            carrier_urls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let s = Settings::load(None, &env(&[])).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.data_dir, PathBuf::from("./data"));
+        assert!(s.exotel_allowed_ips.is_empty());
+        assert!(s.trusted_proxies.is_empty());
+        assert_eq!(s.body_limit_bytes, 65536);
+        assert_eq!(s.carrier_urls.plivo, "https://api.plivo.com");
+    }
+
+    #[test]
+    fn env_wins_and_lists_parse() {
+        let s = Settings::load(
+            None,
+            &env(&[
+                ("CALLGATE_TRUSTED_PROXIES", "10.0.0.0/8, 2001:db8::/32"),
+                ("EXOTEL_ALLOWED_IPS", "203.0.113.7,198.51.100.0/24,::1"),
+                ("CALLGATE_PUBLIC_URL", "https://voice.example.com/"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.trusted_proxies.len(), 2);
+        assert_eq!(s.exotel_allowed_ips.len(), 3);
+        assert_eq!(s.public_url, "https://voice.example.com");
+    }
+
+    #[test]
+    fn bad_settings_name_themselves() {
+        let cases = [
+            ("CALLGATE_TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("EXOTEL_ALLOWED_IPS", "not-an-ip"),
+            ("CALLGATE_MASTER_KEY", "AAAA"),
+            ("CALLGATE_LISTEN", "nowhere"),
+            ("CALLGATE_PUBLIC_URL", "ftp://x"),
+            ("CALLGATE_PLIVO_API_URL", "nope"),
+            ("CALLGATE_ADMIN_TOKEN", "short"),
+        ];
+        for (name, value) in cases {
+            let err = Settings::load(None, &env(&[(name, value)])).unwrap_err();
+            assert_eq!(err.name, name, "{value}");
+            assert!(!err.to_string().contains(value) || name != "CALLGATE_MASTER_KEY");
+        }
+    }
+
+    #[test]
+    fn config_file_is_layered_between_default_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nlog = \"debug\"\n[carriers]\ntwilio_api_url = \"http://127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), &env(&[("CALLGATE_LOG", "warn")])).unwrap();
+        assert_eq!(s.listen.port(), 9000);
+        assert_eq!(s.log, "warn");
+        assert_eq!(s.carrier_urls.twilio, "http://127.0.0.1:1");
+        std::fs::write(&path, "nonsense_key = 1\n").unwrap();
+        assert_eq!(Settings::load(Some(&path), &env(&[])).unwrap_err().name, "--config");
+    }
+}

@@ -1,0 +1,141 @@
+//! Builds the application: the binary and the tests start the server through the same path.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpResponse, HttpServer};
+use serde_json::json;
+
+use crate::carriers::rest::ProviderApi;
+use crate::clock::Clock;
+use crate::error::{extractors, ApiError};
+use crate::rate_limit::RateLimiter;
+use crate::settings::Settings;
+use crate::state::AppState;
+use crate::store::{GroupCommit, SledStore, Store};
+use crate::vault::{Keyring, Vault};
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+/// Opens the store and the keyring under the data dir: shared by `serve` and the CLI commands.
+pub fn open_data(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Keyring)> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", settings.data_dir.display()))?;
+    let (keyring, generated) = Keyring::load(&settings.data_dir, settings.master_key.as_ref())?;
+    if generated {
+        tracing::info!(path = %settings.data_dir.join(crate::vault::crypto::KEY_FILE).display(),
+            "generated a new master key (mode 0600); back it up: without it the stored secrets cannot be opened");
+    }
+    let store = SledStore::open(&settings.data_dir.join("db"))?;
+    Ok((Arc::new(store), keyring))
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_clock(settings, Clock::system()).await
+    }
+
+    pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
+        let (store, keyring) = open_data(&settings)?;
+        if settings.exotel_allowed_ips.is_empty() {
+            tracing::warn!("EXOTEL_ALLOWED_IPS is empty: every Exotel callback will be refused (403 ip_not_allowed) until it is set");
+        }
+        let listener = TcpListener::bind(settings.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
+        let port = listener.local_addr()?.port();
+        let commit = GroupCommit::start(Arc::clone(&store));
+        let state = web::Data::new(AppState {
+            provider_api: ProviderApi::new(settings.carrier_urls.clone(), settings.provider_timeout)?,
+            byok_limiter: RateLimiter::per_minute(settings.byok_rate_limit_per_minute),
+            settings: Arc::new(settings),
+            store,
+            commit,
+            vault: Vault::new(keyring),
+            credentials: Default::default(),
+            clock,
+            metrics: Default::default(),
+        });
+        spawn_sweeper(state.clone());
+        let body_limit = state.settings.body_limit_bytes;
+        let data = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .configure(|cfg| extractors::configure(cfg, body_limit))
+                .configure(routes)
+                .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::not_found("resource")) }))
+        })
+        .client_request_timeout(Duration::from_secs(5))
+        .client_disconnect_timeout(Duration::from_secs(2))
+        .shutdown_timeout(20)
+        .listen(listener)?
+        .run();
+        Ok(Self { port, server, state })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until SIGTERM/SIGINT (actix stops accepting and drains in-flight requests), then
+    /// flushes the store.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.server.await?;
+        let store = Arc::clone(&self.state.store);
+        tokio::task::spawn_blocking(move || store.flush()).await??;
+        tracing::info!("stopped; store flushed");
+        Ok(())
+    }
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health))
+        .route("/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics))
+        .configure(crate::orgs::configure)
+        .configure(crate::vault::routes::configure)
+        .configure(crate::carriers::routes::configure);
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.health()).await {
+        Ok(Ok(())) => HttpResponse::Ok().json(json!({"status": "ready", "store": "ok", "master_key": "loaded"})),
+        _ => HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "not_ready", "store": "unavailable", "master_key": "loaded"})),
+    }
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
+
+fn spawn_sweeper(state: web::Data<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let now = state.clock.now_ms();
+            let store = Arc::clone(&state.store);
+            match tokio::task::spawn_blocking(move || store.sweep(now)).await {
+                Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "swept expired replay markers and retired secrets"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "sweep failed"),
+                _ => {}
+            }
+        }
+    });
+}

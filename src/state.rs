@@ -1,0 +1,23 @@
+//! What every handler shares. Built once by `startup`.
+
+use std::sync::Arc;
+
+use crate::carriers::keys::KeyCache;
+use crate::carriers::rest::ProviderApi;
+use crate::clock::Clock;
+use crate::rate_limit::RateLimiter;
+use crate::settings::Settings;
+use crate::store::{GroupCommit, Store};
+use crate::vault::Vault;
+
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Arc<dyn Store>,
+    pub commit: GroupCommit,
+    pub vault: Vault,
+    pub credentials: KeyCache,
+    pub clock: Clock,
+    pub provider_api: ProviderApi,
+    pub byok_limiter: RateLimiter,
+    pub metrics: crate::metrics::Metrics,
+}

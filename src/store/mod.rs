@@ -1,0 +1,124 @@
+//! The only module that touches sled. Trees are named once below; every value carries a schema
+//! version byte; a record and its indexes are written in one transaction; every accessor that
+//! serves an organization takes its `OrgId`, so scoping cannot be forgotten.
+
+mod durable;
+pub mod records;
+mod sled_store;
+
+pub use durable::GroupCommit;
+pub use records::*;
+pub use sled_store::SledStore;
+
+use crate::domain::{ApiKeyId, Carrier, EventId, OrgId, PhoneId, SecretId, E164};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record in {tree}: {detail}")]
+    Corrupt { tree: &'static str, detail: String },
+    #[error("the database is in use by another callgate process (is the server running?)")]
+    Locked,
+}
+
+/// Why a write that must be unique did not happen.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Conflict {
+    NumberTaken,
+    InUse(usize),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recorded {
+    New,
+    Duplicate,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct EventFilter {
+    pub phone_id: Option<PhoneId>,
+    pub kind: Option<String>,
+    pub after: Option<EventId>,
+    pub delivery: Option<DeliveryState>,
+    pub limit: usize,
+}
+
+/// Kept as a trait so a shared backend (PostgreSQL, for several gateway nodes) can be added
+/// without touching the handlers.
+pub trait Store: Send + Sync + 'static {
+    fn health(&self) -> Result<(), StoreError>;
+    /// Blocking: call through `GroupCommit`, never from an async worker directly.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    fn org_create(&self, org: &OrgRecord, key: &ApiKeyRecord) -> Result<(), StoreError>;
+    fn org_get(&self, id: &OrgId) -> Result<Option<OrgRecord>, StoreError>;
+    fn org_list(&self) -> Result<Vec<OrgRecord>, StoreError>;
+    /// False when the organization does not exist.
+    fn api_key_add(&self, key: &ApiKeyRecord) -> Result<bool, StoreError>;
+    fn api_key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError>;
+    fn api_key_revoke(&self, id: &ApiKeyId) -> Result<bool, StoreError>;
+
+    /// Sets the organization's credential for `provider`. The replaced secret is deleted, or, if
+    /// phone numbers verify with it, kept until `grace_until_ms` as their previous credential.
+    fn byok_put(
+        &self,
+        rec: &SecretRecord,
+        audit: &AuditRecord,
+        grace_until_ms: i64,
+    ) -> Result<Option<SecretId>, StoreError>;
+    fn byok_delete(
+        &self,
+        org: &OrgId,
+        provider: &str,
+        audit: &AuditRecord,
+    ) -> Result<Result<bool, Conflict>, StoreError>;
+    fn byok_get(&self, org: &OrgId, provider: &str) -> Result<Option<SecretRecord>, StoreError>;
+    fn byok_list(&self, org: &OrgId) -> Result<Vec<SecretRecord>, StoreError>;
+    fn secret_get(&self, org: &OrgId, id: &SecretId) -> Result<Option<SecretRecord>, StoreError>;
+    fn audit_list(&self, org: &OrgId, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    fn secrets_all(&self) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Replaces every given record at once (master key rotation).
+    fn secrets_rewrite(&self, recs: &[SecretRecord]) -> Result<(), StoreError>;
+
+    fn phone_insert(
+        &self,
+        phone: &PhoneRecord,
+        inline: Option<&SecretRecord>,
+    ) -> Result<Result<(), Conflict>, StoreError>;
+    fn phone_get(&self, org: &OrgId, id: &PhoneId) -> Result<Option<PhoneRecord>, StoreError>;
+    /// Unscoped on purpose: a carrier's webhook names the phone, and the phone names its org.
+    fn phone_resolve(&self, id: &PhoneId) -> Result<Option<PhoneRecord>, StoreError>;
+    fn phone_by_number(&self, number: &E164) -> Result<Option<PhoneRecord>, StoreError>;
+    /// The one number of `carrier` attached to the carrier-side application `connection_id`;
+    /// none when several share it, since guessing would verify with the wrong key.
+    fn phone_by_connection(&self, carrier: Carrier, connection_id: &str) -> Result<Option<PhoneRecord>, StoreError>;
+    fn phone_list(
+        &self,
+        org: &OrgId,
+        provider: Option<Carrier>,
+        after: Option<&PhoneId>,
+        limit: usize,
+    ) -> Result<Vec<PhoneRecord>, StoreError>;
+    /// Rewrites a phone (and seals its new inline secret, if any); false if it is gone.
+    fn phone_update(&self, phone: &PhoneRecord, inline: Option<&SecretRecord>) -> Result<bool, StoreError>;
+    fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError>;
+
+    /// Event, delivery record and replay marker in one transaction: no event without its
+    /// delivery, no second event for the same replay key.
+    fn event_record(
+        &self,
+        ev: &EventRecord,
+        delivery: &DeliveryRecord,
+        replay_key: Option<(&[u8], i64)>,
+    ) -> Result<Recorded, StoreError>;
+    fn event_get(&self, org: &OrgId, id: &EventId) -> Result<Option<EventRecord>, StoreError>;
+    fn event_list(&self, org: &OrgId, filter: &EventFilter) -> Result<Vec<EventRecord>, StoreError>;
+    fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError>;
+    fn delivery_put(&self, d: &DeliveryRecord) -> Result<(), StoreError>;
+    /// Deliveries due at or before `now_ms`, oldest first.
+    fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError>;
+
+    /// Drops replay markers and retired secrets whose time is up.
+    fn sweep(&self, now_ms: i64) -> Result<usize, StoreError>;
+}

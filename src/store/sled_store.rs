@@ -1,0 +1,585 @@
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::{Db, Transactional, Tree};
+
+use super::*;
+
+const SCHEMA: u8 = 1;
+
+const ORGS: &str = "orgs";
+const API_KEYS: &str = "api_keys";
+const API_KEY_HASHES: &str = "api_key_hashes";
+const SECRETS: &str = "secrets";
+const BYOK: &str = "byok";
+const AUDIT: &str = "audit";
+const PHONES: &str = "phones";
+const PHONE_NUMBERS: &str = "phone_numbers";
+const ORG_PHONES: &str = "org_phones";
+const EVENTS: &str = "events";
+const ORG_EVENTS: &str = "org_events";
+const DELIVERIES: &str = "deliveries";
+const DELIVERY_QUEUE: &str = "delivery_queue";
+const REPLAYS: &str = "replays";
+const REPLAY_EXPIRY: &str = "replay_expiry";
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.push(SCHEMA);
+    serde_json::to_writer(&mut out, v).expect("records always serialize");
+    out
+}
+
+fn dec<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&SCHEMA, rest)) => {
+            serde_json::from_slice(rest).map_err(|e| StoreError::Corrupt { tree, detail: e.to_string() })
+        }
+        Some((v, _)) => Err(StoreError::Corrupt { tree, detail: format!("unknown schema version {v}") }),
+        None => Err(StoreError::Corrupt { tree, detail: "empty value".into() }),
+    }
+}
+
+/// `org_id \0 rest`: keys of per-organization indexes, so a prefix scan stays inside one org.
+fn scoped(org: &OrgId, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(org.as_str().len() + 1 + rest.len());
+    k.extend_from_slice(org.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn prefix(org: &OrgId) -> Vec<u8> {
+    scoped(org, b"")
+}
+
+fn queue_key(due_ms: i64, id: &EventId) -> Vec<u8> {
+    let mut k = (due_ms.max(0) as u64).to_be_bytes().to_vec();
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+pub struct SledStore {
+    db: Db,
+    orgs: Tree,
+    api_keys: Tree,
+    api_key_hashes: Tree,
+    secrets: Tree,
+    byok: Tree,
+    audit: Tree,
+    phones: Tree,
+    phone_numbers: Tree,
+    org_phones: Tree,
+    events: Tree,
+    org_events: Tree,
+    deliveries: Tree,
+    delivery_queue: Tree,
+    replays: Tree,
+    replay_expiry: Tree,
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked,
+            sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
+            other => StoreError::Sled(other),
+        })?;
+        let t = |name: &str| db.open_tree(name);
+        Ok(Self {
+            orgs: t(ORGS)?,
+            api_keys: t(API_KEYS)?,
+            api_key_hashes: t(API_KEY_HASHES)?,
+            secrets: t(SECRETS)?,
+            byok: t(BYOK)?,
+            audit: t(AUDIT)?,
+            phones: t(PHONES)?,
+            phone_numbers: t(PHONE_NUMBERS)?,
+            org_phones: t(ORG_PHONES)?,
+            events: t(EVENTS)?,
+            org_events: t(ORG_EVENTS)?,
+            deliveries: t(DELIVERIES)?,
+            delivery_queue: t(DELIVERY_QUEUE)?,
+            replays: t(REPLAYS)?,
+            replay_expiry: t(REPLAY_EXPIRY)?,
+            db,
+        })
+    }
+
+    fn get<T: DeserializeOwned>(tree: &Tree, name: &'static str, key: &[u8]) -> Result<Option<T>, StoreError> {
+        tree.get(key)?.map(|v| dec(name, &v)).transpose()
+    }
+
+    fn phones_using(&self, org: &OrgId, secret: &SecretId) -> Result<Vec<PhoneRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.org_phones.scan_prefix(prefix(org)) {
+            let (_, id) = item?;
+            if let Some(p) = Self::get::<PhoneRecord>(&self.phones, PHONES, &id)? {
+                if &p.credential == secret {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Store for SledStore {
+    fn health(&self) -> Result<(), StoreError> {
+        self.db.get(b"__health")?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn org_create(&self, org: &OrgRecord, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        (&self.orgs, &self.api_keys, &self.api_key_hashes)
+            .transaction(|(orgs, keys, hashes)| {
+                orgs.insert(org.id.as_str(), enc(org))?;
+                keys.insert(key.id.as_str(), enc(key))?;
+                hashes.insert(&key.hash[..], key.id.as_str())?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    fn org_get(&self, id: &OrgId) -> Result<Option<OrgRecord>, StoreError> {
+        Self::get(&self.orgs, ORGS, id.as_ref())
+    }
+
+    fn org_list(&self) -> Result<Vec<OrgRecord>, StoreError> {
+        self.orgs.iter().map(|r| dec(ORGS, &r?.1)).collect()
+    }
+
+    fn api_key_add(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {
+        (&self.orgs, &self.api_keys, &self.api_key_hashes)
+            .transaction(|(orgs, keys, hashes)| {
+                if orgs.get(key.org_id.as_str())?.is_none() {
+                    return Ok(false);
+                }
+                keys.insert(key.id.as_str(), enc(key))?;
+                hashes.insert(&key.hash[..], key.id.as_str())?;
+                Ok(true)
+            })
+            .map_err(tx_err)
+    }
+
+    fn api_key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        match self.api_key_hashes.get(hash)? {
+            Some(id) => Self::get(&self.api_keys, API_KEYS, &id),
+            None => Ok(None),
+        }
+    }
+
+    fn api_key_revoke(&self, id: &ApiKeyId) -> Result<bool, StoreError> {
+        (&self.api_keys, &self.api_key_hashes)
+            .transaction(|(keys, hashes)| {
+                let Some(raw) = keys.remove(id.as_str())? else { return Ok(false) };
+                let rec: ApiKeyRecord = match dec(API_KEYS, &raw) {
+                    Ok(r) => r,
+                    Err(e) => return abort(e),
+                };
+                hashes.remove(&rec.hash[..])?;
+                Ok(true)
+            })
+            .map_err(tx_err)
+    }
+
+    fn byok_put(
+        &self,
+        rec: &SecretRecord,
+        audit: &AuditRecord,
+        grace_until_ms: i64,
+    ) -> Result<Option<SecretId>, StoreError> {
+        let slot = scoped(&rec.org_id, rec.provider.as_bytes());
+        let old_id = match self.byok.get(&slot)? {
+            Some(v) => Some(
+                SecretId::parse(std::str::from_utf8(&v).unwrap_or(""))
+                    .map_err(|_| StoreError::Corrupt { tree: BYOK, detail: "bad secret id".into() })?,
+            ),
+            None => None,
+        };
+        let users = match &old_id {
+            Some(old) => self.phones_using(&rec.org_id, old)?,
+            None => Vec::new(),
+        };
+        let audit_key = scoped(&rec.org_id, uuid::Uuid::now_v7().as_bytes());
+        (&self.secrets, &self.byok, &self.audit, &self.phones)
+            .transaction(|(secrets, byok, audit_t, phones)| {
+                secrets.insert(rec.id.as_str(), enc(rec))?;
+                byok.insert(slot.as_slice(), rec.id.as_str())?;
+                audit_t.insert(audit_key.as_slice(), enc(audit))?;
+                if let Some(old) = &old_id {
+                    if users.is_empty() {
+                        secrets.remove(old.as_str())?;
+                    } else {
+                        if let Some(raw) = secrets.get(old.as_str())? {
+                            let mut old_rec: SecretRecord = match dec(SECRETS, &raw) {
+                                Ok(r) => r,
+                                Err(e) => return abort(e),
+                            };
+                            old_rec.retired_until_ms = Some(grace_until_ms);
+                            secrets.insert(old.as_str(), enc(&old_rec))?;
+                        }
+                        for p in &users {
+                            let mut p = p.clone();
+                            p.previous_credential =
+                                Some(PreviousCredential { secret_id: old.clone(), valid_until_ms: grace_until_ms });
+                            p.credential = rec.id.clone();
+                            p.updated_at_ms = audit.at_ms;
+                            phones.insert(p.id.as_str(), enc(&p))?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        Ok(old_id)
+    }
+
+    fn byok_delete(
+        &self,
+        org: &OrgId,
+        provider: &str,
+        audit: &AuditRecord,
+    ) -> Result<Result<bool, Conflict>, StoreError> {
+        let slot = scoped(org, provider.as_bytes());
+        let Some(raw_id) = self.byok.get(&slot)? else { return Ok(Ok(false)) };
+        let id = SecretId::parse(std::str::from_utf8(&raw_id).unwrap_or(""))
+            .map_err(|_| StoreError::Corrupt { tree: BYOK, detail: "bad secret id".into() })?;
+        let users = self.phones_using(org, &id)?.len();
+        if users > 0 {
+            return Ok(Err(Conflict::InUse(users)));
+        }
+        let audit_key = scoped(org, uuid::Uuid::now_v7().as_bytes());
+        (&self.secrets, &self.byok, &self.audit)
+            .transaction(|(secrets, byok, audit_t)| {
+                byok.remove(slot.as_slice())?;
+                secrets.remove(id.as_str())?;
+                audit_t.insert(audit_key.as_slice(), enc(audit))?;
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        Ok(Ok(true))
+    }
+
+    fn byok_get(&self, org: &OrgId, provider: &str) -> Result<Option<SecretRecord>, StoreError> {
+        match self.byok.get(scoped(org, provider.as_bytes()))? {
+            Some(id) => Self::get(&self.secrets, SECRETS, &id),
+            None => Ok(None),
+        }
+    }
+
+    fn byok_list(&self, org: &OrgId) -> Result<Vec<SecretRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.byok.scan_prefix(prefix(org)) {
+            let (_, id) = item?;
+            if let Some(rec) = Self::get(&self.secrets, SECRETS, &id)? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    fn secret_get(&self, org: &OrgId, id: &SecretId) -> Result<Option<SecretRecord>, StoreError> {
+        Ok(Self::get::<SecretRecord>(&self.secrets, SECRETS, id.as_ref())?.filter(|s| &s.org_id == org))
+    }
+
+    fn audit_list(&self, org: &OrgId, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut out: Vec<AuditRecord> = Vec::new();
+        for item in self.audit.scan_prefix(prefix(org)).rev().take(limit) {
+            out.push(dec(AUDIT, &item?.1)?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn secrets_all(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        self.secrets.iter().map(|r| dec(SECRETS, &r?.1)).collect()
+    }
+
+    fn secrets_rewrite(&self, recs: &[SecretRecord]) -> Result<(), StoreError> {
+        self.secrets
+            .transaction(|secrets| {
+                for r in recs {
+                    secrets.insert(r.id.as_str(), enc(r))?;
+                }
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        self.flush()
+    }
+
+    fn phone_insert(
+        &self,
+        phone: &PhoneRecord,
+        inline: Option<&SecretRecord>,
+    ) -> Result<Result<(), Conflict>, StoreError> {
+        (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets)
+            .transaction(|(phones, numbers, org_phones, secrets)| {
+                if numbers.get(phone.number.as_str())?.is_some() {
+                    return Ok(Err(Conflict::NumberTaken));
+                }
+                if let Some(s) = inline {
+                    secrets.insert(s.id.as_str(), enc(s))?;
+                }
+                phones.insert(phone.id.as_str(), enc(phone))?;
+                numbers.insert(phone.number.as_str(), phone.id.as_str())?;
+                org_phones.insert(scoped(&phone.org_id, phone.id.as_ref()), phone.id.as_str())?;
+                Ok(Ok(()))
+            })
+            .map_err(tx_err)
+    }
+
+    fn phone_get(&self, org: &OrgId, id: &PhoneId) -> Result<Option<PhoneRecord>, StoreError> {
+        Ok(self.phone_resolve(id)?.filter(|p| &p.org_id == org))
+    }
+
+    fn phone_resolve(&self, id: &PhoneId) -> Result<Option<PhoneRecord>, StoreError> {
+        Self::get(&self.phones, PHONES, id.as_ref())
+    }
+
+    fn phone_by_number(&self, number: &E164) -> Result<Option<PhoneRecord>, StoreError> {
+        match self.phone_numbers.get(number.as_str())? {
+            Some(id) => Self::get(&self.phones, PHONES, &id),
+            None => Ok(None),
+        }
+    }
+
+    fn phone_by_connection(&self, carrier: Carrier, connection_id: &str) -> Result<Option<PhoneRecord>, StoreError> {
+        let mut found = None;
+        for item in self.phones.iter() {
+            let p: PhoneRecord = dec(PHONES, &item?.1)?;
+            if p.provider == carrier && p.connection_id.as_deref() == Some(connection_id) {
+                if found.is_some() {
+                    return Ok(None);
+                }
+                found = Some(p);
+            }
+        }
+        Ok(found)
+    }
+
+    fn phone_list(
+        &self,
+        org: &OrgId,
+        provider: Option<Carrier>,
+        after: Option<&PhoneId>,
+        limit: usize,
+    ) -> Result<Vec<PhoneRecord>, StoreError> {
+        let start = match after {
+            Some(a) => {
+                let mut k = scoped(org, a.as_ref());
+                k.push(0);
+                k
+            }
+            None => prefix(org),
+        };
+        let end = {
+            let mut k = org.as_str().as_bytes().to_vec();
+            k.push(1);
+            k
+        };
+        let mut out = Vec::new();
+        for item in self.org_phones.range(start..end) {
+            let (_, id) = item?;
+            if let Some(p) = Self::get::<PhoneRecord>(&self.phones, PHONES, &id)? {
+                if provider.is_none_or(|c| c == p.provider) {
+                    out.push(p);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn phone_update(&self, phone: &PhoneRecord, inline: Option<&SecretRecord>) -> Result<bool, StoreError> {
+        (&self.phones, &self.secrets)
+            .transaction(|(phones, secrets)| {
+                match phones.get(phone.id.as_str())? {
+                    Some(raw) => match dec::<PhoneRecord>(PHONES, &raw) {
+                        Ok(old) if old.org_id == phone.org_id => {}
+                        Ok(_) => return Ok(false),
+                        Err(e) => return abort(e),
+                    },
+                    None => return Ok(false),
+                }
+                if let Some(s) = inline {
+                    secrets.insert(s.id.as_str(), enc(s))?;
+                }
+                phones.insert(phone.id.as_str(), enc(phone))?;
+                Ok(true)
+            })
+            .map_err(tx_err)
+    }
+
+    fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError> {
+        let Some(phone) = self.phone_get(org, id)? else { return Ok(false) };
+        let byok_ids: Vec<Vec<u8>> =
+            self.byok.scan_prefix(prefix(org)).map(|r| r.map(|(_, v)| v.to_vec())).collect::<Result<_, _>>()?;
+        let others_use = |sid: &SecretId| -> Result<bool, StoreError> {
+            Ok(byok_ids.iter().any(|b| b == sid.as_str().as_bytes())
+                || self.phones_using(org, sid)?.iter().any(|p| p.id != phone.id))
+        };
+        let drop_current = !others_use(&phone.credential)?;
+        let drop_previous = match &phone.previous_credential {
+            Some(p) => !others_use(&p.secret_id)?,
+            None => false,
+        };
+        (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets)
+            .transaction(|(phones, numbers, org_phones, secrets)| {
+                phones.remove(phone.id.as_str())?;
+                numbers.remove(phone.number.as_str())?;
+                org_phones.remove(scoped(org, phone.id.as_ref()))?;
+                // An inline credential belongs to its number alone: it goes with it.
+                if drop_current {
+                    secrets.remove(phone.credential.as_str())?;
+                }
+                if let (true, Some(p)) = (drop_previous, &phone.previous_credential) {
+                    secrets.remove(p.secret_id.as_str())?;
+                }
+                Ok(true)
+            })
+            .map_err(tx_err)
+    }
+
+    fn event_record(
+        &self,
+        ev: &EventRecord,
+        delivery: &DeliveryRecord,
+        replay_key: Option<(&[u8], i64)>,
+    ) -> Result<Recorded, StoreError> {
+        let ev_bytes = enc(ev);
+        let d_bytes = enc(delivery);
+        let org_key = scoped(&ev.org_id, ev.id.as_ref());
+        let q_key = queue_key(delivery.next_attempt_ms, &ev.id);
+        (&self.events, &self.org_events, &self.deliveries, &self.delivery_queue, &self.replays, &self.replay_expiry)
+            .transaction(|(events, org_events, deliveries, queue, replays, expiry)| {
+                if let Some((key, expires_ms)) = replay_key {
+                    if replays.get(key)?.is_some() {
+                        return Ok(Recorded::Duplicate);
+                    }
+                    replays.insert(key, &expires_ms.to_be_bytes())?;
+                    let mut ek = (expires_ms.max(0) as u64).to_be_bytes().to_vec();
+                    ek.extend_from_slice(key);
+                    expiry.insert(ek, &[])?;
+                }
+                events.insert(ev.id.as_str(), ev_bytes.as_slice())?;
+                org_events.insert(org_key.as_slice(), &[])?;
+                deliveries.insert(ev.id.as_str(), d_bytes.as_slice())?;
+                queue.insert(q_key.as_slice(), ev.id.as_str())?;
+                Ok(Recorded::New)
+            })
+            .map_err(tx_err)
+    }
+
+    fn event_get(&self, org: &OrgId, id: &EventId) -> Result<Option<EventRecord>, StoreError> {
+        Ok(Self::get::<EventRecord>(&self.events, EVENTS, id.as_ref())?.filter(|e| &e.org_id == org))
+    }
+
+    fn event_list(&self, org: &OrgId, f: &EventFilter) -> Result<Vec<EventRecord>, StoreError> {
+        let start = match &f.after {
+            Some(a) => {
+                let mut k = scoped(org, a.as_ref());
+                k.push(0);
+                k
+            }
+            None => prefix(org),
+        };
+        let mut end = org.as_str().as_bytes().to_vec();
+        end.push(1);
+        let mut out = Vec::new();
+        for item in self.org_events.range(start..end) {
+            let (k, _) = item?;
+            let id = &k[org.as_str().len() + 1..];
+            let Some(ev) = Self::get::<EventRecord>(&self.events, EVENTS, id)? else { continue };
+            if f.phone_id.as_ref().is_some_and(|p| p != &ev.phone_id) || f.kind.as_ref().is_some_and(|k| k != &ev.kind)
+            {
+                continue;
+            }
+            if let Some(state) = f.delivery {
+                let d: Option<DeliveryRecord> = Self::get(&self.deliveries, DELIVERIES, id)?;
+                if d.map(|d| d.state) != Some(state) {
+                    continue;
+                }
+            }
+            out.push(ev);
+            if out.len() >= f.limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError> {
+        Ok(Self::get::<DeliveryRecord>(&self.deliveries, DELIVERIES, id.as_ref())?.filter(|d| &d.org_id == org))
+    }
+
+    fn delivery_put(&self, d: &DeliveryRecord) -> Result<(), StoreError> {
+        let old: Option<DeliveryRecord> = Self::get(&self.deliveries, DELIVERIES, d.event_id.as_ref())?;
+        (&self.deliveries, &self.delivery_queue)
+            .transaction(|(deliveries, queue)| {
+                if let Some(old) = &old {
+                    queue.remove(queue_key(old.next_attempt_ms, &old.event_id))?;
+                }
+                deliveries.insert(d.event_id.as_str(), enc(d))?;
+                if matches!(d.state, DeliveryState::Pending | DeliveryState::Failed) {
+                    queue.insert(queue_key(d.next_attempt_ms, &d.event_id), d.event_id.as_str())?;
+                }
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let end = ((now_ms.max(0) as u64) + 1).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.delivery_queue.range(..end.to_vec()).take(limit) {
+            let (_, id) = item?;
+            if let Some(d) = Self::get(&self.deliveries, DELIVERIES, &id)? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    fn sweep(&self, now_ms: i64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        let end = (now_ms.max(0) as u64).to_be_bytes();
+        for item in self.replay_expiry.range(..end.to_vec()) {
+            let (k, _) = item?;
+            self.replays.remove(&k[8..])?;
+            self.replay_expiry.remove(&k)?;
+            n += 1;
+        }
+        for item in self.secrets.iter() {
+            let (k, v) = item?;
+            let rec: SecretRecord = dec(SECRETS, &v)?;
+            if rec.retired_until_ms.is_some_and(|t| t <= now_ms) {
+                self.secrets.remove(&k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,285 @@
+//! Envelope encryption. Each secret gets its own random data key (DEK); the secret is sealed
+//! under the DEK and the DEK under the master key, both with XChaCha20-Poly1305 and with the
+//! owner (org, provider, secret id) as associated data, so a ciphertext moved to another
+//! record fails to open. Rotating the master key re-wraps DEKs without touching secrets.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::domain::{OrgId, SecretId};
+use crate::settings::MasterKeyInput;
+use crate::store::Sealed;
+
+pub const KEY_FILE: &str = "master.key";
+/// Written before a rotation re-wraps anything, so a crash mid-rotation never leaves records
+/// wrapped under a key that exists nowhere.
+pub const NEXT_KEY_FILE: &str = "master.key.next";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("cannot read or write the master key file {path}: {detail}")]
+    KeyFile { path: PathBuf, detail: String },
+    #[error("a secret could not be opened (wrong master key, or the record was altered or moved)")]
+    Open,
+    #[error("the master key {0} that wrapped a secret is not loaded")]
+    UnknownKey(String),
+}
+
+struct MasterKey {
+    id: String,
+    key: Zeroizing<[u8; 32]>,
+}
+
+impl MasterKey {
+    fn new(key: Zeroizing<[u8; 32]>) -> Self {
+        // A fingerprint names the key in each record without revealing anything usable.
+        let mut h = Sha256::new();
+        h.update(b"callgate master key id\0");
+        h.update(key.as_slice());
+        let id = format!("mk_{}", &hex::encode(h.finalize())[..16]);
+        Self { id, key }
+    }
+}
+
+pub struct Keyring {
+    current: MasterKey,
+    others: HashMap<String, MasterKey>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keyring({}, [redacted])", self.current.id)
+    }
+}
+
+pub fn generate_key() -> Zeroizing<[u8; 32]> {
+    let mut k = Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng.fill_bytes(k.as_mut_slice());
+    k
+}
+
+fn key_err(path: &Path, e: impl std::fmt::Display) -> VaultError {
+    VaultError::KeyFile { path: path.to_owned(), detail: e.to_string() }
+}
+
+pub fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, VaultError> {
+    let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| key_err(path, e))?);
+    MasterKeyInput::parse_base64("master key file", &text).map(|k| k.0).map_err(|e| key_err(path, e.problem))
+}
+
+/// Writes atomically with mode 0600: a temp file, fsync, rename.
+pub fn write_key_file(path: &Path, key: &[u8; 32]) -> Result<(), VaultError> {
+    let tmp = path.with_extension("tmp");
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp).map_err(|e| key_err(&tmp, e))?;
+    let text = Zeroizing::new(B64.encode(key));
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.write_all(b"\n"))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| key_err(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| key_err(path, e))?;
+    Ok(())
+}
+
+impl Keyring {
+    /// The operator's key if given; otherwise `<data_dir>/master.key`, generated on first start.
+    /// Returns whether a key was generated so the caller can say so.
+    pub fn load(data_dir: &Path, given: Option<&MasterKeyInput>) -> Result<(Keyring, bool), VaultError> {
+        let mut generated = false;
+        let current = match given {
+            Some(k) => MasterKey::new(k.0.clone()),
+            None => {
+                let path = data_dir.join(KEY_FILE);
+                if path.exists() {
+                    MasterKey::new(read_key_file(&path)?)
+                } else {
+                    fs::create_dir_all(data_dir).map_err(|e| key_err(data_dir, e))?;
+                    let k = generate_key();
+                    write_key_file(&path, &k)?;
+                    generated = true;
+                    MasterKey::new(k)
+                }
+            }
+        };
+        let mut ring = Keyring { current, others: HashMap::new() };
+        let next = data_dir.join(NEXT_KEY_FILE);
+        if next.exists() {
+            ring.add(read_key_file(&next)?);
+        }
+        Ok((ring, generated))
+    }
+
+    pub fn from_key(key: Zeroizing<[u8; 32]>) -> Self {
+        Keyring { current: MasterKey::new(key), others: HashMap::new() }
+    }
+
+    pub fn add(&mut self, key: Zeroizing<[u8; 32]>) {
+        let k = MasterKey::new(key);
+        if k.id != self.current.id {
+            self.others.insert(k.id.clone(), k);
+        }
+    }
+
+    /// Every key this ring can open with, for a rotation to carry over.
+    pub fn all_keys(&self) -> Vec<Zeroizing<[u8; 32]>> {
+        std::iter::once(&self.current).chain(self.others.values()).map(|k| k.key.clone()).collect()
+    }
+
+    pub fn current_id(&self) -> &str {
+        &self.current.id
+    }
+
+    fn by_id(&self, id: &str) -> Result<&MasterKey, VaultError> {
+        if self.current.id == id {
+            return Ok(&self.current);
+        }
+        self.others.get(id).ok_or_else(|| VaultError::UnknownKey(id.to_owned()))
+    }
+
+    pub fn seal(&self, owner: &Owner<'_>, plaintext: &[u8]) -> Sealed {
+        let aad = owner.aad();
+        let dek = generate_key();
+        let nonce = random_nonce();
+        let ciphertext = XChaCha20Poly1305::new(dek.as_slice().into())
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad })
+            .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
+        let (wrapped_dek, dek_nonce) = self.wrap(&self.current, &dek, &aad);
+        Sealed {
+            master_key_id: self.current.id.clone(),
+            wrapped_dek,
+            dek_nonce: dek_nonce.to_vec(),
+            nonce: nonce.to_vec(),
+            ciphertext,
+        }
+    }
+
+    pub fn open(&self, owner: &Owner<'_>, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let aad = owner.aad();
+        let dek = self.unwrap(sealed, &aad)?;
+        if sealed.nonce.len() != 24 {
+            return Err(VaultError::Open);
+        }
+        XChaCha20Poly1305::new(dek.as_slice().into())
+            .decrypt(XNonce::from_slice(&sealed.nonce), Payload { msg: &sealed.ciphertext, aad: &aad })
+            .map(Zeroizing::new)
+            .map_err(|_| VaultError::Open)
+    }
+
+    /// Re-wraps the data key under the current master key; the secret's ciphertext is untouched.
+    pub fn rewrap(&self, owner: &Owner<'_>, sealed: &Sealed) -> Result<Sealed, VaultError> {
+        let aad = owner.aad();
+        let dek = self.unwrap(sealed, &aad)?;
+        let (wrapped_dek, dek_nonce) = self.wrap(&self.current, &dek, &aad);
+        Ok(Sealed {
+            master_key_id: self.current.id.clone(),
+            wrapped_dek,
+            dek_nonce: dek_nonce.to_vec(),
+            ..sealed.clone()
+        })
+    }
+
+    fn wrap(&self, mk: &MasterKey, dek: &[u8; 32], aad: &[u8]) -> (Vec<u8>, [u8; 24]) {
+        let nonce = random_nonce();
+        let mut wrap_aad = aad.to_vec();
+        wrap_aad.extend_from_slice(mk.id.as_bytes());
+        let wrapped = XChaCha20Poly1305::new(mk.key.as_slice().into())
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: dek, aad: &wrap_aad })
+            .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
+        (wrapped, nonce)
+    }
+
+    fn unwrap(&self, sealed: &Sealed, aad: &[u8]) -> Result<Zeroizing<[u8; 32]>, VaultError> {
+        let mk = self.by_id(&sealed.master_key_id)?;
+        if sealed.dek_nonce.len() != 24 {
+            return Err(VaultError::Open);
+        }
+        let mut wrap_aad = aad.to_vec();
+        wrap_aad.extend_from_slice(mk.id.as_bytes());
+        let dek = Zeroizing::new(
+            XChaCha20Poly1305::new(mk.key.as_slice().into())
+                .decrypt(XNonce::from_slice(&sealed.dek_nonce), Payload { msg: &sealed.wrapped_dek, aad: &wrap_aad })
+                .map_err(|_| VaultError::Open)?,
+        );
+        let mut out = Zeroizing::new([0u8; 32]);
+        if dek.len() != 32 {
+            return Err(VaultError::Open);
+        }
+        out.copy_from_slice(&dek);
+        Ok(out)
+    }
+}
+
+fn random_nonce() -> [u8; 24] {
+    let mut n = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
+/// Whose secret this is; bound into the ciphertext as associated data.
+pub struct Owner<'a> {
+    pub org: &'a OrgId,
+    pub provider: &'a str,
+    pub secret: &'a SecretId,
+}
+
+impl Owner<'_> {
+    fn aad(&self) -> Vec<u8> {
+        format!("callgate/v1\0{}\0{}\0{}", self.org, self.provider, self.secret).into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_and_moved_ciphertext_fails() {
+        let ring = Keyring::from_key(generate_key());
+        let org = OrgId::generate();
+        let other = OrgId::generate();
+        let sid = SecretId::generate();
+        let owner = Owner { org: &org, provider: "openai", secret: &sid };
+        let sealed = ring.seal(&owner, b"sk-secret-value");
+        assert!(!sealed.ciphertext.windows(6).any(|w| w == b"secret"));
+        assert_eq!(&ring.open(&owner, &sealed).unwrap()[..], b"sk-secret-value");
+        let moved = Owner { org: &other, provider: "openai", secret: &sid };
+        assert!(ring.open(&moved, &sealed).is_err());
+        let other_provider = Owner { org: &org, provider: "anthropic", secret: &sid };
+        assert!(ring.open(&other_provider, &sealed).is_err());
+    }
+
+    #[test]
+    fn rewrap_under_a_new_key_keeps_the_secret() {
+        let old = generate_key();
+        let mut ring = Keyring::from_key(old.clone());
+        let org = OrgId::generate();
+        let sid = SecretId::generate();
+        let owner = Owner { org: &org, provider: "twilio", secret: &sid };
+        let sealed = ring.seal(&owner, b"token");
+        let mut new_ring = Keyring::from_key(generate_key());
+        new_ring.add(old);
+        let re = new_ring.rewrap(&owner, &sealed).unwrap();
+        assert_eq!(re.ciphertext, sealed.ciphertext);
+        assert_ne!(re.master_key_id, sealed.master_key_id);
+        let only_new = Keyring { current: MasterKey::new(new_ring.current.key.clone()), others: HashMap::new() };
+        assert_eq!(&only_new.open(&owner, &re).unwrap()[..], b"token");
+        ring = only_new;
+        assert!(matches!(ring.open(&owner, &sealed), Err(VaultError::UnknownKey(_))));
+    }
+}

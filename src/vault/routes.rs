@@ -1,0 +1,190 @@
+//! `/byok…` and `/audit`: the organization's view of its vault. No response ever carries a
+//! secret, not even right after it was set.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::{catalog, validate};
+use crate::auth::OrgAuth;
+use crate::clock::rfc3339;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::{AuditRecord, Conflict, SecretRecord};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/byok/providers", web::get().to(providers))
+        .route("/byok/config", web::get().to(config))
+        .route("/byok", web::get().to(list))
+        .route("/byok", web::post().to(set))
+        .route("/byok/set", web::post().to(set_alias))
+        .route("/byok", web::delete().to(delete_body))
+        .route("/byok/{provider}", web::delete().to(delete_path))
+        .route("/audit", web::get().to(audit));
+}
+
+async fn providers() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"providers": catalog::all()}))
+}
+
+async fn config() -> HttpResponse {
+    let providers: Vec<Value> = catalog::all()
+        .iter()
+        .map(|p| {
+            json!({"id": p.provider, "name": p.name, "category": p.kind, "docs_url": p.docs_url,
+                   "models": p.models.clone().unwrap_or_default()})
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({"providers": providers}))
+}
+
+fn credential_json(r: &SecretRecord) -> Value {
+    json!({
+        "provider": r.provider,
+        "secret_id": r.id,
+        "hint": r.hint.as_ref().or(r.identifier.as_ref()),
+        "label": r.label,
+        "created_at": rfc3339(r.created_at_ms),
+        "updated_at": rfc3339(r.updated_at_ms),
+    })
+}
+
+fn byok_keys(recs: &[SecretRecord]) -> Value {
+    let mut keys = Map::new();
+    for p in catalog::all() {
+        let id = recs.iter().find(|r| r.provider == p.provider).map(|r| json!(r.id)).unwrap_or(Value::Null);
+        keys.insert(format!("{}_secret_id", p.provider), id);
+    }
+    Value::Object(keys)
+}
+
+async fn list(state: web::Data<AppState>, auth: OrgAuth) -> Result<HttpResponse, ApiError> {
+    let recs = state.store.byok_list(&auth.org_id)?;
+    let creds: Vec<Value> = recs.iter().map(credential_json).collect();
+    Ok(HttpResponse::Ok().json(json!({"byok_keys": byok_keys(&recs), "credentials": creds})))
+}
+
+fn field<'a>(body: &'a Value, name: &'static str) -> Result<&'a Value, ApiError> {
+    body.get(name).ok_or_else(|| ApiError::unprocessable("invalid_field", format!("{name}: is required")))
+}
+
+fn provider_of(body: &Value) -> Result<&str, ApiError> {
+    field(body, "provider")?
+        .as_str()
+        .ok_or_else(|| ApiError::unprocessable("invalid_field", "provider: must be a string"))
+}
+
+async fn set(state: web::Data<AppState>, auth: OrgAuth, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {
+    store_secret(&state, &auth, &body, "api_key").await
+}
+
+async fn set_alias(
+    state: web::Data<AppState>,
+    auth: OrgAuth,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, ApiError> {
+    store_secret(&state, &auth, &body, "key").await
+}
+
+async fn store_secret(
+    state: &AppState,
+    auth: &OrgAuth,
+    body: &Value,
+    key_field: &'static str,
+) -> Result<HttpResponse, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::unprocessable("invalid_field", "the body must be a JSON object"));
+    }
+    let now = state.clock.now_ms();
+    state.byok_limiter.check(&auth.org_id, now).map_err(ApiError::rate_limited)?;
+    let provider = provider_of(body)?;
+    let label = match body.get("label") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= 200 => Some(s.clone()),
+        Some(_) => {
+            return Err(ApiError::unprocessable("invalid_field", "label: must be a string of at most 200 characters"))
+        }
+    };
+    let new = validate(provider, field(body, key_field)?)?;
+    let rec = state.vault.seal(&auth.org_id, &new, label, now);
+    let audit = AuditRecord {
+        org_id: auth.org_id.clone(),
+        key_id: Some(auth.key_id.clone()),
+        action: "set".into(),
+        provider: rec.provider.clone(),
+        at_ms: now,
+    };
+    let grace_until = now + state.settings.credential_grace.as_millis() as i64;
+    let replaced = state.store.byok_put(&rec, &audit, grace_until)?;
+    state.commit.commit().await?;
+    state.credentials.invalidate_all();
+    tracing::info!(org = %auth.org_id, provider = %rec.provider, replaced = replaced.is_some(), "byok credential set");
+    let recs = state.store.byok_list(&auth.org_id)?;
+    Ok(HttpResponse::Ok()
+        .json(json!({"success": true, "byok_keys": byok_keys(&recs), "credential": credential_json(&rec)})))
+}
+
+#[derive(Deserialize)]
+struct DeleteBody {
+    provider: String,
+}
+
+async fn delete_body(
+    state: web::Data<AppState>,
+    auth: OrgAuth,
+    body: web::Json<DeleteBody>,
+) -> Result<HttpResponse, ApiError> {
+    remove(&state, &auth, &body.provider).await
+}
+
+async fn delete_path(
+    state: web::Data<AppState>,
+    auth: OrgAuth,
+    provider: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    remove(&state, &auth, &provider).await
+}
+
+async fn remove(state: &AppState, auth: &OrgAuth, provider: &str) -> Result<HttpResponse, ApiError> {
+    let entry = catalog::find(provider).ok_or_else(|| {
+        ApiError::unprocessable("unknown_provider", format!("unknown provider; accepted: {}", catalog::accepted_list()))
+    })?;
+    let audit = AuditRecord {
+        org_id: auth.org_id.clone(),
+        key_id: Some(auth.key_id.clone()),
+        action: "delete".into(),
+        provider: entry.provider.clone(),
+        at_ms: state.clock.now_ms(),
+    };
+    match state.store.byok_delete(&auth.org_id, &entry.provider, &audit)? {
+        Ok(true) => {}
+        Ok(false) => return Err(ApiError::not_found("credential")),
+        Err(Conflict::InUse(n)) => {
+            return Err(ApiError::conflict(
+                "credential_in_use",
+                format!("{n} phone number(s) verify their webhooks with this credential; delete them or give them another credential first"),
+            ))
+        }
+        Err(Conflict::NumberTaken) => return Err(ApiError::internal("unexpected conflict")),
+    }
+    state.commit.commit().await?;
+    state.credentials.invalidate_all();
+    let recs = state.store.byok_list(&auth.org_id)?;
+    Ok(HttpResponse::Ok().json(json!({"success": true, "byok_keys": byok_keys(&recs)})))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit(state: web::Data<AppState>, auth: OrgAuth, q: web::Query<AuditQuery>) -> Result<HttpResponse, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let items: Vec<Value> = state
+        .store
+        .audit_list(&auth.org_id, limit)?
+        .into_iter()
+        .map(|a| json!({"key_id": a.key_id, "action": a.action, "provider": a.provider, "at": rfc3339(a.at_ms)}))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"audit": items})))
+}
