@@ -83,6 +83,10 @@ impl Application {
         self.port
     }
 
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
     pub fn state(&self) -> web::Data<AppState> {
         self.state.clone()
     }
@@ -90,8 +94,10 @@ impl Application {
     /// Serves until SIGTERM/SIGINT (actix stops accepting and drains in-flight requests), then
     /// flushes the store.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        self.server.await?;
-        let store = Arc::clone(&self.state.store);
+        let Application { server, state, .. } = self;
+        server.await?;
+        let store = Arc::clone(&state.store);
+        drop(state);
         tokio::task::spawn_blocking(move || store.flush()).await??;
         tracing::info!("stopped; store flushed");
         Ok(())
@@ -104,6 +110,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .configure(crate::orgs::configure)
         .configure(crate::vault::routes::configure)
+        .configure(crate::phones::configure)
+        .configure(crate::events::configure)
         .configure(crate::carriers::routes::configure);
 }
 
@@ -124,13 +132,17 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
+/// Holds the state weakly so a stopped server's store (and its file lock) is released.
 fn spawn_sweeper(state: web::Data<AppState>) {
+    let weak = Arc::downgrade(&state.into_inner());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
+            let Some(state) = weak.upgrade() else { return };
             let now = state.clock.now_ms();
             let store = Arc::clone(&state.store);
+            drop(state);
             match tokio::task::spawn_blocking(move || store.sweep(now)).await {
                 Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "swept expired replay markers and retired secrets"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "sweep failed"),

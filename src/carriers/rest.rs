@@ -23,9 +23,9 @@ use crate::domain::{Carrier, PhoneCredential, Secret, E164};
 /// requests one import can cost.
 pub const MAX_NUMBERS: usize = 10_000;
 
-/// The name of the application callgate creates (or reuses) on Plivo, Vobiz and Telnyx.
-/// Reusing it means every number linked to it shares its URLs, which is what the gateway
-/// wants: its webhook URLs are per carrier, not per number.
+/// The name of the Call Control application callgate creates or reuses on Telnyx, whose
+/// single webhook URL serves every number; on Plivo and Vobiz, where the gateway's URLs
+/// name the phone, it prefixes one application per number.
 pub const APP_NAME: &str = "callgate";
 
 /// A carrier body larger than this is not a number listing; refusing it bounds memory.
@@ -182,7 +182,7 @@ pub(crate) enum Auth<'a> {
         password: &'a Secret,
     },
     /// Vobiz: `X-Auth-ID` / `X-Auth-Token`.
-    AuthHeaders {
+    VobizHeaders {
         auth_id: &'a str,
         auth_token: &'a Secret,
     },
@@ -217,7 +217,7 @@ impl<'a> Exchange<'a> {
                 headers.insert(AUTHORIZATION, sensitive(&format!("Basic {}", B64.encode(raw)))?);
                 secrets.push(password.expose());
             }
-            Auth::AuthHeaders { auth_id, auth_token } => {
+            Auth::VobizHeaders { auth_id, auth_token } => {
                 headers.insert(HeaderName::from_static("x-auth-id"), sensitive(auth_id)?);
                 headers.insert(HeaderName::from_static("x-auth-token"), sensitive(auth_token.expose())?);
                 secrets.push(auth_token.expose());

@@ -66,7 +66,8 @@ impl Recorded {
 
     /// The JSON body; panics if there is none.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|_| panic!("{} {} has no JSON body: {:?}", self.method, self.path, self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|_| panic!("{} {} has no JSON body: {:?}", self.method, self.path, self.body))
     }
 
     /// The form-encoded body, in order.
@@ -127,6 +128,8 @@ struct Account {
 struct State {
     accounts: Vec<Account>,
     mode: Mode,
+    /// Switches to this mode once this many requests have been answered.
+    mode_after: Option<(usize, Mode)>,
     page_size: Option<usize>,
     requests: Vec<Recorded>,
     next_id: u64,
@@ -193,8 +196,15 @@ impl FakeCarrier {
     }
 
     /// Registers an account; `credentials` has the shape `PhoneCredential::parse` takes.
-    pub fn add_account<S: Into<String>>(&self, carrier: Carrier, credentials: Value, numbers: impl IntoIterator<Item = S>) {
-        let field = |name: &str| credentials[name].as_str().unwrap_or_else(|| panic!("{carrier} credential lacks {name}")).to_owned();
+    pub fn add_account<S: Into<String>>(
+        &self,
+        carrier: Carrier,
+        credentials: Value,
+        numbers: impl IntoIterator<Item = S>,
+    ) {
+        let field = |name: &str| {
+            credentials[name].as_str().unwrap_or_else(|| panic!("{carrier} credential lacks {name}")).to_owned()
+        };
         let (path_id, user, secret) = match carrier {
             Carrier::Plivo | Carrier::Vobiz => (field("auth_id"), field("auth_id"), field("auth_token")),
             Carrier::Twilio => (field("account_sid"), field("account_sid"), field("auth_token")),
@@ -231,7 +241,16 @@ impl FakeCarrier {
     }
 
     pub fn set_mode(&self, mode: Mode) {
-        lock(&self.state).mode = mode;
+        let mut st = lock(&self.state);
+        st.mode = mode;
+        st.mode_after = None;
+    }
+
+    /// Answers the next `requests` requests as now, then switches to `mode`: a failure on
+    /// a later page.
+    pub fn set_mode_after(&self, requests: usize, mode: Mode) {
+        let mut st = lock(&self.state);
+        st.mode_after = Some((st.requests.len() + requests, mode));
     }
 
     /// Caps every page at `n` items, whatever size the client asked for.
@@ -256,7 +275,10 @@ impl FakeCarrier {
 
     /// The number `number` (as given to `add_account`) of `carrier`.
     pub fn number(&self, carrier: Carrier, number: &str) -> FakeNumber {
-        self.numbers(carrier).into_iter().find(|n| n.number == number).unwrap_or_else(|| panic!("no {carrier} number {number}"))
+        self.numbers(carrier)
+            .into_iter()
+            .find(|n| n.number == number)
+            .unwrap_or_else(|| panic!("no {carrier} number {number}"))
     }
 
     pub fn applications(&self, carrier: Carrier) -> Vec<FakeApp> {
@@ -283,7 +305,8 @@ impl FakeCarrier {
         let mut st = lock(&self.state);
         let n = st.next_id();
         let id = app_id(carrier, n);
-        let account = st.accounts.iter_mut().find(|a| a.carrier == carrier).unwrap_or_else(|| panic!("no {carrier} account"));
+        let account =
+            st.accounts.iter_mut().find(|a| a.carrier == carrier).unwrap_or_else(|| panic!("no {carrier} account"));
         account.apps.push(FakeApp {
             id: id.clone(),
             name: name.to_owned(),
@@ -321,6 +344,12 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: Shared) -> HttpRespon
     };
     let response = {
         let mut st = lock(&state);
+        if let Some((after, mode)) = st.mode_after {
+            if st.requests.len() >= after {
+                st.mode = mode;
+                st.mode_after = None;
+            }
+        }
         st.requests.push(recorded.clone());
         if st.mode == Mode::Hang {
             None
@@ -475,7 +504,9 @@ fn server_error(carrier: Carrier, req: &Recorded) -> HttpResponse {
             "more_info": "https://www.twilio.com/docs/errors/20500",
             "status": 500,
         }),
-        Carrier::Telnyx => json!({"errors": [{"code": "10007", "title": "Unexpected error", "detail": "An unexpected error occured."}]}),
+        Carrier::Telnyx => {
+            json!({"errors": [{"code": "10007", "title": "Unexpected error", "detail": "An unexpected error occured."}]})
+        }
         Carrier::Exotel => json!({
             "request_id": api_id(), "method": req.method, "http_code": 500,
             "response": {"code": 500, "error_data": {"code": 1000, "message": "Internal error", "description": "Internal error"}, "status": "failure", "data": null},
@@ -493,7 +524,9 @@ fn not_found(carrier: Carrier, req: &Recorded) -> HttpResponse {
             "more_info": "https://www.twilio.com/docs/errors/20404",
             "status": 404,
         }),
-        Carrier::Telnyx => json!({"errors": [{"code": "10005", "title": "Resource not found", "detail": "The requested resource or URL could not be found."}]}),
+        Carrier::Telnyx => {
+            json!({"errors": [{"code": "10005", "title": "Resource not found", "detail": "The requested resource or URL could not be found."}]})
+        }
         Carrier::Exotel => json!({
             "request_id": api_id(), "method": req.method, "http_code": 404,
             "response": {"code": 404, "error_data": {"code": 1002, "message": "Not found", "description": "Resource not found"}, "status": "failure", "data": null},
@@ -509,7 +542,9 @@ fn bad_request(carrier: Carrier, message: &str) -> HttpResponse {
             400,
             json!({"code": 21502, "message": message, "more_info": "https://www.twilio.com/docs/errors/21502", "status": 400}),
         ),
-        Carrier::Telnyx => reply(422, json!({"errors": [{"code": "10015", "title": "Invalid value", "detail": message}]})),
+        Carrier::Telnyx => {
+            reply(422, json!({"errors": [{"code": "10015", "title": "Invalid value", "detail": message}]}))
+        }
         Carrier::Exotel => reply(
             400,
             json!({"http_code": 400, "response": {"code": 400, "error_data": {"code": 1001, "message": message, "description": message}, "status": "failure", "data": null}}),
@@ -522,10 +557,19 @@ fn query(req: &Recorded) -> BTreeMap<String, String> {
 }
 
 /// A numeric query parameter: `default` if absent, `Err` if malformed or outside `range`.
-fn param(q: &BTreeMap<String, String>, name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> Result<usize, String> {
+fn param(
+    q: &BTreeMap<String, String>,
+    name: &str,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<usize, String> {
     match q.get(name) {
         None => Ok(default),
-        Some(v) => v.parse::<usize>().ok().filter(|n| range.contains(n)).ok_or_else(|| format!("{name} must be within {range:?}")),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| format!("{name} must be within {range:?}")),
     }
 }
 
@@ -562,7 +606,10 @@ fn plivo(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: O
             };
             let (start, end, size) = window(acct.numbers.len(), offset, limit, cap);
             let objects: Vec<Value> = acct.numbers[start..end].iter().map(|num| plivo_number(&base, num)).collect();
-            reply(200, json!({"api_id": api_id(), "meta": plivo_meta(&format!("{base}Number/"), acct.numbers.len(), start, end, size), "objects": objects}))
+            reply(
+                200,
+                json!({"api_id": api_id(), "meta": plivo_meta(&format!("{base}Number/"), acct.numbers.len(), start, end, size), "objects": objects}),
+            )
         }
         (_, ["Number", digits, ""]) => {
             let digits = decode(digits);
@@ -641,7 +688,10 @@ fn vobiz(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: O
                 return not_found(Carrier::Vobiz, req);
             };
             num.app_id = Some(app.clone());
-            reply(200, json!({"api_id": api_id(), "message": "Application attached to number", "number": number, "application_id": app}))
+            reply(
+                200,
+                json!({"api_id": api_id(), "message": "Application attached to number", "number": number, "application_id": app}),
+            )
         }
         (_, ["Application", tail @ ..]) => applications(Carrier::Vobiz, acct, &base, method, tail, req, cap, n),
         _ => not_found(Carrier::Vobiz, req),
@@ -700,7 +750,16 @@ fn plivo_app(base: &str, app: &FakeApp) -> Value {
 
 /// Plivo's application API, which Vobiz clones.
 #[allow(clippy::too_many_arguments)]
-fn applications(carrier: Carrier, acct: &mut Account, base: &str, method: &str, tail: &[&str], req: &Recorded, cap: Option<usize>, n: u64) -> HttpResponse {
+fn applications(
+    carrier: Carrier,
+    acct: &mut Account,
+    base: &str,
+    method: &str,
+    tail: &[&str],
+    req: &Recorded,
+    cap: Option<usize>,
+    n: u64,
+) -> HttpResponse {
     let set = |app: &mut FakeApp, body: &Value| {
         for (key, field) in [
             ("answer_url", &mut app.answer_url),
@@ -723,7 +782,10 @@ fn applications(carrier: Carrier, acct: &mut Account, base: &str, method: &str, 
             };
             let (start, end, size) = window(acct.apps.len(), offset, limit, cap);
             let objects: Vec<Value> = acct.apps[start..end].iter().map(|a| plivo_app(base, a)).collect();
-            reply(200, json!({"api_id": api_id(), "meta": plivo_meta(&format!("{base}Application/"), acct.apps.len(), start, end, size), "objects": objects}))
+            reply(
+                200,
+                json!({"api_id": api_id(), "meta": plivo_meta(&format!("{base}Application/"), acct.apps.len(), start, end, size), "objects": objects}),
+            )
         }
         ("POST", [""]) => {
             let Some(body) = json_body(req) else { return bad_request(carrier, "body must be JSON") };
@@ -808,7 +870,8 @@ fn twilio(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: 
             let (start, end, size) = window(acct.numbers.len(), page.saturating_mul(size), size, None);
             let items: Vec<Value> = acct.numbers[start..end].iter().map(|num| twilio_number(&sid, num)).collect();
             let page_uri = |p: usize| format!("{list}?PageSize={size}&Page={p}");
-            let next = (end < acct.numbers.len()).then(|| format!("{}&PageToken=PA{}", page_uri(page + 1), acct.numbers[end].id));
+            let next = (end < acct.numbers.len())
+                .then(|| format!("{}&PageToken=PA{}", page_uri(page + 1), acct.numbers[end].id));
             reply(
                 200,
                 json!({
@@ -826,7 +889,9 @@ fn twilio(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: 
         }
         (_, ["IncomingPhoneNumbers", file]) => {
             let Some(pn) = file.strip_suffix(".json") else { return not_found(Carrier::Twilio, req) };
-            let Some(num) = acct.numbers.iter_mut().find(|x| x.id == pn) else { return not_found(Carrier::Twilio, req) };
+            let Some(num) = acct.numbers.iter_mut().find(|x| x.id == pn) else {
+                return not_found(Carrier::Twilio, req);
+            };
             match method {
                 "GET" => reply(200, twilio_number(&sid, num)),
                 "POST" => {
@@ -861,7 +926,8 @@ fn telnyx_meta(total: usize, page: usize, size: usize) -> Value {
 }
 
 fn telnyx_number(acct: &Account, num: &FakeNumber) -> Value {
-    let connection_name = num.connection_id.as_ref().and_then(|c| acct.apps.iter().find(|a| &a.id == c)).map(|a| a.name.clone());
+    let connection_name =
+        num.connection_id.as_ref().and_then(|c| acct.apps.iter().find(|a| &a.id == c)).map(|a| a.name.clone());
     json!({
         "id": num.id,
         "record_type": "phone_number",

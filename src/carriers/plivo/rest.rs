@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::carriers::rest::{
     id_string, listed, non_empty, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
-    WebhookTargets, APP_NAME,
+    WebhookTargets, APP_NAME, MAX_NUMBERS,
 };
 use crate::domain::credentials::AuthPair;
 use crate::domain::Carrier;
@@ -17,8 +17,8 @@ use crate::domain::Carrier;
 pub(crate) const PAGE_SIZE: usize = 20;
 
 /// An account with more applications than this is not searched further for ours: a new
-/// one is created instead of paging without end.
-const MAX_APP_PAGES: usize = 50;
+/// one is created instead of paging without end. As many as numbers may be listed.
+const MAX_APP_PAGES: usize = MAX_NUMBERS / PAGE_SIZE;
 
 #[derive(Deserialize)]
 struct Meta {
@@ -77,7 +77,8 @@ pub(crate) async fn configure_number(
     let ex = exchange(api, cred)?;
     let base = account_path(cred)?;
     let mut actions = Vec::new();
-    let app_id = ensure_application(&ex, &format!("{base}Application/"), targets, &mut actions).await?;
+    let name = app_name(number);
+    let app_id = ensure_application(&ex, &format!("{base}Application/"), &name, targets, &mut actions).await?;
     let link = ex
         .request(Method::POST, &format!("{base}Number/{}/", segment(number.number.digits())?))
         .json(&json!({ "app_id": app_id }));
@@ -86,18 +87,25 @@ pub(crate) async fn configure_number(
     Ok(json!({
         "changed": true,
         "application_id": app_id,
-        "application_name": APP_NAME,
+        "application_name": name,
         "answer_url": targets.incoming,
         "hangup_url": targets.status,
         "actions": actions,
     }))
 }
 
-/// Finds the application named [`APP_NAME`] under `apps_path` (`…/Application/`), updating
-/// its URLs if they differ from `targets`, or creates it. Returns its `app_id`.
+/// The application that routes `number`: one per number, because the gateway's answer URL
+/// names the phone, and a shared application would route every number to the last one set.
+pub(crate) fn app_name(number: &ListedNumber) -> String {
+    format!("{APP_NAME}-{}", number.number.digits())
+}
+
+/// Finds the application called `name` under `apps_path` (`…/Application/`), updating its
+/// URLs if they differ from `targets`, or creates it. Returns its `app_id`.
 pub(crate) async fn ensure_application(
     ex: &Exchange<'_>,
     apps_path: &str,
+    name: &str,
     targets: &WebhookTargets,
     actions: &mut Vec<&'static str>,
 ) -> Result<String, ProviderError> {
@@ -133,7 +141,7 @@ pub(crate) async fn ensure_application(
             .objects
             .into_iter()
             .filter_map(|o| serde_json::from_value::<App>(o).ok())
-            .find(|a| a.app_name.as_deref() == Some(APP_NAME));
+            .find(|a| a.app_name.as_deref() == Some(name));
         match non_empty(page.meta.next) {
             Some(next) if found.is_none() && count > 0 => req = ex.follow(LIST, &next)?,
             _ => break,
@@ -165,7 +173,7 @@ pub(crate) async fn ensure_application(
         }
         None => {
             let mut body = urls;
-            body["app_name"] = json!(APP_NAME);
+            body["app_name"] = json!(name);
             let created: Created =
                 ex.json("create application", ex.request(Method::POST, apps_path).json(&body)).await?;
             let id = id_string(&created.app_id)

@@ -5,10 +5,9 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::carriers::plivo::rest::ensure_application;
+use crate::carriers::plivo::rest::{app_name, ensure_application};
 use crate::carriers::rest::{
     id_string, listed, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError, WebhookTargets,
-    APP_NAME,
 };
 use crate::domain::credentials::AuthPair;
 use crate::domain::Carrier;
@@ -32,7 +31,7 @@ fn exchange<'a>(api: &'a ProviderApi, cred: &'a AuthPair) -> Result<Exchange<'a>
     api.exchange(
         Carrier::Vobiz,
         &api.urls().vobiz,
-        Auth::AuthHeaders { auth_id: &cred.auth_id, auth_token: &cred.auth_token },
+        Auth::VobizHeaders { auth_id: &cred.auth_id, auth_token: &cred.auth_token },
     )
 }
 
@@ -70,7 +69,8 @@ pub(crate) async fn configure_number(
     let ex = exchange(api, cred)?;
     let base = account_path(cred)?;
     let mut actions = Vec::new();
-    let app_id = ensure_application(&ex, &format!("{base}Application/"), targets, &mut actions).await?;
+    let name = app_name(number);
+    let app_id = ensure_application(&ex, &format!("{base}Application/"), &name, targets, &mut actions).await?;
     // The number goes in the path with its `+`, which `segment` sends as `%2B`.
     let attach = ex
         .request(Method::POST, &format!("{base}numbers/{}/application", segment(number.number.as_str())?))
@@ -80,7 +80,7 @@ pub(crate) async fn configure_number(
     Ok(json!({
         "changed": true,
         "application_id": app_id,
-        "application_name": APP_NAME,
+        "application_name": name,
         "answer_url": targets.incoming,
         "hangup_url": targets.status,
         "actions": actions,

@@ -1,0 +1,440 @@
+//! Phone numbers: validate a carrier account, import one of its numbers (BYOK billing), and
+//! manage what was imported.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::auth::OrgAuth;
+use crate::carriers::rest::{ListedNumber, ProviderError, WebhookTargets};
+use crate::clock::rfc3339;
+use crate::domain::{Carrier, PhoneCredential, PhoneId, SecretId, E164};
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::{Conflict, PhoneConfig, PhoneRecord, PreviousCredential, SecretRecord};
+use crate::vault;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/voice/{provider}/byok/validate", web::post().to(validate))
+        .route("/voice/{provider}/byok/import", web::post().to(import))
+        .route("/phone-numbers", web::get().to(list))
+        .route("/phone-numbers/{id}", web::get().to(get))
+        .route("/phone-numbers/{id}", web::patch().to(patch))
+        .route("/phone-numbers/{id}", web::delete().to(delete));
+}
+
+fn carrier(path: &str) -> Result<Carrier, ApiError> {
+    path.parse().map_err(|_| ApiError::not_found("carrier (accepted: vobiz, twilio, plivo, exotel, telnyx)"))
+}
+
+fn provider_error(carrier: Carrier, e: ProviderError) -> ApiError {
+    match e {
+        ProviderError::InvalidCredentials { message } => ApiError::unprocessable(
+            "invalid_provider_credentials",
+            match message {
+                Some(m) => format!("{carrier} rejected the credentials: {m}"),
+                None => format!("{carrier} rejected the credentials"),
+            },
+        ),
+        ProviderError::Timeout => ApiError::new(
+            actix_web::http::StatusCode::GATEWAY_TIMEOUT,
+            "provider_timeout",
+            format!("{carrier}'s API did not answer in time"),
+        ),
+        ProviderError::Refused { message } => ApiError::unprocessable("provider_refused", message),
+        ProviderError::NotFound | ProviderError::Unavailable { .. } => {
+            tracing::warn!(carrier = %carrier, error = %e, "carrier API unavailable");
+            ApiError::new(
+                actix_web::http::StatusCode::BAD_GATEWAY,
+                "provider_unavailable",
+                format!("{carrier}'s API is unavailable or gave an answer callgate cannot read"),
+            )
+        }
+    }
+}
+
+/// The credential to talk to the carrier with: given inline (validated, to be sealed), or the
+/// organization's saved BYOK credential.
+enum Source {
+    Inline(vault::NewSecret, PhoneCredential),
+    Saved(SecretRecord, PhoneCredential),
+}
+
+impl Source {
+    fn credential(&self) -> &PhoneCredential {
+        match self {
+            Source::Inline(_, c) | Source::Saved(_, c) => c,
+        }
+    }
+}
+
+fn credential_source(
+    state: &AppState,
+    auth: &OrgAuth,
+    carrier: Carrier,
+    given: Option<&Value>,
+) -> Result<Source, ApiError> {
+    match given {
+        Some(v) if !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty()) => {
+            let new = vault::validate(carrier.as_str(), v)?;
+            let cred = PhoneCredential::parse(carrier, v)
+                .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
+            Ok(Source::Inline(new, cred))
+        }
+        _ => {
+            let rec = state.store.byok_get(&auth.org_id, carrier.as_str())?.ok_or_else(|| {
+                ApiError::unprocessable(
+                    "no_saved_credentials",
+                    format!("no saved {carrier} credentials; set them with POST /byok or pass credentials"),
+                )
+            })?;
+            let cred = state.vault.open_phone(&rec).map_err(ApiError::internal)?;
+            Ok(Source::Saved(rec, cred))
+        }
+    }
+}
+
+async fn validate(
+    state: web::Data<AppState>,
+    auth: OrgAuth,
+    path: web::Path<String>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let carrier = carrier(&path)?;
+    let obj =
+        body.as_object().ok_or_else(|| ApiError::unprocessable("invalid_field", "the body must be a JSON object"))?;
+    let given = obj.get("credentials").or((!obj.is_empty()).then_some(&*body));
+    let source = credential_source(&state, &auth, carrier, given)?;
+    let numbers = state.provider_api.list_numbers(source.credential()).await.map_err(|e| provider_error(carrier, e))?;
+    Ok(HttpResponse::Ok().json(json!({"valid": true, "provider": carrier, "numbers": numbers})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportBody {
+    number: String,
+    credentials: Option<Value>,
+    label: Option<String>,
+    config: Option<Map<String, Value>>,
+    #[serde(default)]
+    configure_provider: bool,
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::unprocessable("invalid_field", msg)
+}
+
+fn label(v: Option<&str>) -> Result<Option<String>, ApiError> {
+    match v {
+        Some(l) if l.chars().count() > 200 || l.chars().any(char::is_control) => {
+            Err(invalid("label: must be at most 200 printable characters"))
+        }
+        other => Ok(other.map(str::to_owned)),
+    }
+}
+
+fn url_field(v: &Value, name: &str, schemes: &[&str]) -> Result<Option<String>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) => {
+            let ok = url::Url::parse(s).is_ok_and(|u| schemes.contains(&u.scheme()) && u.host_str().is_some());
+            if ok && s.len() <= 2048 {
+                Ok(Some(s.clone()))
+            } else {
+                Err(invalid(format!("config.{name}: must be a {} URL", schemes.join(" or "))))
+            }
+        }
+        _ => Err(invalid(format!("config.{name}: must be a string"))),
+    }
+}
+
+/// Applies a `config` object onto `cfg`; keys set to null are cleared. Returns a label found
+/// inside it, since the issue allows `config.label` as well as top-level `label`.
+fn apply_config(cfg: &mut PhoneConfig, given: &Map<String, Value>) -> Result<Option<Option<String>>, ApiError> {
+    let mut label_out = None;
+    for (k, v) in given {
+        match k.as_str() {
+            "stream_url" => cfg.stream_url = url_field(v, "stream_url", &["wss", "ws"])?,
+            "assistant_url" => cfg.assistant_url = url_field(v, "assistant_url", &["https", "http"])?,
+            "upstream_url" => cfg.upstream_url = url_field(v, "upstream_url", &["https", "http"])?,
+            "exotel_webhook_token" => {
+                cfg.exotel_webhook_token_sha256 = match v {
+                    Value::Null => None,
+                    Value::String(t) if t.len() >= 16 && t.len() <= 256 && t.bytes().all(|b| b.is_ascii_graphic()) => {
+                        Some(Sha256::digest(t.as_bytes()).into())
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "config.exotel_webhook_token: must be 16 to 256 printable ASCII characters",
+                        ))
+                    }
+                }
+            }
+            "label" => {
+                label_out = Some(match v {
+                    Value::Null => None,
+                    Value::String(s) => label(Some(s))?,
+                    _ => return Err(invalid("config.label: must be a string")),
+                })
+            }
+            other => return Err(invalid(format!("config.{other}: unknown setting"))),
+        }
+    }
+    Ok(label_out)
+}
+
+pub fn webhook_urls(public_url: &str, carrier: Carrier, id: &PhoneId) -> WebhookTargets {
+    match carrier {
+        Carrier::Telnyx => {
+            let url = format!("{public_url}/webhooks/telnyx/voice");
+            WebhookTargets { incoming: url.clone(), status: url }
+        }
+        c => WebhookTargets {
+            incoming: format!("{public_url}/{c}/incoming/{id}"),
+            status: format!("{public_url}/{c}/status/{id}"),
+        },
+    }
+}
+
+fn phone_json(state: &AppState, p: &PhoneRecord) -> Value {
+    let urls = webhook_urls(&state.settings.public_url, p.provider, &p.id);
+    json!({
+        "id": p.id,
+        "number": p.number,
+        "provider": p.provider,
+        "provider_number_id": p.provider_number_id,
+        "friendly_name": p.friendly_name,
+        "label": p.label,
+        "billing_status": p.billing_status,
+        "monthly_cost_cents": p.monthly_cost_cents,
+        "config": {
+            "stream_url": p.config.stream_url,
+            "assistant_url": p.config.assistant_url,
+            "upstream_url": p.config.upstream_url,
+            "exotel_webhook_token_set": p.config.exotel_webhook_token_sha256.is_some(),
+        },
+        "credential_secret_id": p.credential,
+        "previous_credential": p.previous_credential.as_ref().map(|pc| json!({
+            "secret_id": pc.secret_id, "valid_until": rfc3339(pc.valid_until_ms)})),
+        "webhook_urls": {"incoming": urls.incoming, "status": urls.status},
+        "provider_configuration": p.provider_configuration,
+        "created_at": rfc3339(p.created_at_ms),
+        "updated_at": rfc3339(p.updated_at_ms),
+    })
+}
+
+async fn import(
+    state: web::Data<AppState>,
+    auth: OrgAuth,
+    path: web::Path<String>,
+    body: web::Json<ImportBody>,
+) -> Result<HttpResponse, ApiError> {
+    let carrier = carrier(&path)?;
+    let body = body.into_inner();
+    let number = E164::parse(&body.number).map_err(|e| invalid(format!("number: {e}")))?;
+    let mut config = PhoneConfig::default();
+    let mut lbl = label(body.label.as_deref())?;
+    if let Some(c) = &body.config {
+        if let Some(l) = apply_config(&mut config, c)? {
+            lbl = lbl.or(l);
+        }
+    }
+    if config.exotel_webhook_token_sha256.is_some() && carrier != Carrier::Exotel {
+        return Err(invalid("config.exotel_webhook_token: only Exotel numbers take a webhook token"));
+    }
+    if state.store.phone_by_number(&number)?.is_some() {
+        return Err(ApiError::conflict("number_already_imported", format!("{number} is already imported")));
+    }
+    let source = credential_source(&state, &auth, carrier, body.credentials.as_ref())?;
+    let listed = state.provider_api.list_numbers(source.credential()).await.map_err(|e| provider_error(carrier, e))?;
+    let Some(found) = listed.into_iter().find(|n| n.number == number) else {
+        return Err(ApiError::unprocessable(
+            "number_not_on_account",
+            format!("{number} is not on this {carrier} account"),
+        ));
+    };
+    let now = state.clock.now_ms();
+    let (inline, credential_id) = match &source {
+        Source::Inline(new, _) => {
+            let rec = state.vault.seal(&auth.org_id, new, Some(format!("number {number}")), now);
+            let id = rec.id.clone();
+            (Some(rec), id)
+        }
+        Source::Saved(rec, _) => (None, rec.id.clone()),
+    };
+    let mut phone = PhoneRecord {
+        id: PhoneId::generate(),
+        org_id: auth.org_id.clone(),
+        provider: carrier,
+        number: number.clone(),
+        provider_number_id: found.provider_number_id.clone(),
+        friendly_name: found.friendly_name.clone(),
+        label: lbl,
+        config,
+        credential: credential_id,
+        previous_credential: None,
+        billing_status: "byok".into(),
+        monthly_cost_cents: 0,
+        provider_configuration: None,
+        connection_id: None,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    match state.store.phone_insert(&phone, inline.as_ref())? {
+        Ok(()) => {}
+        Err(Conflict::NumberTaken) | Err(Conflict::InUse(_)) => {
+            return Err(ApiError::conflict("number_already_imported", format!("{number} is already imported")))
+        }
+    }
+    state.commit.commit().await?;
+    tracing::info!(org = %auth.org_id, phone = %phone.id, carrier = %carrier, "phone number imported");
+    if body.configure_provider {
+        configure_on_carrier(&state, &mut phone, source.credential(), &found).await?;
+    }
+    Ok(HttpResponse::Created().json(phone_json(&state, &phone)))
+}
+
+/// Points the number at callgate on the carrier's side. The import stands either way; what
+/// happened (or why not) is reported in `provider_configuration`.
+async fn configure_on_carrier(
+    state: &AppState,
+    phone: &mut PhoneRecord,
+    cred: &PhoneCredential,
+    listed: &ListedNumber,
+) -> Result<(), ApiError> {
+    let targets = webhook_urls(&state.settings.public_url, phone.provider, &phone.id);
+    let report = match state.provider_api.configure_number(cred, listed, &targets).await {
+        Ok(v) => v,
+        Err(e) => {
+            let api = provider_error(phone.provider, e);
+            json!({"changed": false, "error": {"code": api.code, "message": api.message}})
+        }
+    };
+    if phone.provider == Carrier::Telnyx {
+        phone.connection_id = report.get("application_id").and_then(Value::as_str).map(str::to_owned);
+    }
+    phone.provider_configuration = Some(report);
+    phone.updated_at_ms = state.clock.now_ms();
+    state.store.phone_update(phone, None)?;
+    state.commit.commit().await?;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    provider: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(state: web::Data<AppState>, auth: OrgAuth, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+    let provider = q
+        .provider
+        .as_deref()
+        .map(|p| p.parse::<Carrier>().map_err(|e| ApiError::bad_request("invalid_query", e.to_string())))
+        .transpose()?;
+    let after = q
+        .after
+        .as_deref()
+        .map(|a| PhoneId::parse(a).map_err(|_| ApiError::bad_request("invalid_query", "after: not a phone number id")))
+        .transpose()?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let items = state.store.phone_list(&auth.org_id, provider, after.as_ref(), limit)?;
+    let next = (items.len() == limit).then(|| items.last().map(|p| p.id.clone())).flatten();
+    let out: Vec<Value> = items.iter().map(|p| phone_json(&state, p)).collect();
+    Ok(HttpResponse::Ok().json(json!({"phone_numbers": out, "next_after": next})))
+}
+
+fn phone_id(s: &str) -> Result<PhoneId, ApiError> {
+    PhoneId::parse(s).map_err(|_| ApiError::not_found("phone number"))
+}
+
+async fn get(state: web::Data<AppState>, auth: OrgAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let phone =
+        state.store.phone_get(&auth.org_id, &phone_id(&id)?)?.ok_or_else(|| ApiError::not_found("phone number"))?;
+    Ok(HttpResponse::Ok().json(phone_json(&state, &phone)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    #[serde(default, deserialize_with = "double_option")]
+    label: Option<Option<String>>,
+    config: Option<Map<String, Value>>,
+    /// A new credential for this number alone; the old one keeps verifying during the grace.
+    credentials: Option<Value>,
+    /// `"byok"`: verify with the organization's saved credential for the carrier.
+    credential: Option<String>,
+}
+
+fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+async fn patch(
+    state: web::Data<AppState>,
+    auth: OrgAuth,
+    id: web::Path<String>,
+    body: web::Json<PatchBody>,
+) -> Result<HttpResponse, ApiError> {
+    let id = phone_id(&id)?;
+    let mut phone = state.store.phone_get(&auth.org_id, &id)?.ok_or_else(|| ApiError::not_found("phone number"))?;
+    let body = body.into_inner();
+    let now = state.clock.now_ms();
+    if let Some(l) = body.label {
+        phone.label = label(l.as_deref())?;
+    }
+    if let Some(c) = &body.config {
+        if let Some(l) = apply_config(&mut phone.config, c)? {
+            phone.label = l;
+        }
+        if phone.config.exotel_webhook_token_sha256.is_some() && phone.provider != Carrier::Exotel {
+            return Err(invalid("config.exotel_webhook_token: only Exotel numbers take a webhook token"));
+        }
+    }
+    let new_secret: Option<SecretRecord>;
+    let new_id: Option<SecretId> = match (body.credentials.as_ref(), body.credential.as_deref()) {
+        (Some(_), Some(_)) => return Err(invalid("give either credentials or credential, not both")),
+        (Some(v), None) => {
+            let new = vault::validate(phone.provider.as_str(), v)?;
+            let rec = state.vault.seal(&auth.org_id, &new, Some(format!("number {}", phone.number)), now);
+            let id = rec.id.clone();
+            new_secret = Some(rec);
+            Some(id)
+        }
+        (None, Some("byok")) => {
+            new_secret = None;
+            let rec = state.store.byok_get(&auth.org_id, phone.provider.as_str())?.ok_or_else(|| {
+                ApiError::unprocessable("no_saved_credentials", format!("no saved {} credentials", phone.provider))
+            })?;
+            Some(rec.id)
+        }
+        (None, Some(_)) => return Err(invalid("credential: the only accepted value is \"byok\"")),
+        (None, None) => {
+            new_secret = None;
+            None
+        }
+    };
+    if let Some(new_id) = new_id.filter(|n| *n != phone.credential) {
+        let grace_until = now + state.settings.credential_grace.as_millis() as i64;
+        phone.previous_credential =
+            Some(PreviousCredential { secret_id: phone.credential.clone(), valid_until_ms: grace_until });
+        phone.credential = new_id;
+    }
+    phone.updated_at_ms = now;
+    if !state.store.phone_update(&phone, new_secret.as_ref())? {
+        return Err(ApiError::not_found("phone number"));
+    }
+    state.commit.commit().await?;
+    Ok(HttpResponse::Ok().json(phone_json(&state, &phone)))
+}
+
+async fn delete(state: web::Data<AppState>, auth: OrgAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    if !state.store.phone_delete(&auth.org_id, &phone_id(&id)?)? {
+        return Err(ApiError::not_found("phone number"));
+    }
+    state.commit.commit().await?;
+    state.credentials.invalidate_all();
+    Ok(HttpResponse::NoContent().finish())
+}

@@ -1,0 +1,218 @@
+//! Starts the real server on 127.0.0.1:0 with a temporary data dir, the way the binary does.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::Duration;
+
+use callgate::clock::Clock;
+use callgate::settings::Settings;
+use callgate::startup::Application;
+use serde_json::{json, Value};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+static TRACING: Once = Once::new();
+
+/// Logs only with TEST_LOG set, so a failing test can be re-run with them.
+fn init_tracing() {
+    TRACING.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            callgate::telemetry::init("debug");
+        }
+    });
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub port: u16,
+    pub client: reqwest::Client,
+    pub clock: Clock,
+    pub data_dir: PathBuf,
+    pub env: HashMap<String, String>,
+    pub state: actix_web::web::Data<callgate::state::AppState>,
+    handle: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub struct Options {
+    pub env: Vec<(String, String)>,
+    pub clock: Clock,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { env: Vec::new(), clock: Clock::system() }
+    }
+}
+
+impl Options {
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.env.push((k.to_owned(), v.into()));
+        self
+    }
+
+    pub fn clock(mut self, c: Clock) -> Self {
+        self.clock = c;
+        self
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(Options::default()).await
+}
+
+pub async fn spawn_with(opts: Options) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().to_owned();
+    let mut app = start(&path, opts.env, opts.clock).await;
+    app._dir = Some(dir);
+    app
+}
+
+async fn start(data_dir: &Path, extra: Vec<(String, String)>, clock: Clock) -> TestApp {
+    init_tracing();
+    let mut env: HashMap<String, String> = HashMap::new();
+    env.insert("CALLGATE_LISTEN".into(), "127.0.0.1:0".into());
+    env.insert("CALLGATE_DATA_DIR".into(), data_dir.display().to_string());
+    env.insert("CALLGATE_ADMIN_TOKEN".into(), ADMIN_TOKEN.into());
+    env.insert("CALLGATE_PUBLIC_URL".into(), "https://gw.example.com".into());
+    // Nothing in a test may reach a real carrier.
+    for k in ["PLIVO", "VOBIZ", "TWILIO", "TELNYX", "EXOTEL"] {
+        env.insert(format!("CALLGATE_{k}_API_URL"), "http://127.0.0.1:9".into());
+    }
+    for (k, v) in extra {
+        env.insert(k, v);
+    }
+    let settings = Settings::load(None, &env).expect("test settings");
+    // A stopped server releases its database lock asynchronously; retry briefly.
+    let mut last_err = None;
+    for _ in 0..100 {
+        match Application::build_with_clock(settings.clone(), clock.clone()).await {
+            Ok(app) => {
+                let port = app.port();
+                let state = app.state();
+                let handle = app.handle();
+                let task = tokio::spawn(app.run_until_stopped());
+                return TestApp {
+                    base: format!("http://127.0.0.1:{port}"),
+                    port,
+                    client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+                    clock,
+                    data_dir: data_dir.to_owned(),
+                    env,
+                    state,
+                    handle,
+                    task,
+                    _dir: None,
+                };
+            }
+            Err(e) => {
+                last_err = Some(e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    panic!("server did not start: {:?}", last_err);
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Stops the server gracefully and starts a new one on the same data dir and settings.
+    pub async fn restart(mut self) -> TestApp {
+        let dir = self._dir.take();
+        let env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| k.as_str() != "CALLGATE_DATA_DIR")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let data_dir = self.data_dir.clone();
+        let clock = self.clock.clone();
+        self.stop().await;
+        let mut app = start(&data_dir, env, clock).await;
+        app._dir = dir;
+        app
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        drop(self.state);
+        let _ = self.task.await;
+    }
+
+    pub async fn admin_post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.client.post(self.url(path)).bearer_auth(ADMIN_TOKEN).json(&body).send().await.unwrap()
+    }
+
+    /// A new organization and its API key.
+    pub async fn create_org(&self, name: &str) -> Org {
+        let res = self.admin_post("/admin/orgs", json!({"name": name})).await;
+        assert_eq!(res.status(), 201);
+        let v: Value = res.json().await.unwrap();
+        Org { id: v["org_id"].as_str().unwrap().to_owned(), key: v["api_key"].as_str().unwrap().to_owned() }
+    }
+
+    pub fn get(&self, org: &Org, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(&org.key)
+    }
+
+    pub fn post(&self, org: &Org, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(&org.key)
+    }
+
+    pub fn patch(&self, org: &Org, path: &str) -> reqwest::RequestBuilder {
+        self.client.patch(self.url(path)).bearer_auth(&org.key)
+    }
+
+    pub fn delete(&self, org: &Org, path: &str) -> reqwest::RequestBuilder {
+        self.client.delete(self.url(path)).bearer_auth(&org.key)
+    }
+
+    /// Every file under the data dir, for scanning for plaintext secrets.
+    pub fn data_files(&self) -> Vec<PathBuf> {
+        fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(p).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out)
+                } else {
+                    out.push(p)
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.data_dir, &mut out);
+        out
+    }
+
+    /// Asserts that no file under the data dir holds `needle`.
+    pub fn assert_not_in_data_dir(&self, needle: &str) {
+        let files = self.data_files();
+        assert!(!files.is_empty());
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap();
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{} holds a secret in plaintext",
+                f.display()
+            );
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Org {
+    pub id: String,
+    pub key: String,
+}
+
+/// Reads a JSON error body and returns its code.
+pub async fn error_code(res: reqwest::Response) -> String {
+    let v: Value = res.json().await.expect("JSON error body");
+    v["error"]["code"].as_str().expect("error.code").to_owned()
+}
