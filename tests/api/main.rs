@@ -1,5 +1,7 @@
 //! One integration-test binary: every test starts the real server and talks HTTP to it.
 
 mod byok;
+mod carrier_rest;
+mod fake_carrier;
 mod helpers;
 mod orgs;

@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("callgate-bench: not built yet");
+}
