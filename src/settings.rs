@@ -45,6 +45,20 @@ struct Raw {
     replay_window_secs: u64,
     provider_timeout_ms: u64,
     carriers: RawCarriers,
+    handoff: RawHandoff,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHandoff {
+    assistant_url: Option<String>,
+    answer_deadline_ms: u64,
+    upstream_url: Option<String>,
+    upstream_secret: Option<String>,
+    upstream_previous_secret: Option<String>,
+    delivery_workers: usize,
+    delivery_timeout_ms: u64,
+    delivery_horizon_secs: u64,
 }
 
 #[derive(Deserialize)]
@@ -74,6 +88,33 @@ pub struct Settings {
     pub replay_window: Duration,
     pub provider_timeout: Duration,
     pub carrier_urls: CarrierUrls,
+    pub handoff: Handoff,
+}
+
+/// Where verified events go: the assistant that decides how to answer a call, and the
+/// upstream that receives every event.
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    pub assistant_url: Option<String>,
+    pub answer_deadline: Duration,
+    pub upstream_url: Option<String>,
+    /// `whsec_…`; None: generated into the data dir on first start.
+    pub upstream_secret: Option<Secret>,
+    /// Also signed with while a secret rotation is under way.
+    pub upstream_previous_secret: Option<Secret>,
+    pub delivery_workers: usize,
+    pub delivery_timeout: Duration,
+    pub delivery_horizon: Duration,
+}
+
+/// A Standard Webhooks secret: `whsec_` + base64 of at least 24 random bytes.
+pub fn check_whsec(name: &str, s: &str) -> Result<Secret, SettingsError> {
+    let body = s.trim().strip_prefix("whsec_").ok_or_else(|| bad(name, "must start with whsec_"))?;
+    let raw = B64.decode(body).map_err(|_| bad(name, "must be whsec_ followed by base64"))?;
+    if raw.len() < 24 || raw.len() > 64 {
+        return Err(bad(name, "must hold 24 to 64 bytes"));
+    }
+    Ok(Secret::new(s.trim().to_owned()))
 }
 
 /// The master key as given by the operator, already checked to be 32 bytes.
@@ -208,6 +249,29 @@ impl Settings {
         if let Some(v) = num("CALLGATE_PROVIDER_TIMEOUT_MS", env.var("CALLGATE_PROVIDER_TIMEOUT_MS"))? {
             raw.provider_timeout_ms = v;
         }
+        let h = &mut raw.handoff;
+        for (name, slot) in [
+            ("CALLGATE_ASSISTANT_URL", &mut h.assistant_url),
+            ("CALLGATE_UPSTREAM_URL", &mut h.upstream_url),
+            ("CALLGATE_UPSTREAM_SECRET", &mut h.upstream_secret),
+            ("CALLGATE_UPSTREAM_PREVIOUS_SECRET", &mut h.upstream_previous_secret),
+        ] {
+            if let Some(v) = env.var(name) {
+                *slot = Some(v);
+            }
+        }
+        if let Some(v) = num("CALLGATE_ANSWER_DEADLINE_MS", env.var("CALLGATE_ANSWER_DEADLINE_MS"))? {
+            h.answer_deadline_ms = v;
+        }
+        if let Some(v) = num("CALLGATE_DELIVERY_WORKERS", env.var("CALLGATE_DELIVERY_WORKERS"))? {
+            h.delivery_workers = v as usize;
+        }
+        if let Some(v) = num("CALLGATE_DELIVERY_TIMEOUT_MS", env.var("CALLGATE_DELIVERY_TIMEOUT_MS"))? {
+            h.delivery_timeout_ms = v;
+        }
+        if let Some(v) = num("CALLGATE_DELIVERY_HORIZON_SECS", env.var("CALLGATE_DELIVERY_HORIZON_SECS"))? {
+            h.delivery_horizon_secs = v;
+        }
         let c = &mut raw.carriers;
         for (name, slot) in [
             ("CALLGATE_PLIVO_API_URL", &mut c.plivo_api_url),
@@ -262,6 +326,43 @@ impl Settings {
         if raw.provider_timeout_ms == 0 {
             return Err(bad("CALLGATE_PROVIDER_TIMEOUT_MS", "must be at least 1"));
         }
+        let h = raw.handoff;
+        let http_url = |name: &str, v: Option<String>| -> Result<Option<String>, SettingsError> {
+            match v.filter(|s| !s.trim().is_empty()) {
+                None => Ok(None),
+                Some(s) => {
+                    let u = url::Url::parse(&s).map_err(|_| bad(name, "is not a URL"))?;
+                    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                        return Err(bad(name, "must be an http:// or https:// URL"));
+                    }
+                    Ok(Some(s))
+                }
+            }
+        };
+        if !(100..=14_000).contains(&h.answer_deadline_ms) {
+            return Err(bad("CALLGATE_ANSWER_DEADLINE_MS", "must be between 100 and 14000 (carriers wait about 15 s)"));
+        }
+        if !(1..=256).contains(&h.delivery_workers) {
+            return Err(bad("CALLGATE_DELIVERY_WORKERS", "must be between 1 and 256"));
+        }
+        let handoff = Handoff {
+            assistant_url: http_url("CALLGATE_ASSISTANT_URL", h.assistant_url)?,
+            answer_deadline: Duration::from_millis(h.answer_deadline_ms),
+            upstream_url: http_url("CALLGATE_UPSTREAM_URL", h.upstream_url)?,
+            upstream_secret: h
+                .upstream_secret
+                .filter(|s| !s.is_empty())
+                .map(|s| check_whsec("CALLGATE_UPSTREAM_SECRET", &s))
+                .transpose()?,
+            upstream_previous_secret: h
+                .upstream_previous_secret
+                .filter(|s| !s.is_empty())
+                .map(|s| check_whsec("CALLGATE_UPSTREAM_PREVIOUS_SECRET", &s))
+                .transpose()?,
+            delivery_workers: h.delivery_workers,
+            delivery_timeout: Duration::from_millis(h.delivery_timeout_ms.max(1)),
+            delivery_horizon: Duration::from_secs(h.delivery_horizon_secs),
+        };
         let c = raw.carriers;
         let carrier_urls = CarrierUrls {
             plivo: origin("CALLGATE_PLIVO_API_URL", &c.plivo_api_url)?,
@@ -289,6 +390,7 @@ impl Settings {
             replay_window: Duration::from_secs(raw.replay_window_secs),
             provider_timeout: Duration::from_millis(raw.provider_timeout_ms),
             carrier_urls,
+            handoff,
         })
     }
 }

@@ -50,6 +50,16 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
         let port = listener.local_addr()?.port();
         let commit = GroupCommit::start(Arc::clone(&store));
+        let (upstream_secret, generated) = crate::handoff::load_or_create_secret(&settings)?;
+        if generated {
+            tracing::info!("generated the upstream signing secret (see `callgate upstream secret`)");
+        }
+        let signer = crate::handoff::signing::Signer::new(&upstream_secret, settings.handoff.upstream_previous_secret.as_ref())
+            .ok_or_else(|| anyhow::anyhow!("the upstream signing secret is not whsec_ + base64"))?;
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("callgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
         let state = web::Data::new(AppState {
             provider_api: ProviderApi::new(settings.carrier_urls.clone(), settings.provider_timeout)?,
             byok_limiter: RateLimiter::per_minute(settings.byok_rate_limit_per_minute),
@@ -60,8 +70,12 @@ impl Application {
             credentials: Default::default(),
             clock,
             metrics: Default::default(),
+            http,
+            signer,
+            outbox: Default::default(),
         });
         spawn_sweeper(state.clone());
+        crate::handoff::outbox::spawn(Arc::downgrade(&state.clone().into_inner()));
         let body_limit = state.settings.body_limit_bytes;
         let data = state.clone();
         let server = HttpServer::new(move || {
@@ -111,6 +125,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .configure(crate::orgs::configure)
         .configure(crate::vault::routes::configure)
         .configure(crate::phones::configure)
+        .configure(crate::handoff::routes::configure)
         .configure(crate::events::configure)
         .configure(crate::carriers::routes::configure);
 }

@@ -20,4 +20,9 @@ pub struct AppState {
     pub provider_api: ProviderApi,
     pub byok_limiter: RateLimiter,
     pub metrics: crate::metrics::Metrics,
+    /// For the assistant and the upstream: not the carriers' client, so a slow upstream can
+    /// never hold the connections that carrier API calls need.
+    pub http: reqwest::Client,
+    pub signer: crate::handoff::signing::Signer,
+    pub outbox: crate::handoff::outbox::Outbox,
 }

@@ -121,7 +121,7 @@ pub async fn handle<C: CarrierHooks>(
     let parsed = C::parse(&inbound, hook);
     let replay_key = replay_key(carrier, &phone, &parsed, &inbound);
     let expires = now_ms + settings.replay_window.as_millis() as i64;
-    let mut ev = event(&phone, parsed, verified_by, now_ms);
+    let ev = event(&phone, parsed, verified_by, now_ms);
     let delivery = DeliveryRecord {
         event_id: ev.id.clone(),
         org_id: ev.org_id.clone(),
@@ -131,16 +131,16 @@ pub async fn handle<C: CarrierHooks>(
         next_attempt_ms: now_ms,
         created_at_ms: now_ms,
     };
-    let decision = (hook == Hook::Incoming).then(|| Decision::fallback(&phone));
-    if let Some(d) = &decision {
-        ev.answer = serde_json::to_value(d).ok();
-    }
+    let incoming = hook == Hook::Incoming;
     match state.store.event_record(&ev, &delivery, Some((&replay_key, expires))) {
         Ok(Recorded::New) => {}
         Ok(Recorded::Duplicate) => {
             state.metrics.replayed(carrier);
             tracing::info!(carrier = %carrier, phone = %phone.id, "replayed webhook acknowledged, not recorded again");
-            return respond::<C>(&phone, hook, decision.as_ref(), &ev);
+            // A carrier retrying its answer URL still needs a valid document; the assistant
+            // was already asked the first time.
+            let fallback = Decision::fallback(&phone);
+            return respond::<C>(&phone, incoming.then_some(&fallback), &ev);
         }
         Err(e) => return ApiError::internal(e).into_response(),
     }
@@ -149,19 +149,27 @@ pub async fn handle<C: CarrierHooks>(
         return ApiError::internal(e).into_response();
     }
     state.metrics.accepted(carrier);
+    state.outbox.poke();
     tracing::debug!(carrier = %carrier, phone = %phone.id, event = %ev.id, kind = %ev.kind, "webhook recorded");
-    respond::<C>(&phone, hook, decision.as_ref(), &ev)
+    if carrier == crate::domain::Carrier::Telnyx && ev.kind == "call.incoming" {
+        let st = state.clone();
+        tokio::spawn(async move { crate::handoff::assistant::answer_telnyx(&st, &phone, &ev).await });
+        return HttpResponse::Ok().finish();
+    }
+    if !incoming {
+        return HttpResponse::Ok().finish();
+    }
+    let decided = crate::handoff::assistant::decide(&state, &phone, &ev).await;
+    if let Err(e) = state.store.event_set_answer(&ev.org_id, &ev.id, &decided.record) {
+        tracing::warn!(event = %ev.id, error = %e, "could not note the answer on the event");
+    }
+    respond::<C>(&phone, Some(&decided.decision), &ev)
 }
 
-fn respond<C: CarrierHooks>(
-    phone: &PhoneRecord,
-    hook: Hook,
-    decision: Option<&Decision>,
-    ev: &EventRecord,
-) -> HttpResponse {
-    match (hook, decision) {
-        (Hook::Incoming, Some(d)) => C::answer(phone, d, ev),
-        _ => HttpResponse::Ok().finish(),
+fn respond<C: CarrierHooks>(phone: &PhoneRecord, decision: Option<&Decision>, ev: &EventRecord) -> HttpResponse {
+    match decision {
+        Some(d) => C::answer(phone, d, ev),
+        None => HttpResponse::Ok().finish(),
     }
 }
 

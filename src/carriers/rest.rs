@@ -156,13 +156,19 @@ impl ProviderApi {
     }
 
     /// Answers a Telnyx call; `body` carries the stream fields and the caller's `command_id`.
-    pub async fn telnyx_answer(
+    pub async fn telnyx_answer(&self, api_key: &Secret, call_control_id: &str, body: &Value) -> Result<(), ProviderError> {
+        self.telnyx_command(api_key, call_control_id, telnyx::rest::CallAction::Answer, body).await
+    }
+
+    /// Any Call Control command on one call.
+    pub async fn telnyx_command(
         &self,
         api_key: &Secret,
         call_control_id: &str,
+        action: telnyx::rest::CallAction,
         body: &Value,
     ) -> Result<(), ProviderError> {
-        telnyx::rest::answer(self, api_key, call_control_id, body).await
+        telnyx::rest::call_action(self, api_key, call_control_id, action, body).await
     }
 
     pub(crate) fn exchange<'a>(

@@ -116,6 +116,10 @@ pub trait Store: Send + Sync + 'static {
     fn event_list(&self, org: &OrgId, filter: &EventFilter) -> Result<Vec<EventRecord>, StoreError>;
     fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError>;
     fn delivery_put(&self, d: &DeliveryRecord) -> Result<(), StoreError>;
+    /// The oldest undelivered event of a call: only it may be delivered next.
+    fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError>;
+    /// Notes how an incoming call was answered (after the fact; not part of the durable record).
+    fn event_set_answer(&self, org: &OrgId, id: &EventId, answer: &serde_json::Value) -> Result<(), StoreError>;
     /// Deliveries due at or before `now_ms`, oldest first.
     fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError>;
 

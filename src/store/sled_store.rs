@@ -22,6 +22,7 @@ const EVENTS: &str = "events";
 const ORG_EVENTS: &str = "org_events";
 const DELIVERIES: &str = "deliveries";
 const DELIVERY_QUEUE: &str = "delivery_queue";
+const CALL_QUEUE: &str = "call_queue";
 const REPLAYS: &str = "replays";
 const REPLAY_EXPIRY: &str = "replay_expiry";
 
@@ -53,6 +54,15 @@ fn scoped(org: &OrgId, rest: &[u8]) -> Vec<u8> {
 
 fn prefix(org: &OrgId) -> Vec<u8> {
     scoped(org, b"")
+}
+
+/// `call_key \0 event_id`: a call's undelivered events in arrival order (ids are time-sorted).
+fn call_key(call: &str, id: &EventId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(call.len() + 1 + id.as_str().len());
+    k.extend_from_slice(call.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
 }
 
 fn queue_key(due_ms: i64, id: &EventId) -> Vec<u8> {
@@ -89,6 +99,7 @@ pub struct SledStore {
     org_events: Tree,
     deliveries: Tree,
     delivery_queue: Tree,
+    call_queue: Tree,
     replays: Tree,
     replay_expiry: Tree,
 }
@@ -115,6 +126,7 @@ impl SledStore {
             org_events: t(ORG_EVENTS)?,
             deliveries: t(DELIVERIES)?,
             delivery_queue: t(DELIVERY_QUEUE)?,
+            call_queue: t(CALL_QUEUE)?,
             replays: t(REPLAYS)?,
             replay_expiry: t(REPLAY_EXPIRY)?,
             db,
@@ -473,8 +485,17 @@ impl Store for SledStore {
         let d_bytes = enc(delivery);
         let org_key = scoped(&ev.org_id, ev.id.as_ref());
         let q_key = queue_key(delivery.next_attempt_ms, &ev.id);
-        (&self.events, &self.org_events, &self.deliveries, &self.delivery_queue, &self.replays, &self.replay_expiry)
-            .transaction(|(events, org_events, deliveries, queue, replays, expiry)| {
+        let c_key = call_key(&delivery.call_key, &ev.id);
+        (
+            &self.events,
+            &self.org_events,
+            &self.deliveries,
+            &self.delivery_queue,
+            &self.call_queue,
+            &self.replays,
+            &self.replay_expiry,
+        )
+            .transaction(|(events, org_events, deliveries, queue, calls, replays, expiry)| {
                 if let Some((key, expires_ms)) = replay_key {
                     if replays.get(key)?.is_some() {
                         return Ok(Recorded::Duplicate);
@@ -488,6 +509,7 @@ impl Store for SledStore {
                 org_events.insert(org_key.as_slice(), &[])?;
                 deliveries.insert(ev.id.as_str(), d_bytes.as_slice())?;
                 queue.insert(q_key.as_slice(), ev.id.as_str())?;
+                calls.insert(c_key.as_slice(), &[])?;
                 Ok(Recorded::New)
             })
             .map_err(tx_err)
@@ -537,18 +559,45 @@ impl Store for SledStore {
 
     fn delivery_put(&self, d: &DeliveryRecord) -> Result<(), StoreError> {
         let old: Option<DeliveryRecord> = Self::get(&self.deliveries, DELIVERIES, d.event_id.as_ref())?;
-        (&self.deliveries, &self.delivery_queue)
-            .transaction(|(deliveries, queue)| {
+        let c_key = call_key(&d.call_key, &d.event_id);
+        (&self.deliveries, &self.delivery_queue, &self.call_queue)
+            .transaction(|(deliveries, queue, calls)| {
                 if let Some(old) = &old {
                     queue.remove(queue_key(old.next_attempt_ms, &old.event_id))?;
                 }
                 deliveries.insert(d.event_id.as_str(), enc(d))?;
                 if matches!(d.state, DeliveryState::Pending | DeliveryState::Failed) {
                     queue.insert(queue_key(d.next_attempt_ms, &d.event_id), d.event_id.as_str())?;
+                    calls.insert(c_key.as_slice(), &[])?;
+                } else {
+                    calls.remove(c_key.as_slice())?;
                 }
                 Ok(())
             })
             .map_err(tx_err)
+    }
+
+    fn call_head(&self, call: &str) -> Result<Option<EventId>, StoreError> {
+        let mut prefix = call.as_bytes().to_vec();
+        prefix.push(0);
+        match self.call_queue.scan_prefix(&prefix).next() {
+            Some(item) => {
+                let (k, _) = item?;
+                let id = std::str::from_utf8(&k[prefix.len()..]).unwrap_or("");
+                EventId::parse(id)
+                    .map(Some)
+                    .map_err(|_| StoreError::Corrupt { tree: CALL_QUEUE, detail: "bad event id".into() })
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn event_set_answer(&self, org: &OrgId, id: &EventId, answer: &serde_json::Value) -> Result<(), StoreError> {
+        if let Some(mut ev) = self.event_get(org, id)? {
+            ev.answer = Some(answer.clone());
+            self.events.insert(id.as_str(), enc(&ev))?;
+        }
+        Ok(())
     }
 
     fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {

@@ -147,14 +147,33 @@ pub(crate) async fn configure_number(
     }))
 }
 
-pub(crate) async fn answer(
+/// A Call Control command (`answer`, `reject`, `transfer`, ...) on one call.
+pub(crate) async fn call_action(
     api: &ProviderApi,
     api_key: &Secret,
     call_control_id: &str,
+    action: CallAction,
     body: &Value,
 ) -> Result<(), ProviderError> {
     let ex = exchange(api, api_key)?;
-    let path = format!("/v2/calls/{}/actions/answer", segment(call_control_id)?);
-    ex.send("answer call", ex.request(Method::POST, &path).json(body)).await?;
+    let path = format!("/v2/calls/{}/actions/{}", segment(call_control_id)?, action.as_str());
+    ex.send(action.as_str(), ex.request(Method::POST, &path).json(body)).await?;
     Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallAction {
+    Answer,
+    Reject,
+    Transfer,
+}
+
+impl CallAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallAction::Answer => "answer",
+            CallAction::Reject => "reject",
+            CallAction::Transfer => "transfer",
+        }
+    }
 }

@@ -1,0 +1,129 @@
+//! The answer path: ask the platform's assistant how to answer an incoming call, within the
+//! deadline, and fall back to the number's static stream (or a polite goodbye) otherwise. The
+//! carrier always gets a valid answer in time.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::carriers::answer::Decision;
+use crate::carriers::telnyx::rest::CallAction;
+use crate::domain::{PhoneCredential, E164};
+use crate::events::event_json;
+use crate::state::AppState;
+use crate::store::{EventRecord, PhoneRecord};
+
+/// A decision and how it was reached, recorded with the event.
+pub struct Decided {
+    pub decision: Decision,
+    pub record: Value,
+}
+
+fn valid(d: &Decision) -> bool {
+    match d {
+        Decision::Stream { stream_url } => {
+            url::Url::parse(stream_url).is_ok_and(|u| matches!(u.scheme(), "wss" | "ws") && u.host_str().is_some())
+        }
+        Decision::Hangup { message } => message.as_ref().is_none_or(|m| m.len() <= 1000),
+        Decision::Transfer { to } => E164::parse(to).is_ok(),
+    }
+}
+
+pub async fn decide(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) -> Decided {
+    let url = phone.config.assistant_url.as_deref().or(state.settings.handoff.assistant_url.as_deref());
+    let Some(url) = url else {
+        let decision = Decision::fallback(phone);
+        return Decided { record: json!({"decision": decision, "source": "static"}), decision };
+    };
+    let deadline = state.settings.handoff.answer_deadline;
+    let started = Instant::now();
+    let reason = match ask(state, url, ev, deadline).await {
+        Ok(d) if valid(&d) => {
+            let ms = started.elapsed().as_millis() as u64;
+            return Decided { record: json!({"decision": d, "source": "assistant", "latency_ms": ms}), decision: d };
+        }
+        Ok(_) => "malformed_reply".to_owned(),
+        Err(r) => r,
+    };
+    tracing::warn!(phone = %phone.id, event = %ev.id, reason = %reason, "assistant gave no usable answer; using the fallback");
+    let decision = Decision::fallback(phone);
+    Decided { record: json!({"decision": decision, "source": "fallback", "reason": reason}), decision }
+}
+
+async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) -> Result<Decision, String> {
+    let body = serde_json::to_vec(&event_json(ev, None)).map_err(|e| e.to_string())?;
+    let ts = state.clock.now_secs();
+    let req = state
+        .http
+        .post(url)
+        .timeout(deadline)
+        .header("content-type", "application/json")
+        .header("webhook-id", ev.id.as_str())
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", state.signer.sign(ev.id.as_str(), ts, &body))
+        .body(body);
+    let res = match tokio::time::timeout(deadline, req.send()).await {
+        Err(_) => return Err("timeout".into()),
+        Ok(Err(e)) if e.is_timeout() => return Err("timeout".into()),
+        Ok(Err(_)) => return Err("unreachable".into()),
+        Ok(Ok(r)) => r,
+    };
+    if !res.status().is_success() {
+        return Err(format!("status {}", res.status().as_u16()));
+    }
+    let remaining = deadline.saturating_sub(Duration::from_millis(0));
+    let bytes = match tokio::time::timeout(remaining, res.bytes()).await {
+        Ok(Ok(b)) if b.len() <= 64 * 1024 => b,
+        Ok(Ok(_)) => return Err("malformed_reply".into()),
+        _ => return Err("timeout".into()),
+    };
+    serde_json::from_slice::<Decision>(&bytes).map_err(|_| "malformed_reply".into())
+}
+
+/// Telnyx takes no instructions in the webhook response: the call is answered (or rejected,
+/// or transferred) by a Call Control command afterwards, with the number's API key, retried on
+/// 5xx. `command_id` is the event id, so a retry can never act twice.
+pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) {
+    let Some(ccid) = ev.call_id.clone() else { return };
+    let decided = decide(state, phone, ev).await;
+    let _ = state.store.event_set_answer(&ev.org_id, &ev.id, &decided.record);
+    let api_key = match state.store.secret_get(&phone.org_id, &phone.credential).ok().flatten().map(|r| state.vault.open_phone(&r)) {
+        Some(Ok(PhoneCredential::Telnyx(c))) => c.api_key,
+        _ => {
+            tracing::error!(phone = %phone.id, "no Telnyx API key to answer the call with");
+            return;
+        }
+    };
+    let command_id = ev.id.as_str();
+    let (action, body) = match &decided.decision {
+        Decision::Stream { stream_url } => (
+            CallAction::Answer,
+            json!({
+                "stream_url": stream_url,
+                "stream_track": "inbound_track",
+                "stream_bidirectional_mode": "rtp",
+                "stream_bidirectional_codec": "PCMU",
+                "command_id": command_id,
+            }),
+        ),
+        Decision::Transfer { to } => (CallAction::Transfer, json!({"to": to, "command_id": command_id})),
+        Decision::Hangup { .. } => (CallAction::Reject, json!({"cause": "CALL_REJECTED", "command_id": command_id})),
+    };
+    for attempt in 0..4u32 {
+        match state.provider_api.telnyx_command(&api_key, &ccid, action, &body).await {
+            Ok(()) => {
+                tracing::info!(phone = %phone.id, event = %ev.id, action = action.as_str(), "Telnyx call command sent");
+                return;
+            }
+            Err(crate::carriers::rest::ProviderError::Unavailable { .. } | crate::carriers::rest::ProviderError::Timeout)
+                if attempt < 3 =>
+            {
+                tokio::time::sleep(Duration::from_millis(200 * 3u64.pow(attempt))).await;
+            }
+            Err(e) => {
+                tracing::error!(phone = %phone.id, event = %ev.id, error = %e, "Telnyx call command failed");
+                return;
+            }
+        }
+    }
+}

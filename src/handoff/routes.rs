@@ -1,0 +1,70 @@
+//! Re-driving deliveries by hand: one event, or many after an outage.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::OrgAuth;
+use crate::domain::{EventId, PhoneId};
+use crate::error::ApiError;
+use crate::events::parse_state;
+use crate::state::AppState;
+use crate::store::{DeliveryState, EventFilter};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/events/redeliver", web::post().to(redeliver_many))
+        .route("/events/{id}/redeliver", web::post().to(redeliver_one));
+}
+
+fn requeue(state: &AppState, org: &crate::domain::OrgId, id: &EventId) -> Result<bool, ApiError> {
+    let Some(mut d) = state.store.delivery_get(org, id)? else { return Ok(false) };
+    d.state = DeliveryState::Pending;
+    d.next_attempt_ms = state.clock.now_ms();
+    // A fresh horizon: the operator asked for it.
+    d.created_at_ms = d.next_attempt_ms;
+    state.store.delivery_put(&d)?;
+    Ok(true)
+}
+
+async fn redeliver_one(state: web::Data<AppState>, auth: OrgAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = EventId::parse(&id).map_err(|_| ApiError::not_found("event"))?;
+    if !requeue(&state, &auth.org_id, &id)? {
+        return Err(ApiError::not_found("event"));
+    }
+    state.commit.commit().await?;
+    state.outbox.poke();
+    Ok(HttpResponse::Accepted().json(json!({"event_id": id, "delivery": "pending"})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Filter {
+    /// Which deliveries to re-drive: failed (default) or dead.
+    state: Option<String>,
+    phone_id: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn redeliver_many(state: web::Data<AppState>, auth: OrgAuth, body: web::Json<Filter>) -> Result<HttpResponse, ApiError> {
+    let wanted = parse_state(body.state.as_deref().unwrap_or("failed"))?;
+    if !matches!(wanted, DeliveryState::Failed | DeliveryState::Dead) {
+        return Err(ApiError::unprocessable("invalid_field", "state: failed or dead"));
+    }
+    let phone_id = body
+        .phone_id
+        .as_deref()
+        .map(|p| PhoneId::parse(p).map_err(|_| ApiError::unprocessable("invalid_field", "phone_id: not a phone number id")))
+        .transpose()?;
+    let limit = body.limit.unwrap_or(1000).clamp(1, 10_000);
+    let filter = EventFilter { phone_id, kind: None, after: None, delivery: Some(wanted), limit };
+    let events = state.store.event_list(&auth.org_id, &filter)?;
+    let mut n = 0;
+    for ev in &events {
+        if requeue(&state, &auth.org_id, &ev.id)? {
+            n += 1;
+        }
+    }
+    state.commit.commit().await?;
+    state.outbox.poke();
+    Ok(HttpResponse::Accepted().json(json!({"requeued": n})))
+}
