@@ -54,8 +54,9 @@ impl Application {
         if generated {
             tracing::info!("generated the upstream signing secret (see `callgate upstream secret`)");
         }
-        let signer = crate::handoff::signing::Signer::new(&upstream_secret, settings.handoff.upstream_previous_secret.as_ref())
-            .ok_or_else(|| anyhow::anyhow!("the upstream signing secret is not whsec_ + base64"))?;
+        let signer =
+            crate::handoff::signing::Signer::new(&upstream_secret, settings.handoff.upstream_previous_secret.as_ref())
+                .ok_or_else(|| anyhow::anyhow!("the upstream signing secret is not whsec_ + base64"))?;
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("callgate/", env!("CARGO_PKG_VERSION")))
@@ -110,10 +111,29 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Application { server, state, .. } = self;
         server.await?;
+        // Background tasks let go of the state within a tick; in-flight deliveries finish.
+        let mut state = state.into_inner();
+        for _ in 0..250 {
+            match Arc::try_unwrap(state) {
+                Ok(owned) => {
+                    let AppState { store, commit, .. } = owned;
+                    tokio::task::spawn_blocking(move || {
+                        commit.shutdown();
+                        store.flush()
+                    })
+                    .await??;
+                    tracing::info!("stopped; store flushed and closed");
+                    return Ok(());
+                }
+                Err(shared) => {
+                    state = shared;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
         let store = Arc::clone(&state.store);
-        drop(state);
         tokio::task::spawn_blocking(move || store.flush()).await??;
-        tracing::info!("stopped; store flushed");
+        tracing::warn!("stopped with background work still holding the store; flushed");
         Ok(())
     }
 }

@@ -27,7 +27,7 @@ pub fn backoff_ms(failures: usize) -> i64 {
 
 #[derive(Default)]
 pub struct Outbox {
-    wake: Notify,
+    wake: Arc<Notify>,
     in_flight: Mutex<HashSet<String>>,
 }
 
@@ -41,21 +41,21 @@ impl Outbox {
 /// Runs until the server's state is dropped.
 pub fn spawn(state: Weak<AppState>) {
     tokio::spawn(async move {
-        let workers = match state.upgrade() {
-            Some(s) => s.settings.handoff.delivery_workers,
+        let (workers, wake) = match state.upgrade() {
+            Some(s) => (s.settings.handoff.delivery_workers, Arc::clone(&s.outbox.wake)),
             None => return,
         };
         let permits = Arc::new(Semaphore::new(workers));
         loop {
-            let Some(s) = state.upgrade() else { return };
-            let wake = async {
-                tokio::select! {
-                    _ = s.outbox.wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                }
-            };
-            run_once(&s, &permits).await;
-            wake.await;
+            {
+                let Some(s) = state.upgrade() else { return };
+                run_once(&s, &permits).await;
+            }
+            // Waiting holds no reference to the state, so a stopping server can close its store.
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
         }
     });
 }
@@ -160,8 +160,12 @@ async fn attempt(state: &AppState, mut d: DeliveryRecord) {
     }
     match d.state {
         DeliveryState::Delivered => tracing::debug!(event = %d.event_id, "delivered upstream"),
-        DeliveryState::Dead => tracing::warn!(event = %d.event_id, attempts = d.attempts.len(), "delivery given up (dead)"),
-        _ => tracing::info!(event = %d.event_id, status = ?status_code, attempts = d.attempts.len(), "delivery failed; will retry"),
+        DeliveryState::Dead => {
+            tracing::warn!(event = %d.event_id, attempts = d.attempts.len(), "delivery given up (dead)")
+        }
+        _ => {
+            tracing::info!(event = %d.event_id, status = ?status_code, attempts = d.attempts.len(), "delivery failed; will retry")
+        }
     }
     if let Err(e) = state.store.delivery_put(&d) {
         tracing::error!(event = %d.event_id, error = %e, "recording a delivery attempt failed");

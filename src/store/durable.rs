@@ -4,6 +4,7 @@
 
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
@@ -11,18 +12,18 @@ use super::{Store, StoreError};
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
-#[derive(Clone)]
 pub struct GroupCommit {
     tx: mpsc::Sender<Waiter>,
+    thread: JoinHandle<()>,
 }
 
 impl GroupCommit {
     pub fn start(store: Arc<dyn Store>) -> Self {
         let (tx, rx) = mpsc::channel::<Waiter>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("callgate-flusher".into())
             .spawn(move || {
-                // Ends when every GroupCommit handle is dropped.
+                // Ends when the GroupCommit is dropped or shut down.
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter());
@@ -33,7 +34,13 @@ impl GroupCommit {
                 }
             })
             .expect("spawn the flusher thread");
-        Self { tx }
+        Self { tx, thread }
+    }
+
+    /// Stops the flusher after its last batch; its hold on the store ends with it.
+    pub fn shutdown(self) {
+        drop(self.tx);
+        let _ = self.thread.join();
     }
 
     /// Resolves once everything written before this call is on disk.

@@ -71,6 +71,17 @@ pub async fn spawn_with(opts: Options) -> TestApp {
     app
 }
 
+/// A server on an existing data dir (kept by the caller).
+pub async fn spawn_on(data_dir: &Path) -> TestApp {
+    start(data_dir, Vec::new(), Clock::system()).await
+}
+
+/// As `spawn_on`, with the settings another TestApp ran with.
+pub async fn spawn_on_with(data_dir: &Path, env: HashMap<String, String>) -> TestApp {
+    let env = env.into_iter().filter(|(k, _)| k != "CALLGATE_DATA_DIR").collect();
+    start(data_dir, env, Clock::system()).await
+}
+
 async fn start(data_dir: &Path, extra: Vec<(String, String)>, clock: Clock) -> TestApp {
     init_tracing();
     let mut env: HashMap<String, String> = HashMap::new();
@@ -139,10 +150,13 @@ impl TestApp {
         app
     }
 
-    pub async fn stop(self) {
+    /// Stops the server; the temporary data dir (if this app owns one) is handed back so the
+    /// caller decides when it goes.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
         self.handle.stop(true).await;
         drop(self.state);
         let _ = self.task.await;
+        self._dir.take()
     }
 
     pub async fn admin_post(&self, path: &str, body: Value) -> reqwest::Response {

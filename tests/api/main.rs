@@ -2,6 +2,7 @@
 
 mod byok;
 mod carrier_rest;
+mod cli;
 mod fake_carrier;
 mod helpers;
 mod orgs;
