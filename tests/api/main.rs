@@ -4,5 +4,6 @@ mod byok;
 mod carrier_rest;
 mod cli;
 mod fake_carrier;
+mod hardening;
 mod helpers;
 mod orgs;

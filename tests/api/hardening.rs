@@ -1,0 +1,315 @@
+//! Hostile input against the real server: every case gets a clear 4xx (or, for a slow client, a
+//! closed connection), never a panic or a 500, and the server stays healthy afterwards.
+
+use std::time::{Duration, Instant};
+
+use callgate::carriers::plivo::signature::{sign_v3, Method, PlivoKey};
+use callgate::domain::{Carrier, OrgId, PhoneId, E164};
+use callgate::store::{PhoneConfig, PhoneRecord};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::*;
+
+const TOKEN: &str = "hardeningPlivoToken0123456789";
+
+/// An org with one Plivo number whose credential is known to the test.
+async fn plivo_number(app: &TestApp) -> (Org, PhoneId) {
+    let org = app.create_org("Hardening").await;
+    let org_id = OrgId::parse(&org.id).unwrap();
+    let now = app.clock.now_ms();
+    let cred = json!({"auth_id": "MAHARDENING000000001", "auth_token": TOKEN});
+    let secret = app.state.vault.seal(&org_id, &callgate::vault::validate("plivo", &cred).unwrap(), None, now);
+    let phone = PhoneRecord {
+        id: PhoneId::generate(),
+        org_id,
+        provider: Carrier::Plivo,
+        number: E164::parse("+14155550111").unwrap(),
+        provider_number_id: "14155550111".into(),
+        friendly_name: None,
+        label: None,
+        config: PhoneConfig { stream_url: Some("wss://agent.example.com/ws".into()), ..Default::default() },
+        credential: secret.id.clone(),
+        previous_credential: None,
+        billing_status: "byok".into(),
+        monthly_cost_cents: 0,
+        provider_configuration: None,
+        connection_id: None,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    app.state.store.phone_insert(&phone, Some(&secret)).unwrap().unwrap();
+    (org, phone.id)
+}
+
+fn signed(path: &str, params: &[(&str, &str)], nonce: &str) -> String {
+    let url = format!("https://gw.example.com{path}");
+    sign_v3(&PlivoKey::new(TOKEN.as_bytes()), Method::Post, &url, params, nonce).unwrap()
+}
+
+async fn assert_healthy(app: &TestApp) {
+    let res = app.client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+async fn raw(app: &TestApp, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(response: &str) -> u16 {
+    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn webhook_bad_input_matrix_gets_clear_4xx() {
+    let app = spawn_app().await;
+    let (_, id) = plivo_number(&app).await;
+    let path = format!("/plivo/status/{id}");
+    let url = app.url(&path);
+    let form = "application/x-www-form-urlencoded";
+    let mut cases: Vec<(&str, reqwest::RequestBuilder, u16)> = vec![
+        ("oversized body", app.client.post(&url).header("content-type", form).body(vec![b'a'; 64 * 1024 + 1]), 413),
+        (
+            "invalid UTF-8 in a form value",
+            app.client.post(&url).header("content-type", form).body(b"CallUUID=%FF%FE&From=1".to_vec()),
+            400,
+        ),
+        (
+            "invalid UTF-8 raw bytes",
+            app.client.post(&url).header("content-type", form).body(vec![b'a', b'=', 0xff, 0xfe]),
+            400,
+        ),
+        ("too many parameters", app.client.post(&url).header("content-type", form).body("a=1&".repeat(5000)), 400),
+        ("no signature", app.client.post(&url).header("content-type", form).body("CallUUID=x"), 403),
+        (
+            "garbage signature headers",
+            app.client
+                .post(&url)
+                .header("content-type", form)
+                .header("x-plivo-signature-v3", "not base64 at all,,,")
+                .header("x-plivo-signature-v3-nonce", "1")
+                .body("CallUUID=x"),
+            403,
+        ),
+        (
+            "JSON body on a form carrier",
+            app.client
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("x-plivo-signature-v3", signed(&path, &[], "n1"))
+                .header("x-plivo-signature-v3-nonce", "n1")
+                .body(format!("{}{}", "[".repeat(10_000), "]".repeat(10_000))),
+            403,
+        ),
+        ("wrong method", app.client.put(&url).body("x"), 405),
+        ("wrong method DELETE", app.client.delete(&url), 405),
+        ("path traversal", app.client.get(app.url("/plivo/status/..%2F..%2Fetc%2Fpasswd")), 404),
+        ("odd characters in the id", app.client.get(app.url("/plivo/status/ph_%00%ff%20%3Cscript%3E")), 404),
+        ("unknown phone", app.client.get(app.url(&format!("/plivo/status/{}", PhoneId::generate()))), 404),
+        ("phone of another carrier", app.client.get(app.url(&format!("/twilio/status/{id}"))), 404),
+        ("telnyx without headers", app.client.post(app.url("/webhooks/telnyx/voice")).body("{}"), 403),
+        (
+            "telnyx deep JSON",
+            app.client
+                .post(app.url("/webhooks/telnyx/voice"))
+                .header("telnyx-signature-ed25519", "AAAA")
+                .header("telnyx-timestamp", "1")
+                .body(format!("{}{}", "[".repeat(100_000), "]".repeat(100_000))),
+            413,
+        ),
+        (
+            "telnyx deep JSON under the limit",
+            app.client
+                .post(app.url("/webhooks/telnyx/voice"))
+                .header("telnyx-signature-ed25519", "AAAA")
+                .header("telnyx-timestamp", "1")
+                .body(format!("{}{}", "[".repeat(20_000), "]".repeat(20_000))),
+            403,
+        ),
+    ];
+    // Duplicate form keys and a duplicated signature header are still just a bad signature.
+    cases.push((
+        "duplicate headers and keys",
+        app.client
+            .post(&url)
+            .header("content-type", form)
+            .header("x-plivo-signature-v3", "AAAA")
+            .header("x-plivo-signature-v3", "BBBB")
+            .header("x-plivo-signature-v3-nonce", "n2")
+            .body("CallUUID=a&CallUUID=b&From=1&From=2"),
+        403,
+    ));
+    let n = cases.len();
+    for (name, req, want) in cases {
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status().as_u16(), want, "{name}");
+        let body: serde_json::Value = res.json().await.unwrap_or_else(|_| panic!("{name}: JSON error body"));
+        assert!(body["error"]["code"].is_string(), "{name}: {body}");
+    }
+    assert!(n >= 17);
+    // Nothing above was recorded.
+    assert!(app.state.store.deliveries_due(i64::MAX, 10).unwrap().is_empty());
+    assert_healthy(&app).await;
+}
+
+#[tokio::test]
+async fn management_bad_input_matrix_gets_clear_4xx() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16)> = vec![
+        (
+            "truncated JSON",
+            app.post(&org, "/byok").header("content-type", "application/json").body("{\"provider\": \"op"),
+            400,
+        ),
+        (
+            "invalid UTF-8 JSON",
+            app.post(&org, "/byok").header("content-type", "application/json").body(vec![b'{', b'"', 0xff, b'"', b'}']),
+            400,
+        ),
+        (
+            "deep JSON",
+            app.post(&org, "/byok").header("content-type", "application/json").body(format!(
+                "{}{}",
+                "[".repeat(5000),
+                "]".repeat(5000)
+            )),
+            400,
+        ),
+        ("JSON array", app.post(&org, "/byok").json(&json!([1, 2])), 422),
+        ("wrong content type", app.post(&org, "/byok").header("content-type", "application/xml").body("<x/>"), 415),
+        ("no content type", app.post(&org, "/byok").body("{}"), 415),
+        (
+            "oversized",
+            app.post(&org, "/byok").header("content-type", "application/json").body(vec![b' '; 65 * 1024]),
+            413,
+        ),
+        ("bad phone id", app.get(&org, "/phone-numbers/..%2Fsecrets"), 404),
+        ("bad event id", app.get(&org, "/events/evt_%FF"), 404),
+        ("bad query", app.get(&org, "/events?limit=notanumber"), 400),
+        ("unknown query key", app.get(&org, "/events?sort=desc"), 400),
+        ("bad carrier", app.post(&org, "/voice/skype/byok/validate").json(&json!({})), 404),
+        ("method not taken", app.client.put(app.url("/byok")).bearer_auth(&org.key).body("{}"), 404),
+        (
+            "api key with control chars",
+            app.post(&org, "/byok").json(&json!({"provider": "openai", "api_key": "sk-a\u{0}b"})),
+            422,
+        ),
+    ];
+    for (name, req, want) in cases {
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status().as_u16(), want, "{name}");
+        let body: serde_json::Value = res.json().await.unwrap_or_else(|_| panic!("{name}: JSON error body"));
+        assert!(body["error"]["code"].is_string(), "{name}: {body}");
+    }
+    assert_healthy(&app).await;
+}
+
+#[tokio::test]
+async fn oversized_headers_and_truncated_bodies_are_refused() {
+    let app = spawn_app().await;
+    let (_, id) = plivo_number(&app).await;
+    let huge = format!("POST /plivo/status/{id} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let res = raw(&app, huge.as_bytes()).await;
+    assert!(res.is_empty() || (400..500).contains(&status_of(&res)), "{res}");
+    let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let res = raw(&app, format!("GET /health HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes()).await;
+    assert!(res.is_empty() || (400..500).contains(&status_of(&res)), "{res}");
+    // Declares 100 bytes, sends 10, then closes its side.
+    let mut s = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    let head = format!(
+        "POST /plivo/status/{id} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nCallUUID=x"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let res = String::from_utf8_lossy(&out);
+    assert!(res.is_empty() || (400..500).contains(&status_of(&res)), "{res}");
+    assert_healthy(&app).await;
+}
+
+#[tokio::test]
+async fn a_slow_loris_client_is_dropped_without_holding_a_worker() {
+    let app = spawn_app().await;
+    let mut slow = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    let started = Instant::now();
+    let request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut dropped = false;
+    for b in request.iter() {
+        // Meanwhile, everyone else is served.
+        assert_eq!(app.client.get(app.url("/health")).send().await.unwrap().status(), 200);
+        if slow.write_all(&[*b]).await.is_err() {
+            dropped = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(500), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                dropped = true;
+                break;
+            }
+            Ok(Ok(_)) => {
+                // A 408 before closing is fine too.
+                dropped = true;
+                break;
+            }
+            Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(12) {
+            break;
+        }
+    }
+    assert!(dropped, "slow client still connected after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(12));
+    assert_healthy(&app).await;
+}
+
+#[tokio::test]
+async fn thousands_of_concurrent_connections_are_served_or_refused_cleanly() {
+    let app = spawn_app().await;
+    let (_, id) = plivo_number(&app).await;
+    let path = format!("/plivo/status/{id}");
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..2000 {
+        let client = client.clone();
+        let url = app.url(&path);
+        let nonce = format!("conc{i:06}");
+        let params = [("CallUUID", "c-1"), ("CallStatus", "ringing")];
+        let sig = signed(&path, &params, &nonce);
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-plivo-signature-v3", sig)
+                .header("x-plivo-signature-v3-nonce", nonce)
+                .body("CallUUID=c-1&CallStatus=ringing")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    let (mut ok, mut timed_out, mut failed) = (0, 0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(200) => ok += 1,
+            // Under a burst the server may not read a request's headers within its 5 s limit;
+            // it answers 408 and closes, which is the clean refusal we want.
+            Ok(408) => timed_out += 1,
+            Ok(s) => panic!("status {s}"),
+            Err(_) => failed += 1,
+        }
+    }
+    assert_eq!(ok + timed_out + failed, 2000);
+    assert!(ok > 0);
+    // Each acknowledged callback is recorded once.
+    let due = app.state.store.deliveries_due(i64::MAX, 5000).unwrap();
+    assert_eq!(due.len(), ok);
+    assert_healthy(&app).await;
+}
