@@ -7,3 +7,4 @@ mod fake_carrier;
 mod hardening;
 mod helpers;
 mod orgs;
+mod secrets;
