@@ -123,6 +123,9 @@ pub trait Store: Send + Sync + 'static {
     /// Deliveries due at or before `now_ms`, oldest first.
     fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError>;
 
+    /// Every record has its indexes and every index its record; each problem found, described.
+    fn verify_integrity(&self) -> Result<Vec<String>, StoreError>;
+
     /// Drops replay markers and retired secrets whose time is up.
     fn sweep(&self, now_ms: i64) -> Result<usize, StoreError>;
 }

@@ -137,6 +137,27 @@ impl SledStore {
         tree.get(key)?.map(|v| dec(name, &v)).transpose()
     }
 
+    /// Whether `secret` is the organization's saved credential for a provider, or the current or
+    /// previous credential of one of its numbers other than `except`: then it must stay.
+    fn named_elsewhere(&self, org: &OrgId, secret: &SecretId, except: &PhoneId) -> Result<bool, StoreError> {
+        for item in self.byok.scan_prefix(prefix(org)) {
+            if item?.1 == secret.as_str().as_bytes() {
+                return Ok(true);
+            }
+        }
+        for item in self.org_phones.scan_prefix(prefix(org)) {
+            let (_, id) = item?;
+            if let Some(p) = Self::get::<PhoneRecord>(&self.phones, PHONES, &id)? {
+                let names =
+                    p.credential == *secret || p.previous_credential.as_ref().is_some_and(|c| c.secret_id == *secret);
+                if p.id != *except && names {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     fn phones_using(&self, org: &OrgId, secret: &SecretId) -> Result<Vec<PhoneRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.org_phones.scan_prefix(prefix(org)) {
@@ -426,11 +447,39 @@ impl Store for SledStore {
     }
 
     fn phone_update(&self, phone: &PhoneRecord, inline: Option<&SecretRecord>) -> Result<bool, StoreError> {
+        // A credential of the number's own that the update moves it off is retired until its
+        // grace ends (at once if it keeps none) and then swept, as a replaced BYOK credential
+        // is; otherwise a second rotation would leave it sealed with nothing naming it.
+        let outgoing = match self.phone_get(&phone.org_id, &phone.id)? {
+            Some(old)
+                if old.credential != phone.credential
+                    && !self.named_elsewhere(&phone.org_id, &old.credential, &phone.id)? =>
+            {
+                let until = phone
+                    .previous_credential
+                    .as_ref()
+                    .filter(|p| p.secret_id == old.credential)
+                    .map_or(phone.updated_at_ms, |p| p.valid_until_ms);
+                Some((old.credential, until))
+            }
+            _ => None,
+        };
         (&self.phones, &self.secrets)
             .transaction(|(phones, secrets)| {
                 match phones.get(phone.id.as_str())? {
                     Some(raw) => match dec::<PhoneRecord>(PHONES, &raw) {
-                        Ok(old) if old.org_id == phone.org_id => {}
+                        Ok(old) if old.org_id == phone.org_id => {
+                            if let Some((id, until)) = outgoing.as_ref().filter(|(id, _)| *id == old.credential) {
+                                if let Some(raw) = secrets.get(id.as_str())? {
+                                    let mut rec: SecretRecord = match dec(SECRETS, &raw) {
+                                        Ok(r) => r,
+                                        Err(e) => return abort(e),
+                                    };
+                                    rec.retired_until_ms = Some(*until);
+                                    secrets.insert(id.as_str(), enc(&rec))?;
+                                }
+                            }
+                        }
                         Ok(_) => return Ok(false),
                         Err(e) => return abort(e),
                     },
@@ -447,15 +496,9 @@ impl Store for SledStore {
 
     fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError> {
         let Some(phone) = self.phone_get(org, id)? else { return Ok(false) };
-        let byok_ids: Vec<Vec<u8>> =
-            self.byok.scan_prefix(prefix(org)).map(|r| r.map(|(_, v)| v.to_vec())).collect::<Result<_, _>>()?;
-        let others_use = |sid: &SecretId| -> Result<bool, StoreError> {
-            Ok(byok_ids.iter().any(|b| b == sid.as_str().as_bytes())
-                || self.phones_using(org, sid)?.iter().any(|p| p.id != phone.id))
-        };
-        let drop_current = !others_use(&phone.credential)?;
+        let drop_current = !self.named_elsewhere(org, &phone.credential, &phone.id)?;
         let drop_previous = match &phone.previous_credential {
-            Some(p) => !others_use(&p.secret_id)?,
+            Some(p) => !self.named_elsewhere(org, &p.secret_id, &phone.id)?,
             None => false,
         };
         (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets)
@@ -612,6 +655,62 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn verify_integrity(&self) -> Result<Vec<String>, StoreError> {
+        let mut problems = Vec::new();
+        for item in self.api_keys.iter() {
+            let k: ApiKeyRecord = dec(API_KEYS, &item?.1)?;
+            if self.api_key_hashes.get(k.hash)?.as_deref() != Some(k.id.as_str().as_bytes()) {
+                problems.push(format!("api key {} has no hash index", k.id));
+            }
+            if self.orgs.get(k.org_id.as_str())?.is_none() {
+                problems.push(format!("api key {} belongs to a missing org", k.id));
+            }
+        }
+        for item in self.byok.iter() {
+            let (slot, id) = item?;
+            if self.secrets.get(&id)?.is_none() {
+                problems.push(format!(
+                    "byok slot {} points to a missing secret",
+                    String::from_utf8_lossy(&slot).replace('\0', "/")
+                ));
+            }
+        }
+        for item in self.phones.iter() {
+            let p: PhoneRecord = dec(PHONES, &item?.1)?;
+            if self.phone_numbers.get(p.number.as_str())?.as_deref() != Some(p.id.as_str().as_bytes()) {
+                problems.push(format!("phone {} has no number index", p.id));
+            }
+            if self.org_phones.get(scoped(&p.org_id, p.id.as_ref()))?.is_none() {
+                problems.push(format!("phone {} has no org index", p.id));
+            }
+            if self.secrets.get(p.credential.as_str())?.is_none() {
+                problems.push(format!("phone {} verifies with a missing secret", p.id));
+            }
+        }
+        for item in self.phone_numbers.iter() {
+            let (number, id) = item?;
+            if self.phones.get(&id)?.is_none() {
+                problems.push(format!("number {} points to a missing phone", String::from_utf8_lossy(&number)));
+            }
+        }
+        for item in self.events.iter() {
+            let ev: EventRecord = dec(EVENTS, &item?.1)?;
+            if self.org_events.get(scoped(&ev.org_id, ev.id.as_ref()))?.is_none() {
+                problems.push(format!("event {} has no org index", ev.id));
+            }
+            if self.deliveries.get(ev.id.as_str())?.is_none() {
+                problems.push(format!("event {} has no delivery record", ev.id));
+            }
+        }
+        for item in self.deliveries.iter() {
+            let (id, _) = item?;
+            if self.events.get(&id)?.is_none() {
+                problems.push(format!("delivery {} has no event", String::from_utf8_lossy(&id)));
+            }
+        }
+        Ok(problems)
+    }
+
     fn sweep(&self, now_ms: i64) -> Result<usize, StoreError> {
         let mut n = 0;
         let end = (now_ms.max(0) as u64).to_be_bytes();
@@ -624,7 +723,8 @@ impl Store for SledStore {
         for item in self.secrets.iter() {
             let (k, v) = item?;
             let rec: SecretRecord = dec(SECRETS, &v)?;
-            if rec.retired_until_ms.is_some_and(|t| t <= now_ms) {
+            // Verification accepts a previous credential up to and including its deadline.
+            if rec.retired_until_ms.is_some_and(|t| t < now_ms) {
                 self.secrets.remove(&k)?;
                 n += 1;
             }

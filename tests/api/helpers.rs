@@ -230,3 +230,58 @@ pub async fn error_code(res: reqwest::Response) -> String {
     let v: Value = res.json().await.expect("JSON error body");
     v["error"]["code"].as_str().expect("error.code").to_owned()
 }
+
+/// The real binary, for tests that kill it or read its logs. Killed (SIGKILL) on drop.
+pub struct BinaryServer {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl BinaryServer {
+    /// `callgate serve` on `data_dir` and a free port, stderr to `log` (or discarded); waits for
+    /// `/ready`.
+    pub async fn start(data_dir: &Path, env: &[(&str, String)], log: Option<&Path>) -> BinaryServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callgate"));
+        cmd.arg("serve")
+            .env("CALLGATE_DATA_DIR", data_dir)
+            .env("CALLGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CALLGATE_PUBLIC_URL", "https://gw.example.com")
+            .env("CALLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("CALLGATE_LOG", "warn")
+            .env_remove("CALLGATE_MASTER_KEY")
+            .stdout(std::process::Stdio::null())
+            .stderr(match log {
+                Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
+                None => std::process::Stdio::null(),
+            });
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn callgate");
+        let base = format!("http://127.0.0.1:{port}");
+        for _ in 0..400 {
+            if reqwest::get(format!("{base}/ready")).await.is_ok_and(|r| r.status() == 200) {
+                return BinaryServer { child, base };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("callgate did not become ready");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// SIGTERM: a graceful stop.
+    pub fn terminate(&self) {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+    }
+}

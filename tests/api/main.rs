@@ -3,6 +3,7 @@
 mod byok;
 mod carrier_rest;
 mod cli;
+mod crash;
 mod fake_carrier;
 mod hardening;
 mod helpers;

@@ -2,7 +2,6 @@
 //! good and failure paths against the real binary logging at debug, then every response body and
 //! header, every log line and every file under the data dir searched for each secret's bytes.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use callgate::carriers::twilio::signature::{sign, TwilioKey};
@@ -10,60 +9,25 @@ use callgate::domain::Carrier;
 use serde_json::{json, Value};
 
 use crate::fake_carrier::{FakeCarrier, Mode};
-use crate::helpers::ADMIN_TOKEN;
+use crate::helpers::{BinaryServer, ADMIN_TOKEN};
 
-struct Server {
-    child: Child,
-    base: String,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn start(data_dir: &std::path::Path, fake: &FakeCarrier) -> Server {
-    let port = free_port();
-    let log = data_dir.with_extension("log");
-    let log_file = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_callgate"));
-    cmd.arg("serve")
-        .env("CALLGATE_DATA_DIR", data_dir)
-        .env("CALLGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CALLGATE_PUBLIC_URL", "https://gw.example.com")
-        .env("CALLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("CALLGATE_LOG", "debug")
-        .env("EXOTEL_ALLOWED_IPS", "127.0.0.1")
-        .env("CALLGATE_PROVIDER_TIMEOUT_MS", "2000")
-        .env("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE", "1000")
-        .env_remove("CALLGATE_MASTER_KEY")
-        .stdout(Stdio::null())
-        .stderr(log_file);
-    for (k, v) in [
-        ("CALLGATE_PLIVO_API_URL", fake.base_url()),
-        ("CALLGATE_VOBIZ_API_URL", fake.base_url()),
-        ("CALLGATE_TWILIO_API_URL", fake.base_url()),
-        ("CALLGATE_TELNYX_API_URL", fake.base_url()),
-        ("CALLGATE_EXOTEL_API_URL", fake.base_url()),
+async fn start(data_dir: &std::path::Path, fake: &FakeCarrier, log: &std::path::Path) -> BinaryServer {
+    let mut env = vec![
+        ("CALLGATE_LOG", "debug".to_owned()),
+        ("EXOTEL_ALLOWED_IPS", "127.0.0.1".to_owned()),
+        ("CALLGATE_PROVIDER_TIMEOUT_MS", "2000".to_owned()),
+        ("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE", "1000".to_owned()),
+    ];
+    for k in [
+        "CALLGATE_PLIVO_API_URL",
+        "CALLGATE_VOBIZ_API_URL",
+        "CALLGATE_TWILIO_API_URL",
+        "CALLGATE_TELNYX_API_URL",
+        "CALLGATE_EXOTEL_API_URL",
     ] {
-        cmd.env(k, v);
+        env.push((k, fake.base_url()));
     }
-    let child = cmd.spawn().unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..200 {
-        if reqwest::get(format!("{base}/ready")).await.is_ok_and(|r| r.status() == 200) {
-            return Server { child, base, log };
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("server did not become ready");
+    BinaryServer::start(data_dir, &env, Some(log)).await
 }
 
 /// Everything a client saw, to be searched afterwards.
@@ -92,7 +56,8 @@ async fn no_secret_appears_in_responses_logs_or_the_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let fake = FakeCarrier::start().await;
-    let server = start(&data_dir, &fake).await;
+    let log_path = dir.path().join("callgate.log");
+    let server = start(&data_dir, &fake, &log_path).await;
     let client = reqwest::Client::new();
     let url = |p: &str| format!("{}{p}", server.base);
     let mut seen = Seen::default();
@@ -284,10 +249,9 @@ async fn no_secret_appears_in_responses_logs_or_the_data_dir() {
     seen.take(client.get(url("/metrics")).send().await.unwrap()).await;
 
     // Stop it gracefully so the logs and the store are complete.
-    let pid = server.child.id();
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    server.terminate();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let log = std::fs::read(&server.log).unwrap();
+    let log = std::fs::read(&log_path).unwrap();
     assert!(contains(&log, "webhook rejected"), "debug logs were captured");
     drop(server);
 
