@@ -265,14 +265,15 @@ impl BinaryServer {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn callgate");
-        let base = format!("http://127.0.0.1:{port}");
+        let server =
+            BinaryServer { child: cmd.spawn().expect("spawn callgate"), base: format!("http://127.0.0.1:{port}") };
         for _ in 0..400 {
-            if reqwest::get(format!("{base}/ready")).await.is_ok_and(|r| r.status() == 200) {
-                return BinaryServer { child, base };
+            if reqwest::get(server.url("/ready")).await.is_ok_and(|r| r.status() == 200) {
+                return server;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        drop(server);
         panic!("callgate did not become ready");
     }
 
