@@ -58,7 +58,7 @@ fn provider_error(carrier: Carrier, e: ProviderError) -> ApiError {
 /// organization's saved BYOK credential.
 enum Source {
     Inline(vault::NewSecret, PhoneCredential),
-    Saved(SecretRecord, PhoneCredential),
+    Saved(Box<SecretRecord>, PhoneCredential),
 }
 
 impl Source {
@@ -90,7 +90,7 @@ fn credential_source(
                 )
             })?;
             let cred = state.vault.open_phone(&rec).map_err(ApiError::internal)?;
-            Ok(Source::Saved(rec, cred))
+            Ok(Source::Saved(Box::new(rec), cred))
         }
     }
 }

@@ -789,7 +789,7 @@ fn applications(
         }
         ("POST", [""]) => {
             let Some(body) = json_body(req) else { return bad_request(carrier, "body must be JSON") };
-            if body["app_name"].as_str().map_or(true, str::is_empty) {
+            if body["app_name"].as_str().is_none_or(str::is_empty) {
                 return bad_request(carrier, "app_name is required");
             }
             let mut app = FakeApp {
@@ -1037,7 +1037,7 @@ fn telnyx(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: 
         ("POST", ["call_control_applications"]) => {
             let Some(body) = json_body(req) else { return bad_request(Carrier::Telnyx, "body must be JSON") };
             for required in ["application_name", "webhook_event_url"] {
-                if body[required].as_str().map_or(true, str::is_empty) {
+                if body[required].as_str().is_none_or(str::is_empty) {
                     return bad_request(Carrier::Telnyx, &format!("{required} is required"));
                 }
             }
@@ -1067,7 +1067,8 @@ fn telnyx(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: 
                 _ => not_found(Carrier::Telnyx, req),
             }
         }
-        ("POST", ["calls", _, "actions", "answer"]) => {
+        // Call Control commands: answer (with stream fields), reject, transfer.
+        ("POST", ["calls", _, "actions", "answer" | "reject" | "transfer"]) => {
             if json_body(req).is_none() {
                 return bad_request(Carrier::Telnyx, "body must be JSON");
             }

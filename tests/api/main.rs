@@ -8,4 +8,5 @@ mod fake_carrier;
 mod hardening;
 mod helpers;
 mod orgs;
+mod phones;
 mod secrets;

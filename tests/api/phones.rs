@@ -1,0 +1,1166 @@
+//! Phone numbers end to end against the fake carrier: validating an account, importing its
+//! numbers (with and without auto-configuration), managing what was imported, organization
+//! scoping, and the credential-rotation grace as the webhook path sees it.
+//!
+//! Every carrier runs through the same table; each assertion names its carrier. Apps run on a
+//! pinned clock so timestamps and grace deadlines are exact.
+
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::{json, Value};
+
+use callgate::carriers::twilio::signature::{sign, TwilioKey};
+use callgate::clock::{rfc3339, Clock};
+use callgate::domain::Carrier;
+
+use crate::fake_carrier::{FakeCarrier, Mode, Recorded};
+use crate::helpers::*;
+
+/// The test server's CALLGATE_PUBLIC_URL.
+const PUBLIC: &str = "https://gw.example.com";
+/// 2024-05-01T10:00:00.000Z.
+const T0: i64 = 1_714_557_600_000;
+const GRACE_SECS: i64 = 3600;
+const GRACE_MS: i64 = GRACE_SECS * 1000;
+
+const PLIVO_ID: &str = "MAPHONESPLIVO0000001";
+const VOBIZ_ID: &str = "MA_PHONESVOBIZ";
+const TWILIO_SID: &str = "AC00112233445566778899aabbccddeeff";
+const EXOTEL_KEY: &str = "exokey-phones";
+const EXOTEL_SID: &str = "acmephones";
+const TELNYX_PUBLIC_KEY: &str = "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=";
+const WRONG: &str = "wrongSECRETtoken000999";
+/// A second Twilio auth token for the same account: the rotation target.
+const TWILIO_ROTATED: &str = "twilioSECRETrotated000777";
+const EXOTEL_TOKEN: &str = "exotel-webhook-TOKEN-0123456789";
+
+/// One account on the fake per carrier. Three numbers and a page size of 2 make two pages;
+/// numbers differ across carriers because a number can be imported only once.
+struct Account {
+    carrier: Carrier,
+    secret: &'static str,
+    numbers: [&'static str; 3],
+}
+
+const ACCOUNTS: [Account; 5] = [
+    Account {
+        carrier: Carrier::Plivo,
+        secret: "plivoSECRETinline000111",
+        numbers: ["+14155550101", "+14155550102", "+14155550103"],
+    },
+    Account {
+        carrier: Carrier::Vobiz,
+        secret: "vobizSECRETinline000222",
+        numbers: ["+918035550101", "+918035550102", "+918035550103"],
+    },
+    Account {
+        carrier: Carrier::Twilio,
+        secret: "twilioSECRETinline000333",
+        numbers: ["+14155550201", "+14155550202", "+14155550203"],
+    },
+    Account {
+        carrier: Carrier::Exotel,
+        secret: "exotelSECRETinline000444",
+        numbers: ["+918045550101", "+918045550102", "+918045550103"],
+    },
+    Account {
+        carrier: Carrier::Telnyx,
+        secret: "telnyxSECRETinline000555",
+        numbers: ["+13125550101", "+13125550102", "+13125550103"],
+    },
+];
+
+fn account(carrier: Carrier) -> &'static Account {
+    ACCOUNTS.iter().find(|a| a.carrier == carrier).expect("every carrier has an account")
+}
+
+fn credentials(carrier: Carrier, secret: &str) -> Value {
+    match carrier {
+        Carrier::Plivo => json!({"auth_id": PLIVO_ID, "auth_token": secret}),
+        Carrier::Vobiz => json!({"auth_id": VOBIZ_ID, "auth_token": secret}),
+        Carrier::Twilio => json!({"account_sid": TWILIO_SID, "auth_token": secret}),
+        Carrier::Exotel => json!({"api_key": EXOTEL_KEY, "api_token": secret, "account_sid": EXOTEL_SID}),
+        Carrier::Telnyx => json!({"api_key": secret, "public_key": TELNYX_PUBLIC_KEY}),
+    }
+}
+
+async fn fake() -> FakeCarrier {
+    let fake = FakeCarrier::start().await;
+    for a in &ACCOUNTS {
+        fake.add_account(a.carrier, credentials(a.carrier, a.secret), a.numbers);
+    }
+    fake.set_page_size(2);
+    fake
+}
+
+/// Every carrier pointed at the fake, a pinned clock, a one-hour grace.
+fn options(fake: &FakeCarrier) -> Options {
+    let mut o =
+        Options::default().clock(Clock::pinned(T0)).env("CALLGATE_CREDENTIAL_GRACE_SECS", GRACE_SECS.to_string());
+    for k in ["PLIVO", "VOBIZ", "TWILIO", "TELNYX", "EXOTEL"] {
+        o = o.env(&format!("CALLGATE_{k}_API_URL"), fake.base_url());
+    }
+    o
+}
+
+async fn setup() -> (FakeCarrier, TestApp, Org) {
+    let fake = fake().await;
+    let app = spawn_with(options(&fake)).await;
+    let org = app.create_org("Acme").await;
+    (fake, app, org)
+}
+
+struct Reply {
+    status: u16,
+    text: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|_| panic!("not JSON ({}): {:?}", self.status, self.text))
+    }
+}
+
+async fn send(req: reqwest::RequestBuilder) -> Reply {
+    let res = req.send().await.expect("the server answers");
+    Reply { status: res.status().as_u16(), text: res.text().await.expect("a readable body") }
+}
+
+/// The API's error shape, exactly.
+fn assert_error(r: &Reply, status: u16, code: &str, message: &str, what: &str) {
+    assert_eq!(r.status, status, "{what}: {}", r.text);
+    assert_eq!(r.json(), json!({"error": {"code": code, "message": message}}), "{what}");
+}
+
+async fn validate(app: &TestApp, org: &Org, carrier: Carrier, body: Value) -> Reply {
+    send(app.post(org, &format!("/voice/{carrier}/byok/validate")).json(&body)).await
+}
+
+async fn import(app: &TestApp, org: &Org, carrier: Carrier, body: Value) -> Reply {
+    send(app.post(org, &format!("/voice/{carrier}/byok/import")).json(&body)).await
+}
+
+async fn get_phone(app: &TestApp, org: &Org, id: &str) -> Reply {
+    send(app.get(org, &format!("/phone-numbers/{id}"))).await
+}
+
+async fn patch_phone(app: &TestApp, org: &Org, id: &str, body: Value) -> Reply {
+    send(app.patch(org, &format!("/phone-numbers/{id}")).json(&body)).await
+}
+
+async fn list(app: &TestApp, org: &Org, query: &str) -> Value {
+    let r = send(app.get(org, &format!("/phone-numbers{query}"))).await;
+    assert_eq!(r.status, 200, "list {query}: {}", r.text);
+    r.json()
+}
+
+fn ids(listing: &Value) -> Vec<String> {
+    listing["phone_numbers"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_owned()).collect()
+}
+
+/// Sets the organization's saved credential for `carrier`; its secret id.
+async fn save_byok(app: &TestApp, org: &Org, carrier: Carrier, secret: &str) -> String {
+    let body = json!({"provider": carrier.as_str(), "api_key": credentials(carrier, secret)});
+    let r = send(app.post(org, "/byok").json(&body)).await;
+    assert_eq!(r.status, 200, "{carrier}: {}", r.text);
+    assert!(!r.text.contains(secret), "{carrier}");
+    r.json()["credential"]["secret_id"].as_str().unwrap().to_owned()
+}
+
+/// Carriers that give a number a name the listing carries.
+fn named(carrier: Carrier) -> bool {
+    matches!(carrier, Carrier::Plivo | Carrier::Twilio | Carrier::Exotel)
+}
+
+fn listed_numbers(fake: &FakeCarrier, a: &Account) -> Value {
+    let on_fake = fake.numbers(a.carrier);
+    assert_eq!(on_fake.len(), 3, "{}", a.carrier);
+    on_fake
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            json!({
+                "number": a.numbers[i],
+                "provider_number_id": n.id,
+                "friendly_name": named(a.carrier).then(|| format!("Line {}", i + 1)),
+                "voice_url": null,
+            })
+        })
+        .collect()
+}
+
+fn webhook_urls(carrier: Carrier, id: &str) -> Value {
+    match carrier {
+        Carrier::Telnyx => json!({
+            "incoming": format!("{PUBLIC}/webhooks/telnyx/voice"),
+            "status": format!("{PUBLIC}/webhooks/telnyx/voice"),
+        }),
+        c => json!({
+            "incoming": format!("{PUBLIC}/{c}/incoming/{id}"),
+            "status": format!("{PUBLIC}/{c}/status/{id}"),
+        }),
+    }
+}
+
+/// A freshly imported number of `a` (its `index`th), as the API shows it: no label, empty
+/// config, nothing configured on the carrier, created at T0.
+fn phone_json(fake: &FakeCarrier, a: &Account, index: usize, id: &str, secret_id: &str) -> Value {
+    let on_fake = &fake.numbers(a.carrier)[index];
+    json!({
+        "id": id,
+        "number": a.numbers[index],
+        "provider": a.carrier.as_str(),
+        "provider_number_id": on_fake.id,
+        "friendly_name": named(a.carrier).then(|| format!("Line {}", index + 1)),
+        "label": null,
+        "billing_status": "byok",
+        "monthly_cost_cents": 0,
+        "config": {"stream_url": null, "assistant_url": null, "upstream_url": null, "exotel_webhook_token_set": false},
+        "credential_secret_id": secret_id,
+        "previous_credential": null,
+        "webhook_urls": webhook_urls(a.carrier, id),
+        "provider_configuration": null,
+        "created_at": rfc3339(T0),
+        "updated_at": rfc3339(T0),
+    })
+}
+
+/// Imports `a`'s `index`th number with its inline credential; the response body.
+async fn import_inline(app: &TestApp, org: &Org, a: &Account, index: usize) -> Value {
+    let body = json!({"number": a.numbers[index], "credentials": credentials(a.carrier, a.secret)});
+    let r = import(app, org, a.carrier, body).await;
+    assert_eq!(r.status, 201, "{}: {}", a.carrier, r.text);
+    assert!(!r.text.contains(a.secret), "{}", a.carrier);
+    r.json()
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_else(|| panic!("{key} is not a string in {v}"))
+}
+
+fn secret_ids(app: &TestApp) -> Vec<String> {
+    let mut ids: Vec<String> =
+        app.state.store.secrets_all().unwrap().into_iter().map(|s| s.id.as_str().to_owned()).collect();
+    ids.sort();
+    ids
+}
+
+// --- validate ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn validate_lists_every_number_across_pages_and_stores_nothing() {
+    let (fake, app, org) = setup().await;
+    for a in &ACCOUNTS {
+        let c = a.carrier;
+        let expected = json!({"valid": true, "provider": c.as_str(), "numbers": listed_numbers(&fake, a)});
+        // Wrapped in "credentials", and the credential object on its own.
+        for body in [json!({"credentials": credentials(c, a.secret)}), credentials(c, a.secret)] {
+            fake.clear_requests();
+            let r = validate(&app, &org, c, body).await;
+            assert_eq!(r.status, 200, "{c}: {}", r.text);
+            assert_eq!(r.json(), expected, "{c}");
+            assert!(!r.text.contains(a.secret), "{c}");
+            let sent = fake.requests();
+            assert_eq!(sent.len(), 2, "{c}: one request per page: {sent:#?}");
+            for req in &sent {
+                assert_eq!(req.method, "GET", "{c}");
+                assert_auth(a, req, a.secret);
+            }
+        }
+    }
+    // Plivo lists digits without `+`; they come back in E.164 and stay the number's id.
+    let plivo = fake.numbers(Carrier::Plivo);
+    assert_eq!(plivo[0].id, "14155550101");
+
+    assert_eq!(list(&app, &org, "").await, json!({"phone_numbers": [], "next_after": null}));
+    assert!(secret_ids(&app).is_empty());
+    for a in &ACCOUNTS {
+        app.assert_not_in_data_dir(a.secret);
+    }
+}
+
+#[tokio::test]
+async fn validate_and_import_fall_back_to_the_saved_byok_credential() {
+    let (fake, app, org) = setup().await;
+    for a in &ACCOUNTS {
+        let c = a.carrier;
+        fake.clear_requests();
+        let none = format!("no saved {c} credentials; set them with POST /byok or pass credentials");
+        let r = validate(&app, &org, c, json!({})).await;
+        assert_error(&r, 422, "no_saved_credentials", &none, &format!("{c} validate"));
+        let r = validate(&app, &org, c, json!({"credentials": null})).await;
+        assert_error(&r, 422, "no_saved_credentials", &none, &format!("{c} validate null"));
+        let r = import(&app, &org, c, json!({"number": a.numbers[0]})).await;
+        assert_error(&r, 422, "no_saved_credentials", &none, &format!("{c} import"));
+        assert!(fake.requests().is_empty(), "{c}: nothing to ask the carrier with");
+
+        let saved = save_byok(&app, &org, c, a.secret).await;
+        let r = validate(&app, &org, c, json!({})).await;
+        assert_eq!(r.status, 200, "{c}: {}", r.text);
+        assert_eq!(r.json(), json!({"valid": true, "provider": c.as_str(), "numbers": listed_numbers(&fake, a)}));
+
+        let r = import(&app, &org, c, json!({"number": a.numbers[0]})).await;
+        assert_eq!(r.status, 201, "{c}: {}", r.text);
+        let v = r.json();
+        assert_eq!(v, phone_json(&fake, a, 0, str_of(&v, "id"), &saved), "{c}");
+    }
+    // Importing with the saved credential seals nothing new.
+    assert_eq!(secret_ids(&app).len(), ACCOUNTS.len());
+    for a in &ACCOUNTS {
+        app.assert_not_in_data_dir(a.secret);
+    }
+}
+
+fn carrier_auth_message(carrier: Carrier) -> &'static str {
+    match carrier {
+        Carrier::Plivo => "Authentication failed",
+        Carrier::Vobiz => "Invalid X-Auth-ID or X-Auth-Token",
+        Carrier::Twilio => "Authenticate",
+        Carrier::Telnyx => "The API key looks malformed. Check that you copied it correctly.",
+        Carrier::Exotel => "Authentication is required to view this page.",
+    }
+}
+
+#[tokio::test]
+async fn carrier_failures_map_to_stable_errors_and_store_nothing() {
+    let (fake, app, org) = setup().await;
+    for a in &ACCOUNTS {
+        let c = a.carrier;
+        let good = json!({"credentials": credentials(c, a.secret)});
+        let wrong = json!({"credentials": credentials(c, WRONG)});
+        let rejected = format!("{c} rejected the credentials: {}", carrier_auth_message(c));
+
+        let r = validate(&app, &org, c, wrong.clone()).await;
+        assert_error(&r, 422, "invalid_provider_credentials", &rejected, &format!("{c} wrong"));
+        let r = import(&app, &org, c, json!({"number": a.numbers[0], "credentials": credentials(c, WRONG)})).await;
+        assert_error(&r, 422, "invalid_provider_credentials", &rejected, &format!("{c} import wrong"));
+
+        // A carrier error text that quotes the presented secret is dropped.
+        fake.set_mode(Mode::UnauthorizedEcho);
+        let r = validate(&app, &org, c, good.clone()).await;
+        let bare = format!("{c} rejected the credentials");
+        assert_error(&r, 422, "invalid_provider_credentials", &bare, &format!("{c} echo"));
+        assert!(!r.text.contains(a.secret), "{c}");
+
+        let unavailable = format!("{c}'s API is unavailable or gave an answer callgate cannot read");
+        for mode in [Mode::ServerError, Mode::Garbage, Mode::WrongShape] {
+            fake.set_mode(mode);
+            let r = validate(&app, &org, c, good.clone()).await;
+            assert_error(&r, 502, "provider_unavailable", &unavailable, &format!("{c} {mode:?}"));
+            let body = json!({"number": a.numbers[0], "credentials": credentials(c, a.secret)});
+            let r = import(&app, &org, c, body).await;
+            assert_error(&r, 502, "provider_unavailable", &unavailable, &format!("{c} import {mode:?}"));
+        }
+        fake.set_mode(Mode::Ok);
+    }
+    assert_eq!(list(&app, &org, "").await, json!({"phone_numbers": [], "next_after": null}));
+    assert!(secret_ids(&app).is_empty());
+}
+
+#[tokio::test]
+async fn a_hanging_carrier_gives_504_within_twice_the_timeout() {
+    const TIMEOUT_MS: u64 = 500;
+    let fake = fake().await;
+    let app = spawn_with(options(&fake).env("CALLGATE_PROVIDER_TIMEOUT_MS", TIMEOUT_MS.to_string())).await;
+    let org = app.create_org("Acme").await;
+    fake.set_mode(Mode::Hang);
+    for a in &ACCOUNTS {
+        let c = a.carrier;
+        let late = format!("{c}'s API did not answer in time");
+        let started = Instant::now();
+        let r = validate(&app, &org, c, json!({"credentials": credentials(c, a.secret)})).await;
+        let took = started.elapsed();
+        assert_error(&r, 504, "provider_timeout", &late, &format!("{c} validate"));
+        assert!(took < Duration::from_millis(2 * TIMEOUT_MS), "{c}: answered after {took:?}");
+
+        let started = Instant::now();
+        let r = import(&app, &org, c, json!({"number": a.numbers[0], "credentials": credentials(c, a.secret)})).await;
+        let took = started.elapsed();
+        assert_error(&r, 504, "provider_timeout", &late, &format!("{c} import"));
+        assert!(took < Duration::from_millis(2 * TIMEOUT_MS), "{c}: answered after {took:?}");
+    }
+    assert_eq!(list(&app, &org, "").await, json!({"phone_numbers": [], "next_after": null}));
+    assert!(secret_ids(&app).is_empty());
+}
+
+// --- import ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn import_stores_the_number_with_byok_billing_and_never_shows_the_secret() {
+    let (fake, app, org) = setup().await;
+    let other = app.create_org("Other").await;
+    for a in &ACCOUNTS {
+        let c = a.carrier;
+        // The last number, on the listing's second page.
+        let mut config = json!({"stream_url": "wss://agent.example.com/stream?x=1"});
+        if c == Carrier::Exotel {
+            config["exotel_webhook_token"] = json!(EXOTEL_TOKEN);
+        }
+        let body = json!({
+            "number": a.numbers[2],
+            "credentials": credentials(c, a.secret),
+            "label": "Front desk",
+            "config": config,
+        });
+        let r = import(&app, &org, c, body).await;
+        assert_eq!(r.status, 201, "{c}: {}", r.text);
+        assert!(!r.text.contains(a.secret), "{c}");
+        let v = r.json();
+        let id = str_of(&v, "id");
+        assert!(id.starts_with("ph_"), "{c}: {id}");
+        let secret_id = str_of(&v, "credential_secret_id");
+        assert!(secret_id.starts_with("sec_"), "{c}: {secret_id}");
+        let mut expected = phone_json(&fake, a, 2, id, secret_id);
+        expected["label"] = json!("Front desk");
+        expected["config"]["stream_url"] = json!("wss://agent.example.com/stream?x=1");
+        expected["config"]["exotel_webhook_token_set"] = json!(c == Carrier::Exotel);
+        assert_eq!(v, expected, "{c}");
+
+        let r = get_phone(&app, &org, id).await;
+        assert_eq!(r.status, 200, "{c}: {}", r.text);
+        assert!(!r.text.contains(a.secret), "{c}");
+        assert_eq!(r.json(), expected, "{c}");
+
+        // Again, from this organization or another one.
+        let again = json!({"number": a.numbers[2], "credentials": credentials(c, a.secret)});
+        let taken = format!("{} is already imported", a.numbers[2]);
+        for (who, o) in [("same org", &org), ("other org", &other)] {
+            fake.clear_requests();
+            let r = import(&app, o, c, again.clone()).await;
+            assert_error(&r, 409, "number_already_imported", &taken, &format!("{c} {who}"));
+            assert!(fake.requests().is_empty(), "{c} {who}: refused before asking the carrier");
+        }
+
+        let absent = "+15005550199";
+        let r = import(&app, &org, c, json!({"number": absent, "credentials": credentials(c, a.secret)})).await;
+        let msg = format!("{absent} is not on this {c} account");
+        assert_error(&r, 422, "number_not_on_account", &msg, &format!("{c} absent"));
+
+        let e164 = "number: not an E.164 phone number (expected + followed by 8 to 15 digits)";
+        let fresh = a.numbers[0];
+        let digits = fresh.trim_start_matches('+');
+        let long_token = "0123456789abcdef0123";
+        let mut cases = vec![
+            (json!({"number": digits}), e164.to_owned()),
+            (json!({"number": "+1234"}), e164.to_owned()),
+            (json!({"number": "+1 415 555 0101"}), e164.to_owned()),
+            (
+                json!({"number": fresh, "config": {"stream_url": "https://agent.example.com/stream"}}),
+                "config.stream_url: must be a wss or ws URL".to_owned(),
+            ),
+            (
+                json!({"number": fresh, "config": {"stream_url": "wss://"}}),
+                "config.stream_url: must be a wss or ws URL".to_owned(),
+            ),
+            (json!({"number": fresh, "config": {"stream_url": 7}}), "config.stream_url: must be a string".to_owned()),
+            (json!({"number": fresh, "config": {"voice": "alloy"}}), "config.voice: unknown setting".to_owned()),
+        ];
+        if c == Carrier::Exotel {
+            cases.push((
+                json!({"number": fresh, "config": {"exotel_webhook_token": "short-token"}}),
+                "config.exotel_webhook_token: must be 16 to 256 printable ASCII characters".to_owned(),
+            ));
+        } else {
+            cases.push((
+                json!({"number": fresh, "config": {"exotel_webhook_token": long_token}}),
+                "config.exotel_webhook_token: only Exotel numbers take a webhook token".to_owned(),
+            ));
+        }
+        for (mut body, message) in cases {
+            body["credentials"] = credentials(c, a.secret);
+            fake.clear_requests();
+            let r = import(&app, &org, c, body.clone()).await;
+            assert_error(&r, 422, "invalid_field", &message, &format!("{c} {body}"));
+            assert!(fake.requests().is_empty(), "{c} {body}: refused before asking the carrier");
+        }
+        // An unknown top-level field is refused by the body's shape.
+        let r =
+            import(&app, &org, c, json!({"number": fresh, "credentials": credentials(c, a.secret), "numbr": 1})).await;
+        assert_eq!(r.status, 422, "{c}: {}", r.text);
+        assert_eq!(r.json()["error"]["code"], "invalid_field", "{c}");
+        assert!(str_of(&r.json()["error"], "message").contains("unknown field `numbr`"), "{c}: {}", r.text);
+    }
+
+    let all = list(&app, &org, "").await;
+    assert_eq!(all["phone_numbers"].as_array().unwrap().len(), ACCOUNTS.len());
+    assert_eq!(list(&app, &other, "").await, json!({"phone_numbers": [], "next_after": null}));
+    let text = all.to_string();
+    // One inline credential sealed per imported number, and nothing readable anywhere.
+    assert_eq!(secret_ids(&app).len(), ACCOUNTS.len());
+    for a in &ACCOUNTS {
+        assert!(!text.contains(a.secret), "{}", a.carrier);
+        app.assert_not_in_data_dir(a.secret);
+    }
+    app.assert_not_in_data_dir(EXOTEL_TOKEN);
+}
+
+// --- configure_provider ------------------------------------------------------------------
+
+fn basic(user: &str, secret: &str) -> String {
+    format!("Basic {}", B64.encode(format!("{user}:{secret}")))
+}
+
+/// The request carries the carrier's own auth with `secret`, and the secret is not in its URL.
+fn assert_auth(a: &Account, req: &Recorded, secret: &str) {
+    let c = a.carrier;
+    let authz = req.header("authorization");
+    match c {
+        Carrier::Plivo => assert_eq!(authz, Some(basic(PLIVO_ID, secret).as_str()), "{c}: {req:?}"),
+        Carrier::Twilio => assert_eq!(authz, Some(basic(TWILIO_SID, secret).as_str()), "{c}: {req:?}"),
+        Carrier::Exotel => assert_eq!(authz, Some(basic(EXOTEL_KEY, secret).as_str()), "{c}: {req:?}"),
+        Carrier::Telnyx => assert_eq!(authz, Some(format!("Bearer {secret}").as_str()), "{c}: {req:?}"),
+        Carrier::Vobiz => {
+            assert_eq!(authz, None, "{c}: {req:?}");
+            assert_eq!(req.header("x-auth-id"), Some(VOBIZ_ID), "{c}: {req:?}");
+            assert_eq!(req.header("x-auth-token"), Some(secret), "{c}: {req:?}");
+        }
+    }
+    assert!(!req.path.contains(secret) && !req.query.contains(secret), "{c}: secret in URL: {req:?}");
+}
+
+fn assert_json_request(a: &Account, req: &Recorded, method: &str, path: &str, body: Value) {
+    let c = a.carrier;
+    assert_eq!((req.method.as_str(), req.path.as_str()), (method, path), "{c}: {req:#?}");
+    assert_eq!(req.header("content-type"), Some("application/json"), "{c}: {req:?}");
+    assert_eq!(req.json(), body, "{c}: {method} {path}");
+    assert_auth(a, req, a.secret);
+}
+
+fn assert_get(a: &Account, req: &Recorded, path: &str, query: &str) {
+    let c = a.carrier;
+    assert_eq!((req.method.as_str(), req.path.as_str(), req.query.as_str()), ("GET", path, query), "{c}: {req:#?}");
+    assert_eq!(req.body, "", "{c}");
+    assert_auth(a, req, a.secret);
+}
+
+/// Imports `a`'s `index`th number with `configure_provider`; the response body and the
+/// requests the import sent after listing the account's two pages.
+async fn import_configured(
+    fake: &FakeCarrier,
+    app: &TestApp,
+    org: &Org,
+    a: &Account,
+    index: usize,
+) -> (Value, Vec<Recorded>) {
+    fake.clear_requests();
+    let body = json!({"number": a.numbers[index], "credentials": credentials(a.carrier, a.secret), "configure_provider": true});
+    let r = import(app, org, a.carrier, body).await;
+    assert_eq!(r.status, 201, "{}: {}", a.carrier, r.text);
+    assert!(!r.text.contains(a.secret), "{}", a.carrier);
+    let mut sent = fake.requests();
+    assert!(sent.len() >= 2, "{}: {sent:#?}", a.carrier);
+    for listing in sent.drain(..2) {
+        assert_eq!(listing.method, "GET", "{}", a.carrier);
+        assert_auth(a, &listing, a.secret);
+    }
+    (r.json(), sent)
+}
+
+#[tokio::test]
+async fn configure_provider_sends_exactly_what_each_carrier_expects() {
+    let (fake, app, org) = setup().await;
+    for a in &ACCOUNTS {
+        let c = a.carrier;
+        let (v, sent) = import_configured(&fake, &app, &org, a, 0).await;
+        let id = str_of(&v, "id").to_owned();
+        let urls = webhook_urls(c, &id);
+        let incoming = urls["incoming"].as_str().unwrap();
+        let status = urls["status"].as_str().unwrap();
+        let on_fake = fake.number(c, a.numbers[0]);
+        let digits = a.numbers[0].trim_start_matches('+');
+
+        let configuration = match c {
+            Carrier::Twilio => {
+                let path = format!("/2010-04-01/Accounts/{TWILIO_SID}/IncomingPhoneNumbers/{}.json", on_fake.id);
+                assert_eq!(sent.len(), 2, "{c}: {sent:#?}");
+                assert_get(a, &sent[0], &path, "");
+                assert_eq!((sent[1].method.as_str(), sent[1].path.as_str()), ("POST", path.as_str()), "{c}");
+                assert_eq!(sent[1].header("content-type"), Some("application/x-www-form-urlencoded"), "{c}");
+                let form: Vec<(String, String)> = [
+                    ("VoiceUrl", incoming),
+                    ("VoiceMethod", "POST"),
+                    ("StatusCallback", status),
+                    ("StatusCallbackMethod", "POST"),
+                    ("VoiceApplicationSid", ""),
+                ]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+                assert_eq!(sent[1].form(), form, "{c}");
+                assert_auth(a, &sent[1], a.secret);
+                assert_eq!(on_fake.voice_url.as_deref(), Some(incoming), "{c}");
+                assert_eq!(on_fake.status_callback.as_deref(), Some(status), "{c}");
+                json!({
+                    "changed": true,
+                    "number_sid": on_fake.id,
+                    "voice_url": incoming,
+                    "status_callback": status,
+                    "previous_voice_url": null,
+                    "previous_status_callback": null,
+                    "previous_voice_application_sid": null,
+                    "actions": ["set voice URL and status callback"],
+                })
+            }
+            Carrier::Plivo | Carrier::Vobiz => {
+                let base = match c {
+                    Carrier::Plivo => format!("/v1/Account/{PLIVO_ID}/"),
+                    _ => format!("/api/v1/Account/{VOBIZ_ID}/"),
+                };
+                let apps = format!("{base}Application/");
+                let name = format!("callgate-{digits}");
+                let app_id = fake.applications(c).into_iter().find(|x| x.name == name).expect("application created").id;
+                assert_eq!(sent.len(), 3, "{c}: {sent:#?}");
+                assert_get(a, &sent[0], &apps, "limit=20&offset=0");
+                let create = json!({
+                    "app_name": name, "answer_url": incoming, "answer_method": "POST",
+                    "hangup_url": status, "hangup_method": "POST",
+                });
+                assert_json_request(a, &sent[1], "POST", &apps, create);
+                match c {
+                    Carrier::Plivo => {
+                        let link = format!("{base}Number/{digits}/");
+                        assert_json_request(a, &sent[2], "POST", &link, json!({"app_id": app_id}));
+                    }
+                    _ => {
+                        let link = format!("{base}numbers/%2B{digits}/application");
+                        assert_json_request(a, &sent[2], "POST", &link, json!({"application_id": app_id}));
+                    }
+                }
+                assert_eq!(on_fake.app_id.as_deref(), Some(app_id.as_str()), "{c}");
+                json!({
+                    "changed": true,
+                    "application_id": app_id,
+                    "application_name": name,
+                    "answer_url": incoming,
+                    "hangup_url": status,
+                    "actions": ["created application", "linked number"],
+                })
+            }
+            Carrier::Telnyx => {
+                let app_id = fake.applications(c).into_iter().find(|x| x.name == "callgate").expect("created").id;
+                assert_eq!(sent.len(), 3, "{c}: {sent:#?}");
+                assert_get(
+                    a,
+                    &sent[0],
+                    "/v2/call_control_applications",
+                    "filter%5Bapplication_name%5D%5Bcontains%5D=callgate&page%5Bnumber%5D=1&page%5Bsize%5D=100",
+                );
+                let create =
+                    json!({"application_name": "callgate", "webhook_event_url": incoming, "webhook_api_version": "2"});
+                assert_json_request(a, &sent[1], "POST", "/v2/call_control_applications", create);
+                let number_path = format!("/v2/phone_numbers/{}", on_fake.id);
+                assert_json_request(a, &sent[2], "PATCH", &number_path, json!({"connection_id": app_id}));
+                assert_eq!(on_fake.connection_id.as_deref(), Some(app_id.as_str()), "{c}");
+                json!({
+                    "changed": true,
+                    "application_id": app_id,
+                    "application_name": "callgate",
+                    "webhook_event_url": incoming,
+                    "actions": ["created application", "linked number"],
+                })
+            }
+            Carrier::Exotel => {
+                assert!(sent.is_empty(), "{c}: Exotel is configured by hand: {sent:#?}");
+                let steps = str_of(&v["provider_configuration"], "manual_steps");
+                for needle in [a.numbers[0], "App Bazaar", "Passthru", "Voicebot", "incoming_url", "status_url"] {
+                    assert!(steps.contains(needle), "{c}: {needle:?} missing from {steps:?}");
+                }
+                json!({
+                    "changed": false,
+                    "number": a.numbers[0],
+                    "exophone_sid": on_fake.id,
+                    "manual_steps": steps,
+                    "incoming_url": incoming,
+                    "status_url": status,
+                })
+            }
+        };
+        let mut expected = phone_json(&fake, a, 0, &id, str_of(&v, "credential_secret_id"));
+        expected["provider_configuration"] = configuration;
+        assert_eq!(v, expected, "{c}");
+        let r = get_phone(&app, &org, &id).await;
+        assert_eq!(r.json(), expected, "{c}: the report is kept");
+    }
+
+    // A second Telnyx number reuses the Call Control application.
+    let telnyx = account(Carrier::Telnyx);
+    let app_id = fake.applications(Carrier::Telnyx)[0].id.clone();
+    let (v, sent) = import_configured(&fake, &app, &org, telnyx, 1).await;
+    assert_eq!(sent.len(), 2, "{sent:#?}");
+    assert_eq!((sent[0].method.as_str(), sent[0].path.as_str()), ("GET", "/v2/call_control_applications"));
+    let number_path = format!("/v2/phone_numbers/{}", fake.number(Carrier::Telnyx, telnyx.numbers[1]).id);
+    assert_json_request(telnyx, &sent[1], "PATCH", &number_path, json!({"connection_id": app_id}));
+    assert_eq!(
+        v["provider_configuration"],
+        json!({
+            "changed": true,
+            "application_id": app_id,
+            "application_name": "callgate",
+            "webhook_event_url": format!("{PUBLIC}/webhooks/telnyx/voice"),
+            "actions": ["reused application", "linked number"],
+        })
+    );
+    assert_eq!(fake.applications(Carrier::Telnyx).len(), 1);
+
+    // A Twilio number on a SIP trunk is imported but left alone, and the answer says why.
+    let twilio = account(Carrier::Twilio);
+    let trunk = "TK0123456789abcdef0123456789abcdef";
+    fake.update_number(Carrier::Twilio, twilio.numbers[1], |n| n.trunk_sid = Some(trunk.to_owned()));
+    let (v, sent) = import_configured(&fake, &app, &org, twilio, 1).await;
+    assert_eq!(sent.len(), 1, "only the number is fetched: {sent:#?}");
+    assert_eq!(sent[0].method, "GET");
+    let message = format!(
+        "{} is routed to the Elastic SIP Trunk {trunk}; remove it from the trunk in the Twilio console first",
+        twilio.numbers[1]
+    );
+    assert_eq!(
+        v["provider_configuration"],
+        json!({"changed": false, "error": {"code": "provider_refused", "message": message}})
+    );
+    assert_eq!(v["billing_status"], "byok");
+    assert_eq!(fake.number(Carrier::Twilio, twilio.numbers[1]).voice_url, None);
+    for a in &ACCOUNTS {
+        app.assert_not_in_data_dir(a.secret);
+    }
+}
+
+// --- manage ------------------------------------------------------------------------------
+
+/// An unsigned callback to the number's status URL (Telnyx: its one URL, naming the number).
+async fn unsigned_callback(app: &TestApp, carrier: Carrier, id: &str, number: &str) -> Reply {
+    match carrier {
+        Carrier::Telnyx => {
+            let body = json!({"data": {"event_type": "call.hangup", "id": "0ccc7b54-4df3-4bca-a65a-3da1ecc777f0",
+                "payload": {"call_control_id": "v3:abc", "direction": "incoming", "to": number, "from": "+14155559876"}}});
+            let req = app
+                .client
+                .post(app.url("/webhooks/telnyx/voice"))
+                .header("telnyx-signature-ed25519", "bm90LWEtc2lnbmF0dXJl")
+                .header("telnyx-timestamp", (T0 / 1000).to_string())
+                .json(&body);
+            send(req).await
+        }
+        c => {
+            let req = app
+                .client
+                .post(app.url(&format!("/{c}/status/{id}")))
+                .form(&[("CallSid", "CA-unsigned"), ("CallStatus", "completed")]);
+            send(req).await
+        }
+    }
+}
+
+/// How the number's webhook URL refuses an unsigned callback while the number exists.
+fn unsigned_refusal(carrier: Carrier) -> (&'static str, &'static str) {
+    match carrier {
+        Carrier::Exotel => ("ip_not_allowed", "the request comes from an address that is not allowed"),
+        Carrier::Telnyx => ("invalid_signature", "the request signature is not valid"),
+        _ => ("missing_signature", "the request carries no signature"),
+    }
+}
+
+#[tokio::test]
+async fn list_paginates_and_filters_and_get_patch_delete_manage_one_number() {
+    let (_fake, app, org) = setup().await;
+    let mut created = Vec::new();
+    let mut phones = Vec::new();
+    for a in &ACCOUNTS {
+        let v = import_inline(&app, &org, a, 0).await;
+        created.push(str_of(&v, "id").to_owned());
+        phones.push(v);
+    }
+    let twilio = account(Carrier::Twilio);
+    let second = import_inline(&app, &org, twilio, 1).await;
+    created.push(str_of(&second, "id").to_owned());
+    phones.push(second);
+
+    // Pages in creation order, `next_after` naming the last of a full page.
+    let page = list(&app, &org, "?limit=4").await;
+    assert_eq!(page["phone_numbers"], json!(phones[..4]));
+    assert_eq!(page["next_after"], json!(created[3]));
+    let page = list(&app, &org, &format!("?limit=4&after={}", created[3])).await;
+    assert_eq!(page, json!({"phone_numbers": phones[4..], "next_after": null}));
+    let page = list(&app, &org, "").await;
+    assert_eq!(page, json!({"phone_numbers": phones, "next_after": null}));
+    let page = list(&app, &org, "?provider=twilio").await;
+    assert_eq!(page, json!({"phone_numbers": [phones[2], phones[5]], "next_after": null}));
+    let page = list(&app, &org, "?provider=twilio&limit=1").await;
+    assert_eq!(page, json!({"phone_numbers": [phones[2]], "next_after": created[2]}));
+    let page = list(&app, &org, &format!("?provider=twilio&limit=1&after={}", created[2])).await;
+    assert_eq!(page, json!({"phone_numbers": [phones[5]], "next_after": created[5]}));
+    let page = list(&app, &org, &format!("?provider=twilio&limit=1&after={}", created[5])).await;
+    assert_eq!(page, json!({"phone_numbers": [], "next_after": null}));
+    let r = send(app.get(&org, "/phone-numbers?provider=nope")).await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_query")), "{}", r.text);
+    let r = send(app.get(&org, "/phone-numbers?after=ph_nope")).await;
+    assert_error(&r, 400, "invalid_query", "after: not a phone number id", "bad after");
+
+    for (v, id) in phones.iter().zip(&created) {
+        let r = get_phone(&app, &org, id).await;
+        assert_eq!((r.status, r.json()), (200, v.clone()), "{id}");
+    }
+
+    // PATCH on the first Twilio number.
+    let id = created[2].clone();
+    let mut expected = phones[2].clone();
+    let first_secret = str_of(&expected, "credential_secret_id").to_owned();
+    let mut at = T0;
+    let step = |at: &mut i64, expected: &mut Value| {
+        *at += 60_000;
+        app.clock.set_ms(*at);
+        expected["updated_at"] = json!(rfc3339(*at));
+    };
+
+    step(&mut at, &mut expected);
+    let r = patch_phone(&app, &org, &id, json!({"label": "Support line"})).await;
+    expected["label"] = json!("Support line");
+    assert_eq!((r.status, r.json()), (200, expected.clone()));
+
+    step(&mut at, &mut expected);
+    let config =
+        json!({"stream_url": "wss://agent.example.com/s", "assistant_url": "https://assistant.example.com/hook"});
+    let r = patch_phone(&app, &org, &id, json!({"config": config})).await;
+    expected["config"]["stream_url"] = json!("wss://agent.example.com/s");
+    expected["config"]["assistant_url"] = json!("https://assistant.example.com/hook");
+    assert_eq!((r.status, r.json()), (200, expected.clone()));
+
+    step(&mut at, &mut expected);
+    let r = patch_phone(&app, &org, &id, json!({"config": {"stream_url": null}, "label": null})).await;
+    expected["config"]["stream_url"] = Value::Null;
+    expected["label"] = Value::Null;
+    assert_eq!((r.status, r.json()), (200, expected.clone()));
+
+    // Refusals change nothing.
+    let stored = get_phone(&app, &org, &id).await.json();
+    assert_eq!(stored, expected);
+    let none = "no saved twilio credentials";
+    let cases = [
+        (
+            json!({"config": {"stream_url": "http://agent.example.com/s"}}),
+            "invalid_field",
+            "config.stream_url: must be a wss or ws URL",
+        ),
+        (
+            json!({"config": {"exotel_webhook_token": "0123456789abcdef0123"}}),
+            "invalid_field",
+            "config.exotel_webhook_token: only Exotel numbers take a webhook token",
+        ),
+        (json!({"config": {"voice": "alloy"}}), "invalid_field", "config.voice: unknown setting"),
+        (json!({"credential": "saved"}), "invalid_field", "credential: the only accepted value is \"byok\""),
+        (
+            json!({"credential": "byok", "credentials": credentials(Carrier::Twilio, TWILIO_ROTATED)}),
+            "invalid_field",
+            "give either credentials or credential, not both",
+        ),
+        (
+            json!({"credentials": {"account_sid": "AC1", "auth_token": "t"}}),
+            "invalid_credentials",
+            "account_sid: must be AC followed by 32 hex digits",
+        ),
+    ];
+    for (body, code, message) in cases {
+        let r = patch_phone(&app, &org, &id, body.clone()).await;
+        assert_error(&r, 422, code, message, &body.to_string());
+    }
+    let r = patch_phone(&app, &org, &id, json!({"credential": "byok"})).await;
+    assert_error(&r, 422, "no_saved_credentials", none, "byok before any is saved");
+    let r = patch_phone(&app, &org, &id, json!({"colour": "red"})).await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (422, json!("invalid_field")), "{}", r.text);
+    assert_eq!(get_phone(&app, &org, &id).await.json(), stored);
+    assert_eq!(secret_ids(&app).len(), 6, "a refused PATCH seals nothing");
+
+    // New inline credentials: the old one stays valid for the grace.
+    step(&mut at, &mut expected);
+    let r = patch_phone(&app, &org, &id, json!({"credentials": credentials(Carrier::Twilio, TWILIO_ROTATED)})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(TWILIO_ROTATED));
+    let v = r.json();
+    let rotated = str_of(&v, "credential_secret_id").to_owned();
+    assert!(rotated.starts_with("sec_") && rotated != first_secret, "{rotated}");
+    let first_until = at + GRACE_MS;
+    expected["credential_secret_id"] = json!(rotated);
+    expected["previous_credential"] = json!({"secret_id": first_secret, "valid_until": rfc3339(first_until)});
+    assert_eq!(v, expected);
+    app.assert_not_in_data_dir(TWILIO_ROTATED);
+
+    // Back to the organization's saved credential.
+    let saved = save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
+    step(&mut at, &mut expected);
+    let r = patch_phone(&app, &org, &id, json!({"credential": "byok"})).await;
+    expected["credential_secret_id"] = json!(saved);
+    expected["previous_credential"] = json!({"secret_id": rotated, "valid_until": rfc3339(at + GRACE_MS)});
+    assert_eq!((r.status, r.json()), (200, expected.clone()));
+    // Already on it: nothing rotates.
+    let r = patch_phone(&app, &org, &id, json!({"credential": "byok"})).await;
+    assert_eq!((r.status, r.json()), (200, expected.clone()));
+
+    let text = send(app.get(&org, "/phone-numbers")).await.text;
+    for secret in [twilio.secret, TWILIO_ROTATED] {
+        assert!(!text.contains(secret));
+        app.assert_not_in_data_dir(secret);
+    }
+
+    // DELETE: one number of each carrier.
+    for (a, id) in ACCOUNTS.iter().zip(&created) {
+        let c = a.carrier;
+        let (code, message) = unsigned_refusal(c);
+        let r = unsigned_callback(&app, c, id, a.numbers[0]).await;
+        assert_error(&r, 403, code, message, &format!("{c} before delete"));
+
+        let r = send(app.delete(&org, &format!("/phone-numbers/{id}"))).await;
+        assert_eq!((r.status, r.text.as_str()), (204, ""), "{c}");
+
+        let gone = |what: &str| format!("{c} {what} after delete");
+        assert_error(&get_phone(&app, &org, id).await, 404, "not_found", "phone number not found", &gone("GET"));
+        let r = patch_phone(&app, &org, id, json!({"label": "x"})).await;
+        assert_error(&r, 404, "not_found", "phone number not found", &gone("PATCH"));
+        let r = send(app.delete(&org, &format!("/phone-numbers/{id}"))).await;
+        assert_error(&r, 404, "not_found", "phone number not found", &gone("DELETE"));
+        let r = unsigned_callback(&app, c, id, a.numbers[0]).await;
+        assert_error(&r, 404, "not_found", "phone number not found", &gone("webhook"));
+        assert!(!ids(&list(&app, &org, "").await).contains(id), "{c}");
+    }
+    assert_eq!(ids(&list(&app, &org, "").await), [created[5].clone()]);
+    // What is left: the saved credential, the remaining number's own, and the Twilio number's
+    // first credential, retired when it was rotated away: nothing names it any more, and the
+    // sweeper removes it once its grace is over.
+    let retired: Vec<(String, Option<i64>)> = {
+        let mut v: Vec<_> = app
+            .state
+            .store
+            .secrets_all()
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.id.as_str().to_owned(), s.retired_until_ms))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut left = vec![
+        (saved.clone(), None),
+        (str_of(&phones[5], "credential_secret_id").to_owned(), None),
+        (first_secret.clone(), Some(first_until)),
+    ];
+    left.sort();
+    assert_eq!(retired, left, "a deleted number's credentials go with it");
+    app.state.store.sweep(first_until).unwrap();
+    assert!(secret_ids(&app).contains(&first_secret), "kept until its grace is over");
+    app.state.store.sweep(first_until + 1).unwrap();
+    let mut left = vec![saved, str_of(&phones[5], "credential_secret_id").to_owned()];
+    left.sort();
+    assert_eq!(secret_ids(&app), left);
+}
+
+#[tokio::test]
+async fn another_organization_cannot_see_or_touch_the_numbers() {
+    let (_fake, app, org) = setup().await;
+    let intruder = app.create_org("Intruder").await;
+    let mut phones = Vec::new();
+    for a in &ACCOUNTS {
+        phones.push(import_inline(&app, &org, a, 0).await);
+    }
+    let secrets_before = secret_ids(&app);
+    for (a, v) in ACCOUNTS.iter().zip(&phones) {
+        let c = a.carrier;
+        let id = str_of(v, "id");
+        let what = |op: &str| format!("{c} {op} by another org");
+        let nf = "phone number not found";
+        assert_error(&get_phone(&app, &intruder, id).await, 404, "not_found", nf, &what("GET"));
+        for body in [
+            json!({"label": "mine now"}),
+            json!({"config": {"stream_url": "wss://evil.example.com/s"}}),
+            json!({"credentials": credentials(c, WRONG)}),
+        ] {
+            let r = patch_phone(&app, &intruder, id, body).await;
+            assert_error(&r, 404, "not_found", nf, &what("PATCH"));
+        }
+        let r = send(app.delete(&intruder, &format!("/phone-numbers/{id}"))).await;
+        assert_error(&r, 404, "not_found", nf, &what("DELETE"));
+        assert_eq!(
+            list(&app, &intruder, &format!("?provider={c}")).await,
+            json!({"phone_numbers": [], "next_after": null}),
+            "{c}"
+        );
+    }
+    assert_eq!(list(&app, &intruder, "").await, json!({"phone_numbers": [], "next_after": null}));
+    // Nothing changed for the owner.
+    assert_eq!(list(&app, &org, "").await, json!({"phone_numbers": phones, "next_after": null}));
+    for (a, v) in ACCOUNTS.iter().zip(&phones) {
+        let r = get_phone(&app, &org, str_of(v, "id")).await;
+        assert_eq!((r.status, r.json()), (200, v.clone()), "{}", a.carrier);
+    }
+    assert_eq!(secret_ids(&app), secrets_before);
+    app.assert_not_in_data_dir(WRONG);
+}
+
+// --- rotation grace through the webhook path -----------------------------------------------
+
+/// A Twilio status callback for `phone_id`, signed with `auth_token` as Twilio would.
+async fn twilio_status(app: &TestApp, phone_id: &str, auth_token: &str, call_sid: &str) -> Reply {
+    let params = [
+        ("AccountSid", TWILIO_SID),
+        ("CallSid", call_sid),
+        ("CallStatus", "completed"),
+        ("From", "+14155559876"),
+        ("To", account(Carrier::Twilio).numbers[0]),
+    ];
+    let url = format!("{PUBLIC}/twilio/status/{phone_id}");
+    let signature = sign(&TwilioKey::new(auth_token.as_bytes()), &url, &params);
+    let req = app
+        .client
+        .post(app.url(&format!("/twilio/status/{phone_id}")))
+        .header("X-Twilio-Signature", signature)
+        .form(&params);
+    send(req).await
+}
+
+/// How each recorded event of the number was verified, by call sid, in arrival order.
+async fn verified_by(app: &TestApp, org: &Org, phone_id: &str) -> Vec<(String, Value)> {
+    let r = send(app.get(org, &format!("/events?phone_id={phone_id}"))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (str_of(e, "call_id").to_owned(), e["verified_by"].clone()))
+        .collect()
+}
+
+fn by(credential: &str, secret_id: &str) -> Value {
+    json!({"scheme": "twilio-hmac-sha1", "credential": credential, "secret_id": secret_id})
+}
+
+/// The number now verifies with `new` and, until `valid_until`, with `old`: a callback signed
+/// with either passes inside the grace (its last millisecond included), and only `new` after.
+/// The sweeper keeps `old` sealed for as long as it verifies, and removes it after. `before`
+/// are the number's events recorded before the rotation.
+async fn assert_grace(
+    app: &TestApp,
+    org: &Org,
+    id: &str,
+    (old_token, old_id): (&str, &str),
+    (new_token, new_id): (&str, &str),
+    valid_until: i64,
+    before: Vec<(String, Value)>,
+) {
+    let r = twilio_status(app, id, old_token, "CA01").await;
+    assert_eq!((r.status, r.text.as_str()), (200, ""), "old credential inside the grace");
+    let r = twilio_status(app, id, new_token, "CA02").await;
+    assert_eq!((r.status, r.text.as_str()), (200, ""), "new credential");
+    app.clock.set_ms(valid_until);
+    app.state.store.sweep(valid_until).unwrap();
+    assert!(secret_ids(app).contains(&old_id.to_owned()), "swept while it still verifies");
+    let r = twilio_status(app, id, old_token, "CA03").await;
+    assert_eq!((r.status, r.text.as_str()), (200, ""), "old credential at the last moment of the grace");
+    app.clock.set_ms(valid_until + 1);
+    let r = twilio_status(app, id, old_token, "CA04").await;
+    let invalid = "the request signature is not valid";
+    assert_error(&r, 403, "invalid_signature", invalid, "old credential after the grace");
+    app.state.store.sweep(valid_until + 1).unwrap();
+    assert!(!secret_ids(app).contains(&old_id.to_owned()), "kept after its grace");
+    assert!(secret_ids(app).contains(&new_id.to_owned()));
+    let r = twilio_status(app, id, old_token, "CA04b").await;
+    assert_error(&r, 403, "invalid_signature", invalid, "old credential after the sweep");
+    let r = twilio_status(app, id, new_token, "CA05").await;
+    assert_eq!((r.status, r.text.as_str()), (200, ""), "new credential after the grace");
+    let r = twilio_status(app, id, WRONG, "CA06").await;
+    assert_error(&r, 403, "invalid_signature", invalid, "never valid");
+
+    let mut expected = before;
+    expected.extend([
+        ("CA01".to_owned(), by("previous", old_id)),
+        ("CA02".to_owned(), by("current", new_id)),
+        ("CA03".to_owned(), by("previous", old_id)),
+        ("CA05".to_owned(), by("current", new_id)),
+    ]);
+    assert_eq!(verified_by(app, org, id).await, expected);
+}
+
+#[tokio::test]
+async fn rotated_inline_credentials_verify_webhooks_until_the_grace_ends() {
+    let (_fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let v = import_inline(&app, &org, twilio, 0).await;
+    let id = str_of(&v, "id").to_owned();
+    let old_id = str_of(&v, "credential_secret_id").to_owned();
+    // Before any rotation the one credential is current.
+    let r = twilio_status(&app, &id, twilio.secret, "CA00").await;
+    assert_eq!((r.status, r.text.as_str()), (200, ""));
+    let r = twilio_status(&app, &id, TWILIO_ROTATED, "CA00b").await;
+    assert_error(&r, 403, "invalid_signature", "the request signature is not valid", "not yet rotated");
+
+    let rotated_at = T0 + 1_000;
+    app.clock.set_ms(rotated_at);
+    let r = patch_phone(&app, &org, &id, json!({"credentials": credentials(Carrier::Twilio, TWILIO_ROTATED)})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let new_id = str_of(&v, "credential_secret_id").to_owned();
+    let valid_until = rotated_at + GRACE_MS;
+    assert_eq!(v["previous_credential"], json!({"secret_id": old_id, "valid_until": rfc3339(valid_until)}));
+
+    let before = vec![("CA00".to_owned(), by("current", &old_id))];
+    assert_eq!(verified_by(&app, &org, &id).await, before);
+    let (old, new) = ((twilio.secret, old_id.as_str()), (TWILIO_ROTATED, new_id.as_str()));
+    assert_grace(&app, &org, &id, old, new, valid_until, before).await;
+    for secret in [twilio.secret, TWILIO_ROTATED] {
+        app.assert_not_in_data_dir(secret);
+    }
+}
+
+#[tokio::test]
+async fn a_replaced_byok_credential_verifies_webhooks_until_the_grace_ends() {
+    let (_fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let old_id = save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
+    let r = import(&app, &org, Carrier::Twilio, json!({"number": twilio.numbers[0]})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let v = r.json();
+    let id = str_of(&v, "id").to_owned();
+    assert_eq!(v["credential_secret_id"], json!(old_id));
+
+    let replaced_at = T0 + 1_000;
+    app.clock.set_ms(replaced_at);
+    let new_id = save_byok(&app, &org, Carrier::Twilio, TWILIO_ROTATED).await;
+    assert_ne!(new_id, old_id);
+    let valid_until = replaced_at + GRACE_MS;
+    let v = get_phone(&app, &org, &id).await.json();
+    assert_eq!(v["credential_secret_id"], json!(new_id));
+    assert_eq!(v["previous_credential"], json!({"secret_id": old_id, "valid_until": rfc3339(valid_until)}));
+    assert_eq!(v["updated_at"], json!(rfc3339(replaced_at)));
+
+    let (old, new) = ((twilio.secret, old_id.as_str()), (TWILIO_ROTATED, new_id.as_str()));
+    assert_grace(&app, &org, &id, old, new, valid_until, Vec::new()).await;
+    for secret in [twilio.secret, TWILIO_ROTATED] {
+        app.assert_not_in_data_dir(secret);
+    }
+}
+
+#[tokio::test]
+async fn deleting_one_number_keeps_a_replaced_byok_credential_for_the_others() {
+    let (_fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let old_id = save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
+    let mut ids = Vec::new();
+    for number in &twilio.numbers[..2] {
+        let r = import(&app, &org, Carrier::Twilio, json!({"number": number})).await;
+        assert_eq!(r.status, 201, "{number}: {}", r.text);
+        ids.push(str_of(&r.json(), "id").to_owned());
+    }
+    let replaced_at = T0 + 1_000;
+    app.clock.set_ms(replaced_at);
+    let new_id = save_byok(&app, &org, Carrier::Twilio, TWILIO_ROTATED).await;
+    let valid_until = replaced_at + GRACE_MS;
+    for id in &ids {
+        let v = get_phone(&app, &org, id).await.json();
+        assert_eq!(v["previous_credential"], json!({"secret_id": old_id, "valid_until": rfc3339(valid_until)}));
+    }
+
+    // The first number goes; the second still needs the replaced credential for its grace.
+    let r = send(app.delete(&org, &format!("/phone-numbers/{}", ids[0]))).await;
+    assert_eq!((r.status, r.text.as_str()), (204, ""));
+    assert!(secret_ids(&app).contains(&old_id), "the other number's previous credential was dropped");
+    let (old, new) = ((twilio.secret, old_id.as_str()), (TWILIO_ROTATED, new_id.as_str()));
+    assert_grace(&app, &org, &ids[1], old, new, valid_until, Vec::new()).await;
+}
