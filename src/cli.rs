@@ -1,4 +1,5 @@
-//! Command line: `serve`, and the operator commands that work on a stopped server's data dir.
+//! Command line: `serve`, the operator commands that work on a stopped server's data dir, and
+//! the fixture tools.
 
 use std::path::PathBuf;
 
@@ -28,6 +29,97 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Signed webhook fixtures: make one for your own number.
+    Fixtures {
+        #[command(subcommand)]
+        command: FixturesCommand,
+    },
+    /// Send signed webhook fixtures to a running callgate and check its answers.
+    ///
+    /// A running deployment keeps its own clock, settings and phone numbers; replay cannot pin
+    /// or create them. It expects every fixture's phone to exist there with the fixture's id
+    /// (`phone.id`, as `GET /phone-numbers` shows it) and credential, the deployment's
+    /// CALLGATE_PUBLIC_URL to be the fixture's `public_url`, and (Exotel) this machine's
+    /// address to be allowed; a fixture's `now`, `env` and `phone` are not applied. It is meant
+    /// for fixtures an operator signed with `callgate fixtures sign` for their own numbers; the
+    /// repository's fixtures/ are replayed by the test suite, which pins the clock and creates
+    /// the phones. Telnyx signatures expire after 300 s: use --fresh-timestamps for fixtures
+    /// that carry their `signing_seed`. A signed request can be accepted once; sending it
+    /// again is a replay (acknowledged, not recorded). Status, error code and answer text are
+    /// checked, not the recorded events. Prints `PASS name` or `FAIL name expected X got Y`
+    /// per fixture and exits non-zero if any failed.
+    Replay(ReplayArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FixturesCommand {
+    /// Sign a webhook request with a credential, as the carrier would, and print the fixture
+    /// JSON (expecting 200 and one recorded event; edit `expect` for other cases).
+    Sign(Box<SignArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SignArgs {
+    /// plivo, vobiz, twilio, exotel or telnyx.
+    #[arg(long)]
+    pub carrier: String,
+    /// The phone's credential as JSON, in the shape POST /byok takes.
+    #[arg(long, value_name = "FILE.json")]
+    pub credential: std::path::PathBuf,
+    /// GET or POST.
+    #[arg(long, value_name = "M")]
+    pub method: String,
+    /// The full public URL the carrier calls, query included, e.g.
+    /// https://gw.example.com/plivo/incoming/ph_… or https://gw.example.com/webhooks/telnyx/voice.
+    #[arg(long)]
+    pub url: String,
+    /// The raw body.
+    #[arg(long, value_name = "STR", conflicts_with = "body_file")]
+    pub body: Option<String>,
+    /// The raw body, read from a file byte for byte.
+    #[arg(long, value_name = "F")]
+    pub body_file: Option<std::path::PathBuf>,
+    /// Default: form-encoded for a POST body, JSON for Telnyx or a body starting with `{`.
+    #[arg(long, value_name = "CT")]
+    pub content_type: Option<String>,
+    /// Plivo/Vobiz nonce; random 20 digits when omitted.
+    #[arg(long, value_name = "N")]
+    pub nonce: Option<String>,
+    /// Telnyx timestamp, Unix seconds; now when omitted.
+    #[arg(long, value_name = "T")]
+    pub timestamp: Option<i64>,
+    /// Telnyx: hex of the 32-byte Ed25519 seed whose public key is the credential's public_key.
+    #[arg(long, value_name = "HEX")]
+    pub seed: Option<String>,
+    /// Vobiz V3 canonical string: `docs` (URL without query + nonce) or `sdk` (Plivo's rule,
+    /// what both Vobiz SDKs compute).
+    #[arg(long, value_enum, default_value = "sdk")]
+    pub vobiz_form: VobizFormArg,
+    /// The phone's E.164 number, when the request does not name it (`To`, Telnyx `to`).
+    #[arg(long)]
+    pub number: Option<String>,
+    /// The fixture's clock, Unix seconds; the Telnyx timestamp or now when omitted.
+    #[arg(long, value_name = "T")]
+    pub now: Option<i64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum VobizFormArg {
+    Docs,
+    Sdk,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    /// A fixture file or a directory of them (searched recursively; `vectors/` is skipped).
+    pub dir: std::path::PathBuf,
+    /// The callgate to send them to, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub target: String,
+    /// Re-sign Telnyx fixtures that carry their `signing_seed` with a timestamp as far from
+    /// now as the original was from the fixture's `now`, so they pass the ±300 s window.
+    #[arg(long)]
+    pub fresh_timestamps: bool,
 }
 
 #[derive(Subcommand, Debug)]

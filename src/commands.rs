@@ -1,8 +1,11 @@
-//! Operator commands that run against the data dir while the server is stopped.
+//! Operator commands that run against the data dir while the server is stopped, and the
+//! fixture tools, which need neither.
+
+use std::io::Write;
 
 use anyhow::Context;
 
-use crate::cli::{KeysCommand, OrgCommand};
+use crate::cli::{FixturesCommand, KeysCommand, OrgCommand, ReplayArgs, VobizFormArg};
 use crate::clock::{rfc3339, Clock};
 use crate::settings::{MasterKeyInput, Settings};
 use crate::startup::open_data;
@@ -75,6 +78,71 @@ pub fn keys(settings: &Settings, cmd: KeysCommand) -> anyhow::Result<()> {
     } else {
         std::fs::rename(&next_path, settings.data_dir.join(KEY_FILE)).context("installing the new master key")?;
         println!("re-wrapped {} secret(s) under master key {}", rewrapped.len(), ring.current_id());
+    }
+    Ok(())
+}
+
+pub fn fixtures(cmd: FixturesCommand) -> anyhow::Result<()> {
+    let FixturesCommand::Sign(a) = cmd;
+    let carrier = a.carrier.parse().map_err(|e| anyhow::anyhow!("--carrier: {e}"))?;
+    let text = std::fs::read_to_string(&a.credential)
+        .with_context(|| format!("reading the credential {}", a.credential.display()))?;
+    let credential = serde_json::from_str(&text).context("the credential file is not JSON")?;
+    let body = match (&a.body, &a.body_file) {
+        (Some(b), _) => b.clone(),
+        (None, Some(path)) => {
+            String::from_utf8(std::fs::read(path).with_context(|| format!("reading the body {}", path.display()))?)
+                .context("the body is not UTF-8")?
+        }
+        (None, None) => String::new(),
+    };
+    let fixture = crate::fixtures::sign(&crate::fixtures::SignRequest {
+        carrier: Some(carrier),
+        credential,
+        method: a.method,
+        url: a.url,
+        body,
+        content_type: a.content_type,
+        nonce: a.nonce,
+        timestamp: a.timestamp,
+        seed: a.seed,
+        vobiz_form: match a.vobiz_form {
+            VobizFormArg::Docs => crate::fixtures::VobizForm::Docs,
+            VobizFormArg::Sdk => crate::fixtures::VobizForm::Sdk,
+        },
+        now: a.now,
+        number: a.number,
+        phone_id: None,
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string_pretty(&fixture)?)?;
+    Ok(())
+}
+
+pub fn replay(a: ReplayArgs) -> anyhow::Result<()> {
+    let fixtures = if a.dir.is_file() {
+        let text = std::fs::read_to_string(&a.dir).with_context(|| format!("reading {}", a.dir.display()))?;
+        let f = serde_json::from_str(&text).with_context(|| format!("parsing {}", a.dir.display()))?;
+        let name = a.dir.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        vec![(name, f)]
+    } else {
+        crate::fixtures::load_dir(&a.dir)?
+    };
+    if fixtures.is_empty() {
+        anyhow::bail!("no fixtures under {}", a.dir.display());
+    }
+    let opts = crate::fixtures::ReplayOptions { fresh_timestamps: a.fresh_timestamps, now: None };
+    let verdicts = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(crate::fixtures::replay(&fixtures, &a.target, opts));
+    let mut out = std::io::stdout().lock();
+    for v in &verdicts {
+        writeln!(out, "{v}")?;
+    }
+    let failed = verdicts.iter().filter(|v| !v.passed).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} fixtures failed", verdicts.len());
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod fixtures;
 pub mod handoff;
 pub mod metrics;
 pub mod net;

@@ -9,6 +9,12 @@ use callgate::{commands, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The fixture tools read files and talk HTTP: they need no settings and no data dir.
+    match cli.command {
+        Command::Fixtures { command } => return exit(commands::fixtures(command)),
+        Command::Replay(args) => return exit(commands::replay(args)),
+        _ => {}
+    }
     let settings = match Settings::load(cli.config.as_deref(), &ProcessEnv) {
         Ok(s) => s,
         Err(e) => {
@@ -21,7 +27,12 @@ fn main() -> ExitCode {
         Command::Serve => serve(settings),
         Command::Org { command } => commands::org(&settings, command),
         Command::Keys { command } => commands::keys(&settings, command),
+        Command::Fixtures { .. } | Command::Replay(_) => unreachable!("handled before the settings load"),
     };
+    exit(result)
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

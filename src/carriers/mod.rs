@@ -111,7 +111,8 @@ pub struct Parsed {
     pub direction: Option<String>,
     pub status: Option<String>,
     pub params: Value,
-    /// What identifies a redelivery of this very callback (nonce, event id, idempotency token).
+    /// What identifies a redelivery of this very callback; it must be covered by the signature
+    /// (a signed nonce or event id), or anyone holding one request could replay it under a new id.
     pub replay_id: Option<String>,
 }
 

@@ -156,7 +156,12 @@ impl ProviderApi {
     }
 
     /// Answers a Telnyx call; `body` carries the stream fields and the caller's `command_id`.
-    pub async fn telnyx_answer(&self, api_key: &Secret, call_control_id: &str, body: &Value) -> Result<(), ProviderError> {
+    pub async fn telnyx_answer(
+        &self,
+        api_key: &Secret,
+        call_control_id: &str,
+        body: &Value,
+    ) -> Result<(), ProviderError> {
         self.telnyx_command(api_key, call_control_id, telnyx::rest::CallAction::Answer, body).await
     }
 

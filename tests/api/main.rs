@@ -10,3 +10,4 @@ mod helpers;
 mod orgs;
 mod phones;
 mod secrets;
+mod webhooks;

@@ -69,7 +69,10 @@ impl CarrierHooks for Twilio {
             to: get("To"),
             direction: get("Direction"),
             status: status.or_else(|| get("Status")),
-            replay_id: req.header("i-twilio-idempotency-token").map(|t| format!("idem:{t}")),
+            // Not the I-Twilio-Idempotency-Token header: it is outside the signature, so a
+            // captured request resent with a new token would count as new. The pipeline's
+            // key hashes what the signature covers, which a retry repeats byte for byte.
+            replay_id: None,
             params,
         }
     }
