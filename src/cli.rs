@@ -29,6 +29,11 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The upstream hand-off (Standard Webhooks signing).
+    Upstream {
+        #[command(subcommand)]
+        command: UpstreamCommand,
+    },
     /// Signed webhook fixtures: make one for your own number.
     Fixtures {
         #[command(subcommand)]
@@ -128,6 +133,13 @@ pub enum OrgCommand {
     Create { name: String },
     /// List organizations.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UpstreamCommand {
+    /// Print the secret deliveries are signed with (whsec_…), for the platform's verifier:
+    /// CALLGATE_UPSTREAM_SECRET if set, else the one in the data dir (generated if absent).
+    Secret,
 }
 
 #[derive(Subcommand, Debug)]

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use anyhow::Context;
 
-use crate::cli::{FixturesCommand, KeysCommand, OrgCommand, ReplayArgs, VobizFormArg};
+use crate::cli::{FixturesCommand, KeysCommand, OrgCommand, ReplayArgs, UpstreamCommand, VobizFormArg};
 use crate::clock::{rfc3339, Clock};
 use crate::settings::{MasterKeyInput, Settings};
 use crate::startup::open_data;
@@ -144,5 +144,17 @@ pub fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     if failed > 0 {
         anyhow::bail!("{failed} of {} fixtures failed", verdicts.len());
     }
+    Ok(())
+}
+
+/// Works while the server runs: the secret file is only read (or created once).
+pub fn upstream(settings: &Settings, cmd: UpstreamCommand) -> anyhow::Result<()> {
+    let UpstreamCommand::Secret = cmd;
+    std::fs::create_dir_all(&settings.data_dir)?;
+    let (secret, generated) = crate::handoff::load_or_create_secret(settings)?;
+    if generated {
+        eprintln!("generated a new upstream signing secret in {}", settings.data_dir.display());
+    }
+    println!("{}", secret.expose());
     Ok(())
 }

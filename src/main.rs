@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         Command::Serve => serve(settings),
         Command::Org { command } => commands::org(&settings, command),
         Command::Keys { command } => commands::keys(&settings, command),
+        Command::Upstream { command } => commands::upstream(&settings, command),
         Command::Fixtures { .. } | Command::Replay(_) => unreachable!("handled before the settings load"),
     };
     exit(result)

@@ -98,3 +98,30 @@ async fn keys_rotate_rewraps_every_secret_without_changing_it() {
     assert_eq!(rec.sealed.master_key_id, app.state.vault.keyring().current_id());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_secret_is_generated_once_and_shown() {
+    let app = spawn_app().await;
+    let file = std::fs::read_to_string(app.data_dir.join("upstream.secret")).unwrap();
+    let out = callgate(&app.data_dir, &["upstream", "secret"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(shown.trim(), file.trim());
+    assert!(shown.starts_with("whsec_"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(app.data_dir.join("upstream.secret")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // The variable wins over the file.
+    let given = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let out = Command::new(env!("CARGO_BIN_EXE_callgate"))
+        .args(["upstream", "secret"])
+        .env("CALLGATE_DATA_DIR", &app.data_dir)
+        .env("CALLGATE_UPSTREAM_SECRET", given)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), given);
+    app.stop().await;
+}
