@@ -29,6 +29,9 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Check the data dir (server stopped): every record has its indexes, every event its
+    /// delivery record. Exits non-zero if anything is wrong.
+    Check,
     /// The upstream hand-off (Standard Webhooks signing).
     Upstream {
         #[command(subcommand)]

@@ -158,3 +158,16 @@ pub fn upstream(settings: &Settings, cmd: UpstreamCommand) -> anyhow::Result<()>
     println!("{}", secret.expose());
     Ok(())
 }
+
+pub fn check(settings: &Settings) -> anyhow::Result<()> {
+    let (store, _) = open_data(settings).map_err(locked_hint)?;
+    let problems = store.verify_integrity()?;
+    if problems.is_empty() {
+        println!("ok: every record has its indexes and every event its delivery record");
+        return Ok(());
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    anyhow::bail!("{} problem(s) found", problems.len())
+}

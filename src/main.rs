@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         Command::Org { command } => commands::org(&settings, command),
         Command::Keys { command } => commands::keys(&settings, command),
         Command::Upstream { command } => commands::upstream(&settings, command),
+        Command::Check => commands::check(&settings),
         Command::Fixtures { .. } | Command::Replay(_) => unreachable!("handled before the settings load"),
     };
     exit(result)

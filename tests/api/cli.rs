@@ -32,6 +32,9 @@ async fn org_create_and_list_work_on_a_stopped_servers_data_dir_and_the_key_work
 
     let out = callgate(dir.path(), &["org", "list"]);
     let listed = String::from_utf8(out.stdout).unwrap();
+    let out = callgate(dir.path(), &["check"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok:"));
     assert!(listed.contains(&org_id) && listed.contains("Acme Voice"));
 
     let app = spawn_on(dir.path()).await;
