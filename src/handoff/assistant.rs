@@ -62,6 +62,7 @@ async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) 
         .header("webhook-timestamp", ts.to_string())
         .header("webhook-signature", state.signer.sign(ev.id.as_str(), ts, &body))
         .body(body);
+    let started = Instant::now();
     let res = match tokio::time::timeout(deadline, req.send()).await {
         Err(_) => return Err("timeout".into()),
         Ok(Err(e)) if e.is_timeout() => return Err("timeout".into()),
@@ -71,7 +72,8 @@ async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) 
     if !res.status().is_success() {
         return Err(format!("status {}", res.status().as_u16()));
     }
-    let remaining = deadline.saturating_sub(Duration::from_millis(0));
+    // The body shares the deadline with the headers.
+    let remaining = deadline.saturating_sub(started.elapsed());
     let bytes = match tokio::time::timeout(remaining, res.bytes()).await {
         Ok(Ok(b)) if b.len() <= 64 * 1024 => b,
         Ok(Ok(_)) => return Err("malformed_reply".into()),
@@ -87,7 +89,13 @@ pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventReco
     let Some(ccid) = ev.call_id.clone() else { return };
     let decided = decide(state, phone, ev).await;
     let _ = state.store.event_set_answer(&ev.org_id, &ev.id, &decided.record);
-    let api_key = match state.store.secret_get(&phone.org_id, &phone.credential).ok().flatten().map(|r| state.vault.open_phone(&r)) {
+    let api_key = match state
+        .store
+        .secret_get(&phone.org_id, &phone.credential)
+        .ok()
+        .flatten()
+        .map(|r| state.vault.open_phone(&r))
+    {
         Some(Ok(PhoneCredential::Telnyx(c))) => c.api_key,
         _ => {
             tracing::error!(phone = %phone.id, "no Telnyx API key to answer the call with");
@@ -115,9 +123,10 @@ pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventReco
                 tracing::info!(phone = %phone.id, event = %ev.id, action = action.as_str(), "Telnyx call command sent");
                 return;
             }
-            Err(crate::carriers::rest::ProviderError::Unavailable { .. } | crate::carriers::rest::ProviderError::Timeout)
-                if attempt < 3 =>
-            {
+            Err(
+                crate::carriers::rest::ProviderError::Unavailable { .. }
+                | crate::carriers::rest::ProviderError::Timeout,
+            ) if attempt < 3 => {
                 tokio::time::sleep(Duration::from_millis(200 * 3u64.pow(attempt))).await;
             }
             Err(e) => {

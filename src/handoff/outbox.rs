@@ -83,6 +83,21 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> usize 
                 continue;
             }
         }
+        // The scan may be stale: an attempt of this call that finished since then has already
+        // moved the record on (delivered, or failed with its next attempt later). With the
+        // call's slot held, the record read now is the one to act on.
+        let d = match state.store.delivery_get(&d.org_id, &d.event_id) {
+            Ok(Some(fresh))
+                if matches!(fresh.state, DeliveryState::Pending | DeliveryState::Failed)
+                    && fresh.next_attempt_ms <= now =>
+            {
+                fresh
+            }
+            _ => {
+                state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d.call_key);
+                continue;
+            }
+        };
         let Ok(permit) = Arc::clone(permits).acquire_owned().await else { break };
         let st = Arc::clone(state);
         started += 1;

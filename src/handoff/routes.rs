@@ -26,7 +26,11 @@ fn requeue(state: &AppState, org: &crate::domain::OrgId, id: &EventId) -> Result
     Ok(true)
 }
 
-async fn redeliver_one(state: web::Data<AppState>, auth: OrgAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn redeliver_one(
+    state: web::Data<AppState>,
+    auth: OrgAuth,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let id = EventId::parse(&id).map_err(|_| ApiError::not_found("event"))?;
     if !requeue(&state, &auth.org_id, &id)? {
         return Err(ApiError::not_found("event"));
@@ -45,7 +49,11 @@ struct Filter {
     limit: Option<usize>,
 }
 
-async fn redeliver_many(state: web::Data<AppState>, auth: OrgAuth, body: web::Json<Filter>) -> Result<HttpResponse, ApiError> {
+async fn redeliver_many(
+    state: web::Data<AppState>,
+    auth: OrgAuth,
+    body: web::Json<Filter>,
+) -> Result<HttpResponse, ApiError> {
     let wanted = parse_state(body.state.as_deref().unwrap_or("failed"))?;
     if !matches!(wanted, DeliveryState::Failed | DeliveryState::Dead) {
         return Err(ApiError::unprocessable("invalid_field", "state: failed or dead"));
@@ -53,7 +61,9 @@ async fn redeliver_many(state: web::Data<AppState>, auth: OrgAuth, body: web::Js
     let phone_id = body
         .phone_id
         .as_deref()
-        .map(|p| PhoneId::parse(p).map_err(|_| ApiError::unprocessable("invalid_field", "phone_id: not a phone number id")))
+        .map(|p| {
+            PhoneId::parse(p).map_err(|_| ApiError::unprocessable("invalid_field", "phone_id: not a phone number id"))
+        })
         .transpose()?;
     let limit = body.limit.unwrap_or(1000).clamp(1, 10_000);
     let filter = EventFilter { phone_id, kind: None, after: None, delivery: Some(wanted), limit };

@@ -71,7 +71,11 @@ mod tests {
     fn rotation_signs_with_both() {
         let a = Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into());
         let b = Secret::new(format!("whsec_{}", B64.encode([9u8; 32])));
-        let sig = Signer::new(&b, Some(&a)).unwrap().sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
+        let sig = Signer::new(&b, Some(&a)).unwrap().sign(
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
         let parts: Vec<_> = sig.split(' ').collect();
         assert_eq!(parts.len(), 2);
         assert_eq!(parts[1], "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");

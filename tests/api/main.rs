@@ -5,6 +5,7 @@ mod carrier_rest;
 mod cli;
 mod crash;
 mod fake_carrier;
+mod handoff;
 mod hardening;
 mod helpers;
 mod orgs;
