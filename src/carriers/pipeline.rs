@@ -134,13 +134,20 @@ pub async fn handle<C: CarrierHooks>(
     let incoming = hook == Hook::Incoming;
     match state.store.event_record(&ev, &delivery, Some((&replay_key, expires))) {
         Ok(Recorded::New) => {}
-        Ok(Recorded::Duplicate) => {
+        Ok(Recorded::Duplicate(first)) => {
             state.metrics.replayed(carrier);
             tracing::info!(carrier = %carrier, phone = %phone.id, "replayed webhook acknowledged, not recorded again");
-            // A carrier retrying its answer URL still needs a valid document; the assistant
-            // was already asked the first time.
-            let fallback = Decision::fallback(&phone);
-            return respond::<C>(&phone, incoming.then_some(&fallback), &ev);
+            if !incoming {
+                return HttpResponse::Ok().finish();
+            }
+            // A carrier retrying its answer URL gets the answer the first request got.
+            let first = first.and_then(|id| state.store.event_get(&phone.org_id, &id).ok().flatten());
+            let decision = first
+                .as_ref()
+                .and_then(|f| f.answer.as_ref())
+                .and_then(|a| serde_json::from_value::<Decision>(a["decision"].clone()).ok())
+                .unwrap_or_else(|| Decision::fallback(&phone));
+            return respond::<C>(&phone, Some(&decision), first.as_ref().unwrap_or(&ev));
         }
         Err(e) => return ApiError::internal(e).into_response(),
     }

@@ -32,7 +32,8 @@ pub enum Conflict {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Recorded {
     New,
-    Duplicate,
+    /// Seen before: the event the first delivery of it became.
+    Duplicate(Option<EventId>),
 }
 
 #[derive(Debug, Default, Clone)]

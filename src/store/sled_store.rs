@@ -540,10 +540,17 @@ impl Store for SledStore {
         )
             .transaction(|(events, org_events, deliveries, queue, calls, replays, expiry)| {
                 if let Some((key, expires_ms)) = replay_key {
-                    if replays.get(key)?.is_some() {
-                        return Ok(Recorded::Duplicate);
+                    if let Some(seen) = replays.get(key)? {
+                        let first = seen
+                            .get(8..)
+                            .and_then(|id| std::str::from_utf8(id).ok())
+                            .and_then(|id| EventId::parse(id).ok());
+                        return Ok(Recorded::Duplicate(first));
                     }
-                    replays.insert(key, &expires_ms.to_be_bytes())?;
+                    // The expiry, then the event it became, so a repeat can be answered alike.
+                    let mut marker = expires_ms.to_be_bytes().to_vec();
+                    marker.extend_from_slice(ev.id.as_str().as_bytes());
+                    replays.insert(key, marker)?;
                     let mut ek = (expires_ms.max(0) as u64).to_be_bytes().to_vec();
                     ek.extend_from_slice(key);
                     expiry.insert(ek, &[])?;
@@ -601,12 +608,17 @@ impl Store for SledStore {
     }
 
     fn delivery_put(&self, d: &DeliveryRecord) -> Result<(), StoreError> {
-        let old: Option<DeliveryRecord> = Self::get(&self.deliveries, DELIVERIES, d.event_id.as_ref())?;
         let c_key = call_key(&d.call_key, &d.event_id);
         (&self.deliveries, &self.delivery_queue, &self.call_queue)
             .transaction(|(deliveries, queue, calls)| {
-                if let Some(old) = &old {
-                    queue.remove(queue_key(old.next_attempt_ms, &old.event_id))?;
+                // Read inside the transaction: a concurrent write must not leave a stale queue entry.
+                if let Some(raw) = deliveries.get(d.event_id.as_str())? {
+                    match dec::<DeliveryRecord>(DELIVERIES, &raw) {
+                        Ok(old) => {
+                            queue.remove(queue_key(old.next_attempt_ms, &old.event_id))?;
+                        }
+                        Err(e) => return abort(e),
+                    }
                 }
                 deliveries.insert(d.event_id.as_str(), enc(d))?;
                 if matches!(d.state, DeliveryState::Pending | DeliveryState::Failed) {

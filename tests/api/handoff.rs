@@ -1480,3 +1480,28 @@ async fn acknowledged_events_survive_a_crash() {
     let raw = B64.decode(secret.trim().strip_prefix("whsec_").unwrap()).unwrap();
     assert!(hits.iter().all(|h| standard_webhooks_accepts(&raw, h)));
 }
+
+#[tokio::test]
+async fn a_repeated_answer_request_gets_the_first_answer_without_asking_again() {
+    let assistant = fake_assistant().await;
+    let app = spawn_with(answer_env(&assistant).await).await;
+    let org = app.create_org("Acme").await;
+    let transfer = assistant.url("/transfer");
+    let line = add_line(
+        &app,
+        &org,
+        Carrier::Plivo,
+        &number_for(Carrier::Plivo, 0),
+        config(Some(STATIC_STREAM), Some(&transfer)),
+    );
+    let request = incoming_request(&app.client, &app.base, &line, "call-repeat");
+    let repeat = request.try_clone().unwrap();
+    let first = request.send().await.unwrap().text().await.unwrap();
+    let res = repeat.send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let second = res.text().await.unwrap();
+    assert!(first.contains(&format!("<Dial><Number>{TRANSFER_TO}</Number></Dial>")), "{first}");
+    assert_eq!(second, first);
+    assert_eq!(assistant.hits().len(), 1);
+    assert_eq!(events_of(&app, &org, &line).await.len(), 1);
+}
