@@ -1,1 +1,210 @@
-fn main() {}
+//! Per-request cost of the webhook path around verification: URL reconstruction, form
+//! parsing, event encoding, and the store's record path (with and without a flush per
+//! record, which is what group commit saves). Kept short: the build machine has 2 cores.
+
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ipnet::IpNet;
+use serde_json::{Map, Value};
+
+use callgate::domain::{Carrier, EventId, OrgId, PhoneId, SecretId, E164};
+use callgate::net::{client, form};
+use callgate::store::{
+    DeliveryRecord, DeliveryState, EventRecord, PhoneConfig, PhoneRecord, SledStore, Store, VerifiedBy,
+};
+
+/// A Plivo hangup callback as `callgate-bench` sends it (~780 bytes).
+const STATUS_BODY: &str = "ALegRequestUUID=3e82ae9d-2c78-4d85-b1a4-6eae7dbafb36\
+&ALegUUID=3e82ae9d-2c78-4d85-b1a4-6eae7dbafb36&BillRate=0.0085\
+&CallUUID=3e82ae9d-2c78-4d85-b1a4-6eae7dbafb36&CallerName=%2B14155550100&Direction=inbound\
+&From=14155550100&ParentAuthID=MANWVLYTK4ZWU1YTY4QA&RequestUUID=3e82ae9d-2c78-4d85-b1a4-6eae7dbafb36\
+&STIRAttestation=Not+Applicable&STIRVerification=Not+Applicable\
+&SessionStart=2024-05-01+10%3A00%3A00.238707\
+&SIP-H-To=%3Csip%3A14152010000%4052.9.11.55%3Btransport%3Dudp%3E%3Btag%3D1&To=14152010000\
+&AnswerTime=2024-05-01+10%3A00%3A02&BillDuration=60&CallStatus=completed&Duration=37\
+&EndTime=2024-05-01+10%3A00%3A39&Event=Hangup&HangupCause=NORMAL_CLEARING&HangupCauseCode=4000\
+&HangupCauseName=Normal+Hangup&HangupSource=Caller&StartTime=2024-05-01+10%3A00%3A00&TotalCost=0.00850";
+
+const PUBLIC_URL: &str = "https://gw.bench.example";
+const PATH: &str = "/plivo/status/ph_01a20373bcdd734da0c3378ff2af8aa1";
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+    }
+    h
+}
+
+fn bench_net(c: &mut Criterion) {
+    let mut group = c.benchmark_group("net");
+    let peer: IpAddr = "127.0.0.1".parse().unwrap();
+    let carrier_headers = headers(&[
+        ("host", "127.0.0.1:18080"),
+        ("user-agent", "PlivoHTTP/1.0"),
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("x-plivo-signature-v3", "QkFTRTY0U0lHTkFUVVJFQkFTRTY0U0lHTkFUVVJFMDA="),
+        ("x-plivo-signature-v3-nonce", "31627761595286130198"),
+    ]);
+    group.bench_function("signed_url_direct", |b| {
+        b.iter(|| client::signed_url(black_box(PUBLIC_URL), peer, black_box(&carrier_headers), &[], black_box(PATH)))
+    });
+    group.bench_function("client_ip_direct", |b| b.iter(|| client::client_ip(black_box(peer), &carrier_headers, &[])));
+
+    let proxies: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "127.0.0.0/8".parse().unwrap()];
+    let proxied = headers(&[
+        ("host", "10.0.0.5:8080"),
+        ("x-forwarded-for", "198.51.100.7, 10.1.2.3"),
+        ("x-forwarded-host", "gw.bench.example"),
+        ("x-forwarded-proto", "https"),
+    ]);
+    group.bench_function("signed_url_proxied", |b| {
+        b.iter(|| client::signed_url(black_box(PUBLIC_URL), peer, black_box(&proxied), &proxies, black_box(PATH)))
+    });
+    group.bench_function("client_ip_proxied", |b| b.iter(|| client::client_ip(black_box(peer), &proxied, &proxies)));
+    group.finish();
+}
+
+fn bench_form(c: &mut Criterion) {
+    let mut group = c.benchmark_group("form");
+    group.throughput(Throughput::Bytes(STATUS_BODY.len() as u64));
+    group.bench_function("parse_plivo_status", |b| b.iter(|| form::parse(black_box(STATUS_BODY.as_bytes())).unwrap()));
+    group.finish();
+}
+
+fn phone() -> PhoneRecord {
+    PhoneRecord {
+        id: PhoneId::generate(),
+        org_id: OrgId::generate(),
+        provider: Carrier::Plivo,
+        number: E164::parse("+14152010000").unwrap(),
+        provider_number_id: "14152010000".into(),
+        friendly_name: Some("bench plivo 0".into()),
+        label: Some("callgate-bench".into()),
+        config: PhoneConfig { stream_url: Some("wss://stream.bench.example/media".into()), ..PhoneConfig::default() },
+        credential: SecretId::generate(),
+        previous_credential: None,
+        billing_status: "byok".into(),
+        monthly_cost_cents: 0,
+        provider_configuration: None,
+        connection_id: None,
+        created_at_ms: 1_714_557_600_000,
+        updated_at_ms: 1_714_557_600_000,
+    }
+}
+
+/// The event the pipeline builds for the status body above.
+fn event(phone: &PhoneRecord) -> EventRecord {
+    let mut params = Map::new();
+    for (k, v) in form::parse(STATUS_BODY.as_bytes()).unwrap() {
+        params.insert(k.into_owned(), Value::String(v.into_owned()));
+    }
+    EventRecord {
+        id: EventId::generate(),
+        org_id: phone.org_id.clone(),
+        phone_id: phone.id.clone(),
+        provider: phone.provider,
+        kind: "call.hangup".into(),
+        call_id: Some("3e82ae9d-2c78-4d85-b1a4-6eae7dbafb36".into()),
+        from: Some("+14155550100".into()),
+        to: Some("+14152010000".into()),
+        direction: Some("inbound".into()),
+        status: Some("completed".into()),
+        received_at: "2024-05-01T10:00:39.123Z".into(),
+        received_at_ms: 1_714_557_639_123,
+        verified_by: VerifiedBy {
+            scheme: "plivo-v3".into(),
+            credential: "current".into(),
+            secret_id: Some(phone.credential.clone()),
+        },
+        params: Value::Object(params),
+        answer: None,
+    }
+}
+
+fn delivery(ev: &EventRecord) -> DeliveryRecord {
+    DeliveryRecord {
+        event_id: ev.id.clone(),
+        org_id: ev.org_id.clone(),
+        call_key: format!("plivo:{}", ev.call_id.as_deref().unwrap_or("")),
+        state: DeliveryState::Pending,
+        attempts: Vec::new(),
+        next_attempt_ms: ev.received_at_ms,
+        created_at_ms: ev.received_at_ms,
+    }
+}
+
+fn bench_event(c: &mut Criterion) {
+    let phone = phone();
+    let ev = event(&phone);
+    let mut group = c.benchmark_group("event");
+    group.bench_function("encode_json", |b| b.iter(|| serde_json::to_vec(black_box(&ev)).unwrap()));
+    group.bench_function("build_params_json", |b| {
+        b.iter(|| {
+            let mut params = Map::new();
+            for (k, v) in form::parse(black_box(STATUS_BODY.as_bytes())).unwrap() {
+                params.insert(k.into_owned(), Value::String(v.into_owned()));
+            }
+            Value::Object(params)
+        })
+    });
+    group.finish();
+}
+
+/// A fresh event, delivery and replay key per iteration, as every real callback has.
+fn unique(template: &EventRecord) -> (EventRecord, DeliveryRecord, Vec<u8>) {
+    let mut ev = template.clone();
+    ev.id = EventId::generate();
+    let d = delivery(&ev);
+    let mut key = b"plivo\0nonce:".to_vec();
+    key.extend_from_slice(ev.id.as_str().as_bytes());
+    (ev, d, key)
+}
+
+fn bench_store(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&dir.path().join("db")).unwrap();
+    let phone = phone();
+    store.phone_insert(&phone, None).unwrap().unwrap();
+    store.flush().unwrap();
+    let template = event(&phone);
+    let expires = template.received_at_ms + 86_400_000;
+
+    let mut group = c.benchmark_group("store");
+    group.bench_function("phone_resolve", |b| b.iter(|| store.phone_resolve(black_box(&phone.id)).unwrap().unwrap()));
+    group.bench_function("event_record", |b| {
+        b.iter_batched(
+            || unique(&template),
+            |(ev, d, key)| store.event_record(&ev, &d, Some((&key, expires))).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    // One fsync per record: what every request would pay without group commit.
+    group.sample_size(10);
+    group.bench_function("event_record_flush", |b| {
+        b.iter_batched(
+            || unique(&template),
+            |(ev, d, key)| {
+                store.event_record(&ev, &d, Some((&key, expires))).unwrap();
+                store.flush().unwrap();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_net, bench_form, bench_event, bench_store
+}
+criterion_main!(benches);

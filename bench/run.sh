@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# Load test of callgate's webhook path against a bare actix-web baseline.
+#
+# Per run: fresh data dir, `callgate-bench provision`, callgate pinned to one core, every
+# scenario fired from the other core, the server's RSS recorded, then the baseline server on
+# the same core with the `bare` scenario. Prints medians over the runs.
+#
+#   bench/run.sh                      # 3 runs x (6 scenarios + bare), 10 s each after 2 s warm-up
+#   DURATION=5 WARMUP=1 RUNS=1 bench/run.sh
+#
+# Environment (defaults): DURATION (10) WARMUP (2) RUNS (3) CONNECTIONS (64) NUMBERS (20 per
+# carrier) REQUESTS (150000 unique requests per scenario run) SCENARIOS (see below)
+# SERVER_CPU (0) CLIENT_CPU (1) OUT (bench/results/<timestamp>) KEEP_DATA (unset: data dirs removed)
+# ISOLATE (unset: one server and data dir per run, scenarios in order, so later scenarios meet a
+# bigger store and the outbox backlog of earlier ones; set: a fresh data dir and server per
+# scenario, RSS then recorded per scenario).
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+RUNS=${RUNS:-3}
+CONNECTIONS=${CONNECTIONS:-64}
+NUMBERS=${NUMBERS:-20}
+REQUESTS=${REQUESTS:-150000}
+SCENARIOS=${SCENARIOS:-plivo-status plivo-incoming twilio-status telnyx-event exotel-status mix}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+PUBLIC_URL=https://gw.bench.example
+
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/$(date +%Y%m%dT%H%M%S)}
+mkdir -p "$OUT"
+
+echo "== building (release)" >&2
+cargo build --release --bins
+CALLGATE=target/release/callgate
+BENCH=target/release/callgate-bench
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty tree)')"
+    echo "cpus: $(nproc); server on cpu $SERVER_CPU, generator on cpu $CLIENT_CPU"
+    echo "loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "duration=${DURATION}s warmup=${WARMUP}s runs=$RUNS connections=$CONNECTIONS numbers=$NUMBERS requests=$REQUESTS"
+} >"$OUT/env.txt"
+
+PIDS=()
+DATA_DIRS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    if [ -z "${KEEP_DATA:-}" ]; then
+        for d in "${DATA_DIRS[@]}"; do
+            rm -rf "$d"
+        done
+    fi
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_for URL [curl args...]: until the URL answers 2xx, at most 10 s.
+wait_for() {
+    local url=$1
+    shift
+    for _ in $(seq 1 100); do
+        if curl -fsS -o /dev/null "$@" "$url" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "no answer from $url" >&2
+    return 1
+}
+
+# stop PID: SIGTERM, then SIGKILL after 20 s (callgate drains in-flight requests first).
+stop() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 200); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    local kept=()
+    for p in "${PIDS[@]}"; do
+        [ "$p" = "$pid" ] || kept+=("$p")
+    done
+    PIDS=("${kept[@]}")
+}
+
+# Server CPU time (user + system) in clock ticks, to turn into CPU per request.
+cpu_ticks() {
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+rss_of() {
+    awk '/^VmRSS|^VmHWM/ {printf "%s %s ", $1, $2} END {print ""}' "/proc/$1/status"
+}
+
+# start_callgate NAME: fresh data dir, provision, callgate on SERVER_CPU; sets $data, $port, $server.
+start_callgate() {
+    data=$(mktemp -d /tmp/callgate-bench.XXXXXX)
+    DATA_DIRS+=("$data")
+    "$BENCH" provision --data-dir "$data" --public-url "$PUBLIC_URL" --numbers "$NUMBERS"
+    port=$(free_port)
+    # Carrier REST calls (e.g. Telnyx answer commands) go to a closed local port, never out.
+    taskset -c "$SERVER_CPU" env \
+        CALLGATE_DATA_DIR="$data" \
+        CALLGATE_LISTEN="127.0.0.1:$port" \
+        CALLGATE_PUBLIC_URL="$PUBLIC_URL" \
+        EXOTEL_ALLOWED_IPS=127.0.0.1 \
+        CALLGATE_LOG=warn \
+        CALLGATE_PLIVO_API_URL=http://127.0.0.1:9 \
+        CALLGATE_VOBIZ_API_URL=http://127.0.0.1:9 \
+        CALLGATE_TWILIO_API_URL=http://127.0.0.1:9 \
+        CALLGATE_TELNYX_API_URL=http://127.0.0.1:9 \
+        CALLGATE_EXOTEL_API_URL=http://127.0.0.1:9 \
+        "$CALLGATE" serve >"$OUT/server-$1.log" 2>&1 &
+    server=$!
+    PIDS+=("$server")
+    wait_for "http://127.0.0.1:$port/ready"
+}
+
+for run in $(seq 1 "$RUNS"); do
+    echo "== run $run/$RUNS" >&2
+    [ -n "${ISOLATE:-}" ] || start_callgate "run$run"
+    for scenario in $SCENARIOS; do
+        echo "   $scenario" >&2
+        [ -z "${ISOLATE:-}" ] || start_callgate "run$run-$scenario"
+        # The server idles while the generator builds its pool, so the CPU delta is this
+        # scenario's work (plus, without ISOLATE, background work the previous one left).
+        before=$(cpu_ticks "$server")
+        taskset -c "$CLIENT_CPU" "$BENCH" run --target "http://127.0.0.1:$port" \
+            --provision "$data/bench-provision.json" --scenario "$scenario" \
+            --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+            --requests "$REQUESTS" >"$OUT/run$run-$scenario.json"
+        echo "$(($(cpu_ticks "$server") - before))" >"$OUT/run$run-$scenario.cpu"
+        if [ -n "${ISOLATE:-}" ]; then
+            rss_of "$server" >"$OUT/run$run-rss-callgate-$scenario.txt"
+            stop "$server"
+        fi
+    done
+    if [ -z "${ISOLATE:-}" ]; then
+        rss_of "$server" >"$OUT/run$run-rss-callgate.txt"
+        stop "$server"
+    fi
+
+    port=$(free_port)
+    taskset -c "$SERVER_CPU" "$BENCH" baseline --listen "127.0.0.1:$port" >"$OUT/baseline-run$run.log" 2>&1 &
+    baseline=$!
+    PIDS+=("$baseline")
+    wait_for "http://127.0.0.1:$port/" -X POST -d ready
+    echo "   bare (baseline server)" >&2
+    before=$(cpu_ticks "$baseline")
+    taskset -c "$CLIENT_CPU" "$BENCH" run --target "http://127.0.0.1:$port" --scenario bare \
+        --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" >"$OUT/run$run-bare.json"
+    echo "$(($(cpu_ticks "$baseline") - before))" >"$OUT/run$run-bare.cpu"
+    rss_of "$baseline" >"$OUT/run$run-rss-baseline.txt"
+    stop "$baseline"
+done
+echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/env.txt"
+
+python3 - "$OUT" "$(getconf CLK_TCK)" $SCENARIOS <<'EOF' | tee "$OUT/summary.md"
+import glob, json, os, re, statistics, sys
+
+out, clk_tck, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+rows = {}
+for path in sorted(glob.glob(os.path.join(out, "run*-*.json"))):
+    d = json.load(open(path))
+    cpu = path[: -len(".json")] + ".cpu"
+    if os.path.exists(cpu) and d.get("completed_total"):
+        # Server CPU per answered request, warm-up included: robust to a busy machine.
+        d["cpu_ms_per_req"] = int(open(cpu).read()) * 1000 / clk_tck / d["completed_total"]
+    rows.setdefault(d["scenario"], []).append(d)
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+def rss(kind):
+    vals = {"VmRSS:": [], "VmHWM:": []}
+    for path in glob.glob(os.path.join(out, f"run*-rss-{kind}*.txt")):
+        for k, v in re.findall(r"(Vm\w+:) (\d+)", open(path).read()):
+            vals[k].append(int(v))
+    return med(vals["VmRSS:"]) / 1024, med(vals["VmHWM:"]) / 1024
+
+print(open(os.path.join(out, "env.txt")).read().strip().replace("\n", "  \n"))
+print()
+base = med([d["requests_per_sec"] for d in rows.get("bare", [])])
+print("| scenario | runs | req/s (median) | p50 ms | p99 ms | vs baseline | server CPU ms/req | non-2xx | errors | exhausted |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+order = [s for s in scenarios if s in rows] + sorted(s for s in rows if s not in scenarios and s != "bare")
+order += ["bare"] if "bare" in rows else []
+for s in order:
+    ds = rows[s]
+    rps = med([d["requests_per_sec"] for d in ds])
+    p50 = med([d["latency_ms"]["p50"] for d in ds])
+    p99 = med([d["latency_ms"]["p99"] for d in ds])
+    bad = sum(n for d in ds for code, n in d["status"].items() if not code.startswith("2"))
+    errs = sum(d["errors"] for d in ds)
+    ex = sum(1 for d in ds if d["exhausted"])
+    ratio = rps / base if base == base and base else float("nan")
+    cpu = med([d["cpu_ms_per_req"] for d in ds if "cpu_ms_per_req" in d])
+    print(f"| {s} | {len(ds)} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {ratio:.3f} | {cpu:.3f} | {bad} | {errs} | {ex} |")
+print()
+cg, cg_hwm = rss("callgate")
+bl, bl_hwm = rss("baseline")
+print(f"RSS after the runs (median): callgate {cg:.1f} MiB (peak {cg_hwm:.1f}), baseline {bl:.1f} MiB (peak {bl_hwm:.1f})")
+print(f"raw results: {out}")
+EOF
