@@ -16,7 +16,7 @@ use crate::domain::{EventId, PhoneId, SecretId};
 use crate::error::ApiError;
 use crate::net::{body, client, form};
 use crate::state::AppState;
-use crate::store::{DeliveryRecord, DeliveryState, EventRecord, PhoneRecord, Recorded, VerifiedBy};
+use crate::store::{DeliveryRecord, DeliveryState, EventRecord, PhoneRecord, PreparedEvent, Recorded, VerifiedBy};
 
 fn rejected(
     carrier: crate::domain::Carrier,
@@ -132,7 +132,9 @@ pub async fn handle<C: CarrierHooks>(
         created_at_ms: now_ms,
     };
     let incoming = hook == Hook::Incoming;
-    match state.store.event_record(&ev, &delivery, Some((&replay_key, expires))) {
+    let prepared = PreparedEvent::new(&ev, &delivery, Some((&replay_key, expires)));
+    // The writer acknowledges only once the batch holding this event is on disk.
+    match state.commit.record(prepared).await {
         Ok(Recorded::New) => {}
         Ok(Recorded::Duplicate(first)) => {
             state.metrics.replayed(carrier);
@@ -150,10 +152,6 @@ pub async fn handle<C: CarrierHooks>(
             return respond::<C>(&phone, Some(&decision), first.as_ref().unwrap_or(&ev));
         }
         Err(e) => return ApiError::internal(e).into_response(),
-    }
-    // Acknowledge only what survives a crash.
-    if let Err(e) = state.commit.commit().await {
-        return ApiError::internal(e).into_response();
     }
     state.metrics.accepted(carrier);
     state.outbox.poke();

@@ -36,6 +36,42 @@ pub enum Recorded {
     Duplicate(Option<EventId>),
 }
 
+/// An event and its delivery record, encoded once on the request's thread so the single
+/// writer only has to put bytes in place.
+pub struct PreparedEvent {
+    pub(crate) id: EventId,
+    pub(crate) org_id: OrgId,
+    pub(crate) call_key: String,
+    pub(crate) next_attempt_ms: i64,
+    pub(crate) event: Vec<u8>,
+    pub(crate) delivery: Vec<u8>,
+    pub(crate) replay: Option<(Vec<u8>, i64)>,
+}
+
+impl PreparedEvent {
+    pub fn new(ev: &EventRecord, delivery: &DeliveryRecord, replay_key: Option<(&[u8], i64)>) -> Self {
+        PreparedEvent {
+            id: ev.id.clone(),
+            org_id: ev.org_id.clone(),
+            call_key: delivery.call_key.clone(),
+            next_attempt_ms: delivery.next_attempt_ms,
+            event: encode(ev),
+            delivery: encode(delivery),
+            replay: replay_key.map(|(k, exp)| (k.to_vec(), exp)),
+        }
+    }
+}
+
+/// Every stored value: a schema version byte, then JSON.
+pub(crate) const SCHEMA: u8 = 1;
+
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.push(SCHEMA);
+    serde_json::to_writer(&mut out, v).expect("records always serialize");
+    out
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct EventFilter {
     pub phone_id: Option<PhoneId>,
@@ -112,7 +148,13 @@ pub trait Store: Send + Sync + 'static {
         ev: &EventRecord,
         delivery: &DeliveryRecord,
         replay_key: Option<(&[u8], i64)>,
-    ) -> Result<Recorded, StoreError>;
+    ) -> Result<Recorded, StoreError> {
+        let mut out = self.event_record_batch(&[PreparedEvent::new(ev, delivery, replay_key)])?;
+        Ok(out.pop().unwrap_or(Recorded::New))
+    }
+    /// Many events in one transaction (the group commit's batch), each with its own verdict;
+    /// a replay key repeated inside the batch counts as seen.
+    fn event_record_batch(&self, batch: &[PreparedEvent]) -> Result<Vec<Recorded>, StoreError>;
     fn event_get(&self, org: &OrgId, id: &EventId) -> Result<Option<EventRecord>, StoreError>;
     fn event_list(&self, org: &OrgId, filter: &EventFilter) -> Result<Vec<EventRecord>, StoreError>;
     fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError>;

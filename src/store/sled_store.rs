@@ -7,7 +7,7 @@ use sled::{Db, Transactional, Tree};
 
 use super::*;
 
-const SCHEMA: u8 = 1;
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 const ORGS: &str = "orgs";
 const API_KEYS: &str = "api_keys";
@@ -27,10 +27,7 @@ const REPLAYS: &str = "replays";
 const REPLAY_EXPIRY: &str = "replay_expiry";
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    out.push(SCHEMA);
-    serde_json::to_writer(&mut out, v).expect("records always serialize");
-    out
+    encode(v)
 }
 
 fn dec<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -106,7 +103,8 @@ pub struct SledStore {
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+        // A bounded page cache: resident memory must not grow with the number of events stored.
+        let db = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).open().map_err(|e| match e {
             sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked,
             sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
             other => StoreError::Sled(other),
@@ -518,17 +516,33 @@ impl Store for SledStore {
             .map_err(tx_err)
     }
 
-    fn event_record(
-        &self,
-        ev: &EventRecord,
-        delivery: &DeliveryRecord,
-        replay_key: Option<(&[u8], i64)>,
-    ) -> Result<Recorded, StoreError> {
-        let ev_bytes = enc(ev);
-        let d_bytes = enc(delivery);
-        let org_key = scoped(&ev.org_id, ev.id.as_ref());
-        let q_key = queue_key(delivery.next_attempt_ms, &ev.id);
-        let c_key = call_key(&delivery.call_key, &ev.id);
+    fn event_record_batch(&self, batch: &[PreparedEvent]) -> Result<Vec<Recorded>, StoreError> {
+        struct Keys {
+            org: Vec<u8>,
+            queue: Vec<u8>,
+            call: Vec<u8>,
+            expiry: Option<Vec<u8>>,
+            marker: Option<Vec<u8>>,
+        }
+        let keys: Vec<Keys> = batch
+            .iter()
+            .map(|p| Keys {
+                org: scoped(&p.org_id, p.id.as_ref()),
+                queue: queue_key(p.next_attempt_ms, &p.id),
+                call: call_key(&p.call_key, &p.id),
+                expiry: p.replay.as_ref().map(|(k, exp)| {
+                    let mut ek = ((*exp).max(0) as u64).to_be_bytes().to_vec();
+                    ek.extend_from_slice(k);
+                    ek
+                }),
+                // The expiry, then the event it became, so a repeat can be answered alike.
+                marker: p.replay.as_ref().map(|(_, exp)| {
+                    let mut m = exp.to_be_bytes().to_vec();
+                    m.extend_from_slice(p.id.as_str().as_bytes());
+                    m
+                }),
+            })
+            .collect();
         (
             &self.events,
             &self.org_events,
@@ -539,28 +553,37 @@ impl Store for SledStore {
             &self.replay_expiry,
         )
             .transaction(|(events, org_events, deliveries, queue, calls, replays, expiry)| {
-                if let Some((key, expires_ms)) = replay_key {
-                    if let Some(seen) = replays.get(key)? {
-                        let first = seen
-                            .get(8..)
-                            .and_then(|id| std::str::from_utf8(id).ok())
-                            .and_then(|id| EventId::parse(id).ok());
-                        return Ok(Recorded::Duplicate(first));
+                // Built afresh on every try: sled may re-run the closure.
+                let mut in_batch: std::collections::HashMap<&[u8], &EventId> = std::collections::HashMap::new();
+                let mut out = Vec::with_capacity(batch.len());
+                for (p, k) in batch.iter().zip(&keys) {
+                    if let Some((key, _)) = &p.replay {
+                        if let Some(first) = in_batch.get(key.as_slice()) {
+                            out.push(Recorded::Duplicate(Some((*first).clone())));
+                            continue;
+                        }
+                        if let Some(seen) = replays.get(key.as_slice())? {
+                            let first = seen
+                                .get(8..)
+                                .and_then(|id| std::str::from_utf8(id).ok())
+                                .and_then(|id| EventId::parse(id).ok());
+                            out.push(Recorded::Duplicate(first));
+                            continue;
+                        }
+                        replays.insert(key.as_slice(), k.marker.as_deref().unwrap_or_default())?;
+                        if let Some(ek) = &k.expiry {
+                            expiry.insert(ek.as_slice(), &[])?;
+                        }
+                        in_batch.insert(key.as_slice(), &p.id);
                     }
-                    // The expiry, then the event it became, so a repeat can be answered alike.
-                    let mut marker = expires_ms.to_be_bytes().to_vec();
-                    marker.extend_from_slice(ev.id.as_str().as_bytes());
-                    replays.insert(key, marker)?;
-                    let mut ek = (expires_ms.max(0) as u64).to_be_bytes().to_vec();
-                    ek.extend_from_slice(key);
-                    expiry.insert(ek, &[])?;
+                    events.insert(p.id.as_str(), p.event.as_slice())?;
+                    org_events.insert(k.org.as_slice(), &[])?;
+                    deliveries.insert(p.id.as_str(), p.delivery.as_slice())?;
+                    queue.insert(k.queue.as_slice(), p.id.as_str())?;
+                    calls.insert(k.call.as_slice(), &[])?;
+                    out.push(Recorded::New);
                 }
-                events.insert(ev.id.as_str(), ev_bytes.as_slice())?;
-                org_events.insert(org_key.as_slice(), &[])?;
-                deliveries.insert(ev.id.as_str(), d_bytes.as_slice())?;
-                queue.insert(q_key.as_slice(), ev.id.as_str())?;
-                calls.insert(c_key.as_slice(), &[])?;
-                Ok(Recorded::New)
+                Ok(out)
             })
             .map_err(tx_err)
     }
@@ -742,5 +765,69 @@ impl Store for SledStore {
             }
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::PhoneId;
+
+    fn event(org: &OrgId, call: &str) -> (EventRecord, DeliveryRecord) {
+        let ev = EventRecord {
+            id: EventId::generate(),
+            org_id: org.clone(),
+            phone_id: PhoneId::generate(),
+            provider: Carrier::Plivo,
+            kind: "call.status".into(),
+            call_id: Some(call.into()),
+            from: None,
+            to: None,
+            direction: None,
+            status: None,
+            received_at: "2024-05-01T10:00:00.000Z".into(),
+            received_at_ms: 0,
+            verified_by: VerifiedBy { scheme: "plivo-v3".into(), credential: "current".into(), secret_id: None },
+            params: serde_json::json!({}),
+            answer: None,
+        };
+        let d = DeliveryRecord {
+            event_id: ev.id.clone(),
+            org_id: org.clone(),
+            call_key: format!("plivo:{call}"),
+            state: DeliveryState::Pending,
+            attempts: Vec::new(),
+            next_attempt_ms: 0,
+            created_at_ms: 0,
+        };
+        (ev, d)
+    }
+
+    #[test]
+    fn a_batch_records_each_event_once_and_spots_replays_inside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let org = OrgId::generate();
+        let (a, da) = event(&org, "c1");
+        let (b, db) = event(&org, "c1");
+        let (c, dc) = event(&org, "c2");
+        let batch = [
+            PreparedEvent::new(&a, &da, Some((b"k1", 10))),
+            PreparedEvent::new(&b, &db, Some((b"k1", 10))),
+            PreparedEvent::new(&c, &dc, Some((b"k2", 10))),
+        ];
+        let out = store.event_record_batch(&batch).unwrap();
+        assert_eq!(out, vec![Recorded::New, Recorded::Duplicate(Some(a.id.clone())), Recorded::New]);
+        assert!(store.event_get(&org, &b.id).unwrap().is_none());
+        assert_eq!(store.call_head("plivo:c1").unwrap(), Some(a.id.clone()));
+        // Seen in an earlier batch too.
+        let (d, dd) = event(&org, "c3");
+        let out = store.event_record_batch(&[PreparedEvent::new(&d, &dd, Some((b"k2", 10)))]).unwrap();
+        assert_eq!(out, vec![Recorded::Duplicate(Some(c.id.clone()))]);
+        assert!(store.verify_integrity().unwrap().is_empty());
+        // Markers expire.
+        assert_eq!(store.sweep(11).unwrap(), 2);
+        let out = store.event_record_batch(&[PreparedEvent::new(&d, &dd, Some((b"k2", 100)))]).unwrap();
+        assert_eq!(out, vec![Recorded::New]);
     }
 }
