@@ -119,7 +119,7 @@ async fn attempt(state: &AppState, mut d: DeliveryRecord) {
         Ok(Some(ev)) => ev,
         _ => {
             d.state = DeliveryState::Dead;
-            let _ = state.store.delivery_put(&d);
+            let _ = state.commit.put_delivery(d).await;
             return;
         }
     };
@@ -127,7 +127,7 @@ async fn attempt(state: &AppState, mut d: DeliveryRecord) {
     let Some(url) = phone_url.or_else(|| state.settings.handoff.upstream_url.clone()) else {
         // Nowhere to deliver yet: keep it, look again later.
         d.next_attempt_ms = now + 60_000;
-        let _ = state.store.delivery_put(&d);
+        let _ = state.commit.put_delivery(d).await;
         return;
     };
     let body = match serde_json::to_vec(&event_json(&ev, None)) {
@@ -182,8 +182,9 @@ async fn attempt(state: &AppState, mut d: DeliveryRecord) {
             tracing::info!(event = %d.event_id, status = ?status_code, attempts = d.attempts.len(), "delivery failed; will retry")
         }
     }
-    if let Err(e) = state.store.delivery_put(&d) {
-        tracing::error!(event = %d.event_id, error = %e, "recording a delivery attempt failed");
+    let event_id = d.event_id.clone();
+    if let Err(e) = state.commit.put_delivery(d).await {
+        tracing::error!(event = %event_id, error = %e, "recording a delivery attempt failed");
     }
 }
 

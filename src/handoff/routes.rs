@@ -9,21 +9,20 @@ use crate::domain::{EventId, PhoneId};
 use crate::error::ApiError;
 use crate::events::parse_state;
 use crate::state::AppState;
-use crate::store::{DeliveryState, EventFilter};
+use crate::store::{DeliveryRecord, DeliveryState, EventFilter};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/events/redeliver", web::post().to(redeliver_many))
         .route("/events/{id}/redeliver", web::post().to(redeliver_one));
 }
 
-fn requeue(state: &AppState, org: &crate::domain::OrgId, id: &EventId) -> Result<bool, ApiError> {
-    let Some(mut d) = state.store.delivery_get(org, id)? else { return Ok(false) };
+/// The delivery made due now, with a fresh horizon: the operator asked for it.
+fn requeued(state: &AppState, org: &crate::domain::OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, ApiError> {
+    let Some(mut d) = state.store.delivery_get(org, id)? else { return Ok(None) };
     d.state = DeliveryState::Pending;
     d.next_attempt_ms = state.clock.now_ms();
-    // A fresh horizon: the operator asked for it.
     d.created_at_ms = d.next_attempt_ms;
-    state.store.delivery_put(&d)?;
-    Ok(true)
+    Ok(Some(d))
 }
 
 async fn redeliver_one(
@@ -32,10 +31,8 @@ async fn redeliver_one(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = EventId::parse(&id).map_err(|_| ApiError::not_found("event"))?;
-    if !requeue(&state, &auth.org_id, &id)? {
-        return Err(ApiError::not_found("event"));
-    }
-    state.commit.commit().await?;
+    let d = requeued(&state, &auth.org_id, &id)?.ok_or_else(|| ApiError::not_found("event"))?;
+    state.commit.put_delivery(d).await?;
     state.outbox.poke();
     Ok(HttpResponse::Accepted().json(json!({"event_id": id, "delivery": "pending"})))
 }
@@ -68,12 +65,13 @@ async fn redeliver_many(
     let limit = body.limit.unwrap_or(1000).clamp(1, 10_000);
     let filter = EventFilter { phone_id, kind: None, after: None, delivery: Some(wanted), limit };
     let events = state.store.event_list(&auth.org_id, &filter)?;
-    let mut n = 0;
+    let mut updates = Vec::with_capacity(events.len());
     for ev in &events {
-        if requeue(&state, &auth.org_id, &ev.id)? {
-            n += 1;
-        }
+        updates.extend(requeued(&state, &auth.org_id, &ev.id)?);
     }
+    let n = updates.len();
+    // One transaction for the lot, then one flush.
+    state.store.write_batch(&[], &updates)?;
     state.commit.commit().await?;
     state.outbox.poke();
     Ok(HttpResponse::Accepted().json(json!({"requeued": n})))

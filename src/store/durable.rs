@@ -9,13 +9,15 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use super::{PreparedEvent, Recorded, Store, StoreError};
+use super::{DeliveryRecord, PreparedEvent, Recorded, Store, StoreError};
 
 enum Job {
     /// Everything written before this is to be on disk.
     Flush(oneshot::Sender<Result<(), String>>),
     /// Write this event (unless its replay key was seen), then make it durable.
     Record(PreparedEvent, oneshot::Sender<Result<Recorded, String>>),
+    /// Write this delivery state, then make it durable.
+    Delivery(DeliveryRecord, oneshot::Sender<Result<(), String>>),
 }
 
 pub struct GroupCommit {
@@ -38,6 +40,8 @@ impl GroupCommit {
                     let mut flushes = Vec::new();
                     let mut events = Vec::new();
                     let mut replies = Vec::new();
+                    let mut updates = Vec::new();
+                    let mut update_replies = Vec::new();
                     for job in std::iter::once(first).chain(rx.try_iter()) {
                         match job {
                             Job::Flush(w) => flushes.push(w),
@@ -45,12 +49,16 @@ impl GroupCommit {
                                 events.push(p);
                                 replies.push(w);
                             }
+                            Job::Delivery(d, w) => {
+                                updates.push(d);
+                                update_replies.push(w);
+                            }
                         }
                     }
-                    let written = if events.is_empty() {
+                    let written = if events.is_empty() && updates.is_empty() {
                         Ok(Vec::new())
                     } else {
-                        store.event_record_batch(&events).map_err(|e| e.to_string())
+                        store.write_batch(&events, &updates).map_err(|e| e.to_string())
                     };
                     let flushed = store.flush().map_err(|e| e.to_string());
                     match written.and_then(|v| flushed.clone().map(|()| v)) {
@@ -58,9 +66,15 @@ impl GroupCommit {
                             for (w, v) in replies.into_iter().zip(verdicts) {
                                 let _ = w.send(Ok(v));
                             }
+                            for w in update_replies {
+                                let _ = w.send(Ok(()));
+                            }
                         }
                         Err(e) => {
                             for w in replies {
+                                let _ = w.send(Err(e.clone()));
+                            }
+                            for w in update_replies {
                                 let _ = w.send(Err(e.clone()));
                             }
                         }
@@ -92,6 +106,17 @@ impl GroupCommit {
         self.tx.send(Job::Record(event, tx)).map_err(|_| stopped())?;
         match rx.await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Corrupt { tree: "-", detail: format!("recording failed: {e}") }),
+            Err(_) => Err(stopped()),
+        }
+    }
+
+    /// Writes a delivery's new state with the next batch; resolves once it is on disk.
+    pub async fn put_delivery(&self, d: DeliveryRecord) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Job::Delivery(d, tx)).map_err(|_| stopped())?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Corrupt { tree: "-", detail: format!("recording failed: {e}") }),
             Err(_) => Err(stopped()),
         }

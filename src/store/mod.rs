@@ -154,11 +154,18 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Many events in one transaction (the group commit's batch), each with its own verdict;
     /// a replay key repeated inside the batch counts as seen.
-    fn event_record_batch(&self, batch: &[PreparedEvent]) -> Result<Vec<Recorded>, StoreError>;
+    fn event_record_batch(&self, batch: &[PreparedEvent]) -> Result<Vec<Recorded>, StoreError> {
+        self.write_batch(batch, &[])
+    }
+    /// The durable writer's whole batch, events and delivery updates, in one transaction.
+    fn write_batch(&self, events: &[PreparedEvent], deliveries: &[DeliveryRecord])
+        -> Result<Vec<Recorded>, StoreError>;
     fn event_get(&self, org: &OrgId, id: &EventId) -> Result<Option<EventRecord>, StoreError>;
     fn event_list(&self, org: &OrgId, filter: &EventFilter) -> Result<Vec<EventRecord>, StoreError>;
     fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError>;
-    fn delivery_put(&self, d: &DeliveryRecord) -> Result<(), StoreError>;
+    fn delivery_put(&self, d: &DeliveryRecord) -> Result<(), StoreError> {
+        self.write_batch(&[], std::slice::from_ref(d)).map(|_| ())
+    }
     /// The oldest undelivered event of a call: only it may be delivered next.
     fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError>;
     /// Notes how an incoming call was answered (after the fact; not part of the durable record).

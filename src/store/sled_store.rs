@@ -516,7 +516,7 @@ impl Store for SledStore {
             .map_err(tx_err)
     }
 
-    fn event_record_batch(&self, batch: &[PreparedEvent]) -> Result<Vec<Recorded>, StoreError> {
+    fn write_batch(&self, batch: &[PreparedEvent], updates: &[DeliveryRecord]) -> Result<Vec<Recorded>, StoreError> {
         struct Keys {
             org: Vec<u8>,
             queue: Vec<u8>,
@@ -583,6 +583,26 @@ impl Store for SledStore {
                     calls.insert(k.call.as_slice(), &[])?;
                     out.push(Recorded::New);
                 }
+                for d in updates {
+                    // Read inside the transaction: a concurrent write must not leave a stale
+                    // queue entry.
+                    if let Some(raw) = deliveries.get(d.event_id.as_str())? {
+                        match dec::<DeliveryRecord>(DELIVERIES, &raw) {
+                            Ok(old) => {
+                                queue.remove(queue_key(old.next_attempt_ms, &old.event_id))?;
+                            }
+                            Err(e) => return abort(e),
+                        }
+                    }
+                    deliveries.insert(d.event_id.as_str(), enc(d))?;
+                    let c_key = call_key(&d.call_key, &d.event_id);
+                    if matches!(d.state, DeliveryState::Pending | DeliveryState::Failed) {
+                        queue.insert(queue_key(d.next_attempt_ms, &d.event_id), d.event_id.as_str())?;
+                        calls.insert(c_key.as_slice(), &[])?;
+                    } else {
+                        calls.remove(c_key.as_slice())?;
+                    }
+                }
                 Ok(out)
             })
             .map_err(tx_err)
@@ -628,31 +648,6 @@ impl Store for SledStore {
 
     fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError> {
         Ok(Self::get::<DeliveryRecord>(&self.deliveries, DELIVERIES, id.as_ref())?.filter(|d| &d.org_id == org))
-    }
-
-    fn delivery_put(&self, d: &DeliveryRecord) -> Result<(), StoreError> {
-        let c_key = call_key(&d.call_key, &d.event_id);
-        (&self.deliveries, &self.delivery_queue, &self.call_queue)
-            .transaction(|(deliveries, queue, calls)| {
-                // Read inside the transaction: a concurrent write must not leave a stale queue entry.
-                if let Some(raw) = deliveries.get(d.event_id.as_str())? {
-                    match dec::<DeliveryRecord>(DELIVERIES, &raw) {
-                        Ok(old) => {
-                            queue.remove(queue_key(old.next_attempt_ms, &old.event_id))?;
-                        }
-                        Err(e) => return abort(e),
-                    }
-                }
-                deliveries.insert(d.event_id.as_str(), enc(d))?;
-                if matches!(d.state, DeliveryState::Pending | DeliveryState::Failed) {
-                    queue.insert(queue_key(d.next_attempt_ms, &d.event_id), d.event_id.as_str())?;
-                    calls.insert(c_key.as_slice(), &[])?;
-                } else {
-                    calls.remove(c_key.as_slice())?;
-                }
-                Ok(())
-            })
-            .map_err(tx_err)
     }
 
     fn call_head(&self, call: &str) -> Result<Option<EventId>, StoreError> {
