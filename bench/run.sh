@@ -10,6 +10,7 @@
 #
 # Environment (defaults): DURATION (10) WARMUP (2) RUNS (3) CONNECTIONS (64) NUMBERS (20 per
 # carrier) REQUESTS (150000 unique requests per scenario run) SCENARIOS (see below)
+# UPSTREAM (unset: no hand-off upstream; e.g. http://127.0.0.1:9 for "upstream down")
 # SERVER_CPU (0) CLIENT_CPU (1) OUT (bench/results/<timestamp>) KEEP_DATA (unset: data dirs removed)
 # ISOLATE (unset: one server and data dir per run, scenarios in order, so later scenarios meet a
 # bigger store and the outbox backlog of earlier ones; set: a fresh data dir and server per
@@ -120,6 +121,7 @@ start_callgate() {
         CALLGATE_TWILIO_API_URL=http://127.0.0.1:9 \
         CALLGATE_TELNYX_API_URL=http://127.0.0.1:9 \
         CALLGATE_EXOTEL_API_URL=http://127.0.0.1:9 \
+        ${UPSTREAM:+CALLGATE_UPSTREAM_URL=$UPSTREAM} \
         "$CALLGATE" serve >"$OUT/server-$1.log" 2>&1 &
     server=$!
     PIDS+=("$server")
