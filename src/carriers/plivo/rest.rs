@@ -84,18 +84,23 @@ pub(crate) async fn configure_number(
         .json(&json!({ "app_id": app_id }));
     ex.send("link number", link).await?;
     actions.push("linked number");
-    Ok(json!({
+    Ok(configured(&app_id, &name, targets, actions))
+}
+
+/// The application that routes `number`: one per number, because the gateway's answer URL
+/// names the phone, and a shared application would route every number to the last one set.
+/// What configuring a Plivo-family number changed, for `provider_configuration`.
+pub(crate) fn configured(app_id: &str, name: &str, targets: &WebhookTargets, actions: Vec<&str>) -> Value {
+    json!({
         "changed": true,
         "application_id": app_id,
         "application_name": name,
         "answer_url": targets.incoming,
         "hangup_url": targets.status,
         "actions": actions,
-    }))
+    })
 }
 
-/// The application that routes `number`: one per number, because the gateway's answer URL
-/// names the phone, and a shared application would route every number to the last one set.
 pub(crate) fn app_name(number: &ListedNumber) -> String {
     format!("{APP_NAME}-{}", number.number.digits())
 }

@@ -5,7 +5,7 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::carriers::plivo::rest::{app_name, ensure_application};
+use crate::carriers::plivo::rest::{app_name, configured, ensure_application};
 use crate::carriers::rest::{
     id_string, listed, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError, WebhookTargets,
 };
@@ -77,12 +77,5 @@ pub(crate) async fn configure_number(
         .json(&json!({ "application_id": app_id }));
     ex.send("attach application", attach).await?;
     actions.push("linked number");
-    Ok(json!({
-        "changed": true,
-        "application_id": app_id,
-        "application_name": name,
-        "answer_url": targets.incoming,
-        "hangup_url": targets.status,
-        "actions": actions,
-    }))
+    Ok(configured(&app_id, &name, targets, actions))
 }
