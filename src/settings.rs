@@ -316,7 +316,7 @@ impl Settings {
                 .map(|l| parse_net("config/exotel-allowlist", l))
                 .collect::<Result<_, _>>()?,
         };
-        tracing_subscriber::EnvFilter::try_new(&raw.log).map_err(|e| bad("CALLGATE_LOG", e.to_string()))?;
+        crate::telemetry::parse_filter(&raw.log).map_err(|e| bad("CALLGATE_LOG", e.to_string()))?;
         if raw.body_limit_bytes < 1024 {
             return Err(bad("CALLGATE_BODY_LIMIT_BYTES", "must be at least 1024"));
         }
