@@ -27,9 +27,9 @@ use callgate::carriers::telnyx::signature as telnyx_sig;
 use callgate::carriers::twilio::signature::{self as twilio_sig, TwilioKey};
 use callgate::carriers::vobiz::signature::{self as vobiz_sig, VobizKey};
 use callgate::clock::{rfc3339, Clock};
-use callgate::domain::{Carrier, OrgId, PhoneId, Secret, E164};
+use callgate::domain::{Carrier, Secret};
 use callgate::handoff::signing::Signer;
-use callgate::store::{PhoneConfig, PhoneRecord, Store};
+use callgate::store::{PhoneConfig, Store};
 
 use crate::fake_carrier::{FakeCarrier, Mode};
 use crate::helpers::*;
@@ -284,29 +284,7 @@ fn provision_line(
         Carrier::Telnyx => TELNYX_API_KEY.to_owned(),
         _ => format!("{carrier}SECRETtoken{}", &number[number.len() - 4..]),
     };
-    let org_id = OrgId::parse(org).unwrap();
-    let new = callgate::vault::validate(carrier.as_str(), &credential(carrier, &token))
-        .unwrap_or_else(|e| panic!("{carrier} credential: {}", e.message));
-    let rec = vault.seal(&org_id, &new, None, now);
-    let phone = PhoneRecord {
-        id: PhoneId::generate(),
-        org_id,
-        provider: carrier,
-        number: E164::parse(number).unwrap(),
-        provider_number_id: number.trim_start_matches('+').to_owned(),
-        friendly_name: None,
-        label: None,
-        config,
-        credential: rec.id.clone(),
-        previous_credential: None,
-        billing_status: "byok".into(),
-        monthly_cost_cents: 0,
-        provider_configuration: None,
-        connection_id: None,
-        created_at_ms: now,
-        updated_at_ms: now,
-    };
-    store.phone_insert(&phone, Some(&rec)).unwrap().unwrap();
+    let phone = insert_phone(store, vault, org, carrier, number, &credential(carrier, &token), config, now);
     Line { carrier, phone_id: phone.id.to_string(), number: number.to_owned(), token }
 }
 

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use callgate::carriers::plivo::signature::{sign_v3, Method, PlivoKey};
-use callgate::domain::{Carrier, OrgId, PhoneId, E164};
-use callgate::store::{PhoneConfig, PhoneRecord};
+use callgate::domain::{Carrier, PhoneId};
+use callgate::store::PhoneConfig;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,29 +17,19 @@ const TOKEN: &str = "hardeningPlivoToken0123456789";
 /// An org with one Plivo number whose credential is known to the test.
 async fn plivo_number(app: &TestApp) -> (Org, PhoneId) {
     let org = app.create_org("Hardening").await;
-    let org_id = OrgId::parse(&org.id).unwrap();
-    let now = app.clock.now_ms();
     let cred = json!({"auth_id": "MAHARDENING000000001", "auth_token": TOKEN});
-    let secret = app.state.vault.seal(&org_id, &callgate::vault::validate("plivo", &cred).unwrap(), None, now);
-    let phone = PhoneRecord {
-        id: PhoneId::generate(),
-        org_id,
-        provider: Carrier::Plivo,
-        number: E164::parse("+14155550111").unwrap(),
-        provider_number_id: "14155550111".into(),
-        friendly_name: None,
-        label: None,
-        config: PhoneConfig { stream_url: Some("wss://agent.example.com/ws".into()), ..Default::default() },
-        credential: secret.id.clone(),
-        previous_credential: None,
-        billing_status: "byok".into(),
-        monthly_cost_cents: 0,
-        provider_configuration: None,
-        connection_id: None,
-        created_at_ms: now,
-        updated_at_ms: now,
-    };
-    app.state.store.phone_insert(&phone, Some(&secret)).unwrap().unwrap();
+    let config = PhoneConfig { stream_url: Some("wss://agent.example.com/ws".into()), ..Default::default() };
+    let store = app.state.store.as_ref();
+    let phone = insert_phone(
+        store,
+        &app.state.vault,
+        &org.id,
+        Carrier::Plivo,
+        "+14155550111",
+        &cred,
+        config,
+        app.clock.now_ms(),
+    );
     (org, phone.id)
 }
 

@@ -286,3 +286,42 @@ impl BinaryServer {
         let _ = std::process::Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
     }
 }
+
+/// Puts a phone number straight into the store, its credential sealed as an import would seal
+/// it: for tests that need a number without going through a fake carrier.
+#[allow(clippy::too_many_arguments)]
+pub fn insert_phone(
+    store: &dyn callgate::store::Store,
+    vault: &callgate::vault::Vault,
+    org: &str,
+    carrier: callgate::domain::Carrier,
+    number: &str,
+    credential: &Value,
+    config: callgate::store::PhoneConfig,
+    now: i64,
+) -> callgate::store::PhoneRecord {
+    let org_id = callgate::domain::OrgId::parse(org).unwrap();
+    let new = callgate::vault::validate(carrier.as_str(), credential)
+        .unwrap_or_else(|e| panic!("{carrier} credential: {}", e.message));
+    let rec = vault.seal(&org_id, &new, None, now);
+    let phone = callgate::store::PhoneRecord {
+        id: callgate::domain::PhoneId::generate(),
+        org_id,
+        provider: carrier,
+        number: callgate::domain::E164::parse(number).unwrap(),
+        provider_number_id: number.trim_start_matches('+').to_owned(),
+        friendly_name: None,
+        label: None,
+        config,
+        credential: rec.id.clone(),
+        previous_credential: None,
+        billing_status: "byok".into(),
+        monthly_cost_cents: 0,
+        provider_configuration: None,
+        connection_id: None,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    store.phone_insert(&phone, Some(&rec)).unwrap().unwrap();
+    phone
+}
