@@ -215,6 +215,9 @@ add("settings", "CALLGATE_TRUSTED_PROXIES=10.0.0.0/8\n\0"
                 '[handoff]\ndelivery_workers = 4\n[carriers]\nexotel_api_url = "https://api.exotel.com"\n',
     "hand: with TOML")
 add("settings", "\0[handoff]\nunknown = 1\n", "hand: TOML with an unknown key")
+# Minimized findings of this target (see fuzz/README.md), kept as regression seeds.
+add("settings", "CALLGATE_LOG=warn,[span{user=<*................}]=debug\n", "finding: regex DFA blow-up")
+add("settings", "CALLGATE_LOG= \u00e9=debug\n", "finding: tracing-subscriber char-boundary panic")
 
 # ---------------------------------------------------------------- client_ip
 for d in fixtures:

@@ -16,6 +16,11 @@ use crate::domain::Secret;
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const EXOTEL_ALLOWLIST: &str = include_str!("../config/exotel-allowlist");
 
+/// Longest replay window, credential grace or delivery horizon accepted. Each is added to the
+/// current time as `i64` milliseconds (replay markers, grace deadlines, the outbox's give-up
+/// time); a century is beyond any real use and far from overflowing that sum.
+const MAX_WINDOW_SECS: u64 = 100 * 365 * 24 * 3600;
+
 /// One bad setting, named, so the start-up failure is a single clear line.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid setting {name}: {problem}")]
@@ -326,6 +331,15 @@ impl Settings {
         if raw.provider_timeout_ms == 0 {
             return Err(bad("CALLGATE_PROVIDER_TIMEOUT_MS", "must be at least 1"));
         }
+        for (name, secs) in [
+            ("CALLGATE_CREDENTIAL_GRACE_SECS", raw.credential_grace_secs),
+            ("CALLGATE_REPLAY_WINDOW_SECS", raw.replay_window_secs),
+            ("CALLGATE_DELIVERY_HORIZON_SECS", raw.handoff.delivery_horizon_secs),
+        ] {
+            if secs > MAX_WINDOW_SECS {
+                return Err(bad(name, format!("must be at most {MAX_WINDOW_SECS} (100 years)")));
+            }
+        }
         let h = raw.handoff;
         let http_url = |name: &str, v: Option<String>| -> Result<Option<String>, SettingsError> {
             match v.filter(|s| !s.trim().is_empty()) {
@@ -447,6 +461,24 @@ mod tests {
             let err = Settings::load(None, &env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{value}");
             assert!(!err.to_string().contains(value) || name != "CALLGATE_MASTER_KEY");
+        }
+    }
+
+    /// Regression (the `settings` fuzz target's window oracle): these are added to "now" as i64
+    /// milliseconds in the pipeline, vault, phones and outbox. u64::MAX seconds truncated to
+    /// -1 s (replay markers expired before they were written); 9223372036854775 s overflowed the
+    /// sum (a panic in debug builds, a negative deadline in release).
+    #[test]
+    fn windows_beyond_a_century_are_refused() {
+        for name in ["CALLGATE_CREDENTIAL_GRACE_SECS", "CALLGATE_REPLAY_WINDOW_SECS", "CALLGATE_DELIVERY_HORIZON_SECS"]
+        {
+            for bad_value in ["18446744073709551615", "9223372036854775", "3153600001"] {
+                assert_eq!(Settings::load(None, &env(&[(name, bad_value)])).unwrap_err().name, name, "{bad_value}");
+            }
+            let s = Settings::load(None, &env(&[(name, "3153600000")])).unwrap();
+            let longest = s.replay_window.max(s.credential_grace).max(s.handoff.delivery_horizon);
+            assert_eq!(longest.as_secs(), MAX_WINDOW_SECS);
+            assert!(4_102_444_800_000_i64.checked_add(longest.as_millis() as i64).is_some());
         }
     }
 

@@ -8,8 +8,14 @@ use tracing_subscriber::EnvFilter;
 /// takes exponential time and memory to build, so one line of configuration could hang start-up
 /// (found by the `settings` fuzz target; tracing-subscriber advises the same for filters that
 /// come from outside the program).
+///
+/// Each comma-separated directive is trimmed first: tracing-subscriber 0.3.23 walks a directive's
+/// trimmed text but slices the untrimmed one with those indices, so `info, callgate=debug`
+/// misparses and ` é=debug` panics on a char boundary (tokio-rs/tracing#3297; also found by the
+/// `settings` fuzz target).
 pub fn parse_filter(filter: &str) -> Result<EnvFilter, ParseError> {
-    EnvFilter::builder().with_regex(false).parse(filter)
+    let directives: Vec<&str> = filter.split(',').map(str::trim).collect();
+    EnvFilter::builder().with_regex(false).parse(directives.join(","))
 }
 
 pub fn init(filter: &str) {
@@ -36,6 +42,19 @@ mod tests {
         let env: HashMap<String, String> = [("CALLGATE_LOG".to_owned(), log.to_owned())].into();
         assert_eq!(Settings::load(None, &env).unwrap().log, log);
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+
+    /// Regression (fuzz/artifacts/settings/crash-56f034b4…, minimized): a panic inside
+    /// tracing-subscriber's directive parser, i.e. at start-up.
+    #[test]
+    fn whitespace_around_directives_is_trimmed() {
+        assert_eq!(parse_filter(" é=debug").unwrap().to_string(), "é=debug");
+        let f = parse_filter("info, callgate=debug ,\twarp=warn").unwrap().to_string();
+        for directive in ["info", "callgate=debug", "warp=warn"] {
+            assert!(f.split(',').any(|d| d == directive), "{directive} missing from {f}");
+        }
+        let env: HashMap<String, String> = [("CALLGATE_LOG".to_owned(), " é=debug".to_owned())].into();
+        assert!(Settings::load(None, &env).is_ok());
     }
 
     #[test]
