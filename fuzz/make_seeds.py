@@ -218,6 +218,8 @@ add("settings", "\0[handoff]\nunknown = 1\n", "hand: TOML with an unknown key")
 # Minimized findings of this target (see fuzz/README.md), kept as regression seeds.
 add("settings", "CALLGATE_LOG=warn,[span{user=<*................}]=debug\n", "finding: regex DFA blow-up")
 add("settings", "CALLGATE_LOG= \u00e9=debug\n", "finding: tracing-subscriber char-boundary panic")
+add("settings", "CALLGATE_LOG=[{a=x}],[{a=x}]\n", "finding: tracing-subscriber debug assertion on equal field filters")
+add("settings", "CALLGATE_REPLAY_WINDOW_SECS=18446744073709551615\n", "finding: window overflowing now + window in i64 ms")
 
 # ---------------------------------------------------------------- client_ip
 for d in fixtures:
