@@ -1,7 +1,6 @@
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Db, Transactional, Tree};
 
@@ -25,10 +24,6 @@ const DELIVERY_QUEUE: &str = "delivery_queue";
 const CALL_QUEUE: &str = "call_queue";
 const REPLAYS: &str = "replays";
 const REPLAY_EXPIRY: &str = "replay_expiry";
-
-fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-    encode(v)
-}
 
 fn dec<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
@@ -184,8 +179,8 @@ impl Store for SledStore {
     fn org_create(&self, org: &OrgRecord, key: &ApiKeyRecord) -> Result<(), StoreError> {
         (&self.orgs, &self.api_keys, &self.api_key_hashes)
             .transaction(|(orgs, keys, hashes)| {
-                orgs.insert(org.id.as_str(), enc(org))?;
-                keys.insert(key.id.as_str(), enc(key))?;
+                orgs.insert(org.id.as_str(), encode(org))?;
+                keys.insert(key.id.as_str(), encode(key))?;
                 hashes.insert(&key.hash[..], key.id.as_str())?;
                 Ok(())
             })
@@ -206,7 +201,7 @@ impl Store for SledStore {
                 if orgs.get(key.org_id.as_str())?.is_none() {
                     return Ok(false);
                 }
-                keys.insert(key.id.as_str(), enc(key))?;
+                keys.insert(key.id.as_str(), encode(key))?;
                 hashes.insert(&key.hash[..], key.id.as_str())?;
                 Ok(true)
             })
@@ -255,9 +250,9 @@ impl Store for SledStore {
         let audit_key = scoped(&rec.org_id, uuid::Uuid::now_v7().as_bytes());
         (&self.secrets, &self.byok, &self.audit, &self.phones)
             .transaction(|(secrets, byok, audit_t, phones)| {
-                secrets.insert(rec.id.as_str(), enc(rec))?;
+                secrets.insert(rec.id.as_str(), encode(rec))?;
                 byok.insert(slot.as_slice(), rec.id.as_str())?;
-                audit_t.insert(audit_key.as_slice(), enc(audit))?;
+                audit_t.insert(audit_key.as_slice(), encode(audit))?;
                 if let Some(old) = &old_id {
                     if users.is_empty() {
                         secrets.remove(old.as_str())?;
@@ -268,7 +263,7 @@ impl Store for SledStore {
                                 Err(e) => return abort(e),
                             };
                             old_rec.retired_until_ms = Some(grace_until_ms);
-                            secrets.insert(old.as_str(), enc(&old_rec))?;
+                            secrets.insert(old.as_str(), encode(&old_rec))?;
                         }
                         for p in &users {
                             let mut p = p.clone();
@@ -276,7 +271,7 @@ impl Store for SledStore {
                                 Some(PreviousCredential { secret_id: old.clone(), valid_until_ms: grace_until_ms });
                             p.credential = rec.id.clone();
                             p.updated_at_ms = audit.at_ms;
-                            phones.insert(p.id.as_str(), enc(&p))?;
+                            phones.insert(p.id.as_str(), encode(&p))?;
                         }
                     }
                 }
@@ -305,7 +300,7 @@ impl Store for SledStore {
             .transaction(|(secrets, byok, audit_t)| {
                 byok.remove(slot.as_slice())?;
                 secrets.remove(id.as_str())?;
-                audit_t.insert(audit_key.as_slice(), enc(audit))?;
+                audit_t.insert(audit_key.as_slice(), encode(audit))?;
                 Ok(())
             })
             .map_err(tx_err)?;
@@ -351,7 +346,7 @@ impl Store for SledStore {
         self.secrets
             .transaction(|secrets| {
                 for r in recs {
-                    secrets.insert(r.id.as_str(), enc(r))?;
+                    secrets.insert(r.id.as_str(), encode(r))?;
                 }
                 Ok(())
             })
@@ -370,9 +365,9 @@ impl Store for SledStore {
                     return Ok(Err(Conflict::NumberTaken));
                 }
                 if let Some(s) = inline {
-                    secrets.insert(s.id.as_str(), enc(s))?;
+                    secrets.insert(s.id.as_str(), encode(s))?;
                 }
-                phones.insert(phone.id.as_str(), enc(phone))?;
+                phones.insert(phone.id.as_str(), encode(phone))?;
                 numbers.insert(phone.number.as_str(), phone.id.as_str())?;
                 org_phones.insert(scoped(&phone.org_id, phone.id.as_ref()), phone.id.as_str())?;
                 Ok(Ok(()))
@@ -474,7 +469,7 @@ impl Store for SledStore {
                                         Err(e) => return abort(e),
                                     };
                                     rec.retired_until_ms = Some(*until);
-                                    secrets.insert(id.as_str(), enc(&rec))?;
+                                    secrets.insert(id.as_str(), encode(&rec))?;
                                 }
                             }
                         }
@@ -484,9 +479,9 @@ impl Store for SledStore {
                     None => return Ok(false),
                 }
                 if let Some(s) = inline {
-                    secrets.insert(s.id.as_str(), enc(s))?;
+                    secrets.insert(s.id.as_str(), encode(s))?;
                 }
-                phones.insert(phone.id.as_str(), enc(phone))?;
+                phones.insert(phone.id.as_str(), encode(phone))?;
                 Ok(true)
             })
             .map_err(tx_err)
@@ -594,7 +589,7 @@ impl Store for SledStore {
                             Err(e) => return abort(e),
                         }
                     }
-                    deliveries.insert(d.event_id.as_str(), enc(d))?;
+                    deliveries.insert(d.event_id.as_str(), encode(d))?;
                     let c_key = call_key(&d.call_key, &d.event_id);
                     if matches!(d.state, DeliveryState::Pending | DeliveryState::Failed) {
                         queue.insert(queue_key(d.next_attempt_ms, &d.event_id), d.event_id.as_str())?;
@@ -668,7 +663,7 @@ impl Store for SledStore {
     fn event_set_answer(&self, org: &OrgId, id: &EventId, answer: &serde_json::Value) -> Result<(), StoreError> {
         if let Some(mut ev) = self.event_get(org, id)? {
             ev.answer = Some(answer.clone());
-            self.events.insert(id.as_str(), enc(&ev))?;
+            self.events.insert(id.as_str(), encode(&ev))?;
         }
         Ok(())
     }
