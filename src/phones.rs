@@ -427,6 +427,9 @@ async fn patch(
         return Err(ApiError::not_found("phone number"));
     }
     state.commit.commit().await?;
+    if phone.config.upstream_url.is_some() && state.store.unpark(Some(&phone.id)) > 0 {
+        state.outbox.poke();
+    }
     Ok(HttpResponse::Ok().json(phone_json(&state, &phone)))
 }
 

@@ -121,7 +121,13 @@ pub async fn handle<C: CarrierHooks>(
     let parsed = C::parse(&inbound, hook);
     let replay_key = replay_key(carrier, &phone, &parsed, &inbound);
     let expires = now_ms + settings.replay_window.as_millis() as i64;
-    let ev = event(&phone, parsed, verified_by, now_ms);
+    let mut ev = event(&phone, parsed, verified_by, now_ms);
+    let incoming = hook == Hook::Incoming;
+    // Without an assistant the answer is known now, and is recorded with the event itself.
+    let preset = if incoming { crate::handoff::assistant::without_assistant(&state, &phone) } else { None };
+    if let Some(d) = &preset {
+        ev.answer = Some(d.record.clone());
+    }
     let delivery = DeliveryRecord {
         event_id: ev.id.clone(),
         org_id: ev.org_id.clone(),
@@ -131,11 +137,11 @@ pub async fn handle<C: CarrierHooks>(
         next_attempt_ms: now_ms,
         created_at_ms: now_ms,
     };
-    let incoming = hook == Hook::Incoming;
-    let prepared = PreparedEvent::new(&ev, &delivery, Some((&replay_key, expires)));
+    let parked = phone.config.upstream_url.is_none() && settings.handoff.upstream_url.is_none();
+    let prepared = PreparedEvent::new(&ev, &delivery, Some((&replay_key, expires))).parked(parked);
     // The writer acknowledges only once the batch holding this event is on disk.
     match state.commit.record(prepared).await {
-        Ok(Recorded::New) => {}
+        Ok(Recorded::New(id)) => ev.id = id,
         Ok(Recorded::Duplicate(first)) => {
             state.metrics.replayed(carrier);
             tracing::info!(carrier = %carrier, phone = %phone.id, "replayed webhook acknowledged, not recorded again");
@@ -154,7 +160,9 @@ pub async fn handle<C: CarrierHooks>(
         Err(e) => return ApiError::internal(e).into_response(),
     }
     state.metrics.accepted(carrier);
-    state.outbox.poke();
+    if !parked {
+        state.outbox.poke();
+    }
     tracing::debug!(carrier = %carrier, phone = %phone.id, event = %ev.id, kind = %ev.kind, "webhook recorded");
     if carrier == crate::domain::Carrier::Telnyx && ev.kind == "call.incoming" {
         let st = state.clone();
@@ -164,10 +172,16 @@ pub async fn handle<C: CarrierHooks>(
     if !incoming {
         return HttpResponse::Ok().finish();
     }
-    let decided = crate::handoff::assistant::decide(&state, &phone, &ev).await;
-    if let Err(e) = state.store.event_set_answer(&ev.org_id, &ev.id, &decided.record) {
-        tracing::warn!(event = %ev.id, error = %e, "could not note the answer on the event");
-    }
+    let decided = match preset {
+        Some(d) => d,
+        None => {
+            let d = crate::handoff::assistant::decide(&state, &phone, &ev).await;
+            if let Err(e) = state.commit.set_answer(ev.id.clone(), d.record.clone()).await {
+                tracing::warn!(event = %ev.id, error = %e, "could not note the answer on the event");
+            }
+            d
+        }
+    };
     respond::<C>(&phone, Some(&decided.decision), &ev)
 }
 
@@ -180,7 +194,7 @@ fn respond<C: CarrierHooks>(phone: &PhoneRecord, decision: Option<&Decision>, ev
 
 fn event(phone: &PhoneRecord, p: Parsed, verified_by: VerifiedBy, now_ms: i64) -> EventRecord {
     EventRecord {
-        id: EventId::generate(),
+        id: EventId::unassigned(),
         org_id: phone.org_id.clone(),
         phone_id: phone.id.clone(),
         provider: phone.provider,

@@ -77,6 +77,13 @@ prefixed_id!(SecretId, "sec_", "secret");
 prefixed_id!(PhoneId, "ph_", "phone number");
 prefixed_id!(EventId, "evt_", "event");
 
+impl EventId {
+    /// The id of an event not yet recorded: the store gives out the real one.
+    pub fn unassigned() -> Self {
+        Self(format!("{}{}", Self::PREFIX, "0".repeat(32)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,12 +29,20 @@ fn valid(d: &Decision) -> bool {
     }
 }
 
+/// The answer when no assistant is configured for the number: known before anything is asked.
+pub fn without_assistant(state: &AppState, phone: &PhoneRecord) -> Option<Decided> {
+    let none = phone.config.assistant_url.is_none() && state.settings.handoff.assistant_url.is_none();
+    none.then(|| static_answer(phone))
+}
+
+fn static_answer(phone: &PhoneRecord) -> Decided {
+    let decision = Decision::fallback(phone);
+    Decided { record: json!({"decision": decision, "source": "static"}), decision }
+}
+
 pub async fn decide(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) -> Decided {
     let url = phone.config.assistant_url.as_deref().or(state.settings.handoff.assistant_url.as_deref());
-    let Some(url) = url else {
-        let decision = Decision::fallback(phone);
-        return Decided { record: json!({"decision": decision, "source": "static"}), decision };
-    };
+    let Some(url) = url else { return static_answer(phone) };
     let deadline = state.settings.handoff.answer_deadline;
     let started = Instant::now();
     let reason = match ask(state, url, ev, deadline).await {
@@ -88,7 +96,7 @@ async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) 
 pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) {
     let Some(ccid) = ev.call_id.clone() else { return };
     let decided = decide(state, phone, ev).await;
-    let _ = state.store.event_set_answer(&ev.org_id, &ev.id, &decided.record);
+    let _ = state.commit.set_answer(ev.id.clone(), decided.record.clone()).await;
     let api_key = match state
         .store
         .secret_get(&phone.org_id, &phone.credential)

@@ -70,9 +70,8 @@ async fn redeliver_many(
         updates.extend(requeued(&state, &auth.org_id, &ev.id)?);
     }
     let n = updates.len();
-    // One transaction for the lot, then one flush.
-    state.store.write_batch(&[], &updates)?;
-    state.commit.commit().await?;
+    // One durable write for the lot.
+    state.commit.put_deliveries(updates).await?;
     state.outbox.poke();
     Ok(HttpResponse::Accepted().json(json!({"requeued": n})))
 }

@@ -1,7 +1,7 @@
 //! The single durable writer. Requests that need their write on disk queue it here; one thread
-//! takes everything queued, writes all recorded events in one transaction, flushes once, and
-//! answers every waiter. Durability costs one transaction and one flush per batch, not per
-//! request, and neither ever runs on an async worker.
+//! takes everything queued, writes all of it with one durable append (one `fdatasync`), and
+//! answers every waiter. Durability costs one write and one sync per batch, not per request,
+//! and neither ever runs on an async worker.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -10,14 +10,19 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use super::{DeliveryRecord, PreparedEvent, Recorded, Store, StoreError};
+use crate::domain::EventId;
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Job {
-    /// Everything written before this is to be on disk.
-    Flush(oneshot::Sender<Result<(), String>>),
+    /// Everything written to sled before this is to be on disk.
+    Flush(Reply<()>),
     /// Write this event (unless its replay key was seen), then make it durable.
-    Record(PreparedEvent, oneshot::Sender<Result<Recorded, String>>),
-    /// Write this delivery state, then make it durable.
-    Delivery(DeliveryRecord, oneshot::Sender<Result<(), String>>),
+    Record(Box<PreparedEvent>, Reply<Recorded>),
+    /// Write these delivery states, then make them durable.
+    Deliveries(Vec<DeliveryRecord>, Reply<()>),
+    /// Note how an incoming call was answered.
+    Answer(EventId, serde_json::Value, Reply<()>),
 }
 
 pub struct GroupCommit {
@@ -29,6 +34,84 @@ fn stopped() -> StoreError {
     StoreError::Corrupt { tree: "-", detail: "the durable writer stopped".into() }
 }
 
+#[derive(Default)]
+struct Round {
+    flushes: Vec<Reply<()>>,
+    events: Vec<PreparedEvent>,
+    event_replies: Vec<Reply<Recorded>>,
+    deliveries: Vec<DeliveryRecord>,
+    answers: Vec<(EventId, serde_json::Value)>,
+    done_replies: Vec<Reply<()>>,
+}
+
+impl Round {
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Flush(w) => self.flushes.push(w),
+            Job::Record(p, w) => {
+                self.events.push(*p);
+                self.event_replies.push(w);
+            }
+            Job::Deliveries(d, w) => {
+                self.deliveries.extend(d);
+                self.done_replies.push(w);
+            }
+            Job::Answer(id, a, w) => {
+                self.answers.push((id, a));
+                self.done_replies.push(w);
+            }
+        }
+    }
+
+    fn run(self, store: &dyn Store) {
+        let written = if self.events.is_empty() && self.deliveries.is_empty() {
+            Ok(Vec::new())
+        } else {
+            store.write_batch(&self.events, &self.deliveries, &[]).map_err(|e| e.to_string())
+        };
+        // Answers go in a write of their own: a delivery state written in this batch must be
+        // the base the answer's version builds on.
+        let answered = if self.answers.is_empty() || written.is_err() {
+            Ok(Vec::new())
+        } else {
+            store.write_batch(&[], &[], &self.answers).map_err(|e| e.to_string())
+        };
+        match written {
+            Ok(verdicts) => {
+                for (w, v) in self.event_replies.into_iter().zip(verdicts) {
+                    let _ = w.send(Ok(v));
+                }
+                let done = answered.map(|_| ());
+                for w in self.done_replies {
+                    let _ = w.send(done.clone());
+                }
+            }
+            Err(e) => {
+                for w in self.event_replies {
+                    let _ = w.send(Err(e.clone()));
+                }
+                for w in self.done_replies {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
+        }
+        if !self.flushes.is_empty() {
+            let flushed = store.flush().map_err(|e| e.to_string());
+            for w in self.flushes {
+                let _ = w.send(flushed.clone());
+            }
+        }
+    }
+}
+
+async fn wait<T>(rx: oneshot::Receiver<Result<T, String>>, what: &str) -> Result<T, StoreError> {
+    match rx.await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(StoreError::Corrupt { tree: "-", detail: format!("{what} failed: {e}") }),
+        Err(_) => Err(stopped()),
+    }
+}
+
 impl GroupCommit {
     pub fn start(store: Arc<dyn Store>) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -37,89 +120,47 @@ impl GroupCommit {
             .spawn(move || {
                 // Ends when the GroupCommit is dropped or shut down.
                 while let Ok(first) = rx.recv() {
-                    let mut flushes = Vec::new();
-                    let mut events = Vec::new();
-                    let mut replies = Vec::new();
-                    let mut updates = Vec::new();
-                    let mut update_replies = Vec::new();
+                    let mut round = Round::default();
                     for job in std::iter::once(first).chain(rx.try_iter()) {
-                        match job {
-                            Job::Flush(w) => flushes.push(w),
-                            Job::Record(p, w) => {
-                                events.push(p);
-                                replies.push(w);
-                            }
-                            Job::Delivery(d, w) => {
-                                updates.push(d);
-                                update_replies.push(w);
-                            }
-                        }
+                        round.take(job);
                     }
-                    let written = if events.is_empty() && updates.is_empty() {
-                        Ok(Vec::new())
-                    } else {
-                        store.write_batch(&events, &updates).map_err(|e| e.to_string())
-                    };
-                    let flushed = store.flush().map_err(|e| e.to_string());
-                    match written.and_then(|v| flushed.clone().map(|()| v)) {
-                        Ok(verdicts) => {
-                            for (w, v) in replies.into_iter().zip(verdicts) {
-                                let _ = w.send(Ok(v));
-                            }
-                            for w in update_replies {
-                                let _ = w.send(Ok(()));
-                            }
-                        }
-                        Err(e) => {
-                            for w in replies {
-                                let _ = w.send(Err(e.clone()));
-                            }
-                            for w in update_replies {
-                                let _ = w.send(Err(e.clone()));
-                            }
-                        }
-                    }
-                    for w in flushes {
-                        let _ = w.send(flushed.clone());
-                    }
+                    round.run(store.as_ref());
                 }
             })
             .expect("spawn the durable writer thread");
         Self { tx, thread }
     }
 
+    fn send<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<oneshot::Receiver<Result<T, String>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(job(tx)).map_err(|_| stopped())?;
+        Ok(rx)
+    }
+
     /// Resolves once everything written before this call is on disk.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Job::Flush(tx)).map_err(|_| stopped())?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Corrupt { tree: "-", detail: format!("flush failed: {e}") }),
-            Err(_) => Err(stopped()),
-        }
+        wait(self.send(Job::Flush)?, "flush").await
     }
 
     /// Records the event and its delivery with the next batch; resolves once it is on disk
-    /// (or with the verdict that it is a replay).
+    /// (with the id it was given, or with the verdict that it is a replay).
     pub async fn record(&self, event: PreparedEvent) -> Result<Recorded, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Job::Record(event, tx)).map_err(|_| stopped())?;
-        match rx.await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Corrupt { tree: "-", detail: format!("recording failed: {e}") }),
-            Err(_) => Err(stopped()),
-        }
+        wait(self.send(|w| Job::Record(Box::new(event), w))?, "recording").await
     }
 
     /// Writes a delivery's new state with the next batch; resolves once it is on disk.
     pub async fn put_delivery(&self, d: DeliveryRecord) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Job::Delivery(d, tx)).map_err(|_| stopped())?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Corrupt { tree: "-", detail: format!("recording failed: {e}") }),
-            Err(_) => Err(stopped()),
-        }
+        self.put_deliveries(vec![d]).await
+    }
+
+    /// Writes many delivery states in the same batch.
+    pub async fn put_deliveries(&self, d: Vec<DeliveryRecord>) -> Result<(), StoreError> {
+        wait(self.send(|w| Job::Deliveries(d, w))?, "recording").await
+    }
+
+    /// Notes on the event how its call was answered; resolves once it is on disk.
+    pub async fn set_answer(&self, id: EventId, answer: serde_json::Value) -> Result<(), StoreError> {
+        wait(self.send(|w| Job::Answer(id, answer, w))?, "recording").await
     }
 
     /// Stops the writer after its last batch; its hold on the store ends with it.

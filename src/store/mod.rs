@@ -3,6 +3,9 @@
 //! serves an organization takes its `OrgId`, so scoping cannot be forgotten.
 
 mod durable;
+mod event_index;
+mod event_log;
+mod journal;
 pub mod records;
 mod sled_store;
 
@@ -31,18 +34,23 @@ pub enum Conflict {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Recorded {
-    New,
+    /// Recorded under this id, given out by the store.
+    New(EventId),
     /// Seen before: the event the first delivery of it became.
     Duplicate(Option<EventId>),
 }
 
 /// An event and its delivery record, encoded once on the request's thread so the single
-/// writer only has to put bytes in place.
+/// writer only has to put bytes in place. The event's id is given out by the writer (ids
+/// ascend in recording order); whatever id the record holds here is replaced.
 pub struct PreparedEvent {
-    pub(crate) id: EventId,
     pub(crate) org_id: OrgId,
+    pub(crate) phone_id: PhoneId,
     pub(crate) call_key: String,
+    pub(crate) state: DeliveryState,
     pub(crate) next_attempt_ms: i64,
+    pub(crate) received_at_ms: i64,
+    pub(crate) parked: bool,
     pub(crate) event: Vec<u8>,
     pub(crate) delivery: Vec<u8>,
     pub(crate) replay: Option<(Vec<u8>, i64)>,
@@ -51,14 +59,24 @@ pub struct PreparedEvent {
 impl PreparedEvent {
     pub fn new(ev: &EventRecord, delivery: &DeliveryRecord, replay_key: Option<(&[u8], i64)>) -> Self {
         PreparedEvent {
-            id: ev.id.clone(),
             org_id: ev.org_id.clone(),
+            phone_id: ev.phone_id.clone(),
             call_key: delivery.call_key.clone(),
+            state: delivery.state,
             next_attempt_ms: delivery.next_attempt_ms,
+            received_at_ms: ev.received_at_ms,
+            parked: false,
             event: encode(ev),
             delivery: encode(delivery),
             replay: replay_key.map(|(k, exp)| (k.to_vec(), exp)),
         }
+    }
+
+    /// No upstream can take the event yet: it waits off the outbox queue until one is set
+    /// (for its number, or for the gateway at the next start).
+    pub fn parked(mut self, parked: bool) -> Self {
+        self.parked = parked;
+        self
     }
 }
 
@@ -141,37 +159,28 @@ pub trait Store: Send + Sync + 'static {
     fn phone_update(&self, phone: &PhoneRecord, inline: Option<&SecretRecord>) -> Result<bool, StoreError>;
     fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError>;
 
-    /// Event, delivery record and replay marker in one transaction: no event without its
-    /// delivery, no second event for the same replay key.
-    fn event_record(
+    /// The durable writer's whole batch in one durable write: new events (event, delivery
+    /// record and replay marker in one record: no event without its delivery, no second event
+    /// for the same replay key, a key repeated inside the batch counting as seen), new
+    /// delivery states, and answers noted on events. Only `GroupCommit` calls this.
+    fn write_batch(
         &self,
-        ev: &EventRecord,
-        delivery: &DeliveryRecord,
-        replay_key: Option<(&[u8], i64)>,
-    ) -> Result<Recorded, StoreError> {
-        let mut out = self.event_record_batch(&[PreparedEvent::new(ev, delivery, replay_key)])?;
-        Ok(out.pop().unwrap_or(Recorded::New))
-    }
-    /// Many events in one transaction (the group commit's batch), each with its own verdict;
-    /// a replay key repeated inside the batch counts as seen.
-    fn event_record_batch(&self, batch: &[PreparedEvent]) -> Result<Vec<Recorded>, StoreError> {
-        self.write_batch(batch, &[])
-    }
-    /// The durable writer's whole batch, events and delivery updates, in one transaction.
-    fn write_batch(&self, events: &[PreparedEvent], deliveries: &[DeliveryRecord])
-        -> Result<Vec<Recorded>, StoreError>;
+        events: &[PreparedEvent],
+        deliveries: &[DeliveryRecord],
+        answers: &[(EventId, serde_json::Value)],
+    ) -> Result<Vec<Recorded>, StoreError>;
     fn event_get(&self, org: &OrgId, id: &EventId) -> Result<Option<EventRecord>, StoreError>;
     fn event_list(&self, org: &OrgId, filter: &EventFilter) -> Result<Vec<EventRecord>, StoreError>;
     fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError>;
-    fn delivery_put(&self, d: &DeliveryRecord) -> Result<(), StoreError> {
-        self.write_batch(&[], std::slice::from_ref(d)).map(|_| ())
-    }
     /// The oldest undelivered event of a call: only it may be delivered next.
     fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError>;
-    /// Notes how an incoming call was answered (after the fact; not part of the durable record).
-    fn event_set_answer(&self, org: &OrgId, id: &EventId, answer: &serde_json::Value) -> Result<(), StoreError>;
     /// Deliveries due at or before `now_ms`, oldest first.
     fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError>;
+    /// Queues the parked deliveries of one number (of every number with `None`): an upstream
+    /// has been set for them. Returns how many.
+    fn unpark(&self, phone: Option<&PhoneId>) -> usize;
+    /// Saves what makes the next start fast; called once the writer has stopped.
+    fn close(&self) -> Result<(), StoreError>;
 
     /// Every record has its indexes and every index its record; each problem found, described.
     fn verify_integrity(&self) -> Result<Vec<String>, StoreError>;

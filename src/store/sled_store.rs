@@ -4,9 +4,10 @@ use serde::de::DeserializeOwned;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Db, Transactional, Tree};
 
+use super::event_log::{Batch, EventLog};
 use super::*;
 
-const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 const ORGS: &str = "orgs";
 const API_KEYS: &str = "api_keys";
@@ -17,13 +18,6 @@ const AUDIT: &str = "audit";
 const PHONES: &str = "phones";
 const PHONE_NUMBERS: &str = "phone_numbers";
 const ORG_PHONES: &str = "org_phones";
-const EVENTS: &str = "events";
-const ORG_EVENTS: &str = "org_events";
-const DELIVERIES: &str = "deliveries";
-const DELIVERY_QUEUE: &str = "delivery_queue";
-const CALL_QUEUE: &str = "call_queue";
-const REPLAYS: &str = "replays";
-const REPLAY_EXPIRY: &str = "replay_expiry";
 
 fn dec<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
@@ -46,21 +40,6 @@ fn scoped(org: &OrgId, rest: &[u8]) -> Vec<u8> {
 
 fn prefix(org: &OrgId) -> Vec<u8> {
     scoped(org, b"")
-}
-
-/// `call_key \0 event_id`: a call's undelivered events in arrival order (ids are time-sorted).
-fn call_key(call: &str, id: &EventId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(call.len() + 1 + id.as_str().len());
-    k.extend_from_slice(call.as_bytes());
-    k.push(0);
-    k.extend_from_slice(id.as_str().as_bytes());
-    k
-}
-
-fn queue_key(due_ms: i64, id: &EventId) -> Vec<u8> {
-    let mut k = (due_ms.max(0) as u64).to_be_bytes().to_vec();
-    k.extend_from_slice(id.as_str().as_bytes());
-    k
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -87,18 +66,12 @@ pub struct SledStore {
     phones: Tree,
     phone_numbers: Tree,
     org_phones: Tree,
-    events: Tree,
-    org_events: Tree,
-    deliveries: Tree,
-    delivery_queue: Tree,
-    call_queue: Tree,
-    replays: Tree,
-    replay_expiry: Tree,
+    events: EventLog,
 }
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // A bounded page cache: resident memory must not grow with the number of events stored.
+        // A bounded page cache: sled holds the configuration (orgs, secrets, numbers), not events.
         let db = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).open().map_err(|e| match e {
             sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked,
             sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
@@ -115,13 +88,7 @@ impl SledStore {
             phones: t(PHONES)?,
             phone_numbers: t(PHONE_NUMBERS)?,
             org_phones: t(ORG_PHONES)?,
-            events: t(EVENTS)?,
-            org_events: t(ORG_EVENTS)?,
-            deliveries: t(DELIVERIES)?,
-            delivery_queue: t(DELIVERY_QUEUE)?,
-            call_queue: t(CALL_QUEUE)?,
-            replays: t(REPLAYS)?,
-            replay_expiry: t(REPLAY_EXPIRY)?,
+            events: EventLog::open(&dir.join("events"))?,
             db,
         })
     }
@@ -511,173 +478,42 @@ impl Store for SledStore {
             .map_err(tx_err)
     }
 
-    fn write_batch(&self, batch: &[PreparedEvent], updates: &[DeliveryRecord]) -> Result<Vec<Recorded>, StoreError> {
-        struct Keys {
-            org: Vec<u8>,
-            queue: Vec<u8>,
-            call: Vec<u8>,
-            expiry: Option<Vec<u8>>,
-            marker: Option<Vec<u8>>,
-        }
-        let keys: Vec<Keys> = batch
-            .iter()
-            .map(|p| Keys {
-                org: scoped(&p.org_id, p.id.as_ref()),
-                queue: queue_key(p.next_attempt_ms, &p.id),
-                call: call_key(&p.call_key, &p.id),
-                expiry: p.replay.as_ref().map(|(k, exp)| {
-                    let mut ek = ((*exp).max(0) as u64).to_be_bytes().to_vec();
-                    ek.extend_from_slice(k);
-                    ek
-                }),
-                // The expiry, then the event it became, so a repeat can be answered alike.
-                marker: p.replay.as_ref().map(|(_, exp)| {
-                    let mut m = exp.to_be_bytes().to_vec();
-                    m.extend_from_slice(p.id.as_str().as_bytes());
-                    m
-                }),
-            })
-            .collect();
-        (
-            &self.events,
-            &self.org_events,
-            &self.deliveries,
-            &self.delivery_queue,
-            &self.call_queue,
-            &self.replays,
-            &self.replay_expiry,
-        )
-            .transaction(|(events, org_events, deliveries, queue, calls, replays, expiry)| {
-                // Built afresh on every try: sled may re-run the closure.
-                let mut in_batch: std::collections::HashMap<&[u8], &EventId> = std::collections::HashMap::new();
-                let mut out = Vec::with_capacity(batch.len());
-                for (p, k) in batch.iter().zip(&keys) {
-                    if let Some((key, _)) = &p.replay {
-                        if let Some(first) = in_batch.get(key.as_slice()) {
-                            out.push(Recorded::Duplicate(Some((*first).clone())));
-                            continue;
-                        }
-                        if let Some(seen) = replays.get(key.as_slice())? {
-                            let first = seen
-                                .get(8..)
-                                .and_then(|id| std::str::from_utf8(id).ok())
-                                .and_then(|id| EventId::parse(id).ok());
-                            out.push(Recorded::Duplicate(first));
-                            continue;
-                        }
-                        replays.insert(key.as_slice(), k.marker.as_deref().unwrap_or_default())?;
-                        if let Some(ek) = &k.expiry {
-                            expiry.insert(ek.as_slice(), &[])?;
-                        }
-                        in_batch.insert(key.as_slice(), &p.id);
-                    }
-                    events.insert(p.id.as_str(), p.event.as_slice())?;
-                    org_events.insert(k.org.as_slice(), &[])?;
-                    deliveries.insert(p.id.as_str(), p.delivery.as_slice())?;
-                    queue.insert(k.queue.as_slice(), p.id.as_str())?;
-                    calls.insert(k.call.as_slice(), &[])?;
-                    out.push(Recorded::New);
-                }
-                for d in updates {
-                    // Read inside the transaction: a concurrent write must not leave a stale
-                    // queue entry.
-                    if let Some(raw) = deliveries.get(d.event_id.as_str())? {
-                        match dec::<DeliveryRecord>(DELIVERIES, &raw) {
-                            Ok(old) => {
-                                queue.remove(queue_key(old.next_attempt_ms, &old.event_id))?;
-                            }
-                            Err(e) => return abort(e),
-                        }
-                    }
-                    deliveries.insert(d.event_id.as_str(), encode(d))?;
-                    let c_key = call_key(&d.call_key, &d.event_id);
-                    if matches!(d.state, DeliveryState::Pending | DeliveryState::Failed) {
-                        queue.insert(queue_key(d.next_attempt_ms, &d.event_id), d.event_id.as_str())?;
-                        calls.insert(c_key.as_slice(), &[])?;
-                    } else {
-                        calls.remove(c_key.as_slice())?;
-                    }
-                }
-                Ok(out)
-            })
-            .map_err(tx_err)
+    fn write_batch(
+        &self,
+        events: &[PreparedEvent],
+        deliveries: &[DeliveryRecord],
+        answers: &[(EventId, serde_json::Value)],
+    ) -> Result<Vec<Recorded>, StoreError> {
+        self.events.write(Batch { events, deliveries, answers })
     }
 
     fn event_get(&self, org: &OrgId, id: &EventId) -> Result<Option<EventRecord>, StoreError> {
-        Ok(Self::get::<EventRecord>(&self.events, EVENTS, id.as_ref())?.filter(|e| &e.org_id == org))
+        self.events.event_get(org, id)
     }
 
     fn event_list(&self, org: &OrgId, f: &EventFilter) -> Result<Vec<EventRecord>, StoreError> {
-        let start = match &f.after {
-            Some(a) => {
-                let mut k = scoped(org, a.as_ref());
-                k.push(0);
-                k
-            }
-            None => prefix(org),
-        };
-        let mut end = org.as_str().as_bytes().to_vec();
-        end.push(1);
-        let mut out = Vec::new();
-        for item in self.org_events.range(start..end) {
-            let (k, _) = item?;
-            let id = &k[org.as_str().len() + 1..];
-            let Some(ev) = Self::get::<EventRecord>(&self.events, EVENTS, id)? else { continue };
-            if f.phone_id.as_ref().is_some_and(|p| p != &ev.phone_id) || f.kind.as_ref().is_some_and(|k| k != &ev.kind)
-            {
-                continue;
-            }
-            if let Some(state) = f.delivery {
-                let d: Option<DeliveryRecord> = Self::get(&self.deliveries, DELIVERIES, id)?;
-                if d.map(|d| d.state) != Some(state) {
-                    continue;
-                }
-            }
-            out.push(ev);
-            if out.len() >= f.limit {
-                break;
-            }
-        }
-        Ok(out)
+        self.events.event_list(org, f)
     }
 
     fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError> {
-        Ok(Self::get::<DeliveryRecord>(&self.deliveries, DELIVERIES, id.as_ref())?.filter(|d| &d.org_id == org))
+        self.events.delivery_get(org, id)
     }
 
     fn call_head(&self, call: &str) -> Result<Option<EventId>, StoreError> {
-        let mut prefix = call.as_bytes().to_vec();
-        prefix.push(0);
-        match self.call_queue.scan_prefix(&prefix).next() {
-            Some(item) => {
-                let (k, _) = item?;
-                let id = std::str::from_utf8(&k[prefix.len()..]).unwrap_or("");
-                EventId::parse(id)
-                    .map(Some)
-                    .map_err(|_| StoreError::Corrupt { tree: CALL_QUEUE, detail: "bad event id".into() })
-            }
-            None => Ok(None),
-        }
-    }
-
-    fn event_set_answer(&self, org: &OrgId, id: &EventId, answer: &serde_json::Value) -> Result<(), StoreError> {
-        if let Some(mut ev) = self.event_get(org, id)? {
-            ev.answer = Some(answer.clone());
-            self.events.insert(id.as_str(), encode(&ev))?;
-        }
-        Ok(())
+        self.events.call_head(call)
     }
 
     fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let end = ((now_ms.max(0) as u64) + 1).to_be_bytes();
-        let mut out = Vec::new();
-        for item in self.delivery_queue.range(..end.to_vec()).take(limit) {
-            let (_, id) = item?;
-            if let Some(d) = Self::get(&self.deliveries, DELIVERIES, &id)? {
-                out.push(d);
-            }
-        }
-        Ok(out)
+        self.events.deliveries_due(now_ms, limit)
+    }
+
+    fn unpark(&self, phone: Option<&PhoneId>) -> usize {
+        self.events.unpark(phone.map(|p| p.as_str()))
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        self.events.save_snapshot()?;
+        self.flush()
     }
 
     fn verify_integrity(&self) -> Result<Vec<String>, StoreError> {
@@ -718,33 +554,12 @@ impl Store for SledStore {
                 problems.push(format!("number {} points to a missing phone", String::from_utf8_lossy(&number)));
             }
         }
-        for item in self.events.iter() {
-            let ev: EventRecord = dec(EVENTS, &item?.1)?;
-            if self.org_events.get(scoped(&ev.org_id, ev.id.as_ref()))?.is_none() {
-                problems.push(format!("event {} has no org index", ev.id));
-            }
-            if self.deliveries.get(ev.id.as_str())?.is_none() {
-                problems.push(format!("event {} has no delivery record", ev.id));
-            }
-        }
-        for item in self.deliveries.iter() {
-            let (id, _) = item?;
-            if self.events.get(&id)?.is_none() {
-                problems.push(format!("delivery {} has no event", String::from_utf8_lossy(&id)));
-            }
-        }
+        problems.extend(self.events.verify()?);
         Ok(problems)
     }
 
     fn sweep(&self, now_ms: i64) -> Result<usize, StoreError> {
-        let mut n = 0;
-        let end = (now_ms.max(0) as u64).to_be_bytes();
-        for item in self.replay_expiry.range(..end.to_vec()) {
-            let (k, _) = item?;
-            self.replays.remove(&k[8..])?;
-            self.replay_expiry.remove(&k)?;
-            n += 1;
-        }
+        let mut n = self.events.sweep(now_ms);
         for item in self.secrets.iter() {
             let (k, v) = item?;
             let rec: SecretRecord = dec(SECRETS, &v)?;
@@ -755,69 +570,5 @@ impl Store for SledStore {
             }
         }
         Ok(n)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::PhoneId;
-
-    fn event(org: &OrgId, call: &str) -> (EventRecord, DeliveryRecord) {
-        let ev = EventRecord {
-            id: EventId::generate(),
-            org_id: org.clone(),
-            phone_id: PhoneId::generate(),
-            provider: Carrier::Plivo,
-            kind: "call.status".into(),
-            call_id: Some(call.into()),
-            from: None,
-            to: None,
-            direction: None,
-            status: None,
-            received_at: "2024-05-01T10:00:00.000Z".into(),
-            received_at_ms: 0,
-            verified_by: VerifiedBy { scheme: "plivo-v3".into(), credential: "current".into(), secret_id: None },
-            params: serde_json::json!({}),
-            answer: None,
-        };
-        let d = DeliveryRecord {
-            event_id: ev.id.clone(),
-            org_id: org.clone(),
-            call_key: format!("plivo:{call}"),
-            state: DeliveryState::Pending,
-            attempts: Vec::new(),
-            next_attempt_ms: 0,
-            created_at_ms: 0,
-        };
-        (ev, d)
-    }
-
-    #[test]
-    fn a_batch_records_each_event_once_and_spots_replays_inside_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        let org = OrgId::generate();
-        let (a, da) = event(&org, "c1");
-        let (b, db) = event(&org, "c1");
-        let (c, dc) = event(&org, "c2");
-        let batch = [
-            PreparedEvent::new(&a, &da, Some((b"k1", 10))),
-            PreparedEvent::new(&b, &db, Some((b"k1", 10))),
-            PreparedEvent::new(&c, &dc, Some((b"k2", 10))),
-        ];
-        let out = store.event_record_batch(&batch).unwrap();
-        assert_eq!(out, vec![Recorded::New, Recorded::Duplicate(Some(a.id.clone())), Recorded::New]);
-        assert!(store.event_get(&org, &b.id).unwrap().is_none());
-        assert_eq!(store.call_head("plivo:c1").unwrap(), Some(a.id.clone()));
-        // Seen in an earlier batch too.
-        let (d, dd) = event(&org, "c3");
-        let out = store.event_record_batch(&[PreparedEvent::new(&d, &dd, Some((b"k2", 10)))]).unwrap();
-        assert_eq!(out, vec![Recorded::Duplicate(Some(c.id.clone()))]);
-        assert!(store.verify_integrity().unwrap().is_empty());
-        // Markers expire.
-        assert_eq!(store.sweep(11).unwrap(), 2);
-        let out = store.event_record_batch(&[PreparedEvent::new(&d, &dd, Some((b"k2", 100)))]).unwrap();
-        assert_eq!(out, vec![Recorded::New]);
     }
 }

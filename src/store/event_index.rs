@@ -1,0 +1,404 @@
+//! What is kept in memory about the journal's events: a few dense arrays indexed by the event's
+//! sequence number (the order the writer recorded them in), the live replay markers, and the
+//! outbox queue. Everything else about an event stays on disk and is read when asked for.
+//!
+//! Per event this is about 40 bytes (1,000,000 events: ~40 MB), so it is sized for the ids and
+//! offsets, not the events. It is rebuilt from the journal, or loaded from the snapshot written
+//! at shutdown and brought up to date from the journal's tail.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use hashbrown::HashTable;
+
+use super::journal::Loc;
+use super::{DeliveryState, StoreError};
+use crate::domain::OrgId;
+
+/// The fixed part of a journal record: all the index needs, without parsing the JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry<'a> {
+    pub seq: u32,
+    pub id: u128,
+    /// Fingerprint of the replay key (0: none).
+    pub fp: u64,
+    /// When the replay marker expires, in whole seconds (rounded up).
+    pub expiry_secs: u32,
+    pub state: DeliveryState,
+    /// No upstream could take this event when it was recorded: it waits off the queue.
+    pub parked: bool,
+    pub due_ms: i64,
+    pub call: u64,
+    pub org: &'a str,
+    pub phone: &'a str,
+}
+
+pub fn state_code(s: DeliveryState) -> u8 {
+    match s {
+        DeliveryState::Pending => 0,
+        DeliveryState::Delivered => 1,
+        DeliveryState::Failed => 2,
+        DeliveryState::Dead => 3,
+    }
+}
+
+pub fn state_from(code: u8) -> Option<DeliveryState> {
+    Some(match code {
+        0 => DeliveryState::Pending,
+        1 => DeliveryState::Delivered,
+        2 => DeliveryState::Failed,
+        3 => DeliveryState::Dead,
+        _ => return None,
+    })
+}
+
+fn undelivered(s: u8) -> bool {
+    matches!(state_from(s), Some(DeliveryState::Pending | DeliveryState::Failed))
+}
+
+#[derive(Default)]
+pub struct Index {
+    /// High 64 bits of each event id (time, then a counter): unique and ascending.
+    pub ids: Vec<u64>,
+    /// The latest version of each event.
+    pub locs: Vec<Loc>,
+    pub orgs: Vec<u32>,
+    pub states: Vec<u8>,
+    fps: Vec<u64>,
+    expiry: Vec<u32>,
+    org_table: Vec<OrgId>,
+    org_lookup: HashMap<String, u32>,
+    /// Sequence numbers of live markers, hashed by their fingerprint.
+    markers: HashTable<u32>,
+    /// Markers below this sequence number have been swept.
+    marker_floor: u32,
+    queue: BTreeSet<(i64, u32)>,
+    queued: HashMap<u32, (i64, u64)>,
+    calls: BTreeSet<(u64, u32)>,
+    parked: HashMap<String, Vec<(u32, u64)>>,
+    /// The journal position everything above reflects.
+    pub covered: Loc,
+}
+
+impl Index {
+    pub fn len(&self) -> u32 {
+        self.ids.len() as u32
+    }
+
+    pub fn org_index(&self, org: &OrgId) -> Option<u32> {
+        self.org_lookup.get(org.as_str()).copied()
+    }
+
+    pub fn org(&self, seq: u32) -> &OrgId {
+        &self.org_table[self.orgs[seq as usize] as usize]
+    }
+
+    /// The sequence number of the event whose id starts with `high`.
+    pub fn seq_of(&self, high: u64) -> Option<u32> {
+        self.ids.binary_search(&high).ok().map(|i| i as u32)
+    }
+
+    /// The event with a live marker for this fingerprint.
+    pub fn marked(&self, fp: u64, now_ms: i64) -> Option<u32> {
+        self.markers.find(fp, |&s| self.fps[s as usize] == fp && !expired(self.expiry[s as usize], now_ms)).copied()
+    }
+
+    /// Takes in one record (new event or new version), in journal order.
+    pub fn apply(&mut self, at: Loc, e: &Entry<'_>) -> Result<(), StoreError> {
+        let seq = e.seq as usize;
+        let state = state_code(e.state);
+        match seq.cmp(&self.ids.len()) {
+            std::cmp::Ordering::Equal => {
+                let high = (e.id >> 64) as u64;
+                if self.ids.last().is_some_and(|last| *last >= high) {
+                    return Err(corrupt(format!("event {seq} is out of order")));
+                }
+                let org = match self.org_lookup.get(e.org) {
+                    Some(i) => *i,
+                    None => {
+                        let id = OrgId::parse(e.org).map_err(|_| corrupt(format!("event {seq} has a bad org id")))?;
+                        let i = self.org_table.len() as u32;
+                        self.org_lookup.insert(id.as_str().to_owned(), i);
+                        self.org_table.push(id);
+                        i
+                    }
+                };
+                self.ids.push(high);
+                self.locs.push(at);
+                self.orgs.push(org);
+                self.states.push(state);
+                self.fps.push(e.fp);
+                self.expiry.push(e.expiry_secs);
+                if e.fp != 0 {
+                    let fps = &self.fps;
+                    self.markers.insert_unique(e.fp, e.seq, |s| fps[*s as usize]);
+                }
+            }
+            std::cmp::Ordering::Less => {
+                self.locs[seq] = at;
+                self.states[seq] = state;
+            }
+            std::cmp::Ordering::Greater => return Err(corrupt(format!("event {seq} follows a gap"))),
+        }
+        self.unqueue(e.seq);
+        if undelivered(state) {
+            if e.parked {
+                self.parked.entry(e.phone.to_owned()).or_default().push((e.seq, e.call));
+            } else {
+                self.enqueue(e.seq, e.due_ms, e.call);
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, seq: u32, due: i64, call: u64) {
+        self.queue.insert((due, seq));
+        self.calls.insert((call, seq));
+        self.queued.insert(seq, (due, call));
+    }
+
+    fn unqueue(&mut self, seq: u32) {
+        if let Some((due, call)) = self.queued.remove(&seq) {
+            self.queue.remove(&(due, seq));
+            self.calls.remove(&(call, seq));
+        }
+    }
+
+    /// Puts a phone's parked events (all of them with `None`) back on the queue, due now.
+    pub fn unpark(&mut self, phone: Option<&str>) -> usize {
+        let lists: Vec<Vec<(u32, u64)>> = match phone {
+            Some(p) => self.parked.remove(p).into_iter().collect(),
+            None => self.parked.drain().map(|(_, v)| v).collect(),
+        };
+        let mut n = 0;
+        for (seq, call) in lists.into_iter().flatten() {
+            if undelivered(self.states[seq as usize]) && !self.queued.contains_key(&seq) {
+                self.enqueue(seq, 0, call);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn due(&self, now_ms: i64, limit: usize) -> Vec<u32> {
+        self.queue.range(..=(now_ms, u32::MAX)).take(limit).map(|(_, s)| *s).collect()
+    }
+
+    /// The oldest queued event of a call.
+    pub fn call_head(&self, call: u64) -> Option<u32> {
+        self.calls.range((call, 0)..=(call, u32::MAX)).next().map(|(_, s)| *s)
+    }
+
+    /// Drops markers whose time is up, oldest first; returns how many.
+    pub fn sweep(&mut self, now_ms: i64) -> usize {
+        let mut n = 0;
+        while (self.marker_floor as usize) < self.ids.len() {
+            let s = self.marker_floor as usize;
+            if !expired(self.expiry[s], now_ms) {
+                break;
+            }
+            if self.fps[s] != 0 {
+                let seq = s as u32;
+                if let Ok(hit) = self.markers.find_entry(self.fps[s], |x| *x == seq) {
+                    hit.remove();
+                    n += 1;
+                }
+            }
+            self.marker_floor += 1;
+        }
+        n
+    }
+
+    /// Writes the index to `path` (through a temporary file, so a crash leaves the old one).
+    pub fn save(&self, path: &Path) -> Result<(), StoreError> {
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut w = Crc { inner: BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new() };
+        w.put(MAGIC)?;
+        w.put(&self.covered.to_le_bytes())?;
+        w.put(&self.marker_floor.to_le_bytes())?;
+        w.put(&(self.org_table.len() as u32).to_le_bytes())?;
+        for org in &self.org_table {
+            w.bytes(org.as_str().as_bytes())?;
+        }
+        w.put(&(self.ids.len() as u32).to_le_bytes())?;
+        for s in 0..self.ids.len() {
+            let mut rec = [0u8; RECORD];
+            rec[0..8].copy_from_slice(&self.ids[s].to_le_bytes());
+            rec[8..16].copy_from_slice(&self.locs[s].to_le_bytes());
+            rec[16..20].copy_from_slice(&self.orgs[s].to_le_bytes());
+            rec[20] = self.states[s];
+            rec[21..29].copy_from_slice(&self.fps[s].to_le_bytes());
+            rec[29..33].copy_from_slice(&self.expiry[s].to_le_bytes());
+            w.put(&rec)?;
+        }
+        w.put(&(self.queued.len() as u32).to_le_bytes())?;
+        for (seq, (due, call)) in &self.queued {
+            w.put(&seq.to_le_bytes())?;
+            w.put(&due.to_le_bytes())?;
+            w.put(&call.to_le_bytes())?;
+        }
+        w.put(&(self.parked.len() as u32).to_le_bytes())?;
+        for (phone, list) in &self.parked {
+            w.bytes(phone.as_bytes())?;
+            w.put(&(list.len() as u32).to_le_bytes())?;
+            for (seq, call) in list {
+                w.put(&seq.to_le_bytes())?;
+                w.put(&call.to_le_bytes())?;
+            }
+        }
+        let crc = w.crc.clone().finalize();
+        let mut file = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
+        file.write_all(&crc.to_le_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// The snapshot at `path`, if there is a sound one.
+    pub fn load(path: &Path) -> Result<Option<Self>, StoreError> {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        let mut r = CrcRead { inner: BufReader::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new() };
+        let mut ix = Index::default();
+        let mut magic = [0u8; 8];
+        r.get(&mut magic)?;
+        if &magic != MAGIC {
+            return Ok(None);
+        }
+        ix.covered = r.u64()?;
+        ix.marker_floor = r.u32()?;
+        for i in 0..r.u32()? {
+            let org = OrgId::parse(&r.string()?).map_err(|_| corrupt("bad org id in the snapshot"))?;
+            ix.org_lookup.insert(org.as_str().to_owned(), i);
+            ix.org_table.push(org);
+        }
+        let n = r.u32()? as usize;
+        ix.ids.reserve_exact(n);
+        ix.locs.reserve_exact(n);
+        ix.orgs.reserve_exact(n);
+        ix.states.reserve_exact(n);
+        ix.fps.reserve_exact(n);
+        ix.expiry.reserve_exact(n);
+        let mut rec = [0u8; RECORD];
+        for _ in 0..n {
+            r.get(&mut rec)?;
+            ix.ids.push(u64::from_le_bytes(rec[0..8].try_into().unwrap_or_default()));
+            ix.locs.push(u64::from_le_bytes(rec[8..16].try_into().unwrap_or_default()));
+            ix.orgs.push(u32::from_le_bytes(rec[16..20].try_into().unwrap_or_default()));
+            ix.states.push(rec[20]);
+            ix.fps.push(u64::from_le_bytes(rec[21..29].try_into().unwrap_or_default()));
+            ix.expiry.push(u32::from_le_bytes(rec[29..33].try_into().unwrap_or_default()));
+        }
+        for _ in 0..r.u32()? {
+            let seq = r.u32()?;
+            let due = r.u64()? as i64;
+            let call = r.u64()?;
+            ix.enqueue(seq, due, call);
+        }
+        for _ in 0..r.u32()? {
+            let phone = r.string()?;
+            let len = r.u32()?;
+            let mut list = Vec::with_capacity(len as usize);
+            for _ in 0..len {
+                list.push((r.u32()?, r.u64()?));
+            }
+            ix.parked.insert(phone, list);
+        }
+        let expected = r.crc.clone().finalize();
+        let mut tail = [0u8; 4];
+        r.inner.read_exact(&mut tail).map_err(io)?;
+        if u32::from_le_bytes(tail) != expected {
+            return Ok(None);
+        }
+        if ix.orgs.iter().any(|o| *o as usize >= ix.org_table.len())
+            || ix.queued.keys().any(|s| *s as usize >= n)
+            || ix.parked.values().flatten().any(|(s, _)| *s as usize >= n)
+            || ix.ids.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Ok(None);
+        }
+        ix.markers.reserve(n.saturating_sub(ix.marker_floor as usize), |_| 0);
+        for s in ix.marker_floor as usize..n {
+            if ix.fps[s] != 0 {
+                let fps = &ix.fps;
+                ix.markers.insert_unique(fps[s], s as u32, |x| fps[*x as usize]);
+            }
+        }
+        Ok(Some(ix))
+    }
+}
+
+const MAGIC: &[u8; 8] = b"CGINDEX1";
+const RECORD: usize = 33;
+
+fn expired(expiry_secs: u32, now_ms: i64) -> bool {
+    i64::from(expiry_secs) * 1000 < now_ms
+}
+
+fn corrupt(detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { tree: "event index", detail: detail.into() }
+}
+
+fn io(e: std::io::Error) -> StoreError {
+    corrupt(format!("i/o: {e}"))
+}
+
+struct Crc<W: Write> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Crc<W> {
+    fn put(&mut self, b: &[u8]) -> Result<(), StoreError> {
+        self.crc.update(b);
+        self.inner.write_all(b).map_err(io)
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> Result<(), StoreError> {
+        self.put(&(b.len() as u32).to_le_bytes())?;
+        self.put(b)
+    }
+}
+
+struct CrcRead<R: Read> {
+    inner: R,
+    crc: crc32fast::Hasher,
+}
+
+impl<R: Read> CrcRead<R> {
+    fn get(&mut self, b: &mut [u8]) -> Result<(), StoreError> {
+        self.inner.read_exact(b).map_err(io)?;
+        self.crc.update(b);
+        Ok(())
+    }
+
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        let mut b = [0u8; 4];
+        self.get(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        let mut b = [0u8; 8];
+        self.get(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn string(&mut self) -> Result<String, StoreError> {
+        let len = self.u32()? as usize;
+        if len > 1024 {
+            return Err(corrupt("a string in the snapshot is too long"));
+        }
+        let mut b = vec![0u8; len];
+        self.get(&mut b)?;
+        String::from_utf8(b).map_err(|_| corrupt("a string in the snapshot is not UTF-8"))
+    }
+}

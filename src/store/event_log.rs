@@ -1,0 +1,768 @@
+//! Events, their deliveries and their replay markers: one journal record per new event or new
+//! version, written by the single durable writer; the in-memory index points into it.
+//!
+//! A record is a fixed binary part (everything the index needs: sequence number, id, replay
+//! fingerprint, delivery state and due time, call, org, phone), then the event's JSON (absent
+//! when unchanged from an earlier version, which the record then points to), then the delivery
+//! record's JSON. Ids are given out here, in recording order, so they ascend with the sequence
+//! numbers and an id is found by binary search.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use sha2::{Digest, Sha256};
+
+use super::event_index::{state_code, state_from, Entry, Index};
+use super::journal::{frame, Journal, Loc, Segments};
+use super::{encode, DeliveryRecord, EventFilter, EventRecord, PreparedEvent, Recorded, StoreError, SCHEMA};
+use crate::domain::{EventId, OrgId};
+
+const VERSION: u8 = 1;
+/// `event_loc` of a record that carries its own event JSON.
+const HERE: Loc = u64::MAX;
+/// A journal tail longer than this at start-up is worth a fresh snapshot straight away.
+const SNAPSHOT_AFTER: usize = 50_000;
+
+fn corrupt(detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { tree: "events", detail: detail.into() }
+}
+
+/// The fingerprint the index keeps of a replay key (never 0, which means "none").
+pub fn fingerprint(key: &[u8]) -> u64 {
+    let h = Sha256::digest(key);
+    u64::from_le_bytes(h[..8].try_into().unwrap_or_default()).max(1)
+}
+
+/// The 64-bit hash that groups a call's deliveries.
+fn call_hash(call_key: &str) -> u64 {
+    let h = Sha256::digest(call_key.as_bytes());
+    u64::from_le_bytes(h[..8].try_into().unwrap_or_default())
+}
+
+pub fn id_string(id: u128) -> EventId {
+    EventId::parse(&format!("{}{id:032x}", EventId::PREFIX)).expect("a formatted id parses")
+}
+
+pub fn id_value(id: &EventId) -> Option<u128> {
+    u128::from_str_radix(id.as_str().strip_prefix(EventId::PREFIX)?, 16).ok()
+}
+
+/// A decoded record, borrowing from its bytes.
+struct Record<'a> {
+    entry: Entry<'a>,
+    event_loc: Loc,
+    replay_key: &'a [u8],
+    event: &'a [u8],
+    delivery: &'a [u8],
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
+    buf.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    buf.extend_from_slice(s);
+}
+
+fn encode_record(buf: &mut Vec<u8>, r: &Record<'_>) {
+    let e = &r.entry;
+    buf.push(VERSION);
+    buf.extend_from_slice(&e.seq.to_le_bytes());
+    buf.extend_from_slice(&e.id.to_le_bytes());
+    buf.extend_from_slice(&e.fp.to_le_bytes());
+    buf.extend_from_slice(&e.expiry_secs.to_le_bytes());
+    buf.push(state_code(e.state));
+    buf.push(u8::from(e.parked));
+    buf.extend_from_slice(&e.due_ms.to_le_bytes());
+    buf.extend_from_slice(&e.call.to_le_bytes());
+    buf.extend_from_slice(&r.event_loc.to_le_bytes());
+    put_str(buf, e.org.as_bytes());
+    put_str(buf, e.phone.as_bytes());
+    put_str(buf, r.replay_key);
+    buf.extend_from_slice(&(r.event.len() as u32).to_le_bytes());
+    buf.extend_from_slice(r.event);
+    buf.extend_from_slice(r.delivery);
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.0.len() < n {
+            return Err(corrupt("record cut short"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StoreError> {
+        self.take(N)?.try_into().map_err(|_| corrupt("record cut short"))
+    }
+
+    fn str16(&mut self) -> Result<&'a [u8], StoreError> {
+        let n = u16::from_le_bytes(self.array()?) as usize;
+        self.take(n)
+    }
+}
+
+fn utf8(b: &[u8]) -> Result<&str, StoreError> {
+    std::str::from_utf8(b).map_err(|_| corrupt("record holds a non-UTF-8 id"))
+}
+
+fn decode_record(bytes: &[u8]) -> Result<Record<'_>, StoreError> {
+    let mut c = Cursor(bytes);
+    let [version] = c.array()?;
+    if version != VERSION {
+        return Err(corrupt(format!("unknown record version {version}")));
+    }
+    let seq = u32::from_le_bytes(c.array()?);
+    let id = u128::from_le_bytes(c.array()?);
+    let fp = u64::from_le_bytes(c.array()?);
+    let expiry_secs = u32::from_le_bytes(c.array()?);
+    let [state] = c.array()?;
+    let state = state_from(state).ok_or_else(|| corrupt(format!("unknown delivery state {state}")))?;
+    let [parked] = c.array()?;
+    let due_ms = i64::from_le_bytes(c.array()?);
+    let call = u64::from_le_bytes(c.array()?);
+    let event_loc = u64::from_le_bytes(c.array()?);
+    let org = utf8(c.str16()?)?;
+    let phone = utf8(c.str16()?)?;
+    let replay_key = c.str16()?;
+    let event_len = u32::from_le_bytes(c.array()?) as usize;
+    let event = c.take(event_len)?;
+    let delivery = c.0;
+    Ok(Record {
+        entry: Entry { seq, id, fp, expiry_secs, state, parked: parked != 0, due_ms, call, org, phone },
+        event_loc,
+        replay_key,
+        event,
+        delivery,
+    })
+}
+
+fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&SCHEMA, rest)) => serde_json::from_slice(rest).map_err(|e| corrupt(e.to_string())),
+        _ => Err(corrupt("unknown schema version")),
+    }
+}
+
+/// Hands out ids that ascend in recording order: UUIDv7 with the millisecond, a 12-bit counter
+/// for events in the same millisecond, and 62 random bits.
+#[derive(Default)]
+struct IdGen {
+    last_ms: u64,
+    counter: u16,
+}
+
+impl IdGen {
+    fn resume(last_high: Option<u64>) -> Self {
+        match last_high {
+            Some(h) => IdGen { last_ms: h >> 16, counter: (h & 0x0fff) as u16 },
+            None => IdGen::default(),
+        }
+    }
+
+    fn next(&mut self, now_ms: i64) -> u128 {
+        let ms = (now_ms.max(0) as u64) & 0xffff_ffff_ffff;
+        if ms > self.last_ms {
+            self.last_ms = ms;
+            self.counter = 0;
+        } else if self.counter >= 0x0fff {
+            self.last_ms += 1;
+            self.counter = 0;
+        } else {
+            self.counter += 1;
+        }
+        let high = (self.last_ms << 16) | 0x7000 | u64::from(self.counter);
+        let low = (rand::random::<u64>() >> 2) | (0b10 << 62);
+        (u128::from(high) << 64) | u128::from(low)
+    }
+}
+
+/// What one batch asks of the journal.
+pub struct Batch<'a> {
+    pub events: &'a [PreparedEvent],
+    pub deliveries: &'a [DeliveryRecord],
+    pub answers: &'a [(EventId, serde_json::Value)],
+}
+
+pub struct EventLog {
+    journal: Mutex<Journal>,
+    segments: Arc<Segments>,
+    /// Readers clone what they need and let go; only the writer takes it for writing, once per
+    /// batch.
+    index: RwLock<Index>,
+    ids: Mutex<IdGen>,
+    snapshot: PathBuf,
+}
+
+impl EventLog {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| corrupt(format!("cannot create {}: {e}", dir.display())))?;
+        let snapshot = dir.join("index.snapshot");
+        let mut index = match Index::load(&snapshot) {
+            Ok(Some(ix)) => ix,
+            Ok(None) => Index::default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "the event index snapshot is unreadable; rebuilding from the journal");
+                Index::default()
+            }
+        };
+        let mut replayed = 0usize;
+        let journal = match Journal::open(dir, index.covered, |at, bytes| {
+            replayed += 1;
+            index.apply(at, &decode_record(bytes)?.entry)
+        }) {
+            Ok(j) => j,
+            Err(e) if index.covered != 0 => {
+                tracing::warn!(error = %e, "the event index snapshot does not match the journal; rebuilding");
+                index = Index::default();
+                replayed = 0;
+                Journal::open(dir, 0, |at, bytes| {
+                    replayed += 1;
+                    index.apply(at, &decode_record(bytes)?.entry)
+                })?
+            }
+            Err(e) => return Err(e),
+        };
+        index.covered = journal.end();
+        let log = EventLog {
+            ids: Mutex::new(IdGen::resume(index.ids.last().copied())),
+            segments: journal.segments(),
+            journal: Mutex::new(journal),
+            index: RwLock::new(index),
+            snapshot,
+        };
+        if replayed > SNAPSHOT_AFTER {
+            log.save_snapshot()?;
+        }
+        Ok(log)
+    }
+
+    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the index so the next start need not read the whole journal.
+    pub fn save_snapshot(&self) -> Result<(), StoreError> {
+        // Holding the journal keeps the writer out while the index is copied to disk.
+        let _journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        self.read_index().save(&self.snapshot)
+    }
+
+    fn read(&self, at: Loc) -> Result<Vec<u8>, StoreError> {
+        self.segments.read(at)
+    }
+
+    /// The event and delivery JSON of the version at `at` (following the pointer to the event
+    /// JSON when the version did not change it).
+    fn load(&self, at: Loc) -> Result<(EventRecord, DeliveryRecord, Vec<u8>), StoreError> {
+        let bytes = self.read(at)?;
+        let r = decode_record(&bytes)?;
+        let id = id_string(r.entry.id);
+        let mut delivery: DeliveryRecord = dec(r.delivery)?;
+        delivery.event_id = id.clone();
+        let mut ev: EventRecord = if r.event_loc == HERE {
+            dec(r.event)?
+        } else {
+            let older = self.read(r.event_loc)?;
+            dec(decode_record(&older)?.event)?
+        };
+        ev.id = id;
+        Ok((ev, delivery, bytes))
+    }
+
+    fn find(&self, org: &OrgId, id: &EventId) -> Option<Loc> {
+        let value = id_value(id)?;
+        let ix = self.read_index();
+        let seq = ix.seq_of((value >> 64) as u64)?;
+        (ix.org(seq) == org).then(|| ix.locs[seq as usize])
+    }
+
+    fn get_both(&self, org: &OrgId, id: &EventId) -> Result<Option<(EventRecord, DeliveryRecord)>, StoreError> {
+        let Some(at) = self.find(org, id) else { return Ok(None) };
+        let (ev, d, _) = self.load(at)?;
+        // The index matched the high half of the id; the low half is checked here.
+        Ok((&ev.id == id).then_some((ev, d)))
+    }
+
+    pub fn event_get(&self, org: &OrgId, id: &EventId) -> Result<Option<EventRecord>, StoreError> {
+        Ok(self.get_both(org, id)?.map(|(ev, _)| ev))
+    }
+
+    pub fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError> {
+        Ok(self.get_both(org, id)?.map(|(_, d)| d))
+    }
+
+    pub fn event_list(&self, org: &OrgId, f: &EventFilter) -> Result<Vec<EventRecord>, StoreError> {
+        let mut out = Vec::new();
+        let mut seq = match &f.after {
+            Some(after) => {
+                let Some(v) = id_value(after) else { return Ok(out) };
+                let ix = self.read_index();
+                match ix.ids.binary_search(&((v >> 64) as u64)) {
+                    Ok(i) => i + 1,
+                    Err(i) => i,
+                }
+            }
+            None => 0,
+        };
+        let wanted_state = f.delivery.map(state_code);
+        while out.len() < f.limit {
+            // A window of candidates at a time, so the index is not held during disk reads.
+            let locs: Vec<Loc> = {
+                let ix = self.read_index();
+                let Some(o) = ix.org_index(org) else { return Ok(out) };
+                if seq >= ix.ids.len() {
+                    break;
+                }
+                let end = (seq + 4096).min(ix.ids.len());
+                let found = (seq..end)
+                    .filter(|&s| ix.orgs[s] == o && wanted_state.is_none_or(|w| ix.states[s] == w))
+                    .map(|s| ix.locs[s])
+                    .collect();
+                seq = end;
+                found
+            };
+            for at in locs {
+                let (ev, _, _) = self.load(at)?;
+                if f.phone_id.as_ref().is_some_and(|p| p != &ev.phone_id)
+                    || f.kind.as_ref().is_some_and(|k| k != &ev.kind)
+                {
+                    continue;
+                }
+                out.push(ev);
+                if out.len() >= f.limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError> {
+        let at = {
+            let ix = self.read_index();
+            let Some(seq) = ix.call_head(call_hash(call_key)) else { return Ok(None) };
+            ix.locs[seq as usize]
+        };
+        let bytes = self.read(at)?;
+        Ok(Some(id_string(decode_record(&bytes)?.entry.id)))
+    }
+
+    pub fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let locs: Vec<Loc> = {
+            let ix = self.read_index();
+            ix.due(now_ms, limit).into_iter().map(|s| ix.locs[s as usize]).collect()
+        };
+        let mut out = Vec::with_capacity(locs.len());
+        for at in locs {
+            out.push(self.load(at)?.1);
+        }
+        Ok(out)
+    }
+
+    pub fn unpark(&self, phone: Option<&str>) -> usize {
+        self.index.write().unwrap_or_else(|e| e.into_inner()).unpark(phone)
+    }
+
+    pub fn sweep(&self, now_ms: i64) -> usize {
+        self.index.write().unwrap_or_else(|e| e.into_inner()).sweep(now_ms)
+    }
+
+    /// The writer's batch: new events (each checked against the replay markers, including
+    /// those of earlier events in the same batch), then new delivery states and answers, all
+    /// in one durable write. Returns a verdict per event.
+    pub fn write(&self, batch: Batch<'_>) -> Result<Vec<Recorded>, StoreError> {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = Vec::with_capacity(batch.events.iter().map(|p| p.event.len() + p.delivery.len() + 160).sum());
+        // (offset in buf, first sequence number it holds) for each frame, applied after the write.
+        let mut frames: Vec<usize> = Vec::with_capacity(batch.events.len() + batch.deliveries.len());
+        let mut verdicts = Vec::with_capacity(batch.events.len());
+        let mut in_batch: Vec<(u64, &[u8], u128)> = Vec::new();
+        {
+            let ix = self.read_index();
+            let mut next_seq = ix.len();
+            let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+            for p in batch.events {
+                let (key, expires) = match &p.replay {
+                    Some((k, e)) => (k.as_slice(), *e),
+                    None => (&[][..], 0),
+                };
+                let fp = if key.is_empty() { 0 } else { fingerprint(key) };
+                if fp != 0 {
+                    if let Some((_, _, first)) = in_batch.iter().find(|(f, k, _)| *f == fp && *k == key) {
+                        verdicts.push(Recorded::Duplicate(Some(id_string(*first))));
+                        continue;
+                    }
+                    if let Some(first) = self.first_with(&ix, fp, key, p.received_at_ms)? {
+                        verdicts.push(Recorded::Duplicate(Some(first)));
+                        continue;
+                    }
+                }
+                let id = ids.next(p.received_at_ms);
+                frames.push(buf.len());
+                frame(&mut buf, |b| {
+                    encode_record(
+                        b,
+                        &Record {
+                            entry: Entry {
+                                seq: next_seq,
+                                id,
+                                fp,
+                                expiry_secs: ((expires.max(0) + 999) / 1000).min(i64::from(u32::MAX)) as u32,
+                                state: p.state,
+                                parked: p.parked,
+                                due_ms: p.next_attempt_ms,
+                                call: call_hash(&p.call_key),
+                                org: p.org_id.as_str(),
+                                phone: p.phone_id.as_str(),
+                            },
+                            event_loc: HERE,
+                            replay_key: key,
+                            event: &p.event,
+                            delivery: &p.delivery,
+                        },
+                    )
+                });
+                if fp != 0 {
+                    in_batch.push((fp, key, id));
+                }
+                next_seq += 1;
+                verdicts.push(Recorded::New(id_string(id)));
+            }
+            drop(ids);
+            for d in batch.deliveries {
+                if let Some((at, old)) = self.current(&ix, &d.org_id, &d.event_id)? {
+                    let r = decode_record(&old)?;
+                    frames.push(buf.len());
+                    let delivery = encode(d);
+                    frame(&mut buf, |b| {
+                        encode_record(
+                            b,
+                            &Record {
+                                entry: Entry {
+                                    state: d.state,
+                                    parked: false,
+                                    due_ms: d.next_attempt_ms,
+                                    call: call_hash(&d.call_key),
+                                    ..r.entry.clone()
+                                },
+                                event_loc: if r.event_loc == HERE { at } else { r.event_loc },
+                                replay_key: r.replay_key,
+                                event: &[],
+                                delivery: &delivery,
+                            },
+                        )
+                    });
+                }
+            }
+            for (id, answer) in batch.answers {
+                let Some(v) = id_value(id) else { continue };
+                let Some(seq) = ix.seq_of((v >> 64) as u64) else { continue };
+                let org = ix.org(seq).clone();
+                if let Some((_, old)) = self.current(&ix, &org, id)? {
+                    let r = decode_record(&old)?;
+                    let mut ev: EventRecord = if r.event_loc == HERE {
+                        dec(r.event)?
+                    } else {
+                        dec(decode_record(&self.read(r.event_loc)?)?.event)?
+                    };
+                    ev.answer = Some(answer.clone());
+                    let event = encode(&ev);
+                    frames.push(buf.len());
+                    frame(&mut buf, |b| {
+                        encode_record(
+                            b,
+                            &Record {
+                                entry: r.entry.clone(),
+                                event_loc: HERE,
+                                replay_key: r.replay_key,
+                                event: &event,
+                                delivery: r.delivery,
+                            },
+                        )
+                    });
+                }
+            }
+        }
+        if buf.is_empty() {
+            return Ok(verdicts);
+        }
+        let base = journal.place(buf.len())?;
+        journal.write_durably(&buf)?;
+        let mut ix = self.index.write().unwrap_or_else(|e| e.into_inner());
+        for off in frames {
+            let bytes = &buf[off + 8..];
+            ix.apply(base + off as u64, &decode_record(bytes)?.entry)?;
+        }
+        ix.covered = journal.end();
+        Ok(verdicts)
+    }
+
+    /// The latest version of an event, read while the writer holds the journal.
+    fn current(&self, ix: &Index, org: &OrgId, id: &EventId) -> Result<Option<(Loc, Vec<u8>)>, StoreError> {
+        let Some(v) = id_value(id) else { return Ok(None) };
+        let Some(seq) = ix.seq_of((v >> 64) as u64) else { return Ok(None) };
+        if ix.org(seq) != org {
+            return Ok(None);
+        }
+        let at = ix.locs[seq as usize];
+        let bytes = self.read(at)?;
+        let same = decode_record(&bytes)?.entry.id == v;
+        Ok(same.then_some((at, bytes)))
+    }
+
+    /// The first event recorded under this replay key, if its marker is live. Every version of
+    /// an event keeps its key, so the latest one tells.
+    fn first_with(&self, ix: &Index, fp: u64, key: &[u8], now_ms: i64) -> Result<Option<EventId>, StoreError> {
+        let Some(seq) = ix.marked(fp, now_ms) else { return Ok(None) };
+        let bytes = self.read(ix.locs[seq as usize])?;
+        let r = decode_record(&bytes)?;
+        Ok((r.replay_key == key).then(|| id_string(r.entry.id)))
+    }
+
+    /// Reads the whole journal back and checks the index against it: every record decodes,
+    /// every event's latest version is where the index says, and the event JSON of each is
+    /// readable.
+    pub fn verify(&self) -> Result<Vec<String>, StoreError> {
+        let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rebuilt = Index::default();
+        let mut problems = Vec::new();
+        journal.scan_all(|at, bytes| match decode_record(bytes) {
+            Ok(r) => {
+                if let Err(e) = rebuilt.apply(at, &r.entry) {
+                    problems.push(format!("journal record at {at:#x}: {e}"));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                problems.push(format!("journal record at {at:#x}: {e}"));
+                Ok(())
+            }
+        })?;
+        drop(journal);
+        let ix = self.read_index();
+        if rebuilt.ids != ix.ids || rebuilt.locs != ix.locs || rebuilt.states != ix.states {
+            problems.push(format!(
+                "the event index ({} events) disagrees with the journal ({} events)",
+                ix.ids.len(),
+                rebuilt.ids.len()
+            ));
+        }
+        let locs = ix.locs.clone();
+        drop(ix);
+        for at in locs {
+            if let Err(e) = self.load(at) {
+                problems.push(format!("event at {at:#x} cannot be read: {e}"));
+            }
+        }
+        Ok(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Carrier, PhoneId};
+    use crate::store::{DeliveryState, VerifiedBy};
+
+    fn event(org: &OrgId, call: &str, at_ms: i64) -> (EventRecord, DeliveryRecord) {
+        let ev = EventRecord {
+            id: EventId::unassigned(),
+            org_id: org.clone(),
+            phone_id: PhoneId::generate(),
+            provider: Carrier::Plivo,
+            kind: "call.status".into(),
+            call_id: Some(call.into()),
+            from: None,
+            to: None,
+            direction: None,
+            status: None,
+            received_at: "2024-05-01T10:00:00.000Z".into(),
+            received_at_ms: at_ms,
+            verified_by: VerifiedBy { scheme: "plivo-v3".into(), credential: "current".into(), secret_id: None },
+            params: serde_json::json!({"CallUUID": call}),
+            answer: None,
+        };
+        let d = DeliveryRecord {
+            event_id: ev.id.clone(),
+            org_id: org.clone(),
+            call_key: format!("plivo:{call}"),
+            state: DeliveryState::Pending,
+            attempts: Vec::new(),
+            next_attempt_ms: at_ms,
+            created_at_ms: at_ms,
+        };
+        (ev, d)
+    }
+
+    fn prepared(org: &OrgId, call: &str, key: &[u8], at_ms: i64, expires_ms: i64) -> PreparedEvent {
+        let (ev, d) = event(org, call, at_ms);
+        PreparedEvent::new(&ev, &d, Some((key, expires_ms)))
+    }
+
+    fn record(log: &EventLog, events: &[PreparedEvent]) -> Vec<Recorded> {
+        log.write(Batch { events, deliveries: &[], answers: &[] }).unwrap()
+    }
+
+    fn new_id(r: &Recorded) -> EventId {
+        match r {
+            Recorded::New(id) => id.clone(),
+            other => panic!("expected a new event, got {other:?}"),
+        }
+    }
+
+    fn all(log: &EventLog, org: &OrgId) -> Vec<EventId> {
+        let f = EventFilter { limit: 1000, ..Default::default() };
+        log.event_list(org, &f).unwrap().into_iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn a_batch_records_each_event_once_and_spots_replays_inside_it_and_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        let org = OrgId::generate();
+        let out = record(
+            &log,
+            &[
+                prepared(&org, "c1", b"k1", 5_000, 60_000),
+                prepared(&org, "c1", b"k1", 5_000, 60_000),
+                prepared(&org, "c2", b"k2", 5_000, 60_000),
+            ],
+        );
+        let a = new_id(&out[0]);
+        let c = new_id(&out[2]);
+        assert_eq!(out[1], Recorded::Duplicate(Some(a.clone())));
+        assert!(a < c, "ids ascend in recording order");
+        assert_eq!(all(&log, &org), vec![a.clone(), c.clone()]);
+        assert_eq!(log.event_get(&org, &a).unwrap().unwrap().params["CallUUID"], "c1");
+        assert_eq!(log.delivery_get(&org, &c).unwrap().unwrap().event_id, c);
+        // Another org sees nothing; an id differing only in its random half is not found.
+        let other = OrgId::generate();
+        assert!(log.event_get(&other, &a).unwrap().is_none());
+        let mut forged = a.as_str().to_owned();
+        let last = forged.pop().unwrap();
+        forged.push(if last == '0' { '1' } else { '0' });
+        assert!(log.event_get(&org, &EventId::parse(&forged).unwrap()).unwrap().is_none());
+        assert_eq!(log.call_head("plivo:c1").unwrap(), Some(a.clone()));
+
+        // Seen in an earlier batch too, until the marker expires.
+        let out = record(&log, &[prepared(&org, "c3", b"k2", 59_000, 120_000)]);
+        assert_eq!(out, vec![Recorded::Duplicate(Some(c.clone()))]);
+        assert!(log.verify().unwrap().is_empty());
+        assert_eq!(log.sweep(61_000), 2);
+        let out = record(&log, &[prepared(&org, "c3", b"k2", 61_000, 120_000)]);
+        assert!(matches!(out[0], Recorded::New(_)));
+    }
+
+    #[test]
+    fn delivery_states_and_answers_are_new_versions_that_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let org = OrgId::generate();
+        let (a, b);
+        {
+            let log = EventLog::open(dir.path()).unwrap();
+            let out =
+                record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000), prepared(&org, "c1", b"k2", 1_000, 90_000)]);
+            a = new_id(&out[0]);
+            b = new_id(&out[1]);
+            assert_eq!(log.deliveries_due(1_000, 10).unwrap().len(), 2);
+            let mut d = log.delivery_get(&org, &a).unwrap().unwrap();
+            d.state = DeliveryState::Delivered;
+            log.write(Batch { events: &[], deliveries: &[d], answers: &[] }).unwrap();
+            let answer = serde_json::json!({"source": "static"});
+            log.write(Batch { events: &[], deliveries: &[], answers: &[(b.clone(), answer)] }).unwrap();
+            assert_eq!(log.call_head("plivo:c1").unwrap(), Some(b.clone()));
+            // Closed without a snapshot: the next open reads the journal.
+        }
+        let check = |log: &EventLog| {
+            assert_eq!(log.delivery_get(&org, &a).unwrap().unwrap().state, DeliveryState::Delivered);
+            assert_eq!(log.event_get(&org, &a).unwrap().unwrap().params["CallUUID"], "c1");
+            let eb = log.event_get(&org, &b).unwrap().unwrap();
+            assert_eq!(eb.answer, Some(serde_json::json!({"source": "static"})));
+            assert_eq!(log.delivery_get(&org, &b).unwrap().unwrap().state, DeliveryState::Pending);
+            let due: Vec<EventId> = log.deliveries_due(i64::MAX, 10).unwrap().into_iter().map(|d| d.event_id).collect();
+            assert_eq!(due, vec![b.clone()]);
+            let delivered = EventFilter { delivery: Some(DeliveryState::Delivered), limit: 10, ..Default::default() };
+            assert_eq!(log.event_list(&org, &delivered).unwrap().len(), 1);
+            let after_a = EventFilter { after: Some(a.clone()), limit: 10, ..Default::default() };
+            assert_eq!(
+                log.event_list(&org, &after_a).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>(),
+                vec![b.clone()]
+            );
+            // The replay markers came back too.
+            let out = record(log, &[prepared(&org, "c9", b"k2", 2_000, 90_000)]);
+            assert_eq!(out, vec![Recorded::Duplicate(Some(b.clone()))]);
+            assert!(log.verify().unwrap().is_empty());
+        };
+        {
+            let log = EventLog::open(dir.path()).unwrap();
+            check(&log);
+            log.save_snapshot().unwrap();
+        }
+        {
+            // From the snapshot this time, plus one event after it.
+            let log = EventLog::open(dir.path()).unwrap();
+            check(&log);
+            let out = record(&log, &[prepared(&org, "c5", b"k5", 3_000, 90_000)]);
+            let c = new_id(&out[0]);
+            assert!(b < c, "ids keep ascending after a restart");
+        }
+        let log = EventLog::open(dir.path()).unwrap();
+        assert_eq!(all(&log, &org).len(), 3);
+    }
+
+    #[test]
+    fn parked_events_wait_off_the_queue_until_their_number_gets_an_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        let org = OrgId::generate();
+        let (ev, d) = event(&org, "c1", 1_000);
+        let phone = ev.phone_id.clone();
+        let p = PreparedEvent::new(&ev, &d, Some((b"k1", 90_000))).parked(true);
+        record(&log, &[p]);
+        assert!(log.deliveries_due(i64::MAX, 10).unwrap().is_empty());
+        assert_eq!(log.unpark(Some("ph_other")), 0);
+        assert_eq!(log.unpark(Some(phone.as_str())), 1);
+        assert_eq!(log.deliveries_due(i64::MAX, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_ignored_and_the_journal_rebuilds_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let org = OrgId::generate();
+        let a = {
+            let log = EventLog::open(dir.path()).unwrap();
+            let a = new_id(&record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000)])[0]);
+            log.save_snapshot().unwrap();
+            a
+        };
+        let snap = dir.path().join("index.snapshot");
+        let mut bytes = std::fs::read(&snap).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0xff;
+        std::fs::write(&snap, bytes).unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        assert_eq!(all(&log, &org), vec![a]);
+    }
+
+    #[test]
+    fn ids_ascend_even_when_the_clock_stands_still_or_steps_back() {
+        let mut g = IdGen::default();
+        let mut last = 0u128;
+        for now in [5, 5, 5, 4, 6, 6, 0] {
+            let id = g.next(now);
+            assert!(id > last);
+            assert_eq!((id >> 76) & 0xf, 7, "version 7");
+            last = id;
+        }
+        let mut g = IdGen::default();
+        let first = g.next(10);
+        for _ in 0..5000 {
+            g.next(10);
+        }
+        let later = g.next(10);
+        assert!((later >> 80) > (first >> 80), "the counter spilled into the next millisecond");
+        assert!(id_value(&id_string(later)) == Some(later));
+    }
+}
