@@ -163,15 +163,16 @@ impl Application {
 }
 
 fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(health))
+    // The carriers' webhooks first: they are the hot path, and actix tries routes in order.
+    cfg.configure(crate::carriers::routes::configure)
+        .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
         .route("/metrics", web::get().to(metrics))
         .configure(crate::orgs::configure)
         .configure(crate::vault::routes::configure)
         .configure(crate::phones::configure)
         .configure(crate::handoff::routes::configure)
-        .configure(crate::events::configure)
-        .configure(crate::carriers::routes::configure);
+        .configure(crate::events::configure);
 }
 
 async fn health() -> HttpResponse {

@@ -193,6 +193,9 @@ pub struct EventLog {
     index: RwLock<Index>,
     ids: Mutex<IdGen>,
     snapshot: PathBuf,
+    /// The batch buffer, kept between batches: allocating and freeing it each time made the
+    /// allocator consolidate its heap on the hot path.
+    scratch: Mutex<Vec<u8>>,
 }
 
 impl EventLog {
@@ -231,6 +234,7 @@ impl EventLog {
             journal: Mutex::new(journal),
             index: RwLock::new(index),
             snapshot,
+            scratch: Mutex::new(Vec::new()),
         };
         if replayed > SNAPSHOT_AFTER {
             log.save_snapshot()?;
@@ -374,7 +378,8 @@ impl EventLog {
     /// in one durable write. Returns a verdict per event.
     pub fn write(&self, batch: Batch<'_>) -> Result<Vec<Recorded>, StoreError> {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        let mut buf = Vec::with_capacity(batch.events.iter().map(|p| p.event.len() + p.delivery.len() + 160).sum());
+        let mut buf = std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
+        buf.clear();
         // (offset in buf, first sequence number it holds) for each frame, applied after the write.
         let mut frames: Vec<usize> = Vec::with_capacity(batch.events.len() + batch.deliveries.len());
         let mut verdicts = Vec::with_capacity(batch.events.len());
@@ -485,18 +490,27 @@ impl EventLog {
                 }
             }
         }
+        let applied = self.append(&mut journal, &buf, &frames);
+        // A buffer grown by an unusual batch is not kept.
+        if buf.capacity() <= 1 << 20 {
+            *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = buf;
+        }
+        applied.map(|()| verdicts)
+    }
+
+    fn append(&self, journal: &mut Journal, buf: &[u8], frames: &[usize]) -> Result<(), StoreError> {
         if buf.is_empty() {
-            return Ok(verdicts);
+            return Ok(());
         }
         let base = journal.place(buf.len())?;
-        journal.write_durably(&buf)?;
+        journal.write_durably(buf)?;
         let mut ix = self.index.write().unwrap_or_else(|e| e.into_inner());
         for off in frames {
             let bytes = &buf[off + 8..];
-            ix.apply(base + off as u64, &decode_record(bytes)?.entry)?;
+            ix.apply(base + *off as u64, &decode_record(bytes)?.entry)?;
         }
         ix.covered = journal.end();
-        Ok(verdicts)
+        Ok(())
     }
 
     /// The latest version of an event, read while the writer holds the journal.
