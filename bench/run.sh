@@ -9,7 +9,7 @@
 #   DURATION=5 WARMUP=1 RUNS=1 bench/run.sh
 #
 # Environment (defaults): DURATION (10) WARMUP (2) RUNS (3) CONNECTIONS (64) NUMBERS (20 per
-# carrier) REQUESTS (150000 unique requests per scenario run) SCENARIOS (see below)
+# carrier) REQUESTS (400000 unique requests per scenario run) SCENARIOS (see below)
 # UPSTREAM (unset: no hand-off upstream; e.g. http://127.0.0.1:9 for "upstream down")
 # SERVER_CPU (0) CLIENT_CPU (1) OUT (bench/results/<timestamp>) KEEP_DATA (unset: data dirs removed)
 # ISOLATE (unset: one server and data dir per run, scenarios in order, so later scenarios meet a
@@ -22,7 +22,7 @@ WARMUP=${WARMUP:-2}
 RUNS=${RUNS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 NUMBERS=${NUMBERS:-20}
-REQUESTS=${REQUESTS:-150000}
+REQUESTS=${REQUESTS:-400000}
 SCENARIOS=${SCENARIOS:-plivo-status plivo-incoming twilio-status telnyx-event exotel-status mix}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}

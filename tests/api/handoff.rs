@@ -1483,3 +1483,43 @@ async fn a_repeated_answer_request_gets_the_first_answer_without_asking_again() 
     assert_eq!(assistant.hits().len(), 1);
     assert_eq!(events_of(&app, &org, &line).await.len(), 1);
 }
+
+#[tokio::test]
+async fn events_recorded_with_no_upstream_wait_and_are_delivered_once_their_number_gets_one() {
+    let upstream = FakeHttp::start(|_| Reply::status(200)).await;
+    // No gateway-wide upstream: nothing can take the events yet.
+    let app = spawn_with(
+        Options::default().clock(Clock::pinned(T0)).env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW)),
+    )
+    .await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020009", config(None, None));
+    let first = record_status(&app, &org, &line, "CA09", "ringing", 1).await;
+    let second = record_status(&app, &org, &line, "CA09", "completed", 2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for id in [&first, &second] {
+        let d = event(&app, &org, id).await["delivery"].clone();
+        assert_eq!(d["state"], "pending");
+        assert_eq!(d["attempts"], json!([]));
+    }
+    assert!(upstream.hits().is_empty());
+
+    // They stay waiting across a restart...
+    let app = app.restart().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(upstream.hits().is_empty());
+    assert_eq!(event(&app, &org, &first).await["delivery"]["state"], "pending");
+
+    // ...and go, in order, once the number has an upstream.
+    let res = app
+        .patch(&org, &format!("/phone-numbers/{}", line.phone_id))
+        .json(&json!({"config": {"upstream_url": upstream.url("/own")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    wait_state(&app, &org, &second, "delivered").await;
+    let ids: Vec<String> = upstream.hits_to("/own").iter().map(|h| h.webhook_id()).collect();
+    assert_eq!(ids, vec![first.clone(), second.clone()]);
+    assert_eq!(wait_state(&app, &org, &first, "delivered").await["attempts"].as_array().unwrap().len(), 1);
+}
