@@ -27,16 +27,25 @@ fn corrupt(detail: impl Into<String>) -> StoreError {
     StoreError::Corrupt { tree: "events", detail: detail.into() }
 }
 
+fn hash64(bytes: &[u8]) -> u64 {
+    let h = Sha256::digest(bytes);
+    u64::from_le_bytes(h[..8].try_into().unwrap_or_default())
+}
+
 /// The fingerprint the index keeps of a replay key (never 0, which means "none").
 pub fn fingerprint(key: &[u8]) -> u64 {
-    let h = Sha256::digest(key);
-    u64::from_le_bytes(h[..8].try_into().unwrap_or_default()).max(1)
+    hash64(key).max(1)
 }
 
 /// The 64-bit hash that groups a call's deliveries.
 fn call_hash(call_key: &str) -> u64 {
-    let h = Sha256::digest(call_key.as_bytes());
-    u64::from_le_bytes(h[..8].try_into().unwrap_or_default())
+    hash64(call_key.as_bytes())
+}
+
+/// The sequence number an id points at (by its high half) and the id's full value.
+fn seq_of(ix: &Index, id: &EventId) -> Option<(u32, u128)> {
+    let v = id_value(id)?;
+    Some((ix.seq_of((v >> 64) as u64)?, v))
 }
 
 pub fn id_string(id: u128) -> EventId {
@@ -257,34 +266,32 @@ impl EventLog {
         self.segments.read(at)
     }
 
-    /// The event and delivery JSON of the version at `at` (following the pointer to the event
-    /// JSON when the version did not change it).
-    fn load(&self, at: Loc) -> Result<(EventRecord, DeliveryRecord, Vec<u8>), StoreError> {
+    /// The event a version holds, or the one its pointer leads to when it did not change it.
+    fn event_of(&self, r: &Record<'_>) -> Result<EventRecord, StoreError> {
+        let mut ev: EventRecord =
+            if r.event_loc == HERE { dec(r.event)? } else { dec(decode_record(&self.read(r.event_loc)?)?.event)? };
+        ev.id = id_string(r.entry.id);
+        Ok(ev)
+    }
+
+    /// The event and delivery record of the version at `at`.
+    fn load(&self, at: Loc) -> Result<(EventRecord, DeliveryRecord), StoreError> {
         let bytes = self.read(at)?;
         let r = decode_record(&bytes)?;
-        let id = id_string(r.entry.id);
         let mut delivery: DeliveryRecord = dec(r.delivery)?;
-        delivery.event_id = id.clone();
-        let mut ev: EventRecord = if r.event_loc == HERE {
-            dec(r.event)?
-        } else {
-            let older = self.read(r.event_loc)?;
-            dec(decode_record(&older)?.event)?
-        };
-        ev.id = id;
-        Ok((ev, delivery, bytes))
+        delivery.event_id = id_string(r.entry.id);
+        Ok((self.event_of(&r)?, delivery))
     }
 
     fn find(&self, org: &OrgId, id: &EventId) -> Option<Loc> {
-        let value = id_value(id)?;
         let ix = self.read_index();
-        let seq = ix.seq_of((value >> 64) as u64)?;
+        let (seq, _) = seq_of(&ix, id)?;
         (ix.org(seq) == org).then(|| ix.locs[seq as usize])
     }
 
     fn get_both(&self, org: &OrgId, id: &EventId) -> Result<Option<(EventRecord, DeliveryRecord)>, StoreError> {
         let Some(at) = self.find(org, id) else { return Ok(None) };
-        let (ev, d, _) = self.load(at)?;
+        let (ev, d) = self.load(at)?;
         // The index matched the high half of the id; the low half is checked here.
         Ok((&ev.id == id).then_some((ev, d)))
     }
@@ -328,7 +335,7 @@ impl EventLog {
                 found
             };
             for at in locs {
-                let (ev, _, _) = self.load(at)?;
+                let (ev, _) = self.load(at)?;
                 if f.phone_id.as_ref().is_some_and(|p| p != &ev.phone_id)
                     || f.kind.as_ref().is_some_and(|k| k != &ev.kind)
                 {
@@ -380,7 +387,7 @@ impl EventLog {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         let mut buf = std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
         buf.clear();
-        // (offset in buf, first sequence number it holds) for each frame, applied after the write.
+        // Where each frame starts in `buf`: the index takes them in once the write is durable.
         let mut frames: Vec<usize> = Vec::with_capacity(batch.events.len() + batch.deliveries.len());
         let mut verdicts = Vec::with_capacity(batch.events.len());
         let mut in_batch: Vec<(u64, &[u8], u128)> = Vec::new();
@@ -437,7 +444,10 @@ impl EventLog {
             }
             drop(ids);
             for d in batch.deliveries {
-                if let Some((at, old)) = self.current(&ix, &d.org_id, &d.event_id)? {
+                let Some((seq, v)) = seq_of(&ix, &d.event_id).filter(|(seq, _)| ix.org(*seq) == &d.org_id) else {
+                    continue;
+                };
+                if let Some((at, old)) = self.current(&ix, seq, v)? {
                     let r = decode_record(&old)?;
                     frames.push(buf.len());
                     let delivery = encode(d);
@@ -462,16 +472,10 @@ impl EventLog {
                 }
             }
             for (id, answer) in batch.answers {
-                let Some(v) = id_value(id) else { continue };
-                let Some(seq) = ix.seq_of((v >> 64) as u64) else { continue };
-                let org = ix.org(seq).clone();
-                if let Some((_, old)) = self.current(&ix, &org, id)? {
+                let Some((seq, v)) = seq_of(&ix, id) else { continue };
+                if let Some((_, old)) = self.current(&ix, seq, v)? {
                     let r = decode_record(&old)?;
-                    let mut ev: EventRecord = if r.event_loc == HERE {
-                        dec(r.event)?
-                    } else {
-                        dec(decode_record(&self.read(r.event_loc)?)?.event)?
-                    };
+                    let mut ev = self.event_of(&r)?;
                     ev.answer = Some(answer.clone());
                     let event = encode(&ev);
                     frames.push(buf.len());
@@ -513,13 +517,9 @@ impl EventLog {
         Ok(())
     }
 
-    /// The latest version of an event, read while the writer holds the journal.
-    fn current(&self, ix: &Index, org: &OrgId, id: &EventId) -> Result<Option<(Loc, Vec<u8>)>, StoreError> {
-        let Some(v) = id_value(id) else { return Ok(None) };
-        let Some(seq) = ix.seq_of((v >> 64) as u64) else { return Ok(None) };
-        if ix.org(seq) != org {
-            return Ok(None);
-        }
+    /// The latest version of event `seq`, if its full id is `v` (the index matched only the
+    /// high half).
+    fn current(&self, ix: &Index, seq: u32, v: u128) -> Result<Option<(Loc, Vec<u8>)>, StoreError> {
         let at = ix.locs[seq as usize];
         let bytes = self.read(at)?;
         let same = decode_record(&bytes)?.entry.id == v;
