@@ -166,7 +166,7 @@ fn unique(template: &EventRecord, expires: i64) -> PreparedEvent {
 
 fn bench_store(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(&dir.path().join("db")).unwrap();
+    let store = SledStore::open(&dir.path().join("db"), Default::default()).unwrap();
     let phone = phone();
     store.phone_insert(&phone, None).unwrap().unwrap();
     store.flush().unwrap();

@@ -4,6 +4,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::domain::Carrier;
+use crate::store::{WriterStats, WRITE_BUCKETS_US};
 
 pub const REJECT_REASONS: [&str; 7] = [
     "invalid_signature",
@@ -57,7 +58,7 @@ impl Metrics {
             .unwrap_or(0)
     }
 
-    pub fn render(&self) -> String {
+    pub fn render(&self, writer: &WriterStats) -> String {
         let mut out = String::new();
         out.push_str("# TYPE callgate_webhooks_rejected_total counter\n");
         for c in ORDER {
@@ -82,6 +83,23 @@ impl Metrics {
                 self.replayed[idx(c)].load(Ordering::Relaxed)
             );
         }
+        render_writer(&mut out, writer);
         out
     }
+}
+
+fn render_writer(out: &mut String, w: &WriterStats) {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    out.push_str("# TYPE callgate_journal_batch_events_total counter\n");
+    let _ = writeln!(out, "callgate_journal_batch_events_total {}", load(&w.events));
+    out.push_str("# TYPE callgate_journal_batch_seconds histogram\n");
+    let mut cumulative = 0;
+    for (i, le) in WRITE_BUCKETS_US.iter().enumerate() {
+        cumulative += load(&w.write_us_buckets[i]);
+        let _ = writeln!(out, "callgate_journal_batch_seconds_bucket{{le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
+    }
+    cumulative += load(&w.write_us_buckets[WRITE_BUCKETS_US.len()]);
+    let _ = writeln!(out, "callgate_journal_batch_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "callgate_journal_batch_seconds_sum {}", load(&w.write_us_sum) as f64 / 1e6);
+    let _ = writeln!(out, "callgate_journal_batch_seconds_count {}", load(&w.batches));
 }

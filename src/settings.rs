@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::carriers::rest::CarrierUrls;
 use crate::domain::Secret;
+use crate::store::JournalOptions;
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const EXOTEL_ALLOWLIST: &str = include_str!("../config/exotel-allowlist");
@@ -48,6 +49,7 @@ struct Raw {
     byok_rate_limit_per_minute: u32,
     credential_grace_secs: u64,
     replay_window_secs: u64,
+    journal_preallocate_mb: u64,
     provider_timeout_ms: u64,
     carriers: RawCarriers,
     handoff: RawHandoff,
@@ -91,6 +93,7 @@ pub struct Settings {
     pub byok_rate_limit_per_minute: u32,
     pub credential_grace: Duration,
     pub replay_window: Duration,
+    pub journal: JournalOptions,
     pub provider_timeout: Duration,
     pub carrier_urls: CarrierUrls,
     pub handoff: Handoff,
@@ -251,6 +254,9 @@ impl Settings {
         if let Some(v) = num("CALLGATE_REPLAY_WINDOW_SECS", env.var("CALLGATE_REPLAY_WINDOW_SECS"))? {
             raw.replay_window_secs = v;
         }
+        if let Some(v) = num("CALLGATE_JOURNAL_PREALLOCATE_MB", env.var("CALLGATE_JOURNAL_PREALLOCATE_MB"))? {
+            raw.journal_preallocate_mb = v;
+        }
         if let Some(v) = num("CALLGATE_PROVIDER_TIMEOUT_MS", env.var("CALLGATE_PROVIDER_TIMEOUT_MS"))? {
             raw.provider_timeout_ms = v;
         }
@@ -340,6 +346,9 @@ impl Settings {
                 return Err(bad(name, format!("must be at most {MAX_WINDOW_SECS} (100 years)")));
             }
         }
+        if raw.journal_preallocate_mb > 1024 {
+            return Err(bad("CALLGATE_JOURNAL_PREALLOCATE_MB", "must be at most 1024 (a segment's largest size)"));
+        }
         let h = raw.handoff;
         let http_url = |name: &str, v: Option<String>| -> Result<Option<String>, SettingsError> {
             match v.filter(|s| !s.trim().is_empty()) {
@@ -402,6 +411,7 @@ impl Settings {
             byok_rate_limit_per_minute: raw.byok_rate_limit_per_minute,
             credential_grace: Duration::from_secs(raw.credential_grace_secs),
             replay_window: Duration::from_secs(raw.replay_window_secs),
+            journal: JournalOptions { preallocate_bytes: raw.journal_preallocate_mb << 20 },
             provider_timeout: Duration::from_millis(raw.provider_timeout_ms),
             carrier_urls,
             handoff,

@@ -32,7 +32,7 @@ pub fn open_data(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Keyring
         tracing::info!(path = %settings.data_dir.join(crate::vault::crypto::KEY_FILE).display(),
             "generated a new master key (mode 0600); back it up: without it the stored secrets cannot be opened");
     }
-    let store = SledStore::open(&settings.data_dir.join("db"))?;
+    let store = SledStore::open(&settings.data_dir.join("db"), settings.journal)?;
     Ok((Arc::new(store), keyring))
 }
 
@@ -189,7 +189,7 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render(state.commit.stats()))
 }
 
 /// Holds the state weakly so a stopped server's store (and its file lock) is released.

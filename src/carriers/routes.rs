@@ -1,6 +1,7 @@
 //! The carriers' webhook URLs. Every one goes through the same pipeline.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::Method;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 
 use super::exotel::Exotel;
 use super::pipeline::{handle, Locate};
@@ -24,37 +25,32 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
+/// `/{name}/incoming/{phone_id}` and `/{name}/status/{phone_id}`, split by hand: actix matches
+/// a path with a `{segment}` by regex, route by route, and that was a twentieth of the CPU of
+/// each callback. A scope's static prefix is a plain string comparison.
 fn carrier<C: CarrierHooks>(cfg: &mut web::ServiceConfig, name: &str) {
-    cfg.service(
-        web::resource(format!("/{name}/incoming/{{phone_id}}"))
-            .route(web::get().to(incoming::<C>))
-            .route(web::post().to(incoming::<C>))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource(format!("/{name}/status/{{phone_id}}"))
-            .route(web::get().to(status::<C>))
-            .route(web::post().to(status::<C>))
-            .default_service(web::to(method_not_allowed)),
-    );
+    cfg.service(web::scope(&format!("/{name}")).default_service(web::to(dispatch::<C>)));
 }
 
-async fn incoming<C: CarrierHooks>(
+async fn dispatch<C: CarrierHooks>(
     state: web::Data<AppState>,
     req: HttpRequest,
-    path: web::Path<String>,
     payload: web::Payload,
 ) -> HttpResponse {
-    handle::<C>(state, req, payload, Locate::Path(path.into_inner()), Hook::Incoming).await
-}
-
-async fn status<C: CarrierHooks>(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    path: web::Path<String>,
-    payload: web::Payload,
-) -> HttpResponse {
-    handle::<C>(state, req, payload, Locate::Path(path.into_inner()), Hook::Status).await
+    let rest = req.match_info().unprocessed();
+    let (hook, id) = match rest.strip_prefix('/').and_then(|r| r.split_once('/')) {
+        Some(("incoming", id)) => (Hook::Incoming, id),
+        Some(("status", id)) => (Hook::Status, id),
+        _ => return ApiError::not_found("resource").error_response(),
+    };
+    if id.is_empty() || id.contains('/') {
+        return ApiError::not_found("resource").error_response();
+    }
+    if req.method() != Method::GET && req.method() != Method::POST {
+        return method_not_allowed().await.unwrap_or_else(|e| e.error_response());
+    }
+    let id = id.to_owned();
+    handle::<C>(state, req, payload, Locate::Path(id), hook).await
 }
 
 async fn telnyx(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {

@@ -3,9 +3,11 @@
 //! answers every waiter. Durability costs one write and one sync per batch, not per request,
 //! and neither ever runs on an async worker.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -28,6 +30,31 @@ enum Job {
 pub struct GroupCommit {
     tx: mpsc::Sender<Job>,
     thread: JoinHandle<()>,
+    stats: Arc<WriterStats>,
+}
+
+/// Upper bounds (µs) of the durable-write latency histogram: a slow disk shows here first.
+pub const WRITE_BUCKETS_US: [u64; 10] = [250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000];
+
+/// What the writer has done, for `/metrics`: how many batches, how full, how long each took
+/// from first byte encoded to `fdatasync` returning.
+#[derive(Default)]
+pub struct WriterStats {
+    pub batches: AtomicU64,
+    pub events: AtomicU64,
+    pub write_us_sum: AtomicU64,
+    /// Counts per bucket of `WRITE_BUCKETS_US`, the last one for anything slower.
+    pub write_us_buckets: [AtomicU64; WRITE_BUCKETS_US.len() + 1],
+}
+
+impl WriterStats {
+    fn observe(&self, events: usize, took_us: u64) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.events.fetch_add(events as u64, Ordering::Relaxed);
+        self.write_us_sum.fetch_add(took_us, Ordering::Relaxed);
+        let b = WRITE_BUCKETS_US.iter().position(|le| took_us <= *le).unwrap_or(WRITE_BUCKETS_US.len());
+        self.write_us_buckets[b].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 fn stopped() -> StoreError {
@@ -63,11 +90,14 @@ impl Round {
         }
     }
 
-    fn run(self, store: &dyn Store) {
+    fn run(self, store: &dyn Store, stats: &WriterStats) {
         let written = if self.events.is_empty() && self.deliveries.is_empty() {
             Ok(Vec::new())
         } else {
-            store.write_batch(&self.events, &self.deliveries, &[]).map_err(|e| e.to_string())
+            let started = Instant::now();
+            let r = store.write_batch(&self.events, &self.deliveries, &[]).map_err(|e| e.to_string());
+            stats.observe(self.events.len(), started.elapsed().as_micros() as u64);
+            r
         };
         // Answers go in a write of their own: a delivery state written in this batch must be
         // the base the answer's version builds on.
@@ -115,6 +145,8 @@ async fn wait<T>(rx: oneshot::Receiver<Result<T, String>>, what: &str) -> Result
 impl GroupCommit {
     pub fn start(store: Arc<dyn Store>) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
+        let stats = Arc::new(WriterStats::default());
+        let shared = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("callgate-writer".into())
             .spawn(move || {
@@ -124,11 +156,15 @@ impl GroupCommit {
                     for job in std::iter::once(first).chain(rx.try_iter()) {
                         round.take(job);
                     }
-                    round.run(store.as_ref());
+                    round.run(store.as_ref(), &shared);
                 }
             })
             .expect("spawn the durable writer thread");
-        Self { tx, thread }
+        Self { tx, thread, stats }
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
     }
 
     fn send<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<oneshot::Receiver<Result<T, String>>, StoreError> {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use sha2::{Digest, Sha256};
 
 use super::event_index::{state_code, state_from, Entry, Index};
-use super::journal::{frame, Journal, Loc, Segments};
+use super::journal::{frame, Journal, JournalOptions, Loc, Segments};
 use super::{encode, DeliveryRecord, EventFilter, EventRecord, PreparedEvent, Recorded, StoreError, SCHEMA};
 use crate::domain::{EventId, OrgId};
 
@@ -208,7 +208,7 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path, options: JournalOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| corrupt(format!("cannot create {}: {e}", dir.display())))?;
         let snapshot = dir.join("index.snapshot");
         let mut index = match Index::load(&snapshot) {
@@ -220,7 +220,7 @@ impl EventLog {
             }
         };
         let mut replayed = 0usize;
-        let journal = match Journal::open(dir, index.covered, |at, bytes| {
+        let journal = match Journal::open(dir, index.covered, options, |at, bytes| {
             replayed += 1;
             index.apply(at, &decode_record(bytes)?.entry)
         }) {
@@ -229,7 +229,7 @@ impl EventLog {
                 tracing::warn!(error = %e, "the event index snapshot does not match the journal; rebuilding");
                 index = Index::default();
                 replayed = 0;
-                Journal::open(dir, 0, |at, bytes| {
+                Journal::open(dir, 0, options, |at, bytes| {
                     replayed += 1;
                     index.apply(at, &decode_record(bytes)?.entry)
                 })?
@@ -634,7 +634,7 @@ mod tests {
     #[test]
     fn a_batch_records_each_event_once_and_spots_replays_inside_it_and_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path()).unwrap();
+        let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
         let org = OrgId::generate();
         let out = record(
             &log,
@@ -675,7 +675,7 @@ mod tests {
         let org = OrgId::generate();
         let (a, b);
         {
-            let log = EventLog::open(dir.path()).unwrap();
+            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
             let out =
                 record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000), prepared(&org, "c1", b"k2", 1_000, 90_000)]);
             a = new_id(&out[0]);
@@ -710,26 +710,26 @@ mod tests {
             assert!(log.verify().unwrap().is_empty());
         };
         {
-            let log = EventLog::open(dir.path()).unwrap();
+            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
             check(&log);
             log.save_snapshot().unwrap();
         }
         {
             // From the snapshot this time, plus one event after it.
-            let log = EventLog::open(dir.path()).unwrap();
+            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
             check(&log);
             let out = record(&log, &[prepared(&org, "c5", b"k5", 3_000, 90_000)]);
             let c = new_id(&out[0]);
             assert!(b < c, "ids keep ascending after a restart");
         }
-        let log = EventLog::open(dir.path()).unwrap();
+        let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
         assert_eq!(all(&log, &org).len(), 3);
     }
 
     #[test]
     fn parked_events_wait_off_the_queue_until_their_number_gets_an_upstream() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path()).unwrap();
+        let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
         let org = OrgId::generate();
         let (ev, d) = event(&org, "c1", 1_000);
         let phone = ev.phone_id.clone();
@@ -746,7 +746,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let org = OrgId::generate();
         let a = {
-            let log = EventLog::open(dir.path()).unwrap();
+            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
             let a = new_id(&record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000)])[0]);
             log.save_snapshot().unwrap();
             a
@@ -756,7 +756,7 @@ mod tests {
         let n = bytes.len();
         bytes[n / 2] ^= 0xff;
         std::fs::write(&snap, bytes).unwrap();
-        let log = EventLog::open(dir.path()).unwrap();
+        let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
         assert_eq!(all(&log, &org), vec![a]);
     }
 

@@ -6,10 +6,11 @@ mod durable;
 mod event_index;
 mod event_log;
 mod journal;
+pub use journal::JournalOptions;
 pub mod records;
 mod sled_store;
 
-pub use durable::GroupCommit;
+pub use durable::{GroupCommit, WriterStats, WRITE_BUCKETS_US};
 pub use records::*;
 pub use sled_store::SledStore;
 

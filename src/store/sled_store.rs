@@ -70,7 +70,7 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path, journal: JournalOptions) -> Result<Self, StoreError> {
         // A bounded page cache: sled holds the configuration (orgs, secrets, numbers), not events.
         let db = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).open().map_err(|e| match e {
             sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked,
@@ -88,7 +88,7 @@ impl SledStore {
             phones: t(PHONES)?,
             phone_numbers: t(PHONE_NUMBERS)?,
             org_phones: t(ORG_PHONES)?,
-            events: EventLog::open(&dir.join("events"))?,
+            events: EventLog::open(&dir.join("events"), journal)?,
             db,
         })
     }
