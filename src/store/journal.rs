@@ -323,6 +323,7 @@ fn torn_at(file: &File, good: u64, size: u64) -> Result<bool, StoreError> {
     Ok(probe.iter().any(|b| *b != 0))
 }
 
+const PREPARE_FLUSH_BYTES: u64 = 4 << 20;
 const SPARE_TMP: &str = "next.tmp";
 const SPARE_READY: &str = "next.prep";
 
@@ -431,6 +432,12 @@ fn prepare(dir: &Path, bytes: u64, shared: &SpareShared) -> std::io::Result<bool
         let n = left.min(zeros.len() as u64) as usize;
         f.write_all(&zeros[..n])?;
         left -= n as u64;
+        // Flushed a few MiB at a time, with a pause: one flush of the whole segment held
+        // the writer's fdatasync behind it for tens of milliseconds.
+        if (bytes - left) % PREPARE_FLUSH_BYTES == 0 {
+            f.sync_data()?;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(SPARE_READY))?;
