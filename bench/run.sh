@@ -109,24 +109,32 @@ start_callgate() {
     DATA_DIRS+=("$data")
     "$BENCH" provision --data-dir "$data" --public-url "$PUBLIC_URL" --numbers "$NUMBERS"
     port=$(free_port)
-    # Carrier REST calls (e.g. Telnyx answer commands) go to a closed local port, never out.
+    # Carrier REST calls (Telnyx's Call Control answer for every incoming call) go to the local
+    # carrier sink, which answers 200 like the carrier would; never out.
     taskset -c "$SERVER_CPU" env \
         CALLGATE_DATA_DIR="$data" \
         CALLGATE_LISTEN="127.0.0.1:$port" \
         CALLGATE_PUBLIC_URL="$PUBLIC_URL" \
         EXOTEL_ALLOWED_IPS=127.0.0.1 \
         CALLGATE_LOG=warn \
-        CALLGATE_PLIVO_API_URL=http://127.0.0.1:9 \
-        CALLGATE_VOBIZ_API_URL=http://127.0.0.1:9 \
-        CALLGATE_TWILIO_API_URL=http://127.0.0.1:9 \
-        CALLGATE_TELNYX_API_URL=http://127.0.0.1:9 \
-        CALLGATE_EXOTEL_API_URL=http://127.0.0.1:9 \
+        CALLGATE_PLIVO_API_URL="$SINK" \
+        CALLGATE_VOBIZ_API_URL="$SINK" \
+        CALLGATE_TWILIO_API_URL="$SINK" \
+        CALLGATE_TELNYX_API_URL="$SINK" \
+        CALLGATE_EXOTEL_API_URL="$SINK" \
         ${UPSTREAM:+CALLGATE_UPSTREAM_URL=$UPSTREAM} \
         "$CALLGATE" serve >"$OUT/server-$1.log" 2>&1 &
     server=$!
     PIDS+=("$server")
     wait_for "http://127.0.0.1:$port/ready"
 }
+
+# A stand-in for the carriers' REST APIs on the generator's core: 200 to every call.
+sink_port=$(free_port)
+taskset -c "$CLIENT_CPU" "$BENCH" baseline --listen "127.0.0.1:$sink_port" >"$OUT/carrier-sink.log" 2>&1 &
+PIDS+=("$!")
+SINK="http://127.0.0.1:$sink_port"
+wait_for "$SINK/" -X POST -d ready
 
 for run in $(seq 1 "$RUNS"); do
     echo "== run $run/$RUNS" >&2

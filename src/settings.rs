@@ -50,6 +50,7 @@ struct Raw {
     credential_grace_secs: u64,
     replay_window_secs: u64,
     journal_preallocate_mb: u64,
+    commit_linger_us: u64,
     provider_timeout_ms: u64,
     carriers: RawCarriers,
     handoff: RawHandoff,
@@ -94,6 +95,8 @@ pub struct Settings {
     pub credential_grace: Duration,
     pub replay_window: Duration,
     pub journal: JournalOptions,
+    /// See `commit_linger_us` in config/default.toml.
+    pub commit_linger: Option<Duration>,
     pub provider_timeout: Duration,
     pub carrier_urls: CarrierUrls,
     pub handoff: Handoff,
@@ -257,6 +260,9 @@ impl Settings {
         if let Some(v) = num("CALLGATE_JOURNAL_PREALLOCATE_MB", env.var("CALLGATE_JOURNAL_PREALLOCATE_MB"))? {
             raw.journal_preallocate_mb = v;
         }
+        if let Some(v) = num("CALLGATE_COMMIT_LINGER_US", env.var("CALLGATE_COMMIT_LINGER_US"))? {
+            raw.commit_linger_us = v;
+        }
         if let Some(v) = num("CALLGATE_PROVIDER_TIMEOUT_MS", env.var("CALLGATE_PROVIDER_TIMEOUT_MS"))? {
             raw.provider_timeout_ms = v;
         }
@@ -346,6 +352,9 @@ impl Settings {
                 return Err(bad(name, format!("must be at most {MAX_WINDOW_SECS} (100 years)")));
             }
         }
+        if raw.commit_linger_us > 100_000 {
+            return Err(bad("CALLGATE_COMMIT_LINGER_US", "must be at most 100000 (0.1 s)"));
+        }
         if raw.journal_preallocate_mb > 1024 {
             return Err(bad("CALLGATE_JOURNAL_PREALLOCATE_MB", "must be at most 1024 (a segment's largest size)"));
         }
@@ -411,6 +420,7 @@ impl Settings {
             byok_rate_limit_per_minute: raw.byok_rate_limit_per_minute,
             credential_grace: Duration::from_secs(raw.credential_grace_secs),
             replay_window: Duration::from_secs(raw.replay_window_secs),
+            commit_linger: (raw.commit_linger_us > 0).then(|| Duration::from_micros(raw.commit_linger_us)),
             journal: JournalOptions { preallocate_bytes: raw.journal_preallocate_mb << 20 },
             provider_timeout: Duration::from_millis(raw.provider_timeout_ms),
             carrier_urls,
@@ -478,6 +488,21 @@ mod tests {
     /// milliseconds in the pipeline, vault, phones and outbox. u64::MAX seconds truncated to
     /// -1 s (replay markers expired before they were written); 9223372036854775 s overflowed the
     /// sum (a panic in debug builds, a negative deadline in release).
+    #[test]
+    fn write_path_settings_have_defaults_and_bounds() {
+        let s = Settings::load(None, &env(&[])).unwrap();
+        assert_eq!(s.journal.preallocate_bytes, 64 << 20);
+        assert_eq!(s.commit_linger, Some(Duration::from_micros(200)));
+        let s =
+            Settings::load(None, &env(&[("CALLGATE_JOURNAL_PREALLOCATE_MB", "0"), ("CALLGATE_COMMIT_LINGER_US", "0")]))
+                .unwrap();
+        assert_eq!(s.journal.preallocate_bytes, 0);
+        assert_eq!(s.commit_linger, None);
+        for (name, value) in [("CALLGATE_JOURNAL_PREALLOCATE_MB", "1025"), ("CALLGATE_COMMIT_LINGER_US", "100001")] {
+            assert_eq!(Settings::load(None, &env(&[(name, value)])).unwrap_err().name, name);
+        }
+    }
+
     #[test]
     fn windows_beyond_a_century_are_refused() {
         for name in ["CALLGATE_CREDENTIAL_GRACE_SECS", "CALLGATE_REPLAY_WINDOW_SECS", "CALLGATE_DELIVERY_HORIZON_SECS"]

@@ -73,7 +73,7 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
         let port = listener.local_addr()?.port();
         unpark_deliverable(store.as_ref(), &settings)?;
-        let commit = GroupCommit::start(Arc::clone(&store));
+        let commit = GroupCommit::start(Arc::clone(&store), settings.commit_linger);
         let (upstream_secret, generated) = crate::handoff::load_or_create_secret(&settings)?;
         if generated {
             tracing::info!("generated the upstream signing secret (see `callgate upstream secret`)");

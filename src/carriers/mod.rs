@@ -45,6 +45,8 @@ pub struct Inbound<'a> {
     /// Decoded form fields of a form-encoded body; empty otherwise.
     pub form: Vec<Pair<'a>>,
     pub is_form: bool,
+    /// A JSON body already parsed to find its number (Telnyx), handed on so it is parsed once.
+    pub json: Option<serde_json::Value>,
     pub client_ip: IpAddr,
     pub now_secs: i64,
 }
@@ -131,7 +133,7 @@ pub trait CarrierHooks: Send + Sync + 'static {
         ctx: &VerifyContext<'_>,
     ) -> Result<&'static str, Reject>;
 
-    fn parse(req: &Inbound<'_>, hook: Hook) -> Parsed;
+    fn parse(req: &mut Inbound<'_>, hook: Hook) -> Parsed;
 
     /// The answer document for an incoming call, from the decision the hand-off reached.
     fn answer(phone: &PhoneRecord, decision: &answer::Decision, ev: &EventRecord) -> HttpResponse;

@@ -84,7 +84,7 @@ pub async fn handle<C: CarrierHooks>(
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let url = client::signed_url(&settings.public_url, peer, req.headers(), &settings.trusted_proxies, path_and_query);
     let now_ms = state.clock.now_ms();
-    let inbound = Inbound {
+    let mut inbound = Inbound {
         method: req.method().as_str(),
         headers: req.headers(),
         url: &url,
@@ -92,6 +92,7 @@ pub async fn handle<C: CarrierHooks>(
         body: &raw,
         form: form_pairs,
         is_form,
+        json: None,
         client_ip: ip,
         now_secs: now_ms.div_euclid(1000),
     };
@@ -101,7 +102,7 @@ pub async fn handle<C: CarrierHooks>(
             let Ok(id) = PhoneId::parse(&id) else { return not_found(carrier, &state, ip) };
             state.store.phone_resolve(&id)
         }
-        Locate::Payload => match super::telnyx::locate(&inbound, state.store.as_ref()) {
+        Locate::Payload => match super::telnyx::locate(&mut inbound, state.store.as_ref()) {
             Ok(p) => p,
             Err(why) => return rejected(carrier, &state, why, None, ip),
         },
@@ -118,13 +119,15 @@ pub async fn handle<C: CarrierHooks>(
         Err(why) => return rejected(carrier, &state, why, Some(&phone.id), ip),
     };
 
-    let parsed = C::parse(&inbound, hook);
+    let parsed = C::parse(&mut inbound, hook);
     let replay_key = replay_key(carrier, &phone, &parsed, &inbound);
     let expires = now_ms + settings.replay_window.as_millis() as i64;
     let mut ev = event(&phone, parsed, verified_by, now_ms);
     let incoming = hook == Hook::Incoming;
+    let telnyx_call = carrier == crate::domain::Carrier::Telnyx && ev.kind == "call.incoming";
     // Without an assistant the answer is known now, and is recorded with the event itself.
-    let preset = if incoming { crate::handoff::assistant::without_assistant(&state, &phone) } else { None };
+    let preset =
+        if incoming || telnyx_call { crate::handoff::assistant::without_assistant(&state, &phone) } else { None };
     if let Some(d) = &preset {
         ev.answer = Some(d.record.clone());
     }
@@ -164,9 +167,9 @@ pub async fn handle<C: CarrierHooks>(
         state.outbox.poke();
     }
     tracing::debug!(carrier = %carrier, phone = %phone.id, event = %ev.id, kind = %ev.kind, "webhook recorded");
-    if carrier == crate::domain::Carrier::Telnyx && ev.kind == "call.incoming" {
+    if telnyx_call {
         let st = state.clone();
-        tokio::spawn(async move { crate::handoff::assistant::answer_telnyx(&st, &phone, &ev).await });
+        tokio::spawn(async move { crate::handoff::assistant::answer_telnyx(&st, &phone, &ev, preset).await });
         return HttpResponse::Ok().finish();
     }
     if !incoming {

@@ -93,10 +93,17 @@ async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) 
 /// Telnyx takes no instructions in the webhook response: the call is answered (or rejected,
 /// or transferred) by a Call Control command afterwards, with the number's API key, retried on
 /// 5xx. `command_id` is the event id, so a retry can never act twice.
-pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) {
+/// `preset`: the answer already recorded with the event (no assistant to ask).
+pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventRecord, preset: Option<Decided>) {
     let Some(ccid) = ev.call_id.clone() else { return };
-    let decided = decide(state, phone, ev).await;
-    let _ = state.commit.set_answer(ev.id.clone(), decided.record.clone()).await;
+    let decided = match preset {
+        Some(d) => d,
+        None => {
+            let d = decide(state, phone, ev).await;
+            let _ = state.commit.set_answer(ev.id.clone(), d.record.clone()).await;
+            d
+        }
+    };
     let api_key = match state
         .store
         .secret_get(&phone.org_id, &phone.credential)

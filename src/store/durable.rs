@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -72,6 +72,10 @@ struct Round {
 }
 
 impl Round {
+    fn jobs(&self) -> usize {
+        self.flushes.len() + self.event_replies.len() + self.done_replies.len()
+    }
+
     fn take(&mut self, job: Job) {
         match job {
             Job::Flush(w) => self.flushes.push(w),
@@ -143,7 +147,7 @@ async fn wait<T>(rx: oneshot::Receiver<Result<T, String>>, what: &str) -> Result
 }
 
 impl GroupCommit {
-    pub fn start(store: Arc<dyn Store>) -> Self {
+    pub fn start(store: Arc<dyn Store>, linger: Option<Duration>) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = Arc::new(WriterStats::default());
         let shared = Arc::clone(&stats);
@@ -151,11 +155,21 @@ impl GroupCommit {
             .name("callgate-writer".into())
             .spawn(move || {
                 // Ends when the GroupCommit is dropped or shut down.
+                let mut last_round = 0;
                 while let Ok(first) = rx.recv() {
+                    // Under concurrent load, linger a moment so the batch fills: each round
+                    // costs an fdatasync and two thread switches whatever its size. A lone
+                    // request (the last round held one job) is written at once.
+                    if last_round > 1 {
+                        if let Some(d) = linger {
+                            std::thread::sleep(d);
+                        }
+                    }
                     let mut round = Round::default();
                     for job in std::iter::once(first).chain(rx.try_iter()) {
                         round.take(job);
                     }
+                    last_round = round.jobs();
                     round.run(store.as_ref(), &shared);
                 }
             })

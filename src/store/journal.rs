@@ -432,12 +432,14 @@ fn prepare(dir: &Path, bytes: u64, shared: &SpareShared) -> std::io::Result<bool
         let n = left.min(zeros.len() as u64) as usize;
         f.write_all(&zeros[..n])?;
         left -= n as u64;
-        // Flushed a few MiB at a time, with a pause: one flush of the whole segment held
-        // the writer's fdatasync behind it for tens of milliseconds.
+        // Flushed a few MiB at a time: one flush of the whole segment held the writer's
+        // fdatasync behind it for tens of milliseconds.
         if (bytes - left) % PREPARE_FLUSH_BYTES == 0 {
             f.sync_data()?;
-            std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        // Paced: zeroing runs on the cores that serve webhooks, and done in one go it stalled
+        // them for as long.
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(SPARE_READY))?;

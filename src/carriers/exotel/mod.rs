@@ -43,7 +43,7 @@ impl CarrierHooks for Exotel {
         }
     }
 
-    fn parse(req: &Inbound<'_>, hook: Hook) -> Parsed {
+    fn parse(req: &mut Inbound<'_>, hook: Hook) -> Parsed {
         let mut params = super::plivo::params_json(req);
         // The token authenticated the request; it has no place in a stored event.
         if let Some(obj) = params.as_object_mut() {

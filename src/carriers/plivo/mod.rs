@@ -123,7 +123,7 @@ impl CarrierHooks for Plivo {
         Ok("plivo-v3")
     }
 
-    fn parse(req: &Inbound<'_>, hook: Hook) -> Parsed {
+    fn parse(req: &mut Inbound<'_>, hook: Hook) -> Parsed {
         parse_family(req, hook, HEADERS.nonce)
     }
 

@@ -20,14 +20,15 @@ const TIMESTAMP: &str = "telnyx-timestamp";
 
 /// Finds the number an event is for, to know whose key verifies it. Nothing read here is
 /// trusted until that key has verified the body. Unsigned requests stop before any lookup.
+/// The parsed body is kept on `req` for `parse`.
 pub fn locate(
-    req: &Inbound<'_>,
+    req: &mut Inbound<'_>,
     store: &dyn Store,
 ) -> Result<Result<Option<PhoneRecord>, crate::store::StoreError>, Reject> {
     if req.header(SIGNATURE).is_none_or(str::is_empty) || req.header(TIMESTAMP).is_none_or(str::is_empty) {
         return Err(Reject::MissingSignature);
     }
-    let v: Value = serde_json::from_slice(req.body).map_err(|_| Reject::InvalidSignature)?;
+    let v: &Value = req.json.insert(serde_json::from_slice(req.body).map_err(|_| Reject::InvalidSignature)?);
     let payload = &v["data"]["payload"];
     let outgoing = payload["direction"].as_str() == Some("outgoing");
     let number = payload[if outgoing { "from" } else { "to" }].as_str().and_then(|s| E164::normalize(s).ok());
@@ -63,8 +64,8 @@ impl CarrierHooks for Telnyx {
             })
     }
 
-    fn parse(req: &Inbound<'_>, _: Hook) -> Parsed {
-        let v: Value = serde_json::from_slice(req.body).unwrap_or(Value::Null);
+    fn parse(req: &mut Inbound<'_>, _: Hook) -> Parsed {
+        let v = req.json.take().unwrap_or_else(|| serde_json::from_slice(req.body).unwrap_or(Value::Null));
         let data = &v["data"];
         let p = &data["payload"];
         let s = |x: &Value| x.as_str().map(str::to_owned);

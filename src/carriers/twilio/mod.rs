@@ -45,7 +45,7 @@ impl CarrierHooks for Twilio {
         }
     }
 
-    fn parse(req: &Inbound<'_>, hook: Hook) -> Parsed {
+    fn parse(req: &mut Inbound<'_>, hook: Hook) -> Parsed {
         let status = req.param("CallStatus");
         let kind = match hook {
             Hook::Incoming => "call.incoming",

@@ -35,7 +35,7 @@ impl CarrierHooks for Vobiz {
         Ok("vobiz-v3")
     }
 
-    fn parse(req: &Inbound<'_>, hook: Hook) -> Parsed {
+    fn parse(req: &mut Inbound<'_>, hook: Hook) -> Parsed {
         parse_family(req, hook, HEADERS.nonce)
     }
 
