@@ -193,7 +193,28 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// Holds the state weakly so a stopped server's store (and its file lock) is released.
+/// Saves the event index every so often under load, so a crash never leaves a long journal
+/// to read at the next start.
+fn spawn_checkpointer(state: &web::Data<AppState>) {
+    let weak = Arc::downgrade(&state.clone().into_inner());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let Some(state) = weak.upgrade() else { return };
+            let store = Arc::clone(&state.store);
+            drop(state);
+            match tokio::task::spawn_blocking(move || store.checkpoint()).await {
+                Ok(Ok(true)) => tracing::debug!("saved the event index"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not save the event index"),
+                _ => {}
+            }
+        }
+    });
+}
+
 fn spawn_sweeper(state: web::Data<AppState>) {
+    spawn_checkpointer(&state);
     let weak = Arc::downgrade(&state.into_inner());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));

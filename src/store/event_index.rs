@@ -2,8 +2,9 @@
 //! sequence number (the order the writer recorded them in), the live replay markers, and the
 //! outbox queue. Everything else about an event stays on disk and is read when asked for.
 //!
-//! Per event this is about 40 bytes (1,000,000 events: ~40 MB), so it is sized for the ids and
-//! offsets, not the events. It is rebuilt from the journal, or loaded from the snapshot written
+//! Per event this is about 40 bytes, plus 4 while it is parked (1,000,000 events: ~45 MB), so
+//! it is sized for the ids and offsets, not the events. Queued deliveries cost more (three
+//! ordered sets) but are few unless the upstream is down. It is rebuilt from the journal, or loaded from the snapshot written
 //! at shutdown and brought up to date from the journal's tail.
 
 use std::collections::{BTreeSet, HashMap};
@@ -76,7 +77,9 @@ pub struct Index {
     queue: BTreeSet<(i64, u32)>,
     queued: HashMap<u32, (i64, u64)>,
     calls: BTreeSet<(u64, u32)>,
-    parked: HashMap<String, Vec<(u32, u64)>>,
+    /// Events waiting for their number to get an upstream, by phone. Sequence numbers only
+    /// (the call is read back from the journal when they are queued): there can be millions.
+    parked: HashMap<String, Vec<u32>>,
     /// The journal position everything above reflects.
     pub covered: Loc,
 }
@@ -144,7 +147,7 @@ impl Index {
         self.unqueue(e.seq);
         if undelivered(state) {
             if e.parked {
-                self.parked.entry(e.phone.to_owned()).or_default().push((e.seq, e.call));
+                self.parked.entry(e.phone.to_owned()).or_default().push(e.seq);
             } else {
                 self.enqueue(e.seq, e.due_ms, e.call);
             }
@@ -166,16 +169,25 @@ impl Index {
     }
 
     /// Puts a phone's parked events (all of them with `None`) back on the queue, due now.
-    pub fn unpark(&mut self, phone: Option<&str>) -> usize {
-        let lists: Vec<Vec<(u32, u64)>> = match phone {
-            Some(p) => self.parked.remove(p).into_iter().collect(),
-            None => self.parked.drain().map(|(_, v)| v).collect(),
+    /// `call_of` reads an event's call from its record; one it cannot read stays parked.
+    pub fn unpark(&mut self, phone: Option<&str>, call_of: impl Fn(Loc) -> Option<u64>) -> usize {
+        let lists: Vec<(String, Vec<u32>)> = match phone {
+            Some(p) => self.parked.remove_entry(p).into_iter().collect(),
+            None => self.parked.drain().collect(),
         };
         let mut n = 0;
-        for (seq, call) in lists.into_iter().flatten() {
-            if undelivered(self.states[seq as usize]) && !self.queued.contains_key(&seq) {
-                self.enqueue(seq, 0, call);
-                n += 1;
+        for (phone, seqs) in lists {
+            for seq in seqs {
+                if !undelivered(self.states[seq as usize]) || self.queued.contains_key(&seq) {
+                    continue;
+                }
+                match call_of(self.locs[seq as usize]) {
+                    Some(call) => {
+                        self.enqueue(seq, 0, call);
+                        n += 1;
+                    }
+                    None => self.parked.entry(phone.clone()).or_default().push(seq),
+                }
             }
         }
         n
@@ -243,9 +255,8 @@ impl Index {
         for (phone, list) in &self.parked {
             w.bytes(phone.as_bytes())?;
             w.put(&(list.len() as u32).to_le_bytes())?;
-            for (seq, call) in list {
+            for seq in list {
                 w.put(&seq.to_le_bytes())?;
-                w.put(&call.to_le_bytes())?;
             }
         }
         let crc = w.crc.clone().finalize();
@@ -308,7 +319,7 @@ impl Index {
             let len = r.u32()?;
             let mut list = Vec::with_capacity(len as usize);
             for _ in 0..len {
-                list.push((r.u32()?, r.u64()?));
+                list.push(r.u32()?);
             }
             ix.parked.insert(phone, list);
         }
@@ -320,7 +331,7 @@ impl Index {
         }
         if ix.orgs.iter().any(|o| *o as usize >= ix.org_table.len())
             || ix.queued.keys().any(|s| *s as usize >= n)
-            || ix.parked.values().flatten().any(|(s, _)| *s as usize >= n)
+            || ix.parked.values().flatten().any(|s| *s as usize >= n)
             || ix.ids.windows(2).any(|w| w[0] >= w[1])
         {
             return Ok(None);
@@ -336,7 +347,7 @@ impl Index {
     }
 }
 
-const MAGIC: &[u8; 8] = b"CGINDEX1";
+const MAGIC: &[u8; 8] = b"CGINDEX2";
 const RECORD: usize = 33;
 
 fn expired(expiry_secs: u32, now_ms: i64) -> bool {

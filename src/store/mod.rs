@@ -182,6 +182,9 @@ pub trait Store: Send + Sync + 'static {
     fn unpark(&self, phone: Option<&PhoneId>) -> usize;
     /// Saves what makes the next start fast; called once the writer has stopped.
     fn close(&self) -> Result<(), StoreError>;
+    /// Saves the event index if much has been written since it was last saved, which bounds
+    /// how much of the journal a start after a crash must read. True if it saved.
+    fn checkpoint(&self) -> Result<bool, StoreError>;
 
     /// Every record has its indexes and every index its record; each problem found, described.
     fn verify_integrity(&self) -> Result<Vec<String>, StoreError>;

@@ -558,6 +558,10 @@ impl Store for SledStore {
         Ok(problems)
     }
 
+    fn checkpoint(&self) -> Result<bool, StoreError> {
+        self.events.snapshot_if_due()
+    }
+
     fn sweep(&self, now_ms: i64) -> Result<usize, StoreError> {
         let mut n = self.events.sweep(now_ms);
         for item in self.secrets.iter() {
