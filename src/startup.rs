@@ -99,7 +99,7 @@ impl Application {
             signer,
             outbox: Default::default(),
         });
-        spawn_sweeper(state.clone());
+        spawn_maintenance(state.clone());
         crate::handoff::outbox::spawn(Arc::downgrade(&state.clone().into_inner()));
         let body_limit = state.settings.body_limit_bytes;
         let data = state.clone();
@@ -193,42 +193,55 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// Holds the state weakly so a stopped server's store (and its file lock) is released.
-/// Saves the event index every so often under load, so a crash never leaves a long journal
-/// to read at the next start.
-fn spawn_checkpointer(state: &web::Data<AppState>) {
+/// Runs `job` on the store every `period` (on a blocking thread) for as long as the app lives.
+fn every<T: Send + 'static>(
+    state: &web::Data<AppState>,
+    period: Duration,
+    job: fn(&dyn Store, i64) -> Result<T, crate::store::StoreError>,
+    done: fn(T),
+    what: &'static str,
+) {
     let weak = Arc::downgrade(&state.clone().into_inner());
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            let Some(state) = weak.upgrade() else { return };
-            let store = Arc::clone(&state.store);
-            drop(state);
-            match tokio::task::spawn_blocking(move || store.checkpoint()).await {
-                Ok(Ok(true)) => tracing::debug!("saved the event index"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not save the event index"),
-                _ => {}
-            }
-        }
-    });
-}
-
-fn spawn_sweeper(state: web::Data<AppState>) {
-    spawn_checkpointer(&state);
-    let weak = Arc::downgrade(&state.into_inner());
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
             let Some(state) = weak.upgrade() else { return };
             let now = state.clock.now_ms();
             let store = Arc::clone(&state.store);
             drop(state);
-            match tokio::task::spawn_blocking(move || store.sweep(now)).await {
-                Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "swept expired replay markers and retired secrets"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "sweep failed"),
-                _ => {}
+            match tokio::task::spawn_blocking(move || job(store.as_ref(), now)).await {
+                Ok(Ok(v)) => done(v),
+                Ok(Err(e)) => tracing::warn!(error = %e, "{what} failed"),
+                Err(_) => {}
             }
         }
     });
+}
+
+fn spawn_maintenance(state: web::Data<AppState>) {
+    every(
+        &state,
+        Duration::from_secs(60),
+        |store, now| store.sweep(now),
+        |n| {
+            if n > 0 {
+                tracing::debug!(removed = n, "swept expired replay markers and retired secrets")
+            }
+        },
+        "sweep",
+    );
+    // Saves the event index every so often under load, so a crash never leaves a long journal
+    // to read at the next start.
+    every(
+        &state,
+        Duration::from_secs(5),
+        |store, _| store.checkpoint(),
+        |saved| {
+            if saved {
+                tracing::debug!("saved the event index")
+            }
+        },
+        "saving the event index",
+    );
 }

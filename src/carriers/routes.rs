@@ -39,13 +39,10 @@ async fn dispatch<C: CarrierHooks>(
 ) -> HttpResponse {
     let rest = req.match_info().unprocessed();
     let (hook, id) = match rest.strip_prefix('/').and_then(|r| r.split_once('/')) {
-        Some(("incoming", id)) => (Hook::Incoming, id),
-        Some(("status", id)) => (Hook::Status, id),
+        Some(("incoming", id)) if !id.is_empty() && !id.contains('/') => (Hook::Incoming, id),
+        Some(("status", id)) if !id.is_empty() && !id.contains('/') => (Hook::Status, id),
         _ => return ApiError::not_found("resource").error_response(),
     };
-    if id.is_empty() || id.contains('/') {
-        return ApiError::not_found("resource").error_response();
-    }
     if req.method() != Method::GET && req.method() != Method::POST {
         return method_not_allowed().await.unwrap_or_else(|e| e.error_response());
     }

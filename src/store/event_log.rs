@@ -598,6 +598,8 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SMALL: JournalOptions = JournalOptions { preallocate_bytes: 4096 };
     use crate::domain::{Carrier, PhoneId};
     use crate::store::{DeliveryState, VerifiedBy};
 
@@ -655,7 +657,7 @@ mod tests {
     #[test]
     fn a_batch_records_each_event_once_and_spots_replays_inside_it_and_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+        let log = EventLog::open(dir.path(), SMALL).unwrap();
         let org = OrgId::generate();
         let out = record(
             &log,
@@ -696,7 +698,7 @@ mod tests {
         let org = OrgId::generate();
         let (a, b);
         {
-            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
             let out =
                 record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000), prepared(&org, "c1", b"k2", 1_000, 90_000)]);
             a = new_id(&out[0]);
@@ -731,19 +733,19 @@ mod tests {
             assert!(log.verify().unwrap().is_empty());
         };
         {
-            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
             check(&log);
             log.save_snapshot().unwrap();
         }
         {
             // From the snapshot this time, plus one event after it.
-            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
             check(&log);
             let out = record(&log, &[prepared(&org, "c5", b"k5", 3_000, 90_000)]);
             let c = new_id(&out[0]);
             assert!(b < c, "ids keep ascending after a restart");
         }
-        let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+        let log = EventLog::open(dir.path(), SMALL).unwrap();
         assert_eq!(all(&log, &org).len(), 3);
     }
 
@@ -753,7 +755,7 @@ mod tests {
         let org = OrgId::generate();
         let snapshot = dir.path().join("index.snapshot");
         {
-            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
             for i in 0..SNAPSHOT_AFTER - 1 {
                 record(&log, &[prepared(&org, &format!("c{i}"), format!("k{i}").as_bytes(), 1_000, 90_000)]);
             }
@@ -766,7 +768,7 @@ mod tests {
             record(&log, &[prepared(&org, "after", b"kafter", 1_000, 90_000)]);
             // Dropped without close: a crash. The snapshot plus one frame make the index.
         }
-        let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+        let log = EventLog::open(dir.path(), SMALL).unwrap();
         assert_eq!(all(&log, &org).len(), SNAPSHOT_AFTER + 1);
         assert_eq!(
             log.unsaved.load(std::sync::atomic::Ordering::Relaxed),
@@ -779,7 +781,7 @@ mod tests {
     #[test]
     fn parked_events_wait_off_the_queue_until_their_number_gets_an_upstream() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+        let log = EventLog::open(dir.path(), SMALL).unwrap();
         let org = OrgId::generate();
         let (ev, d) = event(&org, "c1", 1_000);
         let phone = ev.phone_id.clone();
@@ -796,7 +798,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let org = OrgId::generate();
         let a = {
-            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
             let a = new_id(&record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000)])[0]);
             log.save_snapshot().unwrap();
             a
@@ -806,7 +808,7 @@ mod tests {
         let n = bytes.len();
         bytes[n / 2] ^= 0xff;
         std::fs::write(&snap, bytes).unwrap();
-        let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 4096 }).unwrap();
+        let log = EventLog::open(dir.path(), SMALL).unwrap();
         assert_eq!(all(&log, &org), vec![a]);
     }
 

@@ -108,7 +108,7 @@ impl Journal {
         numbers.sort_unstable();
         if numbers.is_empty() {
             File::create(segment_path(dir, 0)).map_err(io)?;
-            sync_dir(dir)?;
+            sync_dir(dir).map_err(io)?;
             numbers.push(0);
         }
         if numbers.iter().enumerate().any(|(i, n)| *n as usize != i) {
@@ -198,7 +198,7 @@ impl Journal {
                 OpenOptions::new().create_new(true).write(true).open(&path).map_err(io)?;
             }
         }
-        sync_dir(&self.dir)?;
+        sync_dir(&self.dir).map_err(io)?;
         let file = OpenOptions::new().write(true).open(&path).map_err(io)?;
         let room = file.metadata().map_err(io)?.len();
         let reader = Arc::new(File::open(&path).map_err(io)?);
@@ -344,34 +344,50 @@ struct SpareShared {
 
 #[derive(Default)]
 struct SpareState {
+    /// `next.prep` is complete and of the configured size.
+    ready: bool,
     wanted: bool,
     stop: bool,
 }
 
 impl Spare {
+    /// Takes over a spare prepared before a restart; one of another size (the setting
+    /// changed) is removed.
     fn new(dir: &Path, bytes: u64) -> Self {
-        Self { dir: dir.to_owned(), bytes, shared: Default::default(), thread: None }
+        let path = dir.join(SPARE_READY);
+        let ready = match std::fs::metadata(&path) {
+            Ok(m) if bytes > 0 && m.len() == bytes => true,
+            Ok(_) => {
+                let _ = std::fs::remove_file(&path);
+                false
+            }
+            Err(_) => false,
+        };
+        let shared =
+            SpareShared { state: Mutex::new(SpareState { ready, ..Default::default() }), ..Default::default() };
+        Self { dir: dir.to_owned(), bytes, shared: Arc::new(shared), thread: None }
     }
 
-    /// The prepared file, if one is ready; else asks for one. Whoever takes it calls `ask`
-    /// once it has been moved into place.
+    /// The prepared file, if one is ready; else asks for one (once). Whoever takes it calls
+    /// `ask` once it has been moved into place.
     fn take(&mut self) -> Option<PathBuf> {
         if self.bytes == 0 {
             return None;
         }
-        let ready = self.dir.join(SPARE_READY);
-        if std::fs::metadata(&ready).map(|m| m.len() == self.bytes).unwrap_or(false) {
-            return Some(ready);
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut st.ready) {
+            return Some(self.dir.join(SPARE_READY));
         }
-        self.ask();
+        let asked = st.wanted;
+        drop(st);
+        if !asked {
+            self.ask();
+        }
         None
     }
 
     fn ask(&mut self) {
-        {
-            let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.wanted = true;
-        }
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).wanted = true;
         self.shared.wake.notify_one();
         if self.thread.is_none() {
             let (dir, bytes, shared) = (self.dir.clone(), self.bytes, Arc::clone(&self.shared));
@@ -404,13 +420,17 @@ fn prepare_loop(dir: &Path, bytes: u64, shared: &SpareShared) {
             if st.stop {
                 return;
             }
-            st.wanted = false;
+            if st.ready {
+                st.wanted = false;
+                continue;
+            }
         }
-        if dir.join(SPARE_READY).exists() {
-            continue;
-        }
-        match prepare(dir, bytes, shared) {
-            Ok(true) => {}
+        let prepared = prepare(dir, bytes, shared);
+        let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Asked again only by the next batch that finds no spare.
+        st.wanted = false;
+        match prepared {
+            Ok(true) => st.ready = true,
             Ok(false) => return,
             Err(e) => tracing::warn!(error = %e, "could not prepare the next journal segment; appending meanwhile"),
         }
@@ -443,12 +463,12 @@ fn prepare(dir: &Path, bytes: u64, shared: &SpareShared) -> std::io::Result<bool
     }
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(SPARE_READY))?;
-    File::open(dir).and_then(|d| d.sync_all())?;
+    sync_dir(dir)?;
     Ok(true)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -526,9 +546,9 @@ mod tests {
         at
     }
 
-    fn wait_for_spare(dir: &Path) {
+    fn wait_for_spare(j: &Journal) {
         for _ in 0..500 {
-            if dir.join(SPARE_READY).exists() {
+            if j.spare.shared.state.lock().unwrap().ready {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -542,7 +562,7 @@ mod tests {
         let (mut j, _) = collect(dir.path(), 0);
         // No spare yet: the first batch appends, and asks for one.
         assert_eq!(one(&mut j, b"first"), loc(0, 0));
-        wait_for_spare(dir.path());
+        wait_for_spare(&j);
         let b = one(&mut j, b"second");
         assert_eq!(b, loc(1, 0), "the batch went into the prepared segment");
         let seg1 = segment_path(dir.path(), 1);
@@ -564,7 +584,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut j, _) = collect(dir.path(), 0);
         one(&mut j, b"first");
-        wait_for_spare(dir.path());
+        wait_for_spare(&j);
         let b = one(&mut j, b"second");
         drop(j);
         // A crash mid-batch: the first frame of the batch torn, a later one fully on disk.
@@ -588,6 +608,19 @@ mod tests {
             vec![(loc(0, 0), b"first".to_vec()), (b, b"second".to_vec()), (e, b"after".to_vec())],
             "nothing of the torn batch is read back"
         );
+    }
+
+    #[test]
+    fn a_spare_of_another_size_is_not_used_and_a_right_one_is_prepared() {
+        let dir = tempfile::tempdir().unwrap();
+        // Left by a run with another CALLGATE_JOURNAL_PREALLOCATE_MB.
+        std::fs::write(dir.path().join(SPARE_READY), vec![0u8; 8192]).unwrap();
+        let (mut j, _) = collect(dir.path(), 0);
+        assert!(!dir.path().join(SPARE_READY).exists());
+        assert_eq!(one(&mut j, b"first"), loc(0, 0));
+        wait_for_spare(&j);
+        assert_eq!(one(&mut j, b"second"), loc(1, 0));
+        assert_eq!(std::fs::metadata(segment_path(dir.path(), 1)).unwrap().len(), 4096);
     }
 
     #[test]
