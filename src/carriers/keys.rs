@@ -10,13 +10,17 @@ use super::plivo::signature::PlivoKey;
 use super::telnyx::signature::TelnyxKey;
 use super::twilio::signature::TwilioKey;
 use super::vobiz::signature::VobizKey;
-use crate::domain::{PhoneCredential, SecretId};
+use crate::domain::{PhoneCredential, Secret, SecretId};
 
 pub enum Prepared {
     Plivo(PlivoKey),
     Vobiz(VobizKey),
     Twilio(TwilioKey),
-    Telnyx(TelnyxKey),
+    /// The webhook key, and the API key that answers the account's calls (Call Control).
+    Telnyx {
+        key: TelnyxKey,
+        api_key: Secret,
+    },
     Exotel,
 }
 
@@ -32,7 +36,10 @@ impl Prepared {
             PhoneCredential::Plivo(p) => Prepared::Plivo(PlivoKey::new(p.auth_token.expose().as_bytes())),
             PhoneCredential::Vobiz(p) => Prepared::Vobiz(VobizKey::new(p.auth_token.expose().as_bytes())),
             PhoneCredential::Twilio(t) => Prepared::Twilio(TwilioKey::new(t.auth_token.expose().as_bytes())),
-            PhoneCredential::Telnyx(t) => Prepared::Telnyx(TelnyxKey::from_bytes(t.public_key.as_bytes()).ok()?),
+            PhoneCredential::Telnyx(t) => Prepared::Telnyx {
+                key: TelnyxKey::from_bytes(t.public_key.as_bytes()).ok()?,
+                api_key: t.api_key.clone(),
+            },
             PhoneCredential::Exotel(_) => Prepared::Exotel,
         })
     }

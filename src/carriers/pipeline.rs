@@ -241,7 +241,9 @@ fn replay_key(carrier: crate::domain::Carrier, phone: &PhoneRecord, p: &Parsed, 
     key
 }
 
-fn keys_for(state: &AppState, phone: &PhoneRecord, secret: &SecretId) -> Option<Arc<Prepared>> {
+/// The prepared keys of one of the number's credentials: from the cache, else opened from the
+/// vault once and cached.
+pub fn keys_for(state: &AppState, phone: &PhoneRecord, secret: &SecretId) -> Option<Arc<Prepared>> {
     if let Some(k) = state.credentials.get(secret) {
         return Some(k);
     }

@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 
 use crate::carriers::answer::Decision;
 use crate::carriers::telnyx::rest::CallAction;
-use crate::domain::{PhoneCredential, E164};
+use crate::carriers::Prepared;
+use crate::domain::E164;
 use crate::events::event_json;
 use crate::state::AppState;
 use crate::store::{EventRecord, PhoneRecord};
@@ -104,14 +105,9 @@ pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventReco
             d
         }
     };
-    let api_key = match state
-        .store
-        .secret_get(&phone.org_id, &phone.credential)
-        .ok()
-        .flatten()
-        .map(|r| state.vault.open_phone(&r))
-    {
-        Some(Ok(PhoneCredential::Telnyx(c))) => c.api_key,
+    let keys = crate::carriers::pipeline::keys_for(state, phone, &phone.credential);
+    let api_key = match keys.as_deref() {
+        Some(Prepared::Telnyx { api_key, .. }) => api_key,
         _ => {
             tracing::error!(phone = %phone.id, "no Telnyx API key to answer the call with");
             return;
@@ -133,7 +129,7 @@ pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventReco
         Decision::Hangup { .. } => (CallAction::Reject, json!({"cause": "CALL_REJECTED", "command_id": command_id})),
     };
     for attempt in 0..4u32 {
-        match state.provider_api.telnyx_command(&api_key, &ccid, action, &body).await {
+        match state.provider_api.telnyx_command(api_key, &ccid, action, &body).await {
             Ok(()) => {
                 tracing::info!(phone = %phone.id, event = %ev.id, action = action.as_str(), "Telnyx call command sent");
                 return;

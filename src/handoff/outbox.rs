@@ -123,7 +123,7 @@ async fn attempt(state: &AppState, mut d: DeliveryRecord) {
             return;
         }
     };
-    let phone_url = state.store.phone_resolve(&ev.phone_id).ok().flatten().and_then(|p| p.config.upstream_url);
+    let phone_url = state.store.phone_resolve(&ev.phone_id).ok().flatten().and_then(|p| p.config.upstream_url.clone());
     let Some(url) = phone_url.or_else(|| state.settings.handoff.upstream_url.clone()) else {
         // Nowhere to deliver yet: keep it, look again later.
         d.next_attempt_ms = now + 60_000;

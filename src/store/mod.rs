@@ -6,6 +6,7 @@ mod durable;
 mod event_index;
 mod event_log;
 mod journal;
+mod phone_cache;
 pub use journal::JournalOptions;
 pub mod records;
 mod sled_store;
@@ -13,6 +14,8 @@ mod sled_store;
 pub use durable::{GroupCommit, WriterStats, WRITE_BUCKETS_US};
 pub use records::*;
 pub use sled_store::SledStore;
+
+use std::sync::Arc;
 
 use crate::domain::{ApiKeyId, Carrier, EventId, OrgId, PhoneId, SecretId, E164};
 
@@ -144,11 +147,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Result<(), Conflict>, StoreError>;
     fn phone_get(&self, org: &OrgId, id: &PhoneId) -> Result<Option<PhoneRecord>, StoreError>;
     /// Unscoped on purpose: a carrier's webhook names the phone, and the phone names its org.
-    fn phone_resolve(&self, id: &PhoneId) -> Result<Option<PhoneRecord>, StoreError>;
-    fn phone_by_number(&self, number: &E164) -> Result<Option<PhoneRecord>, StoreError>;
+    fn phone_resolve(&self, id: &PhoneId) -> Result<Option<Arc<PhoneRecord>>, StoreError>;
+    fn phone_by_number(&self, number: &E164) -> Result<Option<Arc<PhoneRecord>>, StoreError>;
     /// The one number of `carrier` attached to the carrier-side application `connection_id`;
     /// none when several share it, since guessing would verify with the wrong key.
-    fn phone_by_connection(&self, carrier: Carrier, connection_id: &str) -> Result<Option<PhoneRecord>, StoreError>;
+    fn phone_by_connection(
+        &self,
+        carrier: Carrier,
+        connection_id: &str,
+    ) -> Result<Option<Arc<PhoneRecord>>, StoreError>;
     fn phone_list(
         &self,
         org: &OrgId,

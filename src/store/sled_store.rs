@@ -1,10 +1,12 @@
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Db, Transactional, Tree};
 
 use super::event_log::{Batch, EventLog};
+use super::phone_cache::{By, PhoneCache};
 use super::*;
 
 const CACHE_BYTES: u64 = 8 * 1024 * 1024;
@@ -66,6 +68,7 @@ pub struct SledStore {
     phones: Tree,
     phone_numbers: Tree,
     org_phones: Tree,
+    phone_cache: PhoneCache,
     events: EventLog,
 }
 
@@ -88,6 +91,7 @@ impl SledStore {
             phones: t(PHONES)?,
             phone_numbers: t(PHONE_NUMBERS)?,
             org_phones: t(ORG_PHONES)?,
+            phone_cache: PhoneCache::default(),
             events: EventLog::open(&dir.join("events"), journal)?,
             db,
         })
@@ -215,36 +219,38 @@ impl Store for SledStore {
             None => Vec::new(),
         };
         let audit_key = scoped(&rec.org_id, uuid::Uuid::now_v7().as_bytes());
-        (&self.secrets, &self.byok, &self.audit, &self.phones)
-            .transaction(|(secrets, byok, audit_t, phones)| {
-                secrets.insert(rec.id.as_str(), encode(rec))?;
-                byok.insert(slot.as_slice(), rec.id.as_str())?;
-                audit_t.insert(audit_key.as_slice(), encode(audit))?;
-                if let Some(old) = &old_id {
-                    if users.is_empty() {
-                        secrets.remove(old.as_str())?;
-                    } else {
-                        if let Some(raw) = secrets.get(old.as_str())? {
-                            let mut old_rec: SecretRecord = match dec(SECRETS, &raw) {
-                                Ok(r) => r,
-                                Err(e) => return abort(e),
-                            };
-                            old_rec.retired_until_ms = Some(grace_until_ms);
-                            secrets.insert(old.as_str(), encode(&old_rec))?;
-                        }
-                        for p in &users {
-                            let mut p = p.clone();
-                            p.previous_credential =
-                                Some(PreviousCredential { secret_id: old.clone(), valid_until_ms: grace_until_ms });
-                            p.credential = rec.id.clone();
-                            p.updated_at_ms = audit.at_ms;
-                            phones.insert(p.id.as_str(), encode(&p))?;
+        self.phone_cache.around(|| {
+            (&self.secrets, &self.byok, &self.audit, &self.phones)
+                .transaction(|(secrets, byok, audit_t, phones)| {
+                    secrets.insert(rec.id.as_str(), encode(rec))?;
+                    byok.insert(slot.as_slice(), rec.id.as_str())?;
+                    audit_t.insert(audit_key.as_slice(), encode(audit))?;
+                    if let Some(old) = &old_id {
+                        if users.is_empty() {
+                            secrets.remove(old.as_str())?;
+                        } else {
+                            if let Some(raw) = secrets.get(old.as_str())? {
+                                let mut old_rec: SecretRecord = match dec(SECRETS, &raw) {
+                                    Ok(r) => r,
+                                    Err(e) => return abort(e),
+                                };
+                                old_rec.retired_until_ms = Some(grace_until_ms);
+                                secrets.insert(old.as_str(), encode(&old_rec))?;
+                            }
+                            for p in &users {
+                                let mut p = p.clone();
+                                p.previous_credential =
+                                    Some(PreviousCredential { secret_id: old.clone(), valid_until_ms: grace_until_ms });
+                                p.credential = rec.id.clone();
+                                p.updated_at_ms = audit.at_ms;
+                                phones.insert(p.id.as_str(), encode(&p))?;
+                            }
                         }
                     }
-                }
-                Ok(())
-            })
-            .map_err(tx_err)?;
+                    Ok(())
+                })
+                .map_err(tx_err)
+        })?;
         Ok(old_id)
     }
 
@@ -326,38 +332,44 @@ impl Store for SledStore {
         phone: &PhoneRecord,
         inline: Option<&SecretRecord>,
     ) -> Result<Result<(), Conflict>, StoreError> {
-        (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets)
-            .transaction(|(phones, numbers, org_phones, secrets)| {
-                if numbers.get(phone.number.as_str())?.is_some() {
-                    return Ok(Err(Conflict::NumberTaken));
-                }
-                if let Some(s) = inline {
-                    secrets.insert(s.id.as_str(), encode(s))?;
-                }
-                phones.insert(phone.id.as_str(), encode(phone))?;
-                numbers.insert(phone.number.as_str(), phone.id.as_str())?;
-                org_phones.insert(scoped(&phone.org_id, phone.id.as_ref()), phone.id.as_str())?;
-                Ok(Ok(()))
-            })
-            .map_err(tx_err)
+        self.phone_cache.around(|| {
+            (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets)
+                .transaction(|(phones, numbers, org_phones, secrets)| {
+                    if numbers.get(phone.number.as_str())?.is_some() {
+                        return Ok(Err(Conflict::NumberTaken));
+                    }
+                    if let Some(s) = inline {
+                        secrets.insert(s.id.as_str(), encode(s))?;
+                    }
+                    phones.insert(phone.id.as_str(), encode(phone))?;
+                    numbers.insert(phone.number.as_str(), phone.id.as_str())?;
+                    org_phones.insert(scoped(&phone.org_id, phone.id.as_ref()), phone.id.as_str())?;
+                    Ok(Ok(()))
+                })
+                .map_err(tx_err)
+        })
     }
 
     fn phone_get(&self, org: &OrgId, id: &PhoneId) -> Result<Option<PhoneRecord>, StoreError> {
-        Ok(self.phone_resolve(id)?.filter(|p| &p.org_id == org))
+        Ok(self.phone_resolve(id)?.filter(|p| &p.org_id == org).map(Arc::unwrap_or_clone))
     }
 
-    fn phone_resolve(&self, id: &PhoneId) -> Result<Option<PhoneRecord>, StoreError> {
-        Self::get(&self.phones, PHONES, id.as_ref())
+    fn phone_resolve(&self, id: &PhoneId) -> Result<Option<Arc<PhoneRecord>>, StoreError> {
+        self.phone_cache.get_or_load(By::Id, id.as_str(), || Self::get(&self.phones, PHONES, id.as_ref()))
     }
 
-    fn phone_by_number(&self, number: &E164) -> Result<Option<PhoneRecord>, StoreError> {
-        match self.phone_numbers.get(number.as_str())? {
+    fn phone_by_number(&self, number: &E164) -> Result<Option<Arc<PhoneRecord>>, StoreError> {
+        self.phone_cache.get_or_load(By::Number, number.as_str(), || match self.phone_numbers.get(number.as_str())? {
             Some(id) => Self::get(&self.phones, PHONES, &id),
             None => Ok(None),
-        }
+        })
     }
 
-    fn phone_by_connection(&self, carrier: Carrier, connection_id: &str) -> Result<Option<PhoneRecord>, StoreError> {
+    fn phone_by_connection(
+        &self,
+        carrier: Carrier,
+        connection_id: &str,
+    ) -> Result<Option<Arc<PhoneRecord>>, StoreError> {
         let mut found = None;
         for item in self.phones.iter() {
             let p: PhoneRecord = dec(PHONES, &item?.1)?;
@@ -368,7 +380,7 @@ impl Store for SledStore {
                 found = Some(p);
             }
         }
-        Ok(found)
+        Ok(found.map(Arc::new))
     }
 
     fn phone_list(
@@ -424,34 +436,36 @@ impl Store for SledStore {
             }
             _ => None,
         };
-        (&self.phones, &self.secrets)
-            .transaction(|(phones, secrets)| {
-                match phones.get(phone.id.as_str())? {
-                    Some(raw) => match dec::<PhoneRecord>(PHONES, &raw) {
-                        Ok(old) if old.org_id == phone.org_id => {
-                            if let Some((id, until)) = outgoing.as_ref().filter(|(id, _)| *id == old.credential) {
-                                if let Some(raw) = secrets.get(id.as_str())? {
-                                    let mut rec: SecretRecord = match dec(SECRETS, &raw) {
-                                        Ok(r) => r,
-                                        Err(e) => return abort(e),
-                                    };
-                                    rec.retired_until_ms = Some(*until);
-                                    secrets.insert(id.as_str(), encode(&rec))?;
+        self.phone_cache.around(|| {
+            (&self.phones, &self.secrets)
+                .transaction(|(phones, secrets)| {
+                    match phones.get(phone.id.as_str())? {
+                        Some(raw) => match dec::<PhoneRecord>(PHONES, &raw) {
+                            Ok(old) if old.org_id == phone.org_id => {
+                                if let Some((id, until)) = outgoing.as_ref().filter(|(id, _)| *id == old.credential) {
+                                    if let Some(raw) = secrets.get(id.as_str())? {
+                                        let mut rec: SecretRecord = match dec(SECRETS, &raw) {
+                                            Ok(r) => r,
+                                            Err(e) => return abort(e),
+                                        };
+                                        rec.retired_until_ms = Some(*until);
+                                        secrets.insert(id.as_str(), encode(&rec))?;
+                                    }
                                 }
                             }
-                        }
-                        Ok(_) => return Ok(false),
-                        Err(e) => return abort(e),
-                    },
-                    None => return Ok(false),
-                }
-                if let Some(s) = inline {
-                    secrets.insert(s.id.as_str(), encode(s))?;
-                }
-                phones.insert(phone.id.as_str(), encode(phone))?;
-                Ok(true)
-            })
-            .map_err(tx_err)
+                            Ok(_) => return Ok(false),
+                            Err(e) => return abort(e),
+                        },
+                        None => return Ok(false),
+                    }
+                    if let Some(s) = inline {
+                        secrets.insert(s.id.as_str(), encode(s))?;
+                    }
+                    phones.insert(phone.id.as_str(), encode(phone))?;
+                    Ok(true)
+                })
+                .map_err(tx_err)
+        })
     }
 
     fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError> {
@@ -461,21 +475,23 @@ impl Store for SledStore {
             Some(p) => !self.named_elsewhere(org, &p.secret_id, &phone.id)?,
             None => false,
         };
-        (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets)
-            .transaction(|(phones, numbers, org_phones, secrets)| {
-                phones.remove(phone.id.as_str())?;
-                numbers.remove(phone.number.as_str())?;
-                org_phones.remove(scoped(org, phone.id.as_ref()))?;
-                // An inline credential belongs to its number alone: it goes with it.
-                if drop_current {
-                    secrets.remove(phone.credential.as_str())?;
-                }
-                if let (true, Some(p)) = (drop_previous, &phone.previous_credential) {
-                    secrets.remove(p.secret_id.as_str())?;
-                }
-                Ok(true)
-            })
-            .map_err(tx_err)
+        self.phone_cache.around(|| {
+            (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets)
+                .transaction(|(phones, numbers, org_phones, secrets)| {
+                    phones.remove(phone.id.as_str())?;
+                    numbers.remove(phone.number.as_str())?;
+                    org_phones.remove(scoped(org, phone.id.as_ref()))?;
+                    // An inline credential belongs to its number alone: it goes with it.
+                    if drop_current {
+                        secrets.remove(phone.credential.as_str())?;
+                    }
+                    if let (true, Some(p)) = (drop_previous, &phone.previous_credential) {
+                        secrets.remove(p.secret_id.as_str())?;
+                    }
+                    Ok(true)
+                })
+                .map_err(tx_err)
+        })
     }
 
     fn write_batch(

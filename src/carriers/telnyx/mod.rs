@@ -24,7 +24,7 @@ const TIMESTAMP: &str = "telnyx-timestamp";
 pub fn locate(
     req: &mut Inbound<'_>,
     store: &dyn Store,
-) -> Result<Result<Option<PhoneRecord>, crate::store::StoreError>, Reject> {
+) -> Result<Result<Option<std::sync::Arc<PhoneRecord>>, crate::store::StoreError>, Reject> {
     if req.header(SIGNATURE).is_none_or(str::is_empty) || req.header(TIMESTAMP).is_none_or(str::is_empty) {
         return Err(Reject::MissingSignature);
     }
@@ -54,7 +54,7 @@ impl CarrierHooks for Telnyx {
         _: &PhoneRecord,
         _: &VerifyContext<'_>,
     ) -> Result<&'static str, Reject> {
-        let Prepared::Telnyx(key) = keys else { return Err(Reject::CredentialUnavailable) };
+        let Prepared::Telnyx { key, .. } = keys else { return Err(Reject::CredentialUnavailable) };
         signature::verify(key, req.header(SIGNATURE), req.header(TIMESTAMP), req.body, req.now_secs)
             .map(|()| "telnyx-ed25519")
             .map_err(|e| match e {
