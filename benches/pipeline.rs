@@ -121,7 +121,7 @@ fn event(phone: &PhoneRecord) -> EventRecord {
             credential: "current".into(),
             secret_id: Some(phone.credential.clone()),
         },
-        params: Value::Object(params),
+        params: serde_json::value::to_raw_value(&params).unwrap(),
         answer: None,
     }
 }

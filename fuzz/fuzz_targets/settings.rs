@@ -120,7 +120,9 @@ fuzz_target!(|data: &[u8]| {
     }
     // A list from the environment is taken whole: every non-empty item became a network.
     if toml_part.is_none() {
-        for (name, list) in [("CALLGATE_TRUSTED_PROXIES", &s.trusted_proxies), ("EXOTEL_ALLOWED_IPS", &s.exotel_allowed_ips)] {
+        for (name, list) in
+            [("CALLGATE_TRUSTED_PROXIES", &s.trusted_proxies), ("EXOTEL_ALLOWED_IPS", &s.exotel_allowed_ips)]
+        {
             if let Some(v) = env.get(name) {
                 assert_eq!(list.len(), v.split(',').filter(|p| !p.trim().is_empty()).count(), "{name}");
             }

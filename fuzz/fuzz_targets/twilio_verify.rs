@@ -105,7 +105,7 @@ fuzz_target!(|data: &[u8]| {
             pairs.push(("x-twilio-webhooks-signature-settings", b"v1".as_slice()));
         }
         let headers = header_map(pairs);
-        let inbound = Inbound {
+        let mut inbound = Inbound {
             method: http_method,
             headers: &headers,
             url: &url,
@@ -113,12 +113,13 @@ fuzz_target!(|data: &[u8]| {
             body,
             form: form_pairs.clone(),
             is_form,
+            envelope: None,
             client_ip: [203, 0, 113, 9].into(),
             now_secs: 1_714_557_600,
         };
         let verdict = Twilio::verify(&inbound, &prepared, &record, &ctx);
         for hook in [Hook::Incoming, Hook::Status] {
-            let parsed = Twilio::parse(&inbound, hook);
+            let parsed = Twilio::parse(&mut inbound, hook);
             assert!(parsed.replay_id.is_none());
         }
         (verdict, inbound.header("x-twilio-signature").map(str::to_owned))

@@ -106,7 +106,7 @@ pub fn telnyx_store() -> &'static SledStore {
         let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
         let dir = base.join(format!("callgate-fuzz-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let store = SledStore::open(&dir).expect("open the fuzz store");
+        let store = SledStore::open(&dir, callgate::store::JournalOptions::default()).expect("open the fuzz store");
         let mut p = phone(Carrier::Telnyx, TELNYX_NUMBER);
         p.connection_id = Some(TELNYX_CONNECTION.to_owned());
         store.phone_insert(&p, None).expect("store").expect("no conflict");

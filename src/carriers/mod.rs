@@ -4,6 +4,7 @@
 pub mod answer;
 pub mod exotel;
 pub mod keys;
+pub mod params;
 pub mod pipeline;
 pub mod plivo;
 pub mod rest;
@@ -16,7 +17,6 @@ use std::net::IpAddr;
 
 use actix_web::http::header::HeaderMap;
 use actix_web::HttpResponse;
-use serde_json::Value;
 
 use crate::domain::Carrier;
 use crate::net::form::Pair;
@@ -45,8 +45,8 @@ pub struct Inbound<'a> {
     /// Decoded form fields of a form-encoded body; empty otherwise.
     pub form: Vec<Pair<'a>>,
     pub is_form: bool,
-    /// A JSON body already parsed to find its number (Telnyx), handed on so it is parsed once.
-    pub json: Option<serde_json::Value>,
+    /// Telnyx's body, already read to find its number, handed on so it is parsed once.
+    pub envelope: Option<telnyx::Envelope>,
     pub client_ip: IpAddr,
     pub now_secs: i64,
 }
@@ -112,7 +112,7 @@ pub struct Parsed {
     pub to: Option<String>,
     pub direction: Option<String>,
     pub status: Option<String>,
-    pub params: Value,
+    pub params: Box<serde_json::value::RawValue>,
     /// What identifies a redelivery of this very callback; it must be covered by the signature
     /// (a signed nonce or event id), or anyone holding one request could replay it under a new id.
     pub replay_id: Option<String>,

@@ -92,7 +92,7 @@ pub async fn handle<C: CarrierHooks>(
         body: &raw,
         form: form_pairs,
         is_form,
-        json: None,
+        envelope: None,
         client_ip: ip,
         now_secs: now_ms.div_euclid(1000),
     };

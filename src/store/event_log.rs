@@ -618,7 +618,7 @@ mod tests {
             received_at: "2024-05-01T10:00:00.000Z".into(),
             received_at_ms: at_ms,
             verified_by: VerifiedBy { scheme: "plivo-v3".into(), credential: "current".into(), secret_id: None },
-            params: serde_json::json!({"CallUUID": call}),
+            params: serde_json::value::to_raw_value(&serde_json::json!({"CallUUID": call})).unwrap(),
             answer: None,
         };
         let d = DeliveryRecord {
@@ -672,7 +672,7 @@ mod tests {
         assert_eq!(out[1], Recorded::Duplicate(Some(a.clone())));
         assert!(a < c, "ids ascend in recording order");
         assert_eq!(all(&log, &org), vec![a.clone(), c.clone()]);
-        assert_eq!(log.event_get(&org, &a).unwrap().unwrap().params["CallUUID"], "c1");
+        assert_eq!(log.event_get(&org, &a).unwrap().unwrap().params.get(), r#"{"CallUUID":"c1"}"#);
         assert_eq!(log.delivery_get(&org, &c).unwrap().unwrap().event_id, c);
         // Another org sees nothing; an id differing only in its random half is not found.
         let other = OrgId::generate();
@@ -714,7 +714,7 @@ mod tests {
         }
         let check = |log: &EventLog| {
             assert_eq!(log.delivery_get(&org, &a).unwrap().unwrap().state, DeliveryState::Delivered);
-            assert_eq!(log.event_get(&org, &a).unwrap().unwrap().params["CallUUID"], "c1");
+            assert_eq!(log.event_get(&org, &a).unwrap().unwrap().params.get(), r#"{"CallUUID":"c1"}"#);
             let eb = log.event_get(&org, &b).unwrap().unwrap();
             assert_eq!(eb.answer, Some(serde_json::json!({"source": "static"})));
             assert_eq!(log.delivery_get(&org, &b).unwrap().unwrap().state, DeliveryState::Pending);

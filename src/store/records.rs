@@ -126,7 +126,9 @@ pub struct EventRecord {
     pub received_at: String,
     pub received_at_ms: i64,
     pub verified_by: VerifiedBy,
-    pub params: Value,
+    /// The carrier's fields (or Telnyx's body) as JSON text, embedded as is when the event is
+    /// encoded.
+    pub params: Box<serde_json::value::RawValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer: Option<Value>,
 }

@@ -44,11 +44,8 @@ impl CarrierHooks for Exotel {
     }
 
     fn parse(req: &mut Inbound<'_>, hook: Hook) -> Parsed {
-        let mut params = super::plivo::params_json(req);
         // The token authenticated the request; it has no place in a stored event.
-        if let Some(obj) = params.as_object_mut() {
-            obj.remove("token");
-        }
+        let params = super::params::form_params(req, &["token"]);
         let status = req.param("CallStatus").or_else(|| req.param("Status"));
         let call_type = req.param("CallType");
         let kind = match hook {

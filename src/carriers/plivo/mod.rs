@@ -69,29 +69,9 @@ pub(crate) fn parse_family(req: &Inbound<'_>, hook: Hook, nonce_header: &str) ->
         to: req.param("To").map(|s| super::e164_or_raw(&s)),
         direction: req.param("Direction"),
         status,
-        params: params_json(req),
+        params: super::params::form_params(req, &[]),
         replay_id: req.header(nonce_header).map(|n| format!("nonce:{n}")),
     }
-}
-
-/// The carrier's parameters as received (query, then form), repeated keys as arrays.
-pub(crate) fn params_json(req: &Inbound<'_>) -> serde_json::Value {
-    use serde_json::{Map, Value};
-    let mut map = Map::new();
-    let query = crate::net::form::pairs(req.query.as_bytes()).filter_map(Result::ok);
-    for (k, v) in query.chain(req.form.iter().cloned()) {
-        match map.get_mut(k.as_ref()) {
-            Some(Value::Array(a)) => a.push(Value::String(v.into_owned())),
-            Some(existing) => {
-                let first = existing.take();
-                *existing = Value::Array(vec![first, Value::String(v.into_owned())]);
-            }
-            None => {
-                map.insert(k.into_owned(), Value::String(v.into_owned()));
-            }
-        }
-    }
-    Value::Object(map)
 }
 
 const HEADERS: V3Headers = V3Headers {

@@ -1,16 +1,17 @@
 //! Telnyx: one events URL for every number; Ed25519 over `timestamp|body` with the account's
 //! public key; answered afterwards by a Call Control command, not in the response.
 
+mod envelope;
 pub mod rest;
 pub mod signature;
 
 use actix_web::HttpResponse;
-use serde_json::Value;
 
 use super::answer::Decision;
 use super::{CarrierHooks, Hook, Inbound, Parsed, Prepared, Reject, VerifyContext};
 use crate::domain::{Carrier, E164};
 use crate::store::{EventRecord, PhoneRecord, Store};
+pub use envelope::Envelope;
 use signature::TelnyxError;
 
 pub struct Telnyx;
@@ -28,16 +29,17 @@ pub fn locate(
     if req.header(SIGNATURE).is_none_or(str::is_empty) || req.header(TIMESTAMP).is_none_or(str::is_empty) {
         return Err(Reject::MissingSignature);
     }
-    let v: &Value = req.json.insert(serde_json::from_slice(req.body).map_err(|_| Reject::InvalidSignature)?);
-    let payload = &v["data"]["payload"];
-    let outgoing = payload["direction"].as_str() == Some("outgoing");
-    let number = payload[if outgoing { "from" } else { "to" }].as_str().and_then(|s| E164::normalize(s).ok());
+    let envelope = req.envelope.insert(Envelope::read(req.body).ok_or(Reject::InvalidSignature)?);
+    let payload = &envelope.data.payload;
+    let outgoing = payload.direction.as_deref() == Some("outgoing");
+    let number = if outgoing { &payload.from } else { &payload.to };
+    let number = number.as_deref().and_then(|s| E164::normalize(s).ok());
     let by_number = match number {
         Some(n) => store.phone_by_number(&n),
         None => Ok(None),
     };
     Ok(match by_number {
-        Ok(None) => match payload["connection_id"].as_str() {
+        Ok(None) => match payload.connection_id.as_deref() {
             Some(conn) => store.phone_by_connection(Carrier::Telnyx, conn),
             None => Ok(None),
         },
@@ -65,25 +67,21 @@ impl CarrierHooks for Telnyx {
     }
 
     fn parse(req: &mut Inbound<'_>, _: Hook) -> Parsed {
-        let v = req.json.take().unwrap_or_else(|| serde_json::from_slice(req.body).unwrap_or(Value::Null));
-        let data = &v["data"];
-        let p = &data["payload"];
-        let s = |x: &Value| x.as_str().map(str::to_owned);
-        let event_type = data["event_type"].as_str().unwrap_or("unknown");
-        let direction = s(&p["direction"]);
-        let kind = match (event_type, direction.as_deref()) {
+        let data = req.envelope.take().or_else(|| Envelope::read(req.body)).unwrap_or_default().data;
+        let p = data.payload;
+        let kind = match (data.event_type.as_deref().unwrap_or("unknown"), p.direction.as_deref()) {
             ("call.initiated", Some("incoming")) => "call.incoming".to_owned(),
             (t, _) => t.to_owned(),
         };
         Parsed {
             kind,
-            call_id: s(&p["call_control_id"]),
-            from: s(&p["from"]),
-            to: s(&p["to"]),
-            direction,
-            status: s(&p["state"]).or_else(|| s(&p["hangup_cause"])),
-            replay_id: s(&data["id"]).map(|id| format!("event:{id}")),
-            params: v,
+            call_id: p.call_control_id,
+            from: p.from,
+            to: p.to,
+            direction: p.direction,
+            status: p.state.or(p.hangup_cause),
+            replay_id: data.id.map(|id| format!("event:{id}")),
+            params: super::params::json_or_text(req.body),
         }
     }
 

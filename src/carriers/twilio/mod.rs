@@ -55,13 +55,15 @@ impl CarrierHooks for Twilio {
             _ if status.as_deref() == Some("in-progress") => "call.answered",
             _ => "call.status",
         };
-        let params = if req.is_form || req.body.is_empty() {
-            super::plivo::params_json(req)
+        let form = req.is_form || req.body.is_empty();
+        let params = if form { super::params::form_params(req, &[]) } else { super::params::json_or_text(req.body) };
+        // A JSON body's fields are read from the body itself; a form's answer through `param`.
+        let json = if form {
+            None
         } else {
-            serde_json::from_slice(req.body)
-                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(req.body).into_owned()))
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(params.get()).ok()
         };
-        let get = |k: &str| req.param(k).or_else(|| params.get(k).and_then(|v| v.as_str()).map(str::to_owned));
+        let get = |k: &str| req.param(k).or_else(|| json.as_ref()?.get(k)?.as_str().map(str::to_owned));
         Parsed {
             kind: kind.to_owned(),
             call_id: get("CallSid"),
