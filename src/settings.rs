@@ -67,6 +67,7 @@ struct RawHandoff {
     delivery_workers: usize,
     delivery_timeout_ms: u64,
     delivery_horizon_secs: u64,
+    delivery_breaker_after: u64,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +117,8 @@ pub struct Handoff {
     pub delivery_workers: usize,
     pub delivery_timeout: Duration,
     pub delivery_horizon: Duration,
+    /// Consecutive failures that hold an upstream behind its breaker; 0: never held.
+    pub delivery_breaker_after: u32,
 }
 
 /// A Standard Webhooks secret: `whsec_` + base64 of at least 24 random bytes.
@@ -289,6 +292,9 @@ impl Settings {
         if let Some(v) = num("CALLGATE_DELIVERY_HORIZON_SECS", env.var("CALLGATE_DELIVERY_HORIZON_SECS"))? {
             h.delivery_horizon_secs = v;
         }
+        if let Some(v) = num("CALLGATE_DELIVERY_BREAKER_AFTER", env.var("CALLGATE_DELIVERY_BREAKER_AFTER"))? {
+            h.delivery_breaker_after = v;
+        }
         let c = &mut raw.carriers;
         for (name, slot) in [
             ("CALLGATE_PLIVO_API_URL", &mut c.plivo_api_url),
@@ -377,6 +383,9 @@ impl Settings {
         if !(1..=256).contains(&h.delivery_workers) {
             return Err(bad("CALLGATE_DELIVERY_WORKERS", "must be between 1 and 256"));
         }
+        if h.delivery_breaker_after > 1_000 {
+            return Err(bad("CALLGATE_DELIVERY_BREAKER_AFTER", "must be between 0 (never) and 1000"));
+        }
         let handoff = Handoff {
             assistant_url: http_url("CALLGATE_ASSISTANT_URL", h.assistant_url)?,
             answer_deadline: Duration::from_millis(h.answer_deadline_ms),
@@ -394,6 +403,7 @@ impl Settings {
             delivery_workers: h.delivery_workers,
             delivery_timeout: Duration::from_millis(h.delivery_timeout_ms.max(1)),
             delivery_horizon: Duration::from_secs(h.delivery_horizon_secs),
+            delivery_breaker_after: h.delivery_breaker_after as u32,
         };
         let c = raw.carriers;
         let carrier_urls = CarrierUrls {
@@ -493,12 +503,19 @@ mod tests {
         let s = Settings::load(None, &env(&[])).unwrap();
         assert_eq!(s.journal.preallocate_bytes, 64 << 20);
         assert_eq!(s.commit_linger, Some(Duration::from_micros(200)));
+        assert_eq!(s.handoff.delivery_breaker_after, 5);
+        let s = Settings::load(None, &env(&[("CALLGATE_DELIVERY_BREAKER_AFTER", "0")])).unwrap();
+        assert_eq!(s.handoff.delivery_breaker_after, 0);
         let s =
             Settings::load(None, &env(&[("CALLGATE_JOURNAL_PREALLOCATE_MB", "0"), ("CALLGATE_COMMIT_LINGER_US", "0")]))
                 .unwrap();
         assert_eq!(s.journal.preallocate_bytes, 0);
         assert_eq!(s.commit_linger, None);
-        for (name, value) in [("CALLGATE_JOURNAL_PREALLOCATE_MB", "1025"), ("CALLGATE_COMMIT_LINGER_US", "100001")] {
+        for (name, value) in [
+            ("CALLGATE_JOURNAL_PREALLOCATE_MB", "1025"),
+            ("CALLGATE_COMMIT_LINGER_US", "100001"),
+            ("CALLGATE_DELIVERY_BREAKER_AFTER", "1001"),
+        ] {
             assert_eq!(Settings::load(None, &env(&[(name, value)])).unwrap_err().name, name);
         }
     }

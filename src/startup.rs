@@ -88,6 +88,7 @@ impl Application {
         let state = web::Data::new(AppState {
             provider_api: ProviderApi::new(settings.carrier_urls.clone(), settings.provider_timeout)?,
             byok_limiter: RateLimiter::per_minute(settings.byok_rate_limit_per_minute),
+            outbox: crate::handoff::outbox::Outbox::new(settings.handoff.delivery_breaker_after),
             settings: Arc::new(settings),
             store,
             commit,
@@ -97,7 +98,6 @@ impl Application {
             metrics: Default::default(),
             http,
             signer,
-            outbox: Default::default(),
         });
         spawn_maintenance(state.clone());
         crate::handoff::outbox::spawn(Arc::downgrade(&state.clone().into_inner()));

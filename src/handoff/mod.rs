@@ -2,6 +2,7 @@
 //! (within a deadline), and every recorded event is delivered upstream at least once, signed.
 
 pub mod assistant;
+pub mod breaker;
 pub mod outbox;
 pub mod routes;
 pub mod signing;

@@ -1,7 +1,8 @@
 //! The delivery path: every recorded event is POSTed upstream at least once. The outbox lives
 //! in the store (written with the event), so a crash loses nothing: on restart every event not
 //! yet delivered is simply due. Events of one call go in order, one at a time; different calls
-//! go in parallel, up to `delivery_workers`.
+//! go in parallel, up to `delivery_workers`. An upstream that keeps failing is held behind its
+//! circuit breaker (see `breaker`) and probed, instead of being tried with every event.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, Weak};
@@ -10,9 +11,10 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio::sync::{Notify, Semaphore};
 
+use super::breaker::Breakers;
 use crate::events::event_json;
 use crate::state::AppState;
-use crate::store::{DeliveryAttempt, DeliveryRecord, DeliveryState};
+use crate::store::{DeliveryAttempt, DeliveryRecord, DeliveryState, EventRecord};
 
 /// Delays after the 1st, 2nd, … failure; hourly after the last, until the horizon.
 const BACKOFF_SECS: [i64; 5] = [5, 30, 120, 600, 3600];
@@ -25,13 +27,26 @@ pub fn backoff_ms(failures: usize) -> i64 {
     base + jitter
 }
 
-#[derive(Default)]
 pub struct Outbox {
     wake: Arc<Notify>,
     in_flight: Mutex<HashSet<String>>,
+    breakers: Breakers,
+}
+
+/// What one pass over the due deliveries did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    pub started: usize,
+    /// Due, but their upstream's breaker is open.
+    pub held: usize,
 }
 
 impl Outbox {
+    /// `breaker_after`: consecutive failures that hold an upstream; 0: never held.
+    pub fn new(breaker_after: u32) -> Self {
+        Outbox { wake: Arc::default(), in_flight: Mutex::default(), breakers: Breakers::new(breaker_after) }
+    }
+
     /// A new event is waiting: deliver without waiting for the next tick.
     pub fn poke(&self) {
         self.wake.notify_one();
@@ -46,35 +61,55 @@ pub fn spawn(state: Weak<AppState>) {
             None => return,
         };
         let permits = Arc::new(Semaphore::new(workers));
+        let tick = Duration::from_millis(250);
         loop {
-            {
+            let pass = {
                 let Some(s) = state.upgrade() else { return };
-                run_once(&s, &permits).await;
-            }
+                run_once(&s, &permits).await
+            };
             // Waiting holds no reference to the state, so a stopping server can close its store.
+            if pass.started == 0 && pass.held > 0 {
+                // All that is due waits on an open breaker, and a new event cannot change that:
+                // rescanning on every recorded event would only burn the webhooks' core.
+                tokio::time::sleep(tick).await;
+                continue;
+            }
             tokio::select! {
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep(tick) => {}
             }
         }
     });
 }
 
-/// Starts every delivery that is due and whose call has nothing earlier outstanding.
-pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> usize {
+/// Where an event goes: its number's upstream, else the gateway's.
+fn upstream_of(state: &AppState, ev: &EventRecord) -> Option<String> {
+    let phone_url = state.store.phone_resolve(&ev.phone_id).ok().flatten().and_then(|p| p.config.upstream_url.clone());
+    phone_url.or_else(|| state.settings.handoff.upstream_url.clone())
+}
+
+/// Starts every delivery that is due, whose call has nothing earlier outstanding, and whose
+/// upstream is not held by its breaker.
+pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
     let now = state.clock.now_ms();
     let store = Arc::clone(&state.store);
     let due = match tokio::task::spawn_blocking(move || store.deliveries_due(now, 512)).await {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "reading the outbox failed");
-            return 0;
+            return Pass::default();
         }
-        Err(_) => return 0,
+        Err(_) => return Pass::default(),
     };
-    let mut started = 0;
-    for d in due {
+    let mut pass = Pass::default();
+    let breakers = &state.outbox.breakers;
+    for (ev, d) in due {
         if state.store.call_head(&d.call_key).ok().flatten().as_ref() != Some(&d.event_id) {
+            continue;
+        }
+        let url = upstream_of(state, &ev);
+        if url.as_deref().is_some_and(|u| breakers.blocked(u, now)) {
+            pass.held += 1;
             continue;
         }
         {
@@ -98,47 +133,67 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> usize 
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(permits).acquire_owned().await else { break };
+        let release = || state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d.call_key);
+        let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
+            release();
+            break;
+        };
+        // Last, so that a probe taken here is always made (and reported).
+        if url.as_deref().is_some_and(|u| !breakers.admit(u, now)) {
+            release();
+            pass.held += 1;
+            continue;
+        }
         let st = Arc::clone(state);
-        started += 1;
+        pass.started += 1;
         tokio::spawn(async move {
             let key = d.call_key.clone();
-            attempt(&st, d).await;
+            attempt(&st, d, url).await;
             st.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             drop(permit);
             // The call's next event may be due now.
             st.outbox.poke();
         });
     }
-    started
+    pass
 }
 
-async fn attempt(state: &AppState, mut d: DeliveryRecord) {
+/// One delivery attempt; its outcome tells the upstream's breaker, which admitted it.
+async fn attempt(state: &AppState, d: DeliveryRecord, url: Option<String>) {
+    let reached = deliver(state, d, url.as_deref()).await;
+    if let Some(url) = &url {
+        let breakers = &state.outbox.breakers;
+        match reached {
+            Some(r) => breakers.report(url, r, state.clock.now_ms()),
+            None => breakers.forgo(url),
+        }
+    }
+}
+
+/// Whether the upstream was reached (answered other than 5xx or 429); `None` when no request
+/// was made.
+async fn deliver(state: &AppState, mut d: DeliveryRecord, url: Option<&str>) -> Option<bool> {
     let now = state.clock.now_ms();
     let ev = match state.store.event_get(&d.org_id, &d.event_id) {
         Ok(Some(ev)) => ev,
         _ => {
             d.state = DeliveryState::Dead;
             let _ = state.commit.put_delivery(d).await;
-            return;
+            return None;
         }
     };
-    let phone_url = state.store.phone_resolve(&ev.phone_id).ok().flatten().and_then(|p| p.config.upstream_url.clone());
-    let Some(url) = phone_url.or_else(|| state.settings.handoff.upstream_url.clone()) else {
+    let Some(url) = url else {
         // Nowhere to deliver yet: keep it, look again later.
         d.next_attempt_ms = now + 60_000;
         let _ = state.commit.put_delivery(d).await;
-        return;
+        return None;
     };
-    let body = match serde_json::to_vec(&event_json(&ev, None)) {
-        Ok(b) => b,
-        Err(_) => return,
-    };
+    let body = serde_json::to_vec(&event_json(&ev, None)).ok()?;
     let ts = state.clock.now_secs();
     let started = Instant::now();
     let result = state
         .http
-        .post(&url)
+        .post(url)
         .timeout(state.settings.handoff.delivery_timeout)
         .header("content-type", "application/json")
         .header("webhook-id", ev.id.as_str())
@@ -186,6 +241,7 @@ async fn attempt(state: &AppState, mut d: DeliveryRecord) {
     if let Err(e) = state.commit.put_delivery(d).await {
         tracing::error!(event = %event_id, error = %e, "recording a delivery attempt failed");
     }
+    Some(status_code.is_some_and(|s| s < 500 && s != 429))
 }
 
 #[cfg(test)]

@@ -373,14 +373,14 @@ impl EventLog {
         Ok(Some(id_string(decode_record(&bytes)?.entry.id)))
     }
 
-    pub fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
+    pub fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError> {
         let locs: Vec<Loc> = {
             let ix = self.read_index();
             ix.due(now_ms, limit).into_iter().map(|s| ix.locs[s as usize]).collect()
         };
         let mut out = Vec::with_capacity(locs.len());
         for at in locs {
-            out.push(self.load(at)?.1);
+            out.push(self.load(at)?);
         }
         Ok(out)
     }
@@ -718,7 +718,8 @@ mod tests {
             let eb = log.event_get(&org, &b).unwrap().unwrap();
             assert_eq!(eb.answer, Some(serde_json::json!({"source": "static"})));
             assert_eq!(log.delivery_get(&org, &b).unwrap().unwrap().state, DeliveryState::Pending);
-            let due: Vec<EventId> = log.deliveries_due(i64::MAX, 10).unwrap().into_iter().map(|d| d.event_id).collect();
+            let due: Vec<EventId> =
+                log.deliveries_due(i64::MAX, 10).unwrap().into_iter().map(|(_, d)| d.event_id).collect();
             assert_eq!(due, vec![b.clone()]);
             let delivered = EventFilter { delivery: Some(DeliveryState::Delivered), limit: 10, ..Default::default() };
             assert_eq!(log.event_list(&org, &delivered).unwrap().len(), 1);

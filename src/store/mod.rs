@@ -182,8 +182,8 @@ pub trait Store: Send + Sync + 'static {
     fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError>;
     /// The oldest undelivered event of a call: only it may be delivered next.
     fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError>;
-    /// Deliveries due at or before `now_ms`, oldest first.
-    fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError>;
+    /// Deliveries due at or before `now_ms`, oldest first, each with its event.
+    fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError>;
     /// Queues the parked deliveries of one number (of every number with `None`): an upstream
     /// has been set for them. Returns how many.
     fn unpark(&self, phone: Option<&PhoneId>) -> usize;

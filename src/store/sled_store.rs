@@ -519,7 +519,7 @@ impl Store for SledStore {
         self.events.call_head(call)
     }
 
-    fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
+    fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError> {
         self.events.deliveries_due(now_ms, limit)
     }
 

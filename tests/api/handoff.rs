@@ -1097,7 +1097,8 @@ async fn an_upstream_that_is_down_then_slow_then_up_gets_the_event() {
 #[tokio::test]
 async fn a_failed_attempt_is_never_retried_before_its_backoff() {
     let upstream = FakeHttp::start(|_| Reply::status(503)).await;
-    let app = upstream_app(&upstream, &[]).await;
+    // Every head is tried here, so the breaker that would hold the upstream is off.
+    let app = upstream_app(&upstream, &[("CALLGATE_DELIVERY_BREAKER_AFTER", "0")]).await;
     let org = app.create_org("Acme").await;
     let line = Arc::new(add_line(&app, &org, Carrier::Twilio, "+16282020001", config(None, None)));
     for round in 0..8u32 {
@@ -1124,10 +1125,66 @@ async fn a_failed_attempt_is_never_retried_before_its_backoff() {
     assert_eq!(upstream.hits().len(), 64);
 }
 
+/// Forty calls while the upstream fails: after five failures in a row it is held, the other
+/// events wait untried, one probe goes after each pause (1 s, then 2 s), and once a probe gets
+/// through everything waiting is delivered.
+#[tokio::test]
+async fn an_upstream_that_keeps_failing_is_held_and_probed_until_it_answers() {
+    let upstream = FakeHttp::start(|_| Reply::status(503)).await;
+    // One worker: attempts go one after the other, so exactly five are made before the hold.
+    let app = upstream_app(&upstream, &[("CALLGATE_DELIVERY_WORKERS", "1")]).await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020001", config(None, None));
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(record_status(&app, &org, &line, &format!("CA{i:02}"), "completed", 1).await);
+    }
+    let failed_first = wait_hits(&upstream, "five attempts", |h| h.len() >= 5).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(upstream.hits().len(), 5, "attempts went on after five failures in a row");
+    let failed = ids_with_delivery(&app, &org, "failed").await;
+    assert_eq!(failed.len(), 5);
+    assert_eq!(ids_with_delivery(&app, &org, "pending").await.len(), 35);
+    let mut tried: Vec<String> = failed_first.iter().map(Hit::webhook_id).collect();
+    tried.sort();
+    let mut failed = failed;
+    failed.sort();
+    assert_eq!(tried, failed);
+
+    // Not a millisecond before the first pause ends; then one probe, which fails too.
+    app.clock.set_ms(T0 + 999);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(upstream.hits().len(), 5);
+    app.clock.set_ms(T0 + 1_000);
+    wait_hits(&upstream, "the first probe", |h| h.len() == 6).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(upstream.hits().len(), 6, "one probe at a time");
+
+    // The upstream recovers; the next probe (after a pause twice as long) finds it.
+    upstream.set(|_| Reply::status(200));
+    app.clock.set_ms(T0 + 2_999);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(upstream.hits().len(), 6);
+    app.clock.set_ms(T0 + 3_000);
+    wait_hits(&upstream, "the held events", |h| h.len() == 40).await;
+    assert_eq!(ids_with_delivery(&app, &org, "delivered").await.len(), 34);
+    assert!(ids_with_delivery(&app, &org, "pending").await.is_empty());
+    // The six that failed keep their own backoff (5 s ± 10 % after their attempt).
+    assert_eq!(ids_with_delivery(&app, &org, "failed").await.len(), 6);
+    app.clock.set_ms(T0 + 7_000);
+    wait_hits(&upstream, "the retries", |h| h.len() == 46).await;
+    let mut delivered = ids_with_delivery(&app, &org, "delivered").await;
+    delivered.sort();
+    ids.sort();
+    assert_eq!(delivered, ids);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(upstream.hits().len(), 46, "each event delivered once");
+}
+
 #[tokio::test]
 async fn the_jitter_spreads_retries() {
     let upstream = FakeHttp::start(|_| Reply::status(500)).await;
-    let app = upstream_app(&upstream, &[]).await;
+    let app = upstream_app(&upstream, &[("CALLGATE_DELIVERY_BREAKER_AFTER", "0")]).await;
     let org = app.create_org("Acme").await;
     let line = add_line(&app, &org, Carrier::Twilio, "+16282020001", config(None, None));
     let mut nexts = Vec::new();

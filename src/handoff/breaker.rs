@@ -1,0 +1,159 @@
+//! One circuit breaker per upstream URL. While an upstream keeps failing, the outbox stops
+//! trying each queued event against it (every try cost a connection attempt and a journal
+//! write, on the core that answers the carriers) and sends one probe at a time, at growing
+//! intervals, until one gets through. Events wait in the outbox meanwhile; nothing is dropped.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The first pause after the breaker opens; doubled on every failed probe, up to `MAX_PAUSE_MS`.
+const FIRST_PAUSE_MS: i64 = 1_000;
+const MAX_PAUSE_MS: i64 = 30_000;
+
+#[derive(Default)]
+struct Upstream {
+    failures: u32,
+    /// Times the breaker opened since the upstream last answered.
+    trips: u32,
+    open_until_ms: i64,
+    probing: bool,
+}
+
+pub struct Breakers {
+    /// Consecutive failures that open a breaker; 0: never.
+    trip_after: u32,
+    upstreams: Mutex<HashMap<String, Upstream>>,
+}
+
+fn pause_ms(trips: u32) -> i64 {
+    FIRST_PAUSE_MS.saturating_mul(1 << trips.saturating_sub(1).min(5)).min(MAX_PAUSE_MS)
+}
+
+impl Breakers {
+    pub fn new(trip_after: u32) -> Self {
+        Breakers { trip_after, upstreams: Mutex::default() }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Upstream>, &dyn Fn(&Upstream) -> bool) -> T) -> T {
+        let trip_after = self.trip_after;
+        let open = move |u: &Upstream| trip_after > 0 && u.failures >= trip_after;
+        f(&mut self.upstreams.lock().unwrap_or_else(|e| e.into_inner()), &open)
+    }
+
+    /// Whether an attempt at `url` now would be turned away (no side effect).
+    pub fn blocked(&self, url: &str, now_ms: i64) -> bool {
+        self.with(|m, open| m.get(url).is_some_and(|s| open(s) && (s.probing || now_ms < s.open_until_ms)))
+    }
+
+    /// Takes the right to try `url` now: always while closed; once open, only as the single
+    /// probe after the pause. Whoever is admitted must `report` the outcome.
+    pub fn admit(&self, url: &str, now_ms: i64) -> bool {
+        self.with(|m, open| match m.get_mut(url) {
+            Some(s) if open(s) => {
+                if s.probing || now_ms < s.open_until_ms {
+                    return false;
+                }
+                s.probing = true;
+                true
+            }
+            _ => true,
+        })
+    }
+
+    /// An admitted attempt that was not made after all: a probe it held is given back.
+    pub fn forgo(&self, url: &str) {
+        self.with(|m, _| {
+            if let Some(s) = m.get_mut(url) {
+                s.probing = false;
+            }
+        })
+    }
+
+    /// The outcome of an admitted attempt. `reached`: the upstream answered with anything but
+    /// a 5xx or 429, so it is up, whatever it thought of the event.
+    pub fn report(&self, url: &str, reached: bool, now_ms: i64) {
+        self.with(|m, open| {
+            if reached {
+                if m.remove(url).is_some_and(|s| open(&s)) {
+                    tracing::info!(upstream = %url, "upstream answers again; deliveries resume");
+                }
+                return;
+            }
+            let s = m.entry(url.to_owned()).or_default();
+            s.failures = s.failures.saturating_add(1);
+            s.probing = false;
+            if open(s) {
+                s.trips = s.trips.saturating_add(1);
+                s.open_until_ms = now_ms + pause_ms(s.trips);
+                if s.trips == 1 {
+                    tracing::warn!(upstream = %url, failures = s.failures, "upstream keeps failing; deliveries held, probing");
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "http://upstream.test/events";
+    const TRIP_AFTER: u32 = 5;
+
+    #[test]
+    fn it_opens_after_consecutive_failures_only() {
+        let b = Breakers::new(TRIP_AFTER);
+        for _ in 0..TRIP_AFTER - 1 {
+            assert!(b.admit(URL, 0));
+            b.report(URL, false, 0);
+        }
+        b.report(URL, true, 0);
+        for _ in 0..TRIP_AFTER - 1 {
+            b.report(URL, false, 0);
+        }
+        assert!(!b.blocked(URL, 0), "a success in between resets the count");
+        b.report(URL, false, 0);
+        assert!(b.blocked(URL, 0));
+        assert!(!b.admit(URL, 999));
+        assert!(!b.blocked("http://other.test/", 0), "another upstream is not held");
+    }
+
+    #[test]
+    fn one_probe_at_a_time_after_a_pause_that_grows_until_the_upstream_answers() {
+        let b = Breakers::new(TRIP_AFTER);
+        for _ in 0..TRIP_AFTER {
+            b.report(URL, false, 0);
+        }
+        assert!(b.admit(URL, 1_000), "the probe after the first pause");
+        assert!(!b.admit(URL, 1_000), "only one probe");
+        assert!(b.blocked(URL, 1_000));
+        b.forgo(URL);
+        assert!(b.admit(URL, 1_000), "a probe given back is taken again");
+        b.report(URL, false, 1_000);
+        assert!(!b.admit(URL, 2_999));
+        assert!(b.admit(URL, 3_000), "the second pause is twice the first");
+        b.report(URL, false, 3_000);
+        assert!(!b.admit(URL, 6_999));
+        assert!(b.admit(URL, 7_000));
+        b.report(URL, true, 7_000);
+        assert!(!b.blocked(URL, 7_000));
+        assert!(b.admit(URL, 7_000) && b.admit(URL, 7_000), "closed again: every attempt goes");
+    }
+
+    #[test]
+    fn with_no_threshold_it_never_opens() {
+        let b = Breakers::new(0);
+        for _ in 0..100 {
+            b.report(URL, false, 0);
+        }
+        assert!(!b.blocked(URL, 0) && b.admit(URL, 0));
+    }
+
+    #[test]
+    fn the_pause_is_bounded() {
+        assert_eq!(
+            (pause_ms(1), pause_ms(2), pause_ms(5), pause_ms(6), pause_ms(40)),
+            (1_000, 2_000, 16_000, 30_000, 30_000)
+        );
+    }
+}
