@@ -8,7 +8,7 @@ use callgate::startup::Application;
 use callgate::{commands, telemetry};
 
 // glibc malloc took a sixth of the webhook path's CPU (with heap consolidation on the hot path);
-// mimalloc's thread-local free lists cost a fraction of that.
+// jemalloc's thread caches cost a fraction of that.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
