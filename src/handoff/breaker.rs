@@ -60,6 +60,11 @@ impl Breakers {
         })
     }
 
+    /// When the earliest held upstream may next be probed (none while every probe is out).
+    pub fn next_probe_ms(&self) -> Option<i64> {
+        self.with(|m, open| m.values().filter(|s| open(s) && !s.probing).map(|s| s.open_until_ms).min())
+    }
+
     /// An admitted attempt that was not made after all: a probe it held is given back.
     pub fn forgo(&self, url: &str) {
         self.with(|m, _| {
@@ -124,7 +129,9 @@ mod tests {
         for _ in 0..TRIP_AFTER {
             b.report(URL, false, 0);
         }
+        assert_eq!(b.next_probe_ms(), Some(1_000));
         assert!(b.admit(URL, 1_000), "the probe after the first pause");
+        assert_eq!(b.next_probe_ms(), None, "the probe is out");
         assert!(!b.admit(URL, 1_000), "only one probe");
         assert!(b.blocked(URL, 1_000));
         b.forgo(URL);

@@ -16,6 +16,9 @@ use crate::events::event_json;
 use crate::state::AppState;
 use crate::store::{DeliveryAttempt, DeliveryRecord, DeliveryState, EventRecord};
 
+/// The longest an outbox that found only held deliveries waits before it scans again.
+const HELD_RESCAN: Duration = Duration::from_secs(1);
+
 /// Delays after the 1st, 2nd, … failure; hourly after the last, until the horizon.
 const BACKOFF_SECS: [i64; 5] = [5, 30, 120, 600, 3600];
 
@@ -70,8 +73,15 @@ pub fn spawn(state: Weak<AppState>) {
             // Waiting holds no reference to the state, so a stopping server can close its store.
             if pass.started == 0 && pass.held > 0 {
                 // All that is due waits on an open breaker, and a new event cannot change that:
-                // rescanning on every recorded event would only burn the webhooks' core.
-                tokio::time::sleep(tick).await;
+                // rescanning on every recorded event (or every tick) would only burn the
+                // webhooks' core. Look again when a probe is due, at least once a second.
+                let pause = match state.upgrade() {
+                    Some(s) => s.outbox.breakers.next_probe_ms().map_or(HELD_RESCAN, |at| {
+                        Duration::from_millis(at.saturating_sub(s.clock.now_ms()).max(0) as u64)
+                    }),
+                    None => return,
+                };
+                tokio::time::sleep(pause.clamp(tick, HELD_RESCAN)).await;
                 continue;
             }
             tokio::select! {

@@ -97,6 +97,37 @@ async fn events(app: &TestApp, org: &Org) -> Vec<Value> {
     v["events"].as_array().unwrap().clone()
 }
 
+/// What an event's `params` must show for a fixture, built the plain way: Telnyx's body as
+/// JSON; otherwise the query's then the form's fields, a repeated key as an array, Exotel's
+/// token left out; a non-form body as its JSON (or as text).
+fn expected_params(f: &Fixture) -> Value {
+    let is_form = f.method == "POST"
+        && f.headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("application/x-www-form-urlencoded"));
+    if f.carrier == Carrier::Telnyx || (!is_form && !f.body.is_empty()) {
+        return serde_json::from_str(&f.body).unwrap_or_else(|_| Value::String(f.body.clone()));
+    }
+    let query = f.path.split_once('?').map_or("", |(_, q)| q);
+    let body = if is_form { f.body.as_str() } else { "" };
+    let mut map = serde_json::Map::new();
+    for part in [query, body] {
+        for (k, v) in url::form_urlencoded::parse(part.as_bytes()) {
+            if f.carrier == Carrier::Exotel && k == "token" {
+                continue;
+            }
+            match map.get_mut(k.as_ref()) {
+                Some(Value::Array(a)) => a.push(Value::from(v.as_ref())),
+                Some(one) => *one = json!([one.take(), v.as_ref()]),
+                None => {
+                    map.insert(k.into_owned(), Value::from(v.as_ref()));
+                }
+            }
+        }
+    }
+    Value::Object(map)
+}
+
 async fn run_fixture(f: &Fixture) -> Result<(), String> {
     let (app, org) = serve(f).await;
     let result = async {
@@ -109,6 +140,12 @@ async fn run_fixture(f: &Fixture) -> Result<(), String> {
         let recorded = events(&app, &org).await;
         if recorded.len() != f.expect.recorded {
             return Err(format!("expected {} recorded event(s), found {}", f.expect.recorded, recorded.len()));
+        }
+        if let Some(ev) = recorded.first() {
+            let want = expected_params(f);
+            if ev["params"] != want {
+                return Err(format!("stored params {} are not what was sent: {want}", ev["params"]));
+            }
         }
         if let Some(by) = &f.expect.verified_by {
             let got = &recorded[0]["verified_by"]["credential"];
