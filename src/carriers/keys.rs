@@ -1,6 +1,7 @@
-//! Credentials prepared for verification (HMAC states keyed once, Ed25519 keys decoded once),
-//! cached per secret id so the hot path neither decrypts nor re-keys. Secret ids are never
-//! reused, so an entry cannot go stale; clearing exists to drop key material promptly.
+//! Credentials prepared for verification (HMAC states keyed once, Ed25519 keys decoded once,
+//! Telnyx's API key for answering calls), cached per secret id so the hot path neither decrypts
+//! nor re-keys. Secret ids are never reused, so an entry cannot go stale; clearing exists to
+//! drop key material promptly (secrets zeroize on drop).
 
 use std::sync::Arc;
 
