@@ -11,6 +11,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 
+use callgate::carriers::{params, Inbound};
 use callgate::domain::{Carrier, EventId, OrgId, PhoneId, SecretId, E164};
 use callgate::net::{client, form};
 use callgate::store::{
@@ -143,15 +144,21 @@ fn bench_event(c: &mut Criterion) {
     let ev = event(&phone);
     let mut group = c.benchmark_group("event");
     group.bench_function("encode_json", |b| b.iter(|| serde_json::to_vec(black_box(&ev)).unwrap()));
-    group.bench_function("build_params_json", |b| {
-        b.iter(|| {
-            let mut params = Map::new();
-            for (k, v) in form::parse(black_box(STATUS_BODY.as_bytes())).unwrap() {
-                params.insert(k.into_owned(), Value::String(v.into_owned()));
-            }
-            Value::Object(params)
-        })
-    });
+    // The event's `params` as the pipeline writes them, from the already decoded form.
+    let headers = HeaderMap::new();
+    let inbound = Inbound {
+        method: "POST",
+        headers: &headers,
+        url: "https://gw.example.com/plivo/status/ph_x",
+        query: "",
+        body: STATUS_BODY.as_bytes(),
+        form: form::parse(STATUS_BODY.as_bytes()).unwrap(),
+        is_form: true,
+        envelope: None,
+        client_ip: IpAddr::from([127, 0, 0, 1]),
+        now_secs: 0,
+    };
+    group.bench_function("build_params_json", |b| b.iter(|| params::form_params(black_box(&inbound), &[])));
     group.finish();
 }
 

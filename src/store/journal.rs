@@ -15,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -438,15 +438,50 @@ fn prepare_loop(dir: &Path, bytes: u64, shared: &SpareShared) {
 }
 
 /// Zero-fills and syncs the spare; false if asked to stop half-way.
+/// What direct writes must be aligned to (offset, length and memory): the largest logical block
+/// size in common use.
+const DIRECT_ALIGN: usize = 4096;
+const ZERO_CHUNK: usize = 1 << 20;
+
 fn prepare(dir: &Path, bytes: u64, shared: &SpareShared) -> std::io::Result<bool> {
     let tmp = dir.join(SPARE_TMP);
-    let mut f = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp)?;
-    let zeros = vec![0u8; 1 << 20];
+    // The zeros go straight to the disk where the filesystem allows it: through the page cache
+    // every MiB was a kernel copy on the cores that serve webhooks (6 % of one under load).
+    // Any filesystem or size that refuses direct writes gets the buffered ones.
+    if bytes % DIRECT_ALIGN as u64 == 0 {
+        let mut direct = OpenOptions::new();
+        direct.create(true).write(true).truncate(true).custom_flags(libc::O_DIRECT);
+        if let Ok(f) = direct.open(&tmp) {
+            match zero_fill(f, &tmp, bytes, shared) {
+                Ok(done) => return finish(dir, &tmp, done),
+                Err(e) => tracing::debug!(error = %e, "direct writes refused; zeroing through the page cache"),
+            }
+        }
+    }
+    let f = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp)?;
+    let done = zero_fill(f, &tmp, bytes, shared)?;
+    finish(dir, &tmp, done)
+}
+
+fn finish(dir: &Path, tmp: &Path, done: bool) -> std::io::Result<bool> {
+    if done {
+        std::fs::rename(tmp, dir.join(SPARE_READY))?;
+        sync_dir(dir)?;
+    }
+    Ok(done)
+}
+
+/// Writes `bytes` zeros to `f` and syncs it; false (and the file removed) if asked to stop.
+fn zero_fill(mut f: File, tmp: &Path, bytes: u64, shared: &SpareShared) -> std::io::Result<bool> {
+    // Aligned for direct writes without unsafe code: a window of a slightly larger buffer.
+    let buf = vec![0u8; ZERO_CHUNK + DIRECT_ALIGN];
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    let zeros = &buf[start..start + ZERO_CHUNK];
     let mut left = bytes;
     while left > 0 {
         if shared.state.lock().unwrap_or_else(|e| e.into_inner()).stop {
             drop(f);
-            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(tmp);
             return Ok(false);
         }
         let n = left.min(zeros.len() as u64) as usize;
@@ -462,8 +497,6 @@ fn prepare(dir: &Path, bytes: u64, shared: &SpareShared) -> std::io::Result<bool
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(SPARE_READY))?;
-    sync_dir(dir)?;
     Ok(true)
 }
 
@@ -621,6 +654,29 @@ mod tests {
         wait_for_spare(&j);
         assert_eq!(one(&mut j, b"second"), loc(1, 0));
         assert_eq!(std::fs::metadata(segment_path(dir.path(), 1)).unwrap().len(), 4096);
+    }
+
+    #[test]
+    fn a_spare_is_all_zeros_whether_written_directly_or_through_the_cache() {
+        // A multiple of the block size may go direct; 5000 bytes cannot, and is buffered.
+        for bytes in [3 * DIRECT_ALIGN as u64 + ZERO_CHUNK as u64, 5000] {
+            let dir = tempfile::tempdir().unwrap();
+            let shared = SpareShared { state: Mutex::default(), wake: Condvar::new() };
+            assert!(prepare(dir.path(), bytes, &shared).unwrap());
+            let got = std::fs::read(dir.path().join(SPARE_READY)).unwrap();
+            assert_eq!(got.len() as u64, bytes);
+            assert!(got.iter().all(|&b| b == 0), "{bytes}: not all zeros");
+            assert!(!dir.path().join(SPARE_TMP).exists());
+        }
+    }
+
+    #[test]
+    fn a_spare_asked_to_stop_is_removed_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = SpareShared { state: Mutex::default(), wake: Condvar::new() };
+        shared.state.lock().unwrap().stop = true;
+        assert!(!prepare(dir.path(), 2 * ZERO_CHUNK as u64, &shared).unwrap());
+        assert!(!dir.path().join(SPARE_READY).exists() && !dir.path().join(SPARE_TMP).exists());
     }
 
     #[test]
