@@ -34,22 +34,24 @@ impl Breakers {
         Breakers { trip_after, upstreams: Mutex::default() }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Upstream>, &dyn Fn(&Upstream) -> bool) -> T) -> T {
-        let trip_after = self.trip_after;
-        let open = move |u: &Upstream| trip_after > 0 && u.failures >= trip_after;
-        f(&mut self.upstreams.lock().unwrap_or_else(|e| e.into_inner()), &open)
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Upstream>) -> T) -> T {
+        f(&mut self.upstreams.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn open(&self, u: &Upstream) -> bool {
+        self.trip_after > 0 && u.failures >= self.trip_after
     }
 
     /// Whether an attempt at `url` now would be turned away (no side effect).
     pub fn blocked(&self, url: &str, now_ms: i64) -> bool {
-        self.with(|m, open| m.get(url).is_some_and(|s| open(s) && (s.probing || now_ms < s.open_until_ms)))
+        self.with(|m| m.get(url).is_some_and(|s| self.open(s) && (s.probing || now_ms < s.open_until_ms)))
     }
 
     /// Takes the right to try `url` now: always while closed; once open, only as the single
     /// probe after the pause. Whoever is admitted must `report` the outcome.
     pub fn admit(&self, url: &str, now_ms: i64) -> bool {
-        self.with(|m, open| match m.get_mut(url) {
-            Some(s) if open(s) => {
+        self.with(|m| match m.get_mut(url) {
+            Some(s) if self.open(s) => {
                 if s.probing || now_ms < s.open_until_ms {
                     return false;
                 }
@@ -62,12 +64,12 @@ impl Breakers {
 
     /// When the earliest held upstream may next be probed (none while every probe is out).
     pub fn next_probe_ms(&self) -> Option<i64> {
-        self.with(|m, open| m.values().filter(|s| open(s) && !s.probing).map(|s| s.open_until_ms).min())
+        self.with(|m| m.values().filter(|s| self.open(s) && !s.probing).map(|s| s.open_until_ms).min())
     }
 
     /// An admitted attempt that was not made after all: a probe it held is given back.
     pub fn forgo(&self, url: &str) {
-        self.with(|m, _| {
+        self.with(|m| {
             if let Some(s) = m.get_mut(url) {
                 s.probing = false;
             }
@@ -77,9 +79,9 @@ impl Breakers {
     /// The outcome of an admitted attempt. `reached`: the upstream answered with anything but
     /// a 5xx or 429, so it is up, whatever it thought of the event.
     pub fn report(&self, url: &str, reached: bool, now_ms: i64) {
-        self.with(|m, open| {
+        self.with(|m| {
             if reached {
-                if m.remove(url).is_some_and(|s| open(&s)) {
+                if m.remove(url).is_some_and(|s| self.open(&s)) {
                     tracing::info!(upstream = %url, "upstream answers again; deliveries resume");
                 }
                 return;
@@ -87,7 +89,7 @@ impl Breakers {
             let s = m.entry(url.to_owned()).or_default();
             s.failures = s.failures.saturating_add(1);
             s.probing = false;
-            if open(s) {
+            if self.open(s) {
                 s.trips = s.trips.saturating_add(1);
                 s.open_until_ms = now_ms + pause_ms(s.trips);
                 if s.trips == 1 {

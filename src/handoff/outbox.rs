@@ -184,6 +184,8 @@ async fn attempt(state: &AppState, d: DeliveryRecord, url: Option<String>) {
 /// was made.
 async fn deliver(state: &AppState, mut d: DeliveryRecord, url: Option<&str>) -> Option<bool> {
     let now = state.clock.now_ms();
+    // Read again rather than taken from the scan: an incoming call's answer is noted on its
+    // event after recording, and the copy the scan decoded may predate it.
     let ev = match state.store.event_get(&d.org_id, &d.event_id) {
         Ok(Some(ev)) => ev,
         _ => {
