@@ -24,12 +24,80 @@ pub fn form_params(req: &Inbound<'_>, skip: &[&str]) -> Box<RawValue> {
     to_raw(&Fields(&fields))
 }
 
-/// Any value as embedded JSON; a string when `bytes` are not JSON, or nest too deep to be read
-/// back as a tree later (kept either way, never dropped).
+/// Any value as embedded JSON; a string when `bytes` are not JSON that can be read back as a
+/// tree later (kept either way, never dropped).
 pub fn json_or_text(bytes: &[u8]) -> Box<RawValue> {
     match serde_json::from_slice::<Box<RawValue>>(bytes) {
-        Ok(raw) if !nests_too_deep(bytes) => raw,
+        Ok(raw) if readable(bytes) => raw,
         _ => to_raw(&String::from_utf8_lossy(bytes)),
+    }
+}
+
+/// Whether `json` parses as a `serde_json::Value` would, without building one. Skipping a value
+/// (as a raw value or an ignored field is read) checks its syntax only: not the UTF-8 of its
+/// strings, their escapes, the range of its numbers or its depth, all of which would make the
+/// events API fail to read a stored event back.
+pub fn readable(json: &[u8]) -> bool {
+    !nests_too_deep(json) && serde_json::from_slice::<Readable>(json).is_ok()
+}
+
+/// Visits every key and value as a tree parse does, keeping nothing.
+struct Readable;
+
+impl<'de> serde::Deserialize<'de> for Readable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Readable)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Readable {
+    type Value = Readable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Readable, A::Error> {
+        while seq.next_element::<Readable>()?.is_some() {}
+        Ok(Readable)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Readable, A::Error> {
+        while map.next_entry::<Key, Readable>()?.is_some() {}
+        Ok(Readable)
+    }
+}
+
+/// A key, decoded (and so checked) like any string.
+struct Key;
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(Readable).map(|_| Key)
     }
 }
 
@@ -154,6 +222,21 @@ mod tests {
     fn a_body_that_is_not_json_is_kept_as_a_string() {
         assert_eq!(json_or_text(br#" {"a": [1, 2]} "#).get(), r#"{"a": [1, 2]}"#);
         assert_eq!(json_or_text(b"not json \"here\"").get(), r#""not json \"here\"""#);
+    }
+
+    #[test]
+    fn json_a_tree_parse_would_refuse_is_not_readable_and_is_kept_as_a_string() {
+        for bad in [&b"{\"a\":1e400}"[..], b"{\"a\":\"\\ud800\"}", b"{\"a\xf4b\":1}", b"[\"\xff\"]", b"{\"a\":\"\\q\"}"]
+        {
+            assert!(serde_json::from_slice::<serde_json::Value>(bad).is_err(), "{bad:?}");
+            assert!(!readable(bad), "{bad:?}");
+            let kept = json_or_text(bad);
+            assert!(serde_json::from_str::<serde_json::Value>(kept.get()).unwrap().is_string(), "{bad:?}");
+        }
+        for good in [&b"{\"a\":[1,-2,3.5e10,true,null,\"\\u00e9\\ud83d\\ude00\"],\"a\":{}}"[..], b"\"x\"", b"0"] {
+            assert!(readable(good), "{good:?}");
+            assert_eq!(json_or_text(good).get().as_bytes(), good);
+        }
     }
 
     #[test]

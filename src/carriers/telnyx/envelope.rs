@@ -44,10 +44,10 @@ pub struct Payload {
 }
 
 impl Envelope {
-    /// `None` when the body is not JSON, or nests deeper than a stored event could be read
-    /// back. A JSON body of another shape (say `data` a string) reads as an event with no fields.
+    /// `None` when the body is not JSON a stored event could be read back from (see
+    /// `params::readable`). A JSON body of another shape (say `data` a string) reads as an event with no fields.
     pub fn read(body: &[u8]) -> Option<Envelope> {
-        if crate::carriers::params::nests_too_deep(body) {
+        if !crate::carriers::params::readable(body) {
             return None;
         }
         // What the typed read refuses (a repeated key, `data` of another type) is read as a
@@ -180,5 +180,9 @@ mod tests {
         assert!(Envelope::read(b"not json").is_none());
         let deep = format!(r#"{{"data":{{"payload":{{"to":"+1415","x":{}{}}}}}}}"#, "[".repeat(200), "]".repeat(200));
         assert!(Envelope::read(deep.as_bytes()).is_none());
+        // Found by the fuzzer: an ignored field is only skipped by the typed read, so its bad
+        // UTF-8 (or number, or escape) must still refuse the body, as a tree parse did.
+        assert!(Envelope::read(b"{\"data\":{\"event_type\":\"call.hangup\"},\"meta\":{\"a\xf4t\":1}}").is_none());
+        assert!(Envelope::read(br#"{"data":{"event_type":"call.hangup"},"meta":{"n":1e400}}"#).is_none());
     }
 }
