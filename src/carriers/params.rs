@@ -27,10 +27,12 @@ pub fn form_params(req: &Inbound<'_>, skip: &[&str]) -> Box<RawValue> {
 /// Any value as embedded JSON; a string when `bytes` are not JSON that can be read back as a
 /// tree later (kept either way, never dropped).
 pub fn json_or_text(bytes: &[u8]) -> Box<RawValue> {
-    match serde_json::from_slice::<Box<RawValue>>(bytes) {
-        Ok(raw) if readable(bytes) => raw,
-        _ => to_raw(&String::from_utf8_lossy(bytes)),
-    }
+    readable_json(bytes).unwrap_or_else(|| to_raw(&String::from_utf8_lossy(bytes)))
+}
+
+/// `bytes` as embedded JSON, if they can be read back as a tree later.
+pub fn readable_json(bytes: &[u8]) -> Option<Box<RawValue>> {
+    serde_json::from_slice::<Box<RawValue>>(bytes).ok().filter(|raw| readable(raw.get().as_bytes()))
 }
 
 /// Whether `json` parses as a `serde_json::Value` would, without building one. Skipping a value

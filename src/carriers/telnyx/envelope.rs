@@ -12,6 +12,9 @@ use serde_json::Value;
 #[serde(default)]
 pub struct Envelope {
     pub data: Data,
+    /// The body itself, checked and ready to be stored as the event's params.
+    #[serde(skip)]
+    pub body: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -47,15 +50,15 @@ impl Envelope {
     /// `None` when the body is not JSON a stored event could be read back from (see
     /// `params::readable`). A JSON body of another shape (say `data` a string) reads as an event with no fields.
     pub fn read(body: &[u8]) -> Option<Envelope> {
-        if !crate::carriers::params::readable(body) {
-            return None;
-        }
+        let raw = crate::carriers::params::readable_json(body)?;
         // What the typed read refuses (a repeated key, `data` of another type) is read as a
         // tree, as every body once was, so both ways agree on every input.
-        match serde_json::from_slice::<Envelope>(body) {
-            Ok(e) => Some(e),
-            Err(_) => serde_json::from_slice::<Value>(body).ok().map(|v| Envelope::from_tree(&v)),
-        }
+        let mut e = match serde_json::from_str::<Envelope>(raw.get()) {
+            Ok(e) => e,
+            Err(_) => Envelope::from_tree(&serde_json::from_str::<Value>(raw.get()).ok()?),
+        };
+        e.body = Some(raw);
+        Some(e)
     }
 
     fn from_tree(v: &Value) -> Envelope {
@@ -76,6 +79,7 @@ impl Envelope {
                     hangup_cause: s(&p["hangup_cause"]),
                 },
             },
+            body: None,
         }
     }
 }

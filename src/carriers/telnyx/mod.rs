@@ -67,7 +67,7 @@ impl CarrierHooks for Telnyx {
     }
 
     fn parse(req: &mut Inbound<'_>, _: Hook) -> Parsed {
-        let data = req.envelope.take().or_else(|| Envelope::read(req.body)).unwrap_or_default().data;
+        let Envelope { data, body } = req.envelope.take().or_else(|| Envelope::read(req.body)).unwrap_or_default();
         let p = data.payload;
         let kind = match (data.event_type.as_deref().unwrap_or("unknown"), p.direction.as_deref()) {
             ("call.initiated", Some("incoming")) => "call.incoming".to_owned(),
@@ -81,7 +81,7 @@ impl CarrierHooks for Telnyx {
             direction: p.direction,
             status: p.state.or(p.hangup_cause),
             replay_id: data.id.map(|id| format!("event:{id}")),
-            params: super::params::json_or_text(req.body),
+            params: body.unwrap_or_else(|| super::params::json_or_text(req.body)),
         }
     }
 
