@@ -550,10 +550,14 @@ impl EventLog {
     /// The first event recorded under this replay key, if its marker is live. Every version of
     /// an event keeps its key, so the latest one tells.
     fn first_with(&self, ix: &Index, fp: u64, key: &[u8], now_ms: i64) -> Result<Option<EventId>, StoreError> {
-        let Some(seq) = ix.marked(fp, now_ms) else { return Ok(None) };
-        let bytes = self.read(ix.locs[seq as usize])?;
-        let r = decode_record(&bytes)?;
-        Ok((r.replay_key == key).then(|| id_string(r.entry.id)))
+        for seq in ix.marked(fp, now_ms) {
+            let bytes = self.read(ix.locs[seq as usize])?;
+            let r = decode_record(&bytes)?;
+            if r.replay_key == key {
+                return Ok(Some(id_string(r.entry.id)));
+            }
+        }
+        Ok(None)
     }
 
     /// Reads the whole journal back and checks the index against it: every record decodes,
@@ -584,7 +588,7 @@ impl EventLog {
                 rebuilt.ids.len()
             ));
         }
-        let locs = ix.locs.clone();
+        let locs: Vec<Loc> = ix.locs.iter().copied().collect();
         drop(ix);
         for at in locs {
             if let Err(e) = self.load(at) {
@@ -777,6 +781,50 @@ mod tests {
             "only the frame after the snapshot was read"
         );
         assert!(log.verify().unwrap().is_empty());
+    }
+
+    /// Two replay keys whose fingerprints share the low half the index keeps.
+    fn keys_sharing_a_short_fingerprint() -> (Vec<u8>, Vec<u8>) {
+        let mut seen = std::collections::HashMap::new();
+        for i in 0u32.. {
+            let key = format!("key-{i}").into_bytes();
+            if let Some(other) = seen.insert(fingerprint(&key) as u32, key.clone()) {
+                return (other, key);
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn keys_whose_kept_fingerprints_collide_are_told_apart_before_and_after_a_restart() {
+        let (a_key, b_key) = keys_sharing_a_short_fingerprint();
+        assert_ne!(fingerprint(&a_key), fingerprint(&b_key));
+        let dir = tempfile::tempdir().unwrap();
+        let org = OrgId::generate();
+        let (a, b) = {
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let a = new_id(&record(&log, &[prepared(&org, "c1", &a_key, 1_000, 90_000)])[0]);
+            let b = new_id(&record(&log, &[prepared(&org, "c2", &b_key, 1_000, 90_000)])[0]);
+            for (key, first) in [(&a_key, &a), (&b_key, &b)] {
+                let out = record(&log, &[prepared(&org, "c3", key, 2_000, 90_000)]);
+                assert_eq!(out, vec![Recorded::Duplicate(Some(first.clone()))]);
+            }
+            log.save_snapshot().unwrap();
+            (a, b)
+        };
+        // From the snapshot, then from the journal alone.
+        for drop_snapshot in [false, true] {
+            if drop_snapshot {
+                std::fs::remove_file(dir.path().join("index.snapshot")).unwrap();
+            }
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            for (key, first) in [(&b_key, &b), (&a_key, &a)] {
+                let out = record(&log, &[prepared(&org, "c3", key, 3_000, 90_000)]);
+                assert_eq!(out, vec![Recorded::Duplicate(Some(first.clone()))]);
+            }
+            assert_eq!(all(&log, &org), vec![a.clone(), b.clone()]);
+            assert!(log.verify().unwrap().is_empty());
+        }
     }
 
     #[test]

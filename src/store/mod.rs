@@ -2,6 +2,7 @@
 //! version byte; a record and its indexes are written in one transaction; every accessor that
 //! serves an organization takes its `OrgId`, so scoping cannot be forgotten.
 
+mod column;
 mod durable;
 mod event_index;
 mod event_log;
