@@ -115,6 +115,23 @@ fn bench_verify(c: &mut Criterion) {
         })
     });
 
+    // Batches of the size a loaded worker gathers (13 on average in the telnyx-event scenario);
+    // reported per batch, so divide by the size for the cost per signature.
+    let signer = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let batch_key = telnyx::TelnyxKey::from_bytes(signer.verifying_key().as_bytes()).unwrap();
+    for n in [1usize, 4, 16, 64] {
+        let pending: Vec<telnyx::Pending> = (0..n)
+            .map(|i| {
+                let body = TX1_BODY.replace("0ccc7b54", &format!("{i:08x}"));
+                let sig = telnyx::sign(&signer, TX1_TS, body.as_bytes());
+                telnyx::prepare(&batch_key, Some(&sig), Some(TX1_TS), body.as_bytes(), now).unwrap()
+            })
+            .collect();
+        group.bench_function(format!("telnyx_batch_{n}"), |b| {
+            b.iter(|| assert!(telnyx::check_all(black_box(&pending)).iter().all(|ok| *ok)))
+        });
+    }
+
     group.finish();
 }
 

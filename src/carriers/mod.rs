@@ -133,10 +133,32 @@ pub trait CarrierHooks: Send + Sync + 'static {
         ctx: &VerifyContext<'_>,
     ) -> Result<&'static str, Reject>;
 
+    /// `verify`, leaving to the caller the part of the check it can share with other requests
+    /// (Telnyx's curve arithmetic).
+    fn check(
+        req: &Inbound<'_>,
+        keys: &Prepared,
+        phone: &PhoneRecord,
+        ctx: &VerifyContext<'_>,
+    ) -> Result<Check, Reject> {
+        Self::verify(req, keys, phone, ctx).map(Check::Done)
+    }
+
     fn parse(req: &mut Inbound<'_>, hook: Hook) -> Parsed;
 
     /// The answer document for an incoming call, from the decision the hand-off reached.
     fn answer(phone: &PhoneRecord, decision: &answer::Decision, ev: &EventRecord) -> HttpResponse;
+}
+
+/// How far `CarrierHooks::check` got.
+// Moved once, into the batch queue, where it is stored whole anyway: boxing would only add an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub enum Check {
+    /// Verified, by this scheme.
+    Done(&'static str),
+    /// Everything but the Ed25519 arithmetic passed.
+    Ed25519 { pending: telnyx::signature::Pending, scheme: &'static str },
 }
 
 /// Settings a verifier may need beyond the credential.

@@ -10,7 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
 use super::answer::Decision;
-use super::{CarrierHooks, Hook, Inbound, Parsed, Prepared, Reject, VerifyContext};
+use super::{CarrierHooks, Check, Hook, Inbound, Parsed, Prepared, Reject, VerifyContext};
 use crate::clock::rfc3339;
 use crate::domain::{EventId, PhoneId, SecretId};
 use crate::error::ApiError;
@@ -114,7 +114,7 @@ pub async fn handle<C: CarrierHooks>(
     };
 
     let ctx = VerifyContext { exotel_allowed: &settings.exotel_allowed_ips };
-    let verified_by = match verify::<C>(&state, &inbound, &phone, &ctx, now_ms) {
+    let verified_by = match verify::<C>(&state, &inbound, &phone, &ctx, now_ms).await {
         Ok(v) => v,
         Err(why) => return rejected(carrier, &state, why, Some(&phone.id), ip),
     };
@@ -261,7 +261,21 @@ pub fn keys_for(state: &AppState, phone: &PhoneRecord, secret: &SecretId) -> Opt
     Some(state.credentials.insert(secret.clone(), Prepared::from_credential(&cred)?))
 }
 
-fn verify<C: CarrierHooks>(
+/// A check's outcome, once its shared part (if any) is done.
+async fn settle(check: Result<Check, Reject>) -> Result<&'static str, Reject> {
+    match check? {
+        Check::Done(scheme) => Ok(scheme),
+        Check::Ed25519 { pending, scheme } => {
+            if super::telnyx::batch::verify(pending).await {
+                Ok(scheme)
+            } else {
+                Err(Reject::InvalidSignature)
+            }
+        }
+    }
+}
+
+async fn verify<C: CarrierHooks>(
     state: &AppState,
     req: &Inbound<'_>,
     phone: &PhoneRecord,
@@ -274,7 +288,7 @@ fn verify<C: CarrierHooks>(
     }
     let current = keys_for(state, phone, &phone.credential);
     let first = match &current {
-        Some(k) => match C::verify(req, k, phone, ctx) {
+        Some(k) => match settle(C::check(req, k, phone, ctx)).await {
             Ok(scheme) => {
                 return Ok(VerifiedBy {
                     scheme: scheme.into(),
@@ -288,7 +302,7 @@ fn verify<C: CarrierHooks>(
     };
     if let Some(prev) = phone.previous_credential.as_ref().filter(|p| now_ms <= p.valid_until_ms) {
         if let Some(k) = keys_for(state, phone, &prev.secret_id) {
-            if let Ok(scheme) = C::verify(req, &k, phone, ctx) {
+            if let Ok(scheme) = settle(C::check(req, &k, phone, ctx)).await {
                 return Ok(VerifiedBy {
                     scheme: scheme.into(),
                     credential: "previous".into(),

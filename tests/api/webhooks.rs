@@ -215,6 +215,76 @@ async fn telnyx_fixtures_replay_with_fresh_timestamps() {
     }
 }
 
+#[tokio::test]
+async fn telnyx_events_arriving_together_are_each_judged_by_their_own_signature() {
+    // Signatures that reach the check in the same turn are verified as a batch; one bad
+    // signature among them must refuse only its own request.
+    let base = load("telnyx/call_answered");
+    let (app, org) = serve(&base).await;
+    let good_seed = "11".repeat(32);
+    let wrong_seed = "33".repeat(32);
+    let request = |i: usize, seed: &str, credential: Value| {
+        let body = telnyx_event(
+            "call.answered",
+            &format!("b1a2c3d4-0000-4000-8000-{i:012}"),
+            Some("incoming"),
+            "+13125550100",
+            base.phone.number.as_str(),
+        );
+        let f = sign(SignRequest {
+            carrier: Some(Carrier::Telnyx),
+            credential,
+            method: "POST".into(),
+            url: format!("{}{}", base.public_url, base.path),
+            body,
+            seed: Some(seed.to_owned()),
+            timestamp: Some(base.now),
+            now: Some(base.now),
+            number: Some(base.phone.number.to_string()),
+            phone_id: Some(base.phone.id.clone()),
+            ..SignRequest::default()
+        });
+        assert_eq!(f.path, base.path);
+        f
+    };
+    let bad = |i: usize| i % 5 == 3;
+    let wrong_key = json!({"api_key": "KEYwrong", "public_key": fixtures::public_key_base64(&wrong_seed).unwrap()});
+    let sent: Vec<Fixture> = (0..60)
+        .map(|i| {
+            let mut f = request(i, &good_seed, base.credential.clone());
+            if bad(i) {
+                // Well formed, fresh, for this very message, by another key.
+                let other = request(i, &wrong_seed, wrong_key.clone());
+                assert_eq!(other.body, f.body);
+                f.headers.insert("telnyx-signature-ed25519".into(), other.headers["telnyx-signature-ed25519"].clone());
+            }
+            f
+        })
+        .collect();
+    let http = client();
+    let outcomes = futures_util::future::join_all(sent.iter().map(|f| fixtures::send(&http, &app.base, f))).await;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let outcome = outcome.unwrap();
+        if bad(i) {
+            assert_eq!(
+                (outcome.status, outcome.error_code.as_deref()),
+                (403, Some("invalid_signature")),
+                "request {i}"
+            );
+        } else {
+            assert_eq!(outcome.status, 200, "request {i}: {}", outcome.body);
+        }
+    }
+    let stored = events(&app, &org).await;
+    assert_eq!(stored.len(), 48);
+    let mut ids: Vec<String> = stored.iter().map(|e| e["params"]["data"]["id"].as_str().unwrap().to_owned()).collect();
+    ids.sort();
+    let expected: Vec<String> =
+        (0..60).filter(|i| !bad(*i)).map(|i| format!("b1a2c3d4-0000-4000-8000-{i:012}")).collect();
+    assert_eq!(ids, expected);
+    app.stop().await;
+}
+
 fn run_cli(args: Vec<String>) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_callgate"))
         .args(args)

@@ -1,6 +1,7 @@
 //! Telnyx: one events URL for every number; Ed25519 over `timestamp|body` with the account's
 //! public key; answered afterwards by a Call Control command, not in the response.
 
+pub mod batch;
 mod envelope;
 pub mod rest;
 pub mod signature;
@@ -8,7 +9,7 @@ pub mod signature;
 use actix_web::HttpResponse;
 
 use super::answer::Decision;
-use super::{CarrierHooks, Hook, Inbound, Parsed, Prepared, Reject, VerifyContext};
+use super::{CarrierHooks, Check, Hook, Inbound, Parsed, Prepared, Reject, VerifyContext};
 use crate::domain::{Carrier, E164};
 use crate::store::{EventRecord, PhoneRecord, Store};
 pub use envelope::Envelope;
@@ -18,6 +19,7 @@ pub struct Telnyx;
 
 const SIGNATURE: &str = "telnyx-signature-ed25519";
 const TIMESTAMP: &str = "telnyx-timestamp";
+const SCHEME: &str = "telnyx-ed25519";
 
 /// Finds the number an event is for, to know whose key verifies it. Nothing read here is
 /// trusted until that key has verified the body. Unsigned requests stop before any lookup.
@@ -53,12 +55,20 @@ impl CarrierHooks for Telnyx {
     fn verify(
         req: &Inbound<'_>,
         keys: &Prepared,
-        _: &PhoneRecord,
-        _: &VerifyContext<'_>,
+        phone: &PhoneRecord,
+        ctx: &VerifyContext<'_>,
     ) -> Result<&'static str, Reject> {
+        match Self::check(req, keys, phone, ctx)? {
+            Check::Ed25519 { pending, scheme } if pending.check() => Ok(scheme),
+            Check::Ed25519 { .. } => Err(Reject::InvalidSignature),
+            Check::Done(scheme) => Ok(scheme),
+        }
+    }
+
+    fn check(req: &Inbound<'_>, keys: &Prepared, _: &PhoneRecord, _: &VerifyContext<'_>) -> Result<Check, Reject> {
         let Prepared::Telnyx { key, .. } = keys else { return Err(Reject::CredentialUnavailable) };
-        signature::verify(key, req.header(SIGNATURE), req.header(TIMESTAMP), req.body, req.now_secs)
-            .map(|()| "telnyx-ed25519")
+        signature::prepare(key, req.header(SIGNATURE), req.header(TIMESTAMP), req.body, req.now_secs)
+            .map(|pending| Check::Ed25519 { pending, scheme: SCHEME })
             .map_err(|e| match e {
                 TelnyxError::Missing => Reject::MissingSignature,
                 TelnyxError::Stale => Reject::StaleTimestamp,
