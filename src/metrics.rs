@@ -21,6 +21,8 @@ pub struct Metrics {
     rejected: [[AtomicU64; REJECT_REASONS.len()]; 5],
     accepted: [AtomicU64; 5],
     replayed: [AtomicU64; 5],
+    signature_batches: AtomicU64,
+    signatures_batched: AtomicU64,
 }
 
 fn idx(c: Carrier) -> usize {
@@ -48,6 +50,12 @@ impl Metrics {
 
     pub fn replayed(&self, c: Carrier) {
         self.replayed[idx(c)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One round of Ed25519 checks (see `carriers::telnyx::batch`) of `n` signatures.
+    pub fn signature_batch(&self, n: usize) {
+        self.signature_batches.fetch_add(1, Ordering::Relaxed);
+        self.signatures_batched.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub fn rejected_count(&self, c: Carrier, reason: &str) -> u64 {
@@ -83,6 +91,15 @@ impl Metrics {
                 self.replayed[idx(c)].load(Ordering::Relaxed)
             );
         }
+        out.push_str("# TYPE callgate_telnyx_signature_batches_total counter\n");
+        let _ =
+            writeln!(out, "callgate_telnyx_signature_batches_total {}", self.signature_batches.load(Ordering::Relaxed));
+        out.push_str("# TYPE callgate_telnyx_signatures_batched_total counter\n");
+        let _ = writeln!(
+            out,
+            "callgate_telnyx_signatures_batched_total {}",
+            self.signatures_batched.load(Ordering::Relaxed)
+        );
         render_writer(&mut out, writer);
         out
     }

@@ -262,11 +262,11 @@ pub fn keys_for(state: &AppState, phone: &PhoneRecord, secret: &SecretId) -> Opt
 }
 
 /// A check's outcome, once its shared part (if any) is done.
-async fn settle(check: Result<Check, Reject>) -> Result<&'static str, Reject> {
+async fn settle(state: &AppState, check: Result<Check, Reject>) -> Result<&'static str, Reject> {
     match check? {
         Check::Done(scheme) => Ok(scheme),
         Check::Ed25519 { pending, scheme } => {
-            if super::telnyx::batch::verify(pending).await {
+            if super::telnyx::batch::verify(pending, &state.metrics).await {
                 Ok(scheme)
             } else {
                 Err(Reject::InvalidSignature)
@@ -288,7 +288,7 @@ async fn verify<C: CarrierHooks>(
     }
     let current = keys_for(state, phone, &phone.credential);
     let first = match &current {
-        Some(k) => match settle(C::check(req, k, phone, ctx)).await {
+        Some(k) => match settle(state, C::check(req, k, phone, ctx)).await {
             Ok(scheme) => {
                 return Ok(VerifiedBy {
                     scheme: scheme.into(),
@@ -302,7 +302,7 @@ async fn verify<C: CarrierHooks>(
     };
     if let Some(prev) = phone.previous_credential.as_ref().filter(|p| now_ms <= p.valid_until_ms) {
         if let Some(k) = keys_for(state, phone, &prev.secret_id) {
-            if let Ok(scheme) = settle(C::check(req, &k, phone, ctx)).await {
+            if let Ok(scheme) = settle(state, C::check(req, &k, phone, ctx)).await {
                 return Ok(VerifiedBy {
                     scheme: scheme.into(),
                     credential: "previous".into(),

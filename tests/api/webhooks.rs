@@ -282,6 +282,14 @@ async fn telnyx_events_arriving_together_are_each_judged_by_their_own_signature(
     let expected: Vec<String> =
         (0..60).filter(|i| !bad(*i)).map(|i| format!("b1a2c3d4-0000-4000-8000-{i:012}")).collect();
     assert_eq!(ids, expected);
+    let text = http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("callgate_telnyx_signatures_batched_total 60\n"), "{text}");
+    let batches: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("callgate_telnyx_signature_batches_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!((1..=60).contains(&batches), "{batches} batches");
     app.stop().await;
 }
 

@@ -14,6 +14,7 @@ use std::rc::Rc;
 use tokio::sync::oneshot;
 
 use super::signature::{check_all, Pending};
+use crate::metrics::Metrics;
 
 type Queue = Rc<RefCell<Vec<(Pending, oneshot::Sender<bool>)>>>;
 
@@ -22,7 +23,7 @@ thread_local! {
 }
 
 /// Whether the signature verifies; resolved with the other checks queued in this turn.
-pub async fn verify(pending: Pending) -> bool {
+pub async fn verify(pending: Pending, metrics: &Metrics) -> bool {
     let queue = QUEUE.with(Rc::clone);
     let (tx, rx) = oneshot::channel();
     let first = {
@@ -31,7 +32,7 @@ pub async fn verify(pending: Pending) -> bool {
         q.len() == 1
     };
     if first {
-        let flush = Flush(queue);
+        let flush = Flush(queue, metrics);
         tokio::task::yield_now().await;
         drop(flush);
     }
@@ -39,11 +40,12 @@ pub async fn verify(pending: Pending) -> bool {
     rx.await.unwrap_or(false)
 }
 
-struct Flush(Queue);
+struct Flush<'a>(Queue, &'a Metrics);
 
-impl Drop for Flush {
+impl Drop for Flush<'_> {
     fn drop(&mut self) {
         let queued = std::mem::take(&mut *self.0.borrow_mut());
+        self.1.signature_batch(queued.len());
         let (pending, answers): (Vec<Pending>, Vec<oneshot::Sender<bool>>) = queued.into_iter().unzip();
         for (answer, ok) in answers.into_iter().zip(check_all(&pending)) {
             // A request that went away has no one to tell.
@@ -80,17 +82,23 @@ mod tests {
     fn checks_queued_in_one_turn_get_each_their_own_answer() {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let good = |i: usize| i % 4 != 1;
-        let answers = rt.block_on(futures_util::future::join_all((0..20).map(|i| verify(pending(i, good(i))))));
+        let metrics = Metrics::default();
+        let answers =
+            rt.block_on(futures_util::future::join_all((0..20).map(|i| verify(pending(i, good(i)), &metrics))));
         assert_eq!(answers, (0..20).map(good).collect::<Vec<_>>());
+        let shown = metrics.render(&Default::default());
+        assert!(shown.contains("callgate_telnyx_signature_batches_total 1\n"), "{shown}");
+        assert!(shown.contains("callgate_telnyx_signatures_batched_total 20\n"), "{shown}");
         assert!(QUEUE.with(|q| q.borrow().is_empty()));
     }
 
     #[test]
     fn the_first_check_dropped_while_it_waits_still_answers_the_others() {
-        let mut first = Box::pin(verify(pending(0, true)));
+        let metrics = Metrics::default();
+        let mut first = Box::pin(verify(pending(0, true), &metrics));
         assert_eq!(poll(&mut first), Poll::Pending, "the first yields before it checks");
-        let mut second = Box::pin(verify(pending(1, true)));
-        let mut third = Box::pin(verify(pending(2, false)));
+        let mut second = Box::pin(verify(pending(1, true), &metrics));
+        let mut third = Box::pin(verify(pending(2, false), &metrics));
         assert_eq!(poll(&mut second), Poll::Pending);
         assert_eq!(poll(&mut third), Poll::Pending);
         drop(first);
