@@ -22,15 +22,17 @@ impl<T: Copy> Column<T> {
         self.len
     }
 
+    #[inline]
     pub fn push(&mut self, value: T) {
-        if self.len % CHUNK == 0 {
-            // The chunk's pages become resident as they are written, not when reserved.
-            self.chunks.push(Vec::with_capacity(CHUNK));
-        }
-        if let Some(chunk) = self.chunks.last_mut() {
+        self.len += 1;
+        if let Some(chunk) = self.chunks.last_mut().filter(|c| c.len() < CHUNK) {
             chunk.push(value);
-            self.len += 1;
+            return;
         }
+        // The chunk's pages become resident as they are written, not when reserved.
+        let mut chunk = Vec::with_capacity(CHUNK);
+        chunk.push(value);
+        self.chunks.push(chunk);
     }
 
     pub fn last(&self) -> Option<&T> {
