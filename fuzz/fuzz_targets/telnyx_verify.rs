@@ -9,7 +9,8 @@
 //! Oracles: `verify` equals a reference built from `ed25519-dalek` and `base64` directly
 //! (Missing / Malformed / Stale / Invalid / Ok, in that order); what TX-1's key signs verifies at
 //! the signed time, is stale 301 s later and invalid with another body; the hook's verdict is
-//! `verify`'s; `locate` only rejects unsigned or non-JSON requests.
+//! `verify`'s; in a batch beside a good signature (`check_all`) the verdict is `verify`'s;
+//! `locate` only rejects unsigned or non-JSON requests.
 #![no_main]
 
 use base64::engine::general_purpose::STANDARD;
@@ -69,7 +70,9 @@ fuzz_target!(|data: &[u8]| {
         .decode(pk_text.trim())
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .and_then(|b| VerifyingKey::from_bytes(&b).ok());
+        .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+        // A key of small order is refused: batch verification must never see one.
+        .filter(|v| !v.is_weak());
     assert_eq!(parsed_key.is_ok(), direct.is_some(), "TelnyxKey::from_base64 disagrees with base64+dalek");
     if let Ok(k) = &parsed_key {
         assert_eq!(k.to_base64(), pk_text.trim());
@@ -91,6 +94,16 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(got, reference(&vk, sig_h.as_deref(), ts_h.as_deref(), body, now));
     // Present-but-empty is the same as absent.
     assert_eq!(telnyx::verify(&key, Some(""), ts_h.as_deref(), body, now), Err(TelnyxError::Missing));
+    // Checked in a batch beside a good signature, the verdict is the one given alone, and the
+    // good one stays good.
+    if let Ok(pending) = telnyx::prepare(&key, sig_h.as_deref(), ts_h.as_deref(), body, now) {
+        let sk = SigningKey::from_bytes(&TX1_SEED);
+        let tx1 = TelnyxKey::from_base64(TX1_PUBLIC).unwrap();
+        let good_body = b"{}";
+        let good_sig = telnyx::sign(&sk, "1714557600", good_body);
+        let good = telnyx::prepare(&tx1, Some(&good_sig), Some("1714557600"), good_body, DEFAULT_NOW).unwrap();
+        assert_eq!(telnyx::check_all(&[pending, good]), vec![got.is_ok(), true]);
+    }
 
     // ---- Round trip with TX-1's signing key at the fuzzer's timestamp.
     if let Some(t) = ts_h.as_deref().filter(|t| t.bytes().all(|b| b.is_ascii_digit())) {

@@ -151,10 +151,11 @@ pub const BATCH_MAX: usize = 64;
 /// combination (`ed25519_dalek::verify_batch`), about half the cost per signature from eight
 /// up; if that fails, each is checked alone, so one bad signature refuses only itself.
 ///
-/// A batch can accept what `verify_strict` would refuse only for a key of small order, or with
-/// the private key's help (an R with a small-order component or not canonically encoded). Keys
-/// of small order are refused when configured; a forgery by anyone else needs the private key
-/// either way.
+/// A batch can accept what `verify_strict` refuses only for a key of small order, which anyone
+/// can sign for, or for signatures made by whoever made the key (an R with a small-order
+/// component or not canonically encoded, or a key built with a small-order component). Keys of
+/// small order are refused when configured; anyone else's forgery needs the private key either
+/// way.
 pub fn check_all(pending: &[Pending]) -> Vec<bool> {
     let mut out = Vec::with_capacity(pending.len());
     for chunk in pending.chunks(BATCH_MAX) {
