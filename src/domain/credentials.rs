@@ -136,6 +136,11 @@ impl PhoneCredential {
                     raw.try_into().map_err(|_| err("public_key", "must be base64 of a 32-byte Ed25519 public key"))?;
                 let public_key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
                     .map_err(|_| err("public_key", "is not a valid Ed25519 public key"))?;
+                // Anyone can sign for a key of small order; webhooks verify with `TelnyxKey`,
+                // which refuses one too, so such a number could never be verified.
+                if public_key.is_weak() {
+                    return Err(err("public_key", "is a key of small order, which anyone can sign for"));
+                }
                 PhoneCredential::Telnyx(TelnyxCredential { api_key, public_key })
             }
         })
@@ -209,6 +214,10 @@ mod tests {
         assert!(PhoneCredential::parse(Carrier::Telnyx, &tx).is_ok());
         let tx_bad = json!({"api_key": "KEY", "public_key": "AAAA"});
         assert_eq!(PhoneCredential::parse(Carrier::Telnyx, &tx_bad).unwrap_err().field, "public_key");
+        // The identity point: a valid encoding, of order 1.
+        let tx_weak = json!({"api_key": "KEY", "public_key": "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="});
+        let e = PhoneCredential::parse(Carrier::Telnyx, &tx_weak).unwrap_err();
+        assert_eq!((e.field, e.problem), ("public_key", "is a key of small order, which anyone can sign for"));
         let ex = json!({"api_key": "k", "api_token": "t", "account_sid": "acme1"});
         match PhoneCredential::parse(Carrier::Exotel, &ex).unwrap() {
             PhoneCredential::Exotel(e) => assert_eq!(e.subdomain, "api.exotel.com"),

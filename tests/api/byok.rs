@@ -179,6 +179,12 @@ async fn bad_credentials_get_422_naming_the_field() {
             "public_key",
         ),
         (json!({"provider": "telnyx", "api_key": "not json"}), "invalid_credentials", "credentials"),
+        (
+            // The identity point: a valid encoding, of small order.
+            json!({"provider": "telnyx", "api_key": {"api_key": "k", "public_key": "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}),
+            "invalid_credentials",
+            "public_key: is a key of small order",
+        ),
     ];
     for (body, code, mention) in cases {
         let res = app.post(&org, "/byok").json(&body).send().await.unwrap();
