@@ -855,6 +855,35 @@ fn sign(r: SignRequest) -> Fixture {
     fixtures::sign(&r).unwrap_or_else(|e| panic!("{}: {e:#}", r.url))
 }
 
+/// The same request signed for the proxy's public URL (`https://voice.example.net/{path}`),
+/// sent through a trusted proxy (accepted) and from a peer that is not one (refused).
+fn add_proxy_cases(g: &mut Generated, c: Carrier, signed_for: impl Fn(&str) -> Fixture, path: &str) {
+    let proxied = |trusted: bool| {
+        let mut f = signed_for(&format!("https://voice.example.net/{path}"));
+        f.public_url = PUBLIC.into();
+        let f = with_header(with_header(f, "X-Forwarded-Host", "voice.example.net"), "X-Forwarded-Proto", "https");
+        if trusted {
+            with_env(f, &[("CALLGATE_TRUSTED_PROXIES", "127.0.0.1/32")])
+        } else {
+            f
+        }
+    };
+    g.add(
+        c,
+        "forwarded_host_from_trusted_proxy",
+        "Behind a trusted proxy, the signed URL is rebuilt from X-Forwarded-Proto/Host",
+        proxied(true),
+        accepted(),
+    );
+    g.add(
+        c,
+        "forwarded_host_from_untrusted_peer",
+        "X-Forwarded-Host from a peer that is not a trusted proxy is ignored: the URL is CALLGATE_PUBLIC_URL's",
+        proxied(false),
+        rejected("invalid_signature"),
+    );
+}
+
 fn tamper_body(mut f: Fixture, from: &str, to: &str) -> Fixture {
     let before = f.body.clone();
     f.body = f.body.replacen(from, to, 1);
@@ -1178,31 +1207,7 @@ fn family(g: &mut Generated, fam: &Family) {
         replay,
         accepted(),
     );
-    let proxied = |trusted: bool| {
-        let mut f =
-            signed(form, fam.token, "POST", &format!("https://voice.example.net/{c}/status/{}", fam.phone), &hangup);
-        f.public_url = PUBLIC.into();
-        let f = with_header(with_header(f, "X-Forwarded-Host", "voice.example.net"), "X-Forwarded-Proto", "https");
-        if trusted {
-            with_env(f, &[("CALLGATE_TRUSTED_PROXIES", "127.0.0.1/32")])
-        } else {
-            f
-        }
-    };
-    g.add(
-        c,
-        "forwarded_host_from_trusted_proxy",
-        "Behind a trusted proxy, the signed URL is rebuilt from X-Forwarded-Proto/Host",
-        proxied(true),
-        accepted(),
-    );
-    g.add(
-        c,
-        "forwarded_host_from_untrusted_peer",
-        "X-Forwarded-Host from a peer that is not a trusted proxy is ignored: the URL is CALLGATE_PUBLIC_URL's",
-        proxied(false),
-        rejected("invalid_signature"),
-    );
+    add_proxy_cases(g, c, |url| signed(form, fam.token, "POST", url, &hangup), &format!("{c}/status/{}", fam.phone));
     let mut unknown = signed(form, fam.token, "POST", &format!("{PUBLIC}/{c}/status/{UNKNOWN_PHONE}"), &hangup);
     unknown.phone.id = phone_id(fam.phone);
     g.add(c, "unknown_phone", "A validly signed callback for a phone id that does not exist", unknown, not_found());
@@ -1366,30 +1371,7 @@ fn twilio_cases(g: &mut Generated) {
         f,
         accepted(),
     );
-    let proxied = |trusted: bool| {
-        let mut f = signed(token, "POST", &format!("https://voice.example.net/twilio/status/{phone}"), done);
-        f.public_url = PUBLIC.into();
-        let f = with_header(with_header(f, "X-Forwarded-Host", "voice.example.net"), "X-Forwarded-Proto", "https");
-        if trusted {
-            with_env(f, &[("CALLGATE_TRUSTED_PROXIES", "127.0.0.1/32")])
-        } else {
-            f
-        }
-    };
-    g.add(
-        c,
-        "forwarded_host_from_trusted_proxy",
-        "Behind a trusted proxy, the signed URL is rebuilt from X-Forwarded-Proto/Host",
-        proxied(true),
-        accepted(),
-    );
-    g.add(
-        c,
-        "forwarded_host_from_untrusted_peer",
-        "X-Forwarded-Host from a peer that is not a trusted proxy is ignored: the URL is CALLGATE_PUBLIC_URL's",
-        proxied(false),
-        rejected("invalid_signature"),
-    );
+    add_proxy_cases(g, c, |url| signed(token, "POST", url, done), &format!("twilio/status/{phone}"));
     let mut f = signed(token, "POST", &format!("{PUBLIC}/twilio/status/{UNKNOWN_PHONE}"), done);
     f.phone.id = phone_id(phone);
     g.add(c, "unknown_phone", "A validly signed callback for a phone id that does not exist", f, not_found());
