@@ -2,10 +2,11 @@
 //! sequence number (the order the writer recorded them in), the live replay markers, and the
 //! outbox queue. Everything else about an event stays on disk and is read when asked for.
 //!
-//! Per event this is 29 bytes in the columns and 5 to 10 in the marker table, plus 4 while it is
-//! parked (1,000,000 events: ~40 MB), so it is sized for the ids and offsets, not the events. Queued deliveries cost more (three
-//! ordered sets) but are few unless the upstream is down. It is rebuilt from the journal, or loaded from the snapshot written
-//! at shutdown and brought up to date from the journal's tail.
+//! Per event this is 29 bytes in the columns and 5 to 10 in the marker table, plus 4 while it
+//! is parked (1,000,000 events: ~40 MB), so it is sized for the ids and offsets, not the
+//! events. Queued deliveries cost more (three ordered sets) but are few unless the upstream is
+//! down. It is rebuilt from the journal, or loaded from the snapshot written at shutdown and
+//! brought up to date from the journal's tail.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufReader, BufWriter, Read, Write};
