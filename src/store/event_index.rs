@@ -232,8 +232,9 @@ impl Index {
         n
     }
 
-    /// Writes the index to `path` (through a temporary file, so a crash leaves the old one).
-    pub fn save(&self, path: &Path) -> Result<(), StoreError> {
+    /// Writes the index to a temporary file beside `path`; `Written::install` makes it durable
+    /// and puts it in place (so a crash before then leaves the old one).
+    pub fn write_snapshot(&self, path: &Path) -> Result<Written, StoreError> {
         let tmp = path.with_extension("tmp");
         let file = std::fs::File::create(&tmp).map_err(io)?;
         let mut w = Crc { inner: BufWriter::with_capacity(1 << 17, file), crc: crc32fast::Hasher::new() };
@@ -276,12 +277,7 @@ impl Index {
         let crc = w.crc.clone().finalize();
         let mut file = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
         file.write_all(&crc.to_le_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
-        Ok(())
+        Ok(Written { file, tmp, path: path.to_owned() })
     }
 
     /// The snapshot at `path`, if there is a sound one.
@@ -362,6 +358,24 @@ impl Index {
             }
         }
         Ok(Some(ix))
+    }
+}
+
+/// A snapshot in its temporary file, not yet durable nor in place.
+pub struct Written {
+    file: std::fs::File,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl Written {
+    pub fn install(self) -> Result<(), StoreError> {
+        self.file.sync_all().map_err(io)?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
     }
 }
 
@@ -479,7 +493,7 @@ mod tests {
         ix.covered = n as u64 * 64;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.snapshot");
-        ix.save(&path).unwrap();
+        ix.write_snapshot(&path).unwrap().install().unwrap();
         let back = Index::load(&path).unwrap().expect("a sound snapshot");
         assert_eq!(back.len(), n);
         assert!(back.ids == ix.ids && back.locs == ix.locs && back.orgs == ix.orgs && back.states == ix.states);

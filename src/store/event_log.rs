@@ -207,6 +207,8 @@ pub struct EventLog {
     scratch: Mutex<Vec<u8>>,
     /// Frames written since the index was last saved.
     unsaved: std::sync::atomic::AtomicUsize,
+    /// Taken by a snapshot from start to end, so two never share the temporary file.
+    saving: Mutex<()>,
 }
 
 impl EventLog {
@@ -247,6 +249,7 @@ impl EventLog {
             snapshot,
             scratch: Mutex::new(Vec::new()),
             unsaved: Default::default(),
+            saving: Mutex::default(),
         };
         log.unsaved.store(replayed, std::sync::atomic::Ordering::Relaxed);
         log.snapshot_if_due()?;
@@ -259,10 +262,16 @@ impl EventLog {
 
     /// Writes the index so the next start need not read the whole journal.
     pub fn save_snapshot(&self) -> Result<(), StoreError> {
-        // Holding the journal keeps the writer out while the index is copied to disk.
-        let _journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        self.read_index().save(&self.snapshot)?;
-        self.unsaved.store(0, std::sync::atomic::Ordering::Relaxed);
+        let _one_at_a_time = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let (written, frames) = {
+            // Holding the journal keeps the writer out while the index is copied to disk.
+            let _journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            (self.read_index().write_snapshot(&self.snapshot)?, self.unsaved.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        // The sync (most of the time at a million events) need not hold up the writer: the
+        // snapshot says how far it covers, and a start reads the journal from there.
+        written.install()?;
+        self.unsaved.fetch_sub(frames, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
