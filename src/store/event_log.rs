@@ -792,6 +792,36 @@ mod tests {
         assert!(log.verify().unwrap().is_empty());
     }
 
+    #[test]
+    fn snapshots_taken_at_once_leave_one_sound_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let org = OrgId::generate();
+        {
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            for i in 0..10 {
+                record(&log, &[prepared(&org, &format!("c{i}"), format!("k{i}").as_bytes(), 1_000, 90_000)]);
+            }
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| {
+                        for _ in 0..10 {
+                            log.save_snapshot().unwrap();
+                        }
+                    });
+                }
+            });
+            assert_eq!(log.unsaved.load(std::sync::atomic::Ordering::Relaxed), 0);
+        }
+        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        assert_eq!(
+            log.unsaved.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "the snapshot was sound: nothing replayed"
+        );
+        assert_eq!(all(&log, &org).len(), 10);
+        assert!(log.verify().unwrap().is_empty());
+    }
+
     /// Two replay keys whose fingerprints share the low half the index keeps.
     fn keys_sharing_a_short_fingerprint() -> (Vec<u8>, Vec<u8>) {
         let mut seen = std::collections::HashMap::new();
