@@ -437,7 +437,6 @@ fn prepare_loop(dir: &Path, bytes: u64, shared: &SpareShared) {
     }
 }
 
-/// Zero-fills and syncs the spare; false if asked to stop half-way.
 /// What direct writes must be aligned to (offset, length and memory): the largest logical block
 /// size in common use.
 const DIRECT_ALIGN: usize = 4096;
@@ -447,6 +446,7 @@ const DIRECT_WRITES: Option<i32> = Some(libc::O_DIRECT);
 #[cfg(not(target_os = "linux"))]
 const DIRECT_WRITES: Option<i32> = None;
 
+/// Zero-fills and syncs the spare, then puts it in place; false if asked to stop half-way.
 fn prepare(dir: &Path, bytes: u64, shared: &SpareShared) -> std::io::Result<bool> {
     let tmp = dir.join(SPARE_TMP);
     // The zeros go straight to the disk where the filesystem allows it: through the page cache

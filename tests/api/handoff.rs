@@ -1139,6 +1139,15 @@ async fn a_failed_attempt_is_never_retried_before_its_backoff() {
     assert_eq!(upstream.hits().len(), 64);
 }
 
+/// With the clock a millisecond short of `at_ms` the upstream still has only `hits`; then the
+/// clock reaches `at_ms`.
+async fn no_probe_until(app: &TestApp, upstream: &FakeHttp, at_ms: i64, hits: usize) {
+    app.clock.set_ms(at_ms - 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(upstream.hits().len(), hits, "a probe before {at_ms}");
+    app.clock.set_ms(at_ms);
+}
+
 /// Forty calls while the upstream fails: after five failures in a row it is held, the other
 /// events wait untried, one probe goes after each pause (1 s, then 2 s), and once a probe gets
 /// through everything waiting is delivered.
@@ -1166,20 +1175,14 @@ async fn an_upstream_that_keeps_failing_is_held_and_probed_until_it_answers() {
     assert_eq!(tried, failed);
 
     // Not a millisecond before the first pause ends; then one probe, which fails too.
-    app.clock.set_ms(T0 + 999);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(upstream.hits().len(), 5);
-    app.clock.set_ms(T0 + 1_000);
+    no_probe_until(&app, &upstream, T0 + 1_000, 5).await;
     wait_hits(&upstream, "the first probe", |h| h.len() == 6).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(upstream.hits().len(), 6, "one probe at a time");
 
     // The upstream recovers; the next probe (after a pause twice as long) finds it.
     upstream.set(|_| Reply::status(200));
-    app.clock.set_ms(T0 + 2_999);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(upstream.hits().len(), 6);
-    app.clock.set_ms(T0 + 3_000);
+    no_probe_until(&app, &upstream, T0 + 3_000, 6).await;
     wait_hits(&upstream, "the held events", |h| h.len() == 40).await;
     // The upstream counts a hit before it answers; the outcome is recorded just after.
     wait_delivered(&app, &org, 34).await;
