@@ -523,7 +523,7 @@ impl EventLog {
                 }
             }
         }
-        let applied = self.append(&mut journal, &buf, &frames);
+        let applied = self.append(&mut journal, &mut buf, &frames);
         // A buffer grown by an unusual batch is not kept.
         if buf.capacity() <= 1 << 20 {
             *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = buf;
@@ -531,7 +531,7 @@ impl EventLog {
         applied.map(|()| verdicts)
     }
 
-    fn append(&self, journal: &mut Journal, buf: &[u8], frames: &[usize]) -> Result<(), StoreError> {
+    fn append(&self, journal: &mut Journal, buf: &mut Vec<u8>, frames: &[usize]) -> Result<(), StoreError> {
         if buf.is_empty() {
             return Ok(());
         }

@@ -218,11 +218,22 @@ impl Journal {
 
     /// Writes a batch placed by `place` and makes it durable. On failure the segment is cut
     /// back, so a half-written batch never sits in front of the next one.
-    pub fn write_durably(&mut self, buf: &[u8]) -> Result<(), StoreError> {
+    pub fn write_durably(&mut self, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        let len = buf.len();
+        // The write runs on to the end of its last page when that page is prepared zeros: a
+        // write ending inside a page the cache does not hold (the spare was zeroed past the
+        // cache) makes the kernel read that page from disk first, inside the batch. The next
+        // batch then starts in a page the cache holds. The padding is the zeros already there.
+        let end = self.active_len + len as u64;
+        let padded = end.next_multiple_of(PAGE).min(self.active_room);
+        if padded > end {
+            buf.resize(len + (padded - end) as usize, 0);
+        }
         let result = self.active.write_all_at(buf, self.active_len).and_then(|()| self.active.sync_data());
+        buf.truncate(len);
         match result {
             Ok(()) => {
-                self.active_len += buf.len() as u64;
+                self.active_len += len as u64;
                 self.active_room = self.active_room.max(self.active_len);
                 Ok(())
             }
@@ -323,6 +334,9 @@ fn torn_at(file: &File, good: u64, size: u64) -> Result<bool, StoreError> {
     Ok(probe.iter().any(|b| *b != 0))
 }
 
+/// The page size the padding of a batch aims at (the common one; a larger page only means
+/// some reads come back).
+const PAGE: u64 = 4096;
 const PREPARE_FLUSH_BYTES: u64 = 4 << 20;
 const SPARE_TMP: &str = "next.tmp";
 const SPARE_READY: &str = "next.prep";
@@ -535,7 +549,7 @@ mod tests {
         frame(&mut buf, |b| b.extend_from_slice(b"second"));
         let at = j.place(buf.len()).unwrap();
         assert_eq!(at, 0);
-        j.write_durably(&buf).unwrap();
+        j.write_durably(&mut buf).unwrap();
         assert_eq!(j.segments().read(13).unwrap(), b"second");
         drop(j);
 
@@ -564,7 +578,7 @@ mod tests {
         let mut buf = Vec::new();
         frame(&mut buf, |b| b.extend_from_slice(b"one"));
         j.place(buf.len()).unwrap();
-        j.write_durably(&buf).unwrap();
+        j.write_durably(&mut buf).unwrap();
         drop(j);
         // A later segment exists, so segment 0 is not the tail.
         File::create(segment_path(dir.path(), 1)).unwrap();
@@ -580,7 +594,7 @@ mod tests {
         let mut buf = Vec::new();
         frame(&mut buf, |b| b.extend_from_slice(payload));
         let at = j.place(buf.len()).unwrap();
-        j.write_durably(&buf).unwrap();
+        j.write_durably(&mut buf).unwrap();
         at
     }
 
@@ -615,6 +629,36 @@ mod tests {
         assert_eq!(seen, vec![(loc(0, 0), b"first".to_vec()), (loc(1, 0), b"second".to_vec()), (c, b"third".to_vec())]);
         assert_eq!(j.end(), loc(1, 27));
         assert_eq!(std::fs::metadata(&seg1).unwrap().len(), 27, "unused zeros released at open");
+    }
+
+    #[test]
+    fn a_batch_in_prepared_space_runs_on_to_its_page_end_with_zeros_and_the_next_follows_its_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = JournalOptions { preallocate_bytes: 3 * PAGE };
+        let mut j = Journal::open(dir.path(), 0, opts, |_, _| Ok(())).unwrap();
+        one(&mut j, b"first");
+        wait_for_spare(&j);
+        let mut buf = Vec::new();
+        frame(&mut buf, |b| b.extend_from_slice(&[7u8; 5000]));
+        let frames = buf.clone();
+        assert_eq!(j.place(buf.len()).unwrap(), loc(1, 0));
+        j.write_durably(&mut buf).unwrap();
+        assert_eq!(buf, frames, "the caller's frames come back without the padding");
+        let seg1 = segment_path(dir.path(), 1);
+        let bytes = std::fs::read(&seg1).unwrap();
+        assert_eq!(bytes.len() as u64, 3 * PAGE, "the padding stays inside the prepared space");
+        assert_eq!(&bytes[..frames.len()], &frames[..]);
+        assert!(bytes[frames.len()..].iter().all(|b| *b == 0));
+        let next = one(&mut j, b"next");
+        assert_eq!(next, loc(1, frames.len() as u64), "the next batch starts after the frames, not the padding");
+        drop(j);
+        let mut seen = Vec::new();
+        Journal::open(dir.path(), 0, opts, |l, p| {
+            seen.push((l, p.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(loc(0, 0), 5), (loc(1, 0), 5000), (next, 4)]);
     }
 
     #[test]
