@@ -44,7 +44,7 @@ pub fn readable(json: &[u8]) -> bool {
 }
 
 /// Visits every key and value as a tree parse does, keeping nothing.
-struct Readable;
+pub(crate) struct Readable;
 
 impl<'de> serde::Deserialize<'de> for Readable {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -95,7 +95,7 @@ impl<'de> serde::de::Visitor<'de> for Readable {
 }
 
 /// A key, decoded (and so checked) like any string.
-struct Key;
+pub(crate) struct Key;
 
 impl<'de> serde::Deserialize<'de> for Key {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
