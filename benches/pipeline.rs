@@ -11,7 +11,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 
-use callgate::carriers::{params, Inbound};
+use callgate::carriers::plivo::{signature as plivo_sig, Plivo};
+use callgate::carriers::{params, pipeline, CarrierHooks, Hook, Inbound, Prepared, VerifyContext};
 use callgate::domain::{Carrier, EventId, OrgId, PhoneId, SecretId, E164};
 use callgate::net::{client, form};
 use callgate::store::{
@@ -209,9 +210,49 @@ fn config() -> Criterion {
     Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
 }
 
+/// The CPU a Plivo status callback costs between its body arriving and its record going to
+/// the writer: form decoding, the V3 check, reading the fields, building and encoding the event.
+/// What the load test measures besides HTTP and the sync, in one number.
+fn bench_path(c: &mut Criterion) {
+    let phone = phone();
+    let key = plivo_sig::PlivoKey::new(b"MAtestAuthToken0123456789abcdefXYZ");
+    let url = format!("{PUBLIC_URL}{PATH}");
+    let nonce = "31627761595286130198";
+    let pairs = form::parse(STATUS_BODY.as_bytes()).unwrap();
+    let sig = plivo_sig::sign_v3(&key, plivo_sig::Method::Post, &url, &pairs, nonce).unwrap();
+    let headers = headers(&[("x-plivo-signature-v3", &sig), ("x-plivo-signature-v3-nonce", nonce)]);
+    let keys = Prepared::Plivo(key);
+    let ctx = VerifyContext { exotel_allowed: &[] };
+    let mut group = c.benchmark_group("path");
+    group.bench_function("plivo_status_cpu", |b| {
+        b.iter(|| {
+            let body = black_box(STATUS_BODY.as_bytes());
+            let mut inbound = Inbound {
+                method: "POST",
+                headers: &headers,
+                url: &url,
+                query: "",
+                body,
+                form: form::parse(body).unwrap(),
+                is_form: true,
+                envelope: None,
+                client_ip: IpAddr::from([127, 0, 0, 1]),
+                now_secs: 1_714_557_639,
+            };
+            let scheme = Plivo::verify(&inbound, &keys, &phone, &ctx).unwrap();
+            let parsed = Plivo::parse(&mut inbound, Hook::Status);
+            let verified_by = VerifiedBy { scheme: scheme.into(), credential: "current".into(), secret_id: None };
+            let ev = pipeline::event(&phone, parsed, verified_by, 1_714_557_639_123);
+            let d = delivery(&ev);
+            PreparedEvent::new(&ev, &d, Some((b"plivo\0nonce", 1)))
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_net, bench_form, bench_event, bench_store
+    targets = bench_net, bench_form, bench_event, bench_store, bench_path
 }
 criterion_main!(benches);

@@ -195,7 +195,8 @@ fn respond<C: CarrierHooks>(phone: &PhoneRecord, decision: Option<&Decision>, ev
     }
 }
 
-fn event(phone: &PhoneRecord, p: Parsed, verified_by: VerifiedBy, now_ms: i64) -> EventRecord {
+/// The event a verified callback becomes (public for the benchmarks).
+pub fn event(phone: &PhoneRecord, p: Parsed, verified_by: VerifiedBy, now_ms: i64) -> EventRecord {
     EventRecord {
         id: EventId::unassigned(),
         org_id: phone.org_id.clone(),
