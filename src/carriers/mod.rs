@@ -168,5 +168,5 @@ pub struct VerifyContext<'a> {
 
 /// Converts a carrier's number (with or without `+`, maybe a SIP URI) to E.164 when it is one.
 pub fn e164_or_raw(s: &str) -> String {
-    crate::domain::E164::normalize(s).map(|n| n.to_string()).unwrap_or_else(|_| s.to_owned())
+    crate::domain::E164::normalize(s).map(String::from).unwrap_or_else(|_| s.to_owned())
 }

@@ -23,15 +23,24 @@ impl E164 {
     pub fn normalize(s: &str) -> Result<Self, E164Error> {
         let trimmed = s.trim();
         let body = trimmed.strip_prefix('+').unwrap_or(trimmed);
-        let digits: String = body.chars().filter(|c| !matches!(c, ' ' | '-' | '(' | ')' | '.')).collect();
-        Self::from_digits(&digits)
+        // Built in place: every callback's From and To come through here.
+        let mut n = String::with_capacity(body.len() + 1);
+        n.push('+');
+        n.extend(body.chars().filter(|c| !matches!(c, ' ' | '-' | '(' | ')' | '.')));
+        Self::checked(n)
     }
 
     fn from_digits(digits: &str) -> Result<Self, E164Error> {
+        Self::checked(format!("+{digits}"))
+    }
+
+    /// `n` is `+` and digits: 8 to 15 of them, the first not 0.
+    fn checked(n: String) -> Result<Self, E164Error> {
+        let digits = &n[1..];
         let ok =
             (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0');
         if ok {
-            Ok(Self(format!("+{digits}")))
+            Ok(Self(n))
         } else {
             Err(E164Error)
         }
