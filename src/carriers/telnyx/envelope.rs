@@ -334,6 +334,8 @@ mod tests {
             br#"{"data":1,"data":{"id":"x"}}"#,
             br#"{"meta":1,"meta":2,"data":{"payload":{"z":1,"z":2,"to":"+1"}}}"#,
             br#"{"data":null}"#,
+            // A derived read took an array for a struct, field by field; a tree has no fields.
+            br#"{"data":["a","call.hangup",{"to":"+1"}]}"#,
             br#"{"data":{"payload":"x"}}"#,
             br#"[{"data":{"id":"a"}}]"#,
             br#""text""#,
