@@ -140,6 +140,22 @@ fn delivery(ev: &EventRecord) -> DeliveryRecord {
     }
 }
 
+/// A form-encoded status callback as the pipeline hands it to a carrier, its form decoded.
+fn status_callback<'a>(headers: &'a HeaderMap, url: &'a str, body: &'a [u8]) -> Inbound<'a> {
+    Inbound {
+        method: "POST",
+        headers,
+        url,
+        query: "",
+        body,
+        form: form::parse(body).unwrap(),
+        is_form: true,
+        envelope: None,
+        client_ip: IpAddr::from([127, 0, 0, 1]),
+        now_secs: 1_714_557_639,
+    }
+}
+
 fn bench_event(c: &mut Criterion) {
     let phone = phone();
     let ev = event(&phone);
@@ -147,18 +163,7 @@ fn bench_event(c: &mut Criterion) {
     group.bench_function("encode_json", |b| b.iter(|| serde_json::to_vec(black_box(&ev)).unwrap()));
     // The event's `params` as the pipeline writes them, from the already decoded form.
     let headers = HeaderMap::new();
-    let inbound = Inbound {
-        method: "POST",
-        headers: &headers,
-        url: "https://gw.example.com/plivo/status/ph_x",
-        query: "",
-        body: STATUS_BODY.as_bytes(),
-        form: form::parse(STATUS_BODY.as_bytes()).unwrap(),
-        is_form: true,
-        envelope: None,
-        client_ip: IpAddr::from([127, 0, 0, 1]),
-        now_secs: 0,
-    };
+    let inbound = status_callback(&headers, "https://gw.example.com/plivo/status/ph_x", STATUS_BODY.as_bytes());
     group.bench_function("build_params_json", |b| b.iter(|| params::form_params(black_box(&inbound), &[])));
     group.finish();
 }
@@ -227,18 +232,7 @@ fn bench_path(c: &mut Criterion) {
     group.bench_function("plivo_status_cpu", |b| {
         b.iter(|| {
             let body = black_box(STATUS_BODY.as_bytes());
-            let mut inbound = Inbound {
-                method: "POST",
-                headers: &headers,
-                url: &url,
-                query: "",
-                body,
-                form: form::parse(body).unwrap(),
-                is_form: true,
-                envelope: None,
-                client_ip: IpAddr::from([127, 0, 0, 1]),
-                now_secs: 1_714_557_639,
-            };
+            let mut inbound = status_callback(&headers, &url, body);
             let scheme = Plivo::verify(&inbound, &keys, &phone, &ctx).unwrap();
             let parsed = Plivo::parse(&mut inbound, Hook::Status);
             let verified_by = VerifiedBy { scheme: scheme.into(), credential: "current".into(), secret_id: None };
