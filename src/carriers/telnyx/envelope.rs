@@ -12,7 +12,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::carriers::params::{nests_too_deep, readable, Key, Readable};
+use crate::carriers::params::{nests_too_deep, Key, Readable};
 
 #[derive(Debug, Default)]
 pub struct Envelope {
@@ -194,14 +194,11 @@ impl Envelope {
         }
         // The typed read decodes every key and value on its way, so a body it reads is
         // readable. What it refuses (a repeated key, `data` of another type, or a body that is
-        // not readable) is checked and read as a tree, as every body once was, so both ways
-        // agree on every input.
+        // not readable) is read as a tree, as every body once was: that parse is the very
+        // test of readability (the depth is checked above), so both ways agree on every input.
         let mut e = match serde_json::from_str::<Envelope>(raw.get()) {
             Ok(e) => e,
-            Err(_) if readable(raw.get().as_bytes()) => {
-                Envelope::from_tree(&serde_json::from_str::<Value>(raw.get()).ok()?)
-            }
-            Err(_) => return None,
+            Err(_) => Envelope::from_tree(&serde_json::from_str::<Value>(raw.get()).ok()?),
         };
         e.body = Some(raw);
         Some(e)
