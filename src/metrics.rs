@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::domain::Carrier;
-use crate::store::{WriterStats, WRITE_BUCKETS_US};
+use crate::store::{OutboxDepth, WriterStats, WRITE_BUCKETS_US};
 
 pub const REJECT_REASONS: [&str; 7] = [
     "invalid_signature",
@@ -66,7 +66,7 @@ impl Metrics {
             .unwrap_or(0)
     }
 
-    pub fn render(&self, writer: &WriterStats) -> String {
+    pub fn render(&self, writer: &WriterStats, outbox: &OutboxDepth) -> String {
         let mut out = String::new();
         out.push_str("# TYPE callgate_webhooks_rejected_total counter\n");
         for c in ORDER {
@@ -101,6 +101,10 @@ impl Metrics {
             self.signatures_batched.load(Ordering::Relaxed)
         );
         render_writer(&mut out, writer);
+        out.push_str("# TYPE callgate_outbox_queued gauge\n");
+        let _ = writeln!(out, "callgate_outbox_queued {}", outbox.queued);
+        out.push_str("# TYPE callgate_outbox_parked gauge\n");
+        let _ = writeln!(out, "callgate_outbox_parked {}", outbox.parked);
         out
     }
 }

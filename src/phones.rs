@@ -427,9 +427,8 @@ async fn patch(
         return Err(ApiError::not_found("phone number"));
     }
     state.commit.commit().await?;
-    if phone.config.upstream_url.is_some() && state.store.unpark(Some(&phone.id)) > 0 {
-        state.outbox.poke();
-    }
+    // Events parked for want of an upstream (or held by the old one's breaker) may go now.
+    state.outbox.release_soon();
     Ok(HttpResponse::Ok().json(phone_json(&state, &phone)))
 }
 

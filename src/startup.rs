@@ -36,29 +36,6 @@ pub fn open_data(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Keyring
     Ok((Arc::new(store), keyring))
 }
 
-/// Events recorded while nothing could take them wait off the queue; those that now have an
-/// upstream (the gateway's, or their number's) go back on it.
-fn unpark_deliverable(store: &dyn Store, settings: &Settings) -> anyhow::Result<()> {
-    if settings.handoff.upstream_url.is_some() {
-        store.unpark(None);
-        return Ok(());
-    }
-    for org in store.org_list()? {
-        let mut after = None;
-        loop {
-            let page = store.phone_list(&org.id, None, after.as_ref(), 500)?;
-            for p in page.iter().filter(|p| p.config.upstream_url.is_some()) {
-                store.unpark(Some(&p.id));
-            }
-            match page.last() {
-                Some(last) if page.len() == 500 => after = Some(last.id.clone()),
-                _ => break,
-            }
-        }
-    }
-    Ok(())
-}
-
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         Self::build_with_clock(settings, Clock::system()).await
@@ -72,7 +49,6 @@ impl Application {
         let listener = TcpListener::bind(settings.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
         let port = listener.local_addr()?.port();
-        unpark_deliverable(store.as_ref(), &settings)?;
         let commit = GroupCommit::start(Arc::clone(&store), settings.commit_linger);
         let (upstream_secret, generated) = crate::handoff::load_or_create_secret(&settings)?;
         if generated {
@@ -189,7 +165,10 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render(state.commit.stats()))
+    let outbox = state.store.outbox();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render(state.commit.stats(), &outbox))
 }
 
 /// Holds the state weakly so a stopped server's store (and its file lock) is released.

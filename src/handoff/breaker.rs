@@ -19,6 +19,17 @@ struct Upstream {
     probing: bool,
 }
 
+/// How much an upstream may be sent now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Its breaker is closed: everything.
+    All,
+    /// Its breaker is open and its probe is due: one event.
+    Probe,
+    /// Its breaker is open and pausing, or its probe is out: nothing.
+    Held,
+}
+
 pub struct Breakers {
     /// Consecutive failures that open a breaker; 0: never.
     trip_after: u32,
@@ -47,6 +58,15 @@ impl Breakers {
         self.with(|m| m.get(url).is_some_and(|s| self.open(s) && (s.probing || now_ms < s.open_until_ms)))
     }
 
+    /// What `url` may be sent now (no side effect: a probe is still taken with `admit`).
+    pub fn flow(&self, url: &str, now_ms: i64) -> Flow {
+        self.with(|m| match m.get(url) {
+            Some(s) if self.open(s) && (s.probing || now_ms < s.open_until_ms) => Flow::Held,
+            Some(s) if self.open(s) => Flow::Probe,
+            _ => Flow::All,
+        })
+    }
+
     /// Takes the right to try `url` now: always while closed; once open, only as the single
     /// probe after the pause. Whoever is admitted must `report` the outcome.
     pub fn admit(&self, url: &str, now_ms: i64) -> bool {
@@ -60,11 +80,6 @@ impl Breakers {
             }
             _ => true,
         })
-    }
-
-    /// When the earliest held upstream may next be probed (none while every probe is out).
-    pub fn next_probe_ms(&self) -> Option<i64> {
-        self.with(|m| m.values().filter(|s| self.open(s) && !s.probing).map(|s| s.open_until_ms).min())
     }
 
     /// An admitted attempt that was not made after all: a probe it held is given back.
@@ -131,9 +146,9 @@ mod tests {
         for _ in 0..TRIP_AFTER {
             b.report(URL, false, 0);
         }
-        assert_eq!(b.next_probe_ms(), Some(1_000));
+        assert_eq!((b.flow(URL, 999), b.flow(URL, 1_000)), (Flow::Held, Flow::Probe));
         assert!(b.admit(URL, 1_000), "the probe after the first pause");
-        assert_eq!(b.next_probe_ms(), None, "the probe is out");
+        assert_eq!(b.flow(URL, 1_000), Flow::Held, "the probe is out");
         assert!(!b.admit(URL, 1_000), "only one probe");
         assert!(b.blocked(URL, 1_000));
         b.forgo(URL);
@@ -146,6 +161,7 @@ mod tests {
         assert!(b.admit(URL, 7_000));
         b.report(URL, true, 7_000);
         assert!(!b.blocked(URL, 7_000));
+        assert_eq!(b.flow(URL, 7_000), Flow::All);
         assert!(b.admit(URL, 7_000) && b.admit(URL, 7_000), "closed again: every attempt goes");
     }
 
@@ -156,6 +172,7 @@ mod tests {
             b.report(URL, false, 0);
         }
         assert!(!b.blocked(URL, 0) && b.admit(URL, 0));
+        assert_eq!(b.flow(URL, 0), Flow::All);
     }
 
     #[test]

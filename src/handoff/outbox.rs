@@ -3,21 +3,35 @@
 //! yet delivered is simply due. Events of one call go in order, one at a time; different calls
 //! go in parallel, up to `delivery_workers`. An upstream that keeps failing is held behind its
 //! circuit breaker (see `breaker`) and probed, instead of being tried with every event.
+//!
+//! What is queued is bounded: events whose upstream is held are parked off the queue with their
+//! number (4 bytes each in memory, against about 95 queued), and parked events are released a
+//! bounded number at a time as their upstream takes them. So an outage of any length neither
+//! grows the memory by the queue's cost nor hides another upstream's deliveries behind a
+//! backlog that cannot go.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::sync::{Notify, Semaphore};
 
-use super::breaker::Breakers;
+use super::breaker::{Breakers, Flow};
+use crate::domain::{EventId, PhoneId};
 use crate::events::event_json;
 use crate::state::AppState;
-use crate::store::{DeliveryAttempt, DeliveryRecord, DeliveryState, EventRecord};
+use crate::store::{DeliveryAttempt, DeliveryRecord, DeliveryState};
 
-/// The longest an outbox that found only held deliveries waits before it scans again.
-const HELD_RESCAN: Duration = Duration::from_secs(1);
+/// Parked events are released until this many are queued.
+const QUEUE_ROOM: usize = 4096;
+
+/// How often the parked numbers are looked at, unless something asks sooner.
+const RELEASE_EVERY: Duration = Duration::from_millis(250);
+
+/// Deliveries read from the queue per pass.
+const SCAN: usize = 512;
 
 /// Delays after the 1st, 2nd, … failure; hourly after the last, until the horizon.
 const BACKOFF_SECS: [i64; 5] = [5, 30, 120, 600, 3600];
@@ -34,20 +48,49 @@ pub struct Outbox {
     wake: Arc<Notify>,
     in_flight: Mutex<HashSet<String>>,
     breakers: Breakers,
+    /// When parked events were last looked at; `None`: look on the next pass.
+    released: Mutex<Option<Instant>>,
+    /// Look at the parked events on the next pass, not at the next interval.
+    release_asked: AtomicBool,
 }
 
 /// What one pass over the due deliveries did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Pass {
     pub started: usize,
-    /// Due, but their upstream's breaker is open.
+    /// Due, but their upstream's breaker is open: parked.
     pub held: usize,
+    /// Parked events put back on the queue.
+    pub released: usize,
 }
 
 impl Outbox {
     /// `breaker_after`: consecutive failures that hold an upstream; 0: never held.
     pub fn new(breaker_after: u32) -> Self {
-        Outbox { wake: Arc::default(), in_flight: Mutex::default(), breakers: Breakers::new(breaker_after) }
+        Outbox {
+            wake: Arc::default(),
+            in_flight: Mutex::default(),
+            breakers: Breakers::new(breaker_after),
+            released: Mutex::default(),
+            release_asked: AtomicBool::new(false),
+        }
+    }
+
+    /// A number's upstream changed: its parked events may go now.
+    pub fn release_soon(&self) {
+        self.release_asked.store(true, Ordering::Relaxed);
+        self.poke();
+    }
+
+    /// Whether this pass should look at the parked events; marks it done.
+    fn release_due(&self) -> bool {
+        let mut last = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        let asked = self.release_asked.swap(false, Ordering::Relaxed);
+        if asked || last.is_none_or(|t| t.elapsed() >= RELEASE_EVERY) {
+            *last = Some(Instant::now());
+            return true;
+        }
+        false
     }
 
     /// A new event is waiting: deliver without waiting for the next tick.
@@ -71,17 +114,8 @@ pub fn spawn(state: Weak<AppState>) {
                 run_once(&s, &permits).await
             };
             // Waiting holds no reference to the state, so a stopping server can close its store.
-            if pass.started == 0 && pass.held > 0 {
-                // All that is due waits on an open breaker, and a new event cannot change that:
-                // rescanning on every recorded event (or every tick) would only burn the
-                // webhooks' core. Look again when a probe is due, at least once a second.
-                let pause = match state.upgrade() {
-                    Some(s) => s.outbox.breakers.next_probe_ms().map_or(HELD_RESCAN, |at| {
-                        Duration::from_millis(at.saturating_sub(s.clock.now_ms()).max(0) as u64)
-                    }),
-                    None => return,
-                };
-                tokio::time::sleep(pause.clamp(tick, HELD_RESCAN)).await;
+            // Held deliveries were just taken off the queue: what was behind them may be due.
+            if pass.held > 0 {
                 continue;
             }
             tokio::select! {
@@ -92,34 +126,66 @@ pub fn spawn(state: Weak<AppState>) {
     });
 }
 
-/// Where an event goes: its number's upstream, else the gateway's.
-fn upstream_of(state: &AppState, ev: &EventRecord) -> Option<String> {
-    let phone_url = state.store.phone_resolve(&ev.phone_id).ok().flatten().and_then(|p| p.config.upstream_url.clone());
-    phone_url.or_else(|| state.settings.handoff.upstream_url.clone())
+/// Where a number's events go: its own upstream, else the gateway's.
+fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
+    let own = state.store.phone_resolve(phone).ok().flatten().and_then(|p| p.config.upstream_url.clone());
+    own.or_else(|| state.settings.handoff.upstream_url.clone())
 }
 
-/// Starts every delivery that is due, whose call has nothing earlier outstanding, and whose
-/// upstream is not held by its breaker.
+/// Puts parked events back on the queue while it has room: as many as an upstream whose
+/// breaker is closed takes, one for an upstream whose probe is due. Returns how many.
+fn release_parked(state: &AppState, now: i64) -> usize {
+    let depth = state.store.outbox();
+    let mut room = QUEUE_ROOM.saturating_sub(depth.queued);
+    let mut released = 0;
+    for phone in depth.parked_phones {
+        if room == 0 {
+            // More waits: look again on the next pass, as the queue drains.
+            state.outbox.release_asked.store(true, Ordering::Relaxed);
+            break;
+        }
+        let Some(url) = upstream_of(state, &phone) else { continue };
+        let want = match state.outbox.breakers.flow(&url, now) {
+            Flow::All => room,
+            Flow::Probe => 1,
+            Flow::Held => continue,
+        };
+        let n = state.store.release(&phone, want);
+        room -= n.min(room);
+        released += n;
+    }
+    released
+}
+
+/// Releases parked events when due, then starts every delivery that is due, whose call has
+/// nothing earlier outstanding, and whose upstream is not held by its breaker; those whose
+/// upstream is held are parked.
 pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
     let now = state.clock.now_ms();
+    let mut pass = Pass::default();
+    if state.outbox.release_due() {
+        let st = Arc::clone(state);
+        // Releasing reads each event's record for its call: disk reads, off the executor.
+        pass.released = tokio::task::spawn_blocking(move || release_parked(&st, now)).await.unwrap_or(0);
+    }
     let store = Arc::clone(&state.store);
-    let due = match tokio::task::spawn_blocking(move || store.deliveries_due(now, 512)).await {
+    let due = match tokio::task::spawn_blocking(move || store.deliveries_due(now, SCAN)).await {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "reading the outbox failed");
-            return Pass::default();
+            return pass;
         }
-        Err(_) => return Pass::default(),
+        Err(_) => return pass,
     };
-    let mut pass = Pass::default();
     let breakers = &state.outbox.breakers;
+    let mut held: Vec<(EventId, PhoneId)> = Vec::new();
     for (ev, d) in due {
         if state.store.call_head(&d.call_key).ok().flatten().as_ref() != Some(&d.event_id) {
             continue;
         }
-        let url = upstream_of(state, &ev);
+        let url = upstream_of(state, &ev.phone_id);
         if url.as_deref().is_some_and(|u| breakers.blocked(u, now)) {
-            pass.held += 1;
+            held.push((ev.id, ev.phone_id));
             continue;
         }
         {
@@ -151,7 +217,7 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         // Last, so that a probe taken here is always made (and reported).
         if url.as_deref().is_some_and(|u| !breakers.admit(u, now)) {
             release();
-            pass.held += 1;
+            held.push((ev.id, ev.phone_id));
             continue;
         }
         let st = Arc::clone(state);
@@ -164,6 +230,10 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
             // The call's next event may be due now.
             st.outbox.poke();
         });
+    }
+    if !held.is_empty() {
+        let held: Vec<(&EventId, &PhoneId)> = held.iter().map(|(e, p)| (e, p)).collect();
+        pass.held = state.store.hold(&held);
     }
     pass
 }

@@ -4,11 +4,12 @@
 //!
 //! Per event this is 29 bytes in the columns and 5 to 10 in the marker table, plus 4 while it
 //! is parked (1,000,000 events: ~40 MB), so it is sized for the ids and offsets, not the
-//! events. Queued deliveries cost more (three ordered sets) but are few unless the upstream is
-//! down. It is rebuilt from the journal, or loaded from the snapshot written at shutdown and
-//! brought up to date from the journal's tail.
+//! events. Queued deliveries cost more (three ordered sets, about 95 bytes) but are few: the
+//! outbox releases parked events a bounded number at a time, and parks those whose upstream
+//! is held, so a long outage costs 4 bytes an event. It is rebuilt from the journal, or loaded
+//! from the snapshot written at shutdown and brought up to date from the journal's tail.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
@@ -81,9 +82,10 @@ pub struct Index {
     queue: BTreeSet<(i64, u32)>,
     queued: HashMap<u32, (i64, u64)>,
     calls: BTreeSet<(u64, u32)>,
-    /// Events waiting for their number to get an upstream, by phone. Sequence numbers only
-    /// (the call is read back from the journal when they are queued): there can be millions.
-    parked: HashMap<String, Vec<u32>>,
+    /// Events waiting off the queue, by phone, in ascending order: their number has no
+    /// upstream, or its upstream is held by its breaker. Sequence numbers only (the call is
+    /// read back from the journal when they are released): there can be millions.
+    parked: HashMap<String, VecDeque<u32>>,
     /// The journal position everything above reflects.
     pub covered: Loc,
 }
@@ -119,6 +121,10 @@ impl Index {
     pub fn apply(&mut self, at: Loc, e: &Entry<'_>) -> Result<(), StoreError> {
         let seq = e.seq as usize;
         let state = state_code(e.state);
+        // A later version of a parked event leaves it where it is: parking is the index's own
+        // business once an event is recorded (a record's flag says only how it started).
+        let was_parked = seq < self.ids.len() && undelivered(self.states[seq]) && !self.queued.contains_key(&e.seq);
+        let new = seq == self.ids.len();
         match seq.cmp(&self.ids.len()) {
             std::cmp::Ordering::Equal => {
                 let high = (e.id >> 64) as u64;
@@ -154,14 +160,63 @@ impl Index {
             std::cmp::Ordering::Greater => return Err(corrupt(format!("event {seq} follows a gap"))),
         }
         self.unqueue(e.seq);
-        if undelivered(state) {
-            if e.parked {
-                self.parked.entry(e.phone.to_owned()).or_default().push(e.seq);
+        if undelivered(state) && !was_parked {
+            // A number with events parked parks its new ones behind them too, so none of its
+            // calls can overtake an earlier event of the same call that waits off the queue.
+            if new && (e.parked || self.parked.contains_key(e.phone)) {
+                self.park(e.phone, e.seq);
             } else {
                 self.enqueue(e.seq, e.due_ms, e.call);
             }
         }
         Ok(())
+    }
+
+    fn park(&mut self, phone: &str, seq: u32) {
+        if !self.parked.contains_key(phone) {
+            self.parked.insert(phone.to_owned(), VecDeque::new());
+        }
+        let Some(list) = self.parked.get_mut(phone) else { return };
+        match list.back() {
+            Some(last) if *last >= seq => {
+                if let Err(at) = list.binary_search(&seq) {
+                    list.insert(at, seq);
+                }
+            }
+            _ => list.push_back(seq),
+        }
+    }
+
+    /// Takes a queued event off the queue and parks it (its upstream is held); false if it was
+    /// not queued.
+    pub fn hold(&mut self, seq: u32, phone: &str) -> bool {
+        if !self.queued.contains_key(&seq) {
+            return false;
+        }
+        self.unqueue(seq);
+        self.park(phone, seq);
+        true
+    }
+
+    /// How many events are on the queue (due or not).
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// The first `limit` parked events of a phone, with where their records are.
+    pub fn parked_head(&self, phone: &str, limit: usize) -> Vec<(u32, Loc)> {
+        let Some(list) = self.parked.get(phone) else { return Vec::new() };
+        list.iter().take(limit).map(|s| (*s, self.locs[*s as usize])).collect()
+    }
+
+    /// How many events are parked (counting any delivered since, until they are released).
+    pub fn parked_len(&self) -> usize {
+        self.parked.values().map(VecDeque::len).sum()
+    }
+
+    /// The numbers that have events parked.
+    pub fn parked_phones(&self) -> Vec<String> {
+        self.parked.keys().cloned().collect()
     }
 
     fn enqueue(&mut self, seq: u32, due: i64, call: u64) {
@@ -177,27 +232,32 @@ impl Index {
         }
     }
 
-    /// Puts a phone's parked events (all of them with `None`) back on the queue, due now.
+    /// Puts up to `limit` of a phone's parked events back on the queue, oldest first, due now.
     /// `call_of` reads an event's call from its record; one it cannot read stays parked.
-    pub fn unpark(&mut self, phone: Option<&str>, call_of: impl Fn(Loc) -> Option<u64>) -> usize {
-        let lists: Vec<(String, Vec<u32>)> = match phone {
-            Some(p) => self.parked.remove_entry(p).into_iter().collect(),
-            None => self.parked.drain().collect(),
-        };
+    /// Returns how many went on the queue.
+    pub fn release(&mut self, phone: &str, limit: usize, call_of: impl Fn(Loc) -> Option<u64>) -> usize {
+        let Some(mut list) = self.parked.remove(phone) else { return 0 };
+        let mut unreadable = Vec::new();
         let mut n = 0;
-        for (phone, seqs) in lists {
-            for seq in seqs {
-                if !undelivered(self.states[seq as usize]) || self.queued.contains_key(&seq) {
-                    continue;
-                }
-                match call_of(self.locs[seq as usize]) {
-                    Some(call) => {
-                        self.enqueue(seq, 0, call);
-                        n += 1;
-                    }
-                    None => self.parked.entry(phone.clone()).or_default().push(seq),
-                }
+        while n < limit {
+            let Some(seq) = list.pop_front() else { break };
+            // Delivered since (a redelivery, or a version replayed after it was parked).
+            if !undelivered(self.states[seq as usize]) || self.queued.contains_key(&seq) {
+                continue;
             }
+            match call_of(self.locs[seq as usize]) {
+                Some(call) => {
+                    self.enqueue(seq, 0, call);
+                    n += 1;
+                }
+                None => unreadable.push(seq),
+            }
+        }
+        for seq in unreadable.into_iter().rev() {
+            list.push_front(seq);
+        }
+        if !list.is_empty() {
+            self.parked.insert(phone.to_owned(), list);
         }
         n
     }
@@ -339,7 +399,10 @@ impl Index {
             for _ in 0..len {
                 list.push(r.u32()?);
             }
-            ix.parked.insert(phone, list);
+            // Snapshots of earlier builds kept lists in arrival order, with repeats.
+            list.sort_unstable();
+            list.dedup();
+            ix.parked.insert(phone, list.into());
         }
         let expected = r.crc.clone().finalize();
         let mut tail = [0u8; 4];
@@ -501,6 +564,7 @@ mod tests {
         assert_eq!((back.covered, back.locs[5], back.states[5]), (ix.covered, 7, state_code(DeliveryState::Dead)));
         assert_eq!(back.org(n - 1), &orgs[((n - 1) % 2) as usize]);
         assert_eq!(back.due(i64::MAX, usize::MAX), ix.due(i64::MAX, usize::MAX));
+        assert!(back.parked == ix.parked && ix.parked_len() > 0);
         for seq in [1, 2, BLOCK_RECORDS as u32, n - 1] {
             let fp = entry(seq, "").fp;
             assert_eq!(back.marked(fp, 0).collect::<Vec<_>>(), vec![seq], "seq {seq}");
@@ -513,5 +577,71 @@ mod tests {
         bytes[at] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();
         assert!(Index::load(&path).unwrap().is_none());
+    }
+
+    /// A pending event of `phone` in call `call`, due at its sequence number, at `seq * 64`.
+    fn pending<'a>(seq: u32, org: &'a str, phone: &'a str, call: u64) -> Entry<'a> {
+        Entry {
+            seq,
+            id: u128::from(1_000 + seq) << 64,
+            fp: 0,
+            expiry_secs: 0,
+            state: DeliveryState::Pending,
+            parked: false,
+            due_ms: i64::from(seq),
+            call,
+            org,
+            phone,
+        }
+    }
+
+    #[test]
+    fn held_events_wait_parked_in_order_and_go_back_a_bounded_number_at_a_time() {
+        let org = OrgId::generate();
+        let org = org.as_str();
+        // Calls 1 (events 0, 2, 4) and 2 (events 1, 3) of number a.
+        let call = |seq: u32| u64::from(seq % 2 + 1);
+        let call_at = |at: Loc| Some(call((at / 64) as u32));
+        let mut ix = Index::default();
+        for seq in 0..4 {
+            ix.apply(u64::from(seq) * 64, &pending(seq, org, "ph_a", call(seq))).unwrap();
+        }
+        assert_eq!((ix.queued(), ix.call_head(1)), (4, Some(0)));
+
+        // Found held out of order: parked in order; only what was queued can be held.
+        assert!(ix.hold(2, "ph_a") && ix.hold(0, "ph_a"));
+        assert!(!ix.hold(0, "ph_a") && !ix.hold(99, "ph_a"));
+        assert_eq!(ix.due(i64::MAX, 10), [1, 3]);
+        assert_eq!(ix.call_head(1), None, "call 1 waits whole off the queue");
+        // The number's next event parks behind them though its record says queued (else it
+        // could overtake event 2 of its call); another number's event is queued.
+        ix.apply(4 * 64, &pending(4, org, "ph_a", call(4))).unwrap();
+        ix.apply(5 * 64, &pending(5, org, "ph_b", 9)).unwrap();
+        assert_eq!(ix.due(i64::MAX, 10), [1, 3, 5]);
+        assert_eq!((ix.parked_len(), ix.parked_phones()), (3, vec!["ph_a".to_owned()]));
+        // A later version of a parked event (an answer noted on it) leaves it parked, once.
+        ix.apply(6 * 64, &Entry { parked: true, ..pending(2, org, "ph_a", call(2)) }).unwrap();
+        assert_eq!((ix.parked_len(), ix.queued()), (3, 3));
+
+        // Released oldest first, two at a time, due at once, each under its call again.
+        assert_eq!(ix.release("ph_b", 5, call_at), 0);
+        assert_eq!(ix.release("ph_a", 2, call_at), 2);
+        assert_eq!(ix.due(i64::MAX, 10), [0, 2, 1, 3, 5]);
+        assert_eq!((ix.call_head(1), ix.parked_len()), (Some(0), 1));
+        // Event 4 is delivered while parked (a redelivery's record): the release skips it, and
+        // the number, with nothing left parked, queues its new events again.
+        ix.apply(7 * 64, &Entry { state: DeliveryState::Delivered, ..pending(4, org, "ph_a", call(4)) }).unwrap();
+        assert_eq!(ix.release("ph_a", 5, call_at), 0);
+        assert!(ix.parked_phones().is_empty());
+        ix.apply(8 * 64, &pending(6, org, "ph_a", call(6))).unwrap();
+        assert_eq!(ix.due(i64::MAX, 10), [0, 2, 1, 3, 5, 6]);
+
+        // An event whose record cannot be read stays parked, at the front.
+        ix.hold(6, "ph_a");
+        ix.hold(5, "ph_b");
+        assert_eq!(ix.release("ph_a", 5, |_| None), 0);
+        assert_eq!(ix.parked_head("ph_a", 5), [(6, 8 * 64)]);
+        assert_eq!(ix.release("ph_a", 5, call_at), 1);
+        assert_eq!(ix.due(i64::MAX, 10), [0, 2, 6, 1, 3]);
     }
 }

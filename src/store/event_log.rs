@@ -7,6 +7,7 @@
 //! record's JSON. Ids are given out here, in recording order, so they ascend with the sequence
 //! numbers and an id is found by binary search.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -394,15 +395,47 @@ impl EventLog {
         Ok(out)
     }
 
-    pub fn unpark(&self, phone: Option<&str>) -> usize {
-        let call_of = |at: Loc| match self.read(at).and_then(|b| decode_record(&b).map(|r| r.entry.call)) {
-            Ok(call) => Some(call),
-            Err(e) => {
-                tracing::error!(error = %e, "a parked event's record is unreadable; it stays parked");
-                None
-            }
+    /// Puts up to `limit` of a number's parked events on the queue, oldest first.
+    pub fn release(&self, phone: &str, limit: usize) -> usize {
+        // The calls are read before the index is locked for writing: the writer and every
+        // webhook's replay check wait on that lock, and these are disk reads.
+        let wanted: Vec<(u32, Loc)> = {
+            let ix = self.read_index();
+            ix.parked_head(phone, limit)
         };
-        self.index.write().unwrap_or_else(|e| e.into_inner()).unpark(phone, call_of)
+        let mut calls = HashMap::with_capacity(wanted.len());
+        for (seq, at) in wanted {
+            match self.read(at).and_then(|b| decode_record(&b).map(|r| r.entry.call)) {
+                Ok(call) => {
+                    calls.insert(at, call);
+                }
+                Err(e) => tracing::error!(error = %e, seq, "a parked event's record is unreadable; it stays parked"),
+            }
+        }
+        // A version written meanwhile moved the event: its new record is read under the lock.
+        let call_of = |at: Loc| match calls.get(&at) {
+            Some(call) => Some(*call),
+            None => self.read(at).and_then(|b| decode_record(&b).map(|r| r.entry.call)).ok(),
+        };
+        self.index.write().unwrap_or_else(|e| e.into_inner()).release(phone, limit, call_of)
+    }
+
+    /// Parks queued events whose upstream is held; returns how many it took off the queue.
+    pub fn hold(&self, events: &[(&EventId, &str)]) -> usize {
+        let mut ix = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for (id, phone) in events {
+            if let Some((seq, _)) = seq_of(&ix, id) {
+                n += usize::from(ix.hold(seq, phone));
+            }
+        }
+        n
+    }
+
+    /// How many events are queued and parked, and which numbers have events parked.
+    pub fn outbox(&self) -> (usize, usize, Vec<String>) {
+        let ix = self.read_index();
+        (ix.queued(), ix.parked_len(), ix.parked_phones())
     }
 
     pub fn sweep(&self, now_ms: i64) -> usize {
@@ -876,8 +909,8 @@ mod tests {
         let p = PreparedEvent::new(&ev, &d, Some((b"k1", 90_000))).parked(true);
         record(&log, &[p]);
         assert!(log.deliveries_due(i64::MAX, 10).unwrap().is_empty());
-        assert_eq!(log.unpark(Some("ph_other")), 0);
-        assert_eq!(log.unpark(Some(phone.as_str())), 1);
+        assert_eq!(log.release("ph_other", usize::MAX), 0);
+        assert_eq!(log.release(phone.as_str(), usize::MAX), 1);
         assert_eq!(log.deliveries_due(i64::MAX, 10).unwrap().len(), 1);
     }
 

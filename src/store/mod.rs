@@ -48,6 +48,16 @@ pub enum Recorded {
 /// An event and its delivery record, encoded once on the request's thread so the single
 /// writer only has to put bytes in place. The event's id is given out by the writer (ids
 /// ascend in recording order); whatever id the record holds here is replaced.
+/// What waits to be delivered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutboxDepth {
+    /// On the queue, due or not.
+    pub queued: usize,
+    /// Off the queue, with their number (an upstream that is missing or held).
+    pub parked: usize,
+    pub parked_phones: Vec<PhoneId>,
+}
+
 pub struct PreparedEvent {
     pub(crate) org_id: OrgId,
     pub(crate) phone_id: PhoneId,
@@ -185,9 +195,14 @@ pub trait Store: Send + Sync + 'static {
     fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError>;
     /// Deliveries due at or before `now_ms`, oldest first, each with its event.
     fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError>;
-    /// Queues the parked deliveries of one number (of every number with `None`): an upstream
-    /// has been set for them. Returns how many.
-    fn unpark(&self, phone: Option<&PhoneId>) -> usize;
+    /// Queues up to `limit` of a number's parked deliveries, oldest first (its upstream can
+    /// take them). Returns how many.
+    fn release(&self, phone: &PhoneId, limit: usize) -> usize;
+    /// Takes queued deliveries off the queue and parks them with their number (their upstream
+    /// is held). Returns how many were queued.
+    fn hold(&self, events: &[(&EventId, &PhoneId)]) -> usize;
+    /// How many deliveries are queued and parked, and the numbers with deliveries parked.
+    fn outbox(&self) -> OutboxDepth;
     /// Saves what makes the next start fast; called once the writer has stopped.
     fn close(&self) -> Result<(), StoreError>;
     /// Saves the event index if much has been written since it was last saved, which bounds

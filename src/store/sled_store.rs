@@ -523,8 +523,21 @@ impl Store for SledStore {
         self.events.deliveries_due(now_ms, limit)
     }
 
-    fn unpark(&self, phone: Option<&PhoneId>) -> usize {
-        self.events.unpark(phone.map(|p| p.as_str()))
+    fn release(&self, phone: &PhoneId, limit: usize) -> usize {
+        self.events.release(phone.as_str(), limit)
+    }
+
+    fn hold(&self, events: &[(&EventId, &PhoneId)]) -> usize {
+        let events: Vec<(&EventId, &str)> = events.iter().map(|(e, p)| (*e, p.as_str())).collect();
+        self.events.hold(&events)
+    }
+
+    fn outbox(&self) -> OutboxDepth {
+        let (queued, parked, phones) = self.events.outbox();
+        // A key the index took from a record it accepted parses; one that somehow does not is
+        // left parked rather than guessed at.
+        let parked_phones = phones.iter().filter_map(|p| PhoneId::parse(p).ok()).collect();
+        OutboxDepth { queued, parked, parked_phones }
     }
 
     fn close(&self) -> Result<(), StoreError> {

@@ -1200,6 +1200,80 @@ async fn an_upstream_that_keeps_failing_is_held_and_probed_until_it_answers() {
     assert_eq!(upstream.hits().len(), 46, "each event delivered once");
 }
 
+/// The outbox gauges: (queued, parked).
+async fn outbox_depth(app: &TestApp) -> (u64, u64) {
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let gauge = |name: &str| {
+        let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name}"));
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    (gauge("callgate_outbox_queued"), gauge("callgate_outbox_parked"))
+}
+
+async fn wait_depth(app: &TestApp, want: (u64, u64)) {
+    let until = Instant::now() + Duration::from_secs(8);
+    loop {
+        let got = outbox_depth(app).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < until, "outbox (queued, parked) is {got:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// 700 callbacks of one number while its upstream fails, more than one scan of the queue
+/// holds: once the upstream is held they wait off the queue, so another number's event goes
+/// to its own upstream at once instead of queuing behind them; then the held upstream recovers
+/// and every event is delivered exactly once.
+#[tokio::test]
+async fn a_held_upstreams_backlog_waits_parked_and_never_delays_another_upstream() {
+    let down = FakeHttp::start(|_| Reply::status(503)).await;
+    let own = FakeHttp::start(|_| Reply::status(200)).await;
+    let app = upstream_app(&down, &[("CALLGATE_DELIVERY_WORKERS", "1")]).await;
+    let org = app.create_org("Acme").await;
+    let busy = Arc::new(add_line(&app, &org, Carrier::Twilio, "+16282020001", config(None, None)));
+    let mut cfg = config(None, None);
+    cfg.upstream_url = Some(own.url("/own"));
+    let other = add_line(&app, &org, Carrier::Twilio, "+16282020002", cfg);
+
+    for round in 0..25u32 {
+        let sends = (0..28u32).map(|i| {
+            let (client, base, line) = (app.client.clone(), app.base.clone(), Arc::clone(&busy));
+            async move { twilio_status(&client, &base, &line, &format!("CA-{round}-{i}"), "completed", 1).await }
+        });
+        assert!(futures_util::future::join_all(sends).await.iter().all(|s| *s == 200));
+    }
+    // Five failures hold the upstream (one worker: no more are tried); those five wait for
+    // their retry on the queue, the other 695 wait parked.
+    wait_hits(&down, "five attempts", |h| h.len() >= 5).await;
+    wait_depth(&app, (5, 695)).await;
+
+    // The other number's event is due after all 700 of them, and goes at once.
+    let id = record_status(&app, &org, &other, "CA-OTHER", "completed", 1).await;
+    wait_state(&app, &org, &id, "delivered").await;
+    assert_eq!(own.hits_to("/own").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id.as_str()]);
+    assert_eq!(down.hits().len(), 5, "the held upstream was tried again before its pause ended");
+    assert_eq!(outbox_depth(&app).await, (5, 695));
+
+    // The upstream recovers: one probe, then the parked events go; the five failed ones go
+    // once their backoff is over.
+    down.set(|_| Reply::status(200));
+    app.clock.set_ms(T0 + 1_000);
+    wait_hits(&down, "the parked events", |h| h.len() == 700).await;
+    wait_depth(&app, (5, 0)).await;
+    app.clock.set_ms(T0 + 6_000);
+    wait_hits(&down, "the retries", |h| h.len() == 705).await;
+    wait_depth(&app, (0, 0)).await;
+    let hits = down.hits();
+    let mut delivered: Vec<String> = hits[5..].iter().map(Hit::webhook_id).collect();
+    delivered.sort();
+    delivered.dedup();
+    assert_eq!(delivered.len(), 700, "each event delivered once");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(down.hits().len(), 705);
+}
+
 #[tokio::test]
 async fn the_jitter_spreads_retries() {
     let upstream = FakeHttp::start(|_| Reply::status(500)).await;
