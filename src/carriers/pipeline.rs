@@ -140,11 +140,14 @@ pub async fn handle<C: CarrierHooks>(
         next_attempt_ms: now_ms,
         created_at_ms: now_ms,
     };
-    let parked = phone.config.upstream_url.is_none() && settings.handoff.upstream_url.is_none();
+    let mut parked = phone.config.upstream_url.is_none() && settings.handoff.upstream_url.is_none();
     let prepared = PreparedEvent::new(&ev, &delivery, Some((&replay_key, expires))).parked(parked);
     // The writer acknowledges only once the batch holding this event is on disk.
     match state.commit.record(prepared).await {
-        Ok(Recorded::New(id)) => ev.id = id,
+        Ok(Recorded::New { id, parked: waits }) => {
+            ev.id = id;
+            parked = waits;
+        }
         Ok(Recorded::Duplicate(first)) => {
             state.metrics.replayed(carrier);
             tracing::info!(carrier = %carrier, phone = %phone.id, "replayed webhook acknowledged, not recorded again");

@@ -168,6 +168,11 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         // Releasing reads each event's record for its call: disk reads, off the executor.
         pass.released = tokio::task::spawn_blocking(move || release_parked(&st, now)).await.unwrap_or(0);
     }
+    // Every recorded event pokes the outbox, and most find nothing due (their number's events
+    // are parked, or the queue is empty): that must not cost a trip to a blocking thread.
+    if state.store.next_due_ms().is_none_or(|at| at > now) {
+        return pass;
+    }
     let store = Arc::clone(&state.store);
     let due = match tokio::task::spawn_blocking(move || store.deliveries_due(now, SCAN)).await {
         Ok(Ok(d)) => d,

@@ -198,6 +198,11 @@ impl Index {
         true
     }
 
+    /// When the earliest queued event is due.
+    pub fn next_due(&self) -> Option<i64> {
+        self.queue.first().map(|(due, _)| *due)
+    }
+
     /// How many events are on the queue (due or not).
     pub fn queued(&self) -> usize {
         self.queued.len()
@@ -207,6 +212,11 @@ impl Index {
     pub fn parked_head(&self, phone: &str, limit: usize) -> Vec<(u32, Loc)> {
         let Some(list) = self.parked.get(phone) else { return Vec::new() };
         list.iter().take(limit).map(|s| (*s, self.locs[*s as usize])).collect()
+    }
+
+    /// Whether a phone has events parked.
+    pub fn has_parked(&self, phone: &str) -> bool {
+        self.parked.contains_key(phone)
     }
 
     /// How many events are parked (counting any delivered since, until they are released).

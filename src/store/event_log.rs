@@ -432,6 +432,11 @@ impl EventLog {
         n
     }
 
+    /// When the earliest queued delivery is due.
+    pub fn next_due(&self) -> Option<i64> {
+        self.read_index().next_due()
+    }
+
     /// How many events are queued and parked, and which numbers have events parked.
     pub fn outbox(&self) -> (usize, usize, Vec<String>) {
         let ix = self.read_index();
@@ -474,6 +479,9 @@ impl EventLog {
                     }
                 }
                 let id = ids.next(p.received_at_ms);
+                // Behind events of its number that wait parked, it waits too (the index would
+                // park it anyway); saying so in the record keeps a restart's replay the same.
+                let parked = p.parked || ix.has_parked(p.phone_id.as_str());
                 frames.push(buf.len());
                 frame(&mut buf, |b| {
                     encode_record(
@@ -485,7 +493,7 @@ impl EventLog {
                                 fp,
                                 expiry_secs: ((expires.max(0) + 999) / 1000).min(i64::from(u32::MAX)) as u32,
                                 state: p.state,
-                                parked: p.parked,
+                                parked,
                                 due_ms: p.next_attempt_ms,
                                 call: call_hash(&p.call_key),
                                 org: p.org_id.as_str(),
@@ -502,7 +510,7 @@ impl EventLog {
                     in_batch.push((fp, key, id));
                 }
                 next_seq += 1;
-                verdicts.push(Recorded::New(id_string(id)));
+                verdicts.push(Recorded::New { id: id_string(id), parked });
             }
             drop(ids);
             for d in batch.deliveries {
@@ -690,7 +698,7 @@ mod tests {
 
     fn new_id(r: &Recorded) -> EventId {
         match r {
-            Recorded::New(id) => id.clone(),
+            Recorded::New { id, .. } => id.clone(),
             other => panic!("expected a new event, got {other:?}"),
         }
     }
@@ -735,7 +743,7 @@ mod tests {
         assert!(log.verify().unwrap().is_empty());
         assert_eq!(log.sweep(61_000), 2);
         let out = record(&log, &[prepared(&org, "c3", b"k2", 61_000, 120_000)]);
-        assert!(matches!(out[0], Recorded::New(_)));
+        assert!(matches!(out[0], Recorded::New { parked: false, .. }));
     }
 
     #[test]
@@ -902,16 +910,46 @@ mod tests {
     #[test]
     fn parked_events_wait_off_the_queue_until_their_number_gets_an_upstream() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path(), SMALL).unwrap();
         let org = OrgId::generate();
         let (ev, d) = event(&org, "c1", 1_000);
         let phone = ev.phone_id.clone();
-        let p = PreparedEvent::new(&ev, &d, Some((b"k1", 90_000))).parked(true);
-        record(&log, &[p]);
-        assert!(log.deliveries_due(i64::MAX, 10).unwrap().is_empty());
-        assert_eq!(log.release("ph_other", usize::MAX), 0);
-        assert_eq!(log.release(phone.as_str(), usize::MAX), 1);
+        let (mut later, mut later_d) = event(&org, "c1", 2_000);
+        later.phone_id = phone.clone();
+        later_d.next_attempt_ms = 2_000;
+        let (other, other_d) = event(&org, "c2", 3_000);
+        {
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let out = record(&log, &[PreparedEvent::new(&ev, &d, Some((b"k1", 90_000))).parked(true)]);
+            assert!(matches!(out[0], Recorded::New { parked: true, .. }));
+            // Recorded as queued, it parks behind its number's parked event, and says so; another
+            // number's event is queued.
+            let out = record(
+                &log,
+                &[
+                    PreparedEvent::new(&later, &later_d, Some((b"k2", 90_000))),
+                    PreparedEvent::new(&other, &other_d, Some((b"k3", 90_000))),
+                ],
+            );
+            assert!(matches!(out[..], [Recorded::New { parked: true, .. }, Recorded::New { parked: false, .. }]));
+            assert_eq!(log.outbox(), (1, 2, vec![phone.as_str().to_owned()]));
+        }
+        // The same after a restart that rebuilds the index from the journal alone.
+        std::fs::remove_file(dir.path().join("index.snapshot")).ok();
+        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        assert_eq!(log.outbox(), (1, 2, vec![phone.as_str().to_owned()]));
         assert_eq!(log.deliveries_due(i64::MAX, 10).unwrap().len(), 1);
+        assert_eq!(log.release("ph_other", usize::MAX), 0);
+        assert_eq!(log.release(phone.as_str(), 1), 1);
+        assert_eq!(log.release(phone.as_str(), usize::MAX), 1);
+        assert_eq!(log.outbox(), (3, 0, vec![]));
+        let due: Vec<String> =
+            log.deliveries_due(i64::MAX, 10).unwrap().into_iter().map(|(e, _)| e.id.to_string()).collect();
+        assert_eq!(due.len(), 3);
+        assert_eq!(
+            log.call_head("plivo:c1").unwrap().map(|id| id.to_string()),
+            Some(due[0].clone()),
+            "the first of c1 leads"
+        );
     }
 
     #[test]

@@ -39,8 +39,10 @@ pub enum Conflict {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Recorded {
-    /// Recorded under this id, given out by the store.
-    New(EventId),
+    /// Recorded under this id, given out by the store; `parked`: its delivery waits off the
+    /// queue (its number has no upstream, or events parked ahead of it), so the outbox has
+    /// nothing new to do.
+    New { id: EventId, parked: bool },
     /// Seen before: the event the first delivery of it became.
     Duplicate(Option<EventId>),
 }
@@ -195,6 +197,8 @@ pub trait Store: Send + Sync + 'static {
     fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError>;
     /// Deliveries due at or before `now_ms`, oldest first, each with its event.
     fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError>;
+    /// When the earliest queued delivery is due (from memory: cheap enough for every pass).
+    fn next_due_ms(&self) -> Option<i64>;
     /// Queues up to `limit` of a number's parked deliveries, oldest first (its upstream can
     /// take them). Returns how many.
     fn release(&self, phone: &PhoneId, limit: usize) -> usize;

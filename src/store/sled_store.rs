@@ -523,6 +523,10 @@ impl Store for SledStore {
         self.events.deliveries_due(now_ms, limit)
     }
 
+    fn next_due_ms(&self) -> Option<i64> {
+        self.events.next_due()
+    }
+
     fn release(&self, phone: &PhoneId, limit: usize) -> usize {
         self.events.release(phone.as_str(), limit)
     }
