@@ -12,6 +12,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use std::sync::RwLockReadGuard;
 
 use hashbrown::HashTable;
 
@@ -304,46 +305,70 @@ impl Index {
 
     /// Writes the index to a temporary file beside `path`; `Written::install` makes it durable
     /// and puts it in place (so a crash before then leaves the old one).
-    pub fn write_snapshot(&self, path: &Path) -> Result<Written, StoreError> {
+    ///
+    /// The lock is let go every `LOCKED_RECORDS` records (`again` takes it back), so the writer,
+    /// which needs it for every batch, waits a moment rather than the whole copy (tens of
+    /// milliseconds at a million events). The snapshot covers the journal up to where `first`
+    /// saw it; what the writer applies meanwhile may show in the records copied later, and is
+    /// read again from the journal at the next start. That is sound because a record only
+    /// sets an event's location and state (or adds an event past those counted here), so
+    /// replaying one over a copy that already shows it changes nothing.
+    pub fn write_snapshot<'a>(
+        first: RwLockReadGuard<'a, Index>,
+        again: impl Fn() -> RwLockReadGuard<'a, Index>,
+        path: &Path,
+    ) -> Result<Written, StoreError> {
         let tmp = path.with_extension("tmp");
         let file = std::fs::File::create(&tmp).map_err(io)?;
         let mut w = Crc { inner: BufWriter::with_capacity(1 << 17, file), crc: crc32fast::Hasher::new() };
+        let mut ix = first;
+        let n = ix.ids.len();
         w.put(MAGIC)?;
-        w.put(&self.covered.to_le_bytes())?;
-        w.put(&self.marker_floor.to_le_bytes())?;
-        w.put(&(self.org_table.len() as u32).to_le_bytes())?;
-        for org in &self.org_table {
+        w.put(&ix.covered.to_le_bytes())?;
+        w.put(&ix.marker_floor.to_le_bytes())?;
+        w.put(&(ix.org_table.len() as u32).to_le_bytes())?;
+        for org in &ix.org_table {
             w.bytes(org.as_str().as_bytes())?;
         }
-        w.put(&(self.ids.len() as u32).to_le_bytes())?;
+        w.put(&(n as u32).to_le_bytes())?;
         let mut block = Vec::with_capacity(RECORD * BLOCK_RECORDS);
-        for s in 0..self.ids.len() {
-            block.extend_from_slice(&self.ids[s].to_le_bytes());
-            block.extend_from_slice(&self.locs[s].to_le_bytes());
-            block.extend_from_slice(&self.orgs[s].to_le_bytes());
-            block.push(self.states[s]);
-            block.extend_from_slice(&u64::from(self.fps[s]).to_le_bytes());
-            block.extend_from_slice(&self.expiry[s].to_le_bytes());
+        for s in 0..n {
+            if s > 0 && s % LOCKED_RECORDS == 0 {
+                drop(ix);
+                ix = again();
+            }
+            block.extend_from_slice(&ix.ids[s].to_le_bytes());
+            block.extend_from_slice(&ix.locs[s].to_le_bytes());
+            block.extend_from_slice(&ix.orgs[s].to_le_bytes());
+            block.push(ix.states[s]);
+            block.extend_from_slice(&u64::from(ix.fps[s]).to_le_bytes());
+            block.extend_from_slice(&ix.expiry[s].to_le_bytes());
             if block.len() == block.capacity() {
                 w.put(&block)?;
                 block.clear();
             }
         }
         w.put(&block)?;
-        w.put(&(self.queued.len() as u32).to_le_bytes())?;
-        for (seq, (due, call)) in &self.queued {
+        // Events added since the count above are not in this snapshot: their queue places
+        // come back with them from the journal.
+        let queued: Vec<_> = ix.queued.iter().filter(|(seq, _)| (**seq as usize) < n).collect();
+        w.put(&(queued.len() as u32).to_le_bytes())?;
+        for (seq, (due, call)) in queued {
             w.put(&seq.to_le_bytes())?;
             w.put(&due.to_le_bytes())?;
             w.put(&call.to_le_bytes())?;
         }
-        w.put(&(self.parked.len() as u32).to_le_bytes())?;
-        for (phone, list) in &self.parked {
+        w.put(&(ix.parked.len() as u32).to_le_bytes())?;
+        for (phone, list) in &ix.parked {
             w.bytes(phone.as_bytes())?;
-            w.put(&(list.len() as u32).to_le_bytes())?;
-            for seq in list {
+            // Ascending: the counted ones come first.
+            let counted = list.partition_point(|seq| (*seq as usize) < n);
+            w.put(&(counted as u32).to_le_bytes())?;
+            for seq in list.range(..counted) {
                 w.put(&seq.to_le_bytes())?;
             }
         }
+        drop(ix);
         let crc = w.crc.clone().finalize();
         let mut file = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
         file.write_all(&crc.to_le_bytes()).map_err(io)?;
@@ -455,6 +480,8 @@ impl Written {
 const MAGIC: &[u8; 8] = b"CGINDEX2";
 const RECORD: usize = 33;
 const BLOCK_RECORDS: usize = 2048;
+/// Records a snapshot copies per hold of the index lock (about 2 MB, a millisecond or two).
+const LOCKED_RECORDS: usize = 16 * BLOCK_RECORDS;
 
 /// The part of a fingerprint the index keeps; 0 stays "none" and nothing else becomes it.
 fn short(fp: u64) -> u32 {
@@ -566,7 +593,10 @@ mod tests {
         ix.covered = n as u64 * 64;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.snapshot");
-        ix.write_snapshot(&path).unwrap().install().unwrap();
+        let lock = std::sync::RwLock::new(ix);
+        let read = || lock.read().unwrap();
+        Index::write_snapshot(read(), read, &path).unwrap().install().unwrap();
+        let ix = lock.into_inner().unwrap();
         let back = Index::load(&path).unwrap().expect("a sound snapshot");
         assert_eq!(back.len(), n);
         assert!(back.ids == ix.ids && back.locs == ix.locs && back.orgs == ix.orgs && back.states == ix.states);
@@ -653,5 +683,72 @@ mod tests {
         assert_eq!(ix.parked_head("ph_a", 5), [(6, 8 * 64)]);
         assert_eq!(ix.release("ph_a", 5, call_at), 1);
         assert_eq!(ix.due(i64::MAX, 10), [0, 2, 6, 1, 3]);
+    }
+
+    /// What the index holds, column by column and in its queues, for comparing two.
+    fn contents(ix: &Index) -> impl PartialEq + std::fmt::Debug {
+        let all = |c: &Column<u64>| (0..c.len()).map(|s| c[s]).collect::<Vec<_>>();
+        let markers: Vec<Vec<u32>> = (0..ix.ids.len())
+            .map(|s| {
+                let mut m: Vec<u32> = ix.markers.iter_hash(spread(ix.fps[s])).copied().collect();
+                m.sort_unstable();
+                m
+            })
+            .collect();
+        let states: Vec<u8> = (0..ix.states.len()).map(|s| ix.states[s]).collect();
+        let mut queued: Vec<_> = ix.queued.iter().map(|(s, v)| (*s, *v)).collect();
+        queued.sort_unstable();
+        (all(&ix.ids), all(&ix.locs), states, markers, queued, ix.due(i64::MAX, usize::MAX), ix.parked.clone())
+    }
+
+    #[test]
+    fn a_snapshot_taken_while_the_writer_goes_on_replays_to_the_same_index() {
+        let org = OrgId::generate();
+        let org = org.as_str();
+        let n = (LOCKED_RECORDS * 3 + 5) as u32;
+        let mut ix = Index::default();
+        for seq in 0..n {
+            ix.apply(u64::from(seq) * 64, &entry(seq, org)).unwrap();
+        }
+        ix.covered = u64::from(n) * 64;
+        let lock = std::sync::RwLock::new(ix);
+        // Each time the snapshot takes the lock back, the writer has applied a batch first: a
+        // new event, and new versions of an event already copied and of one not copied yet.
+        let tail = std::sync::Mutex::new(Vec::new());
+        let again = || {
+            let mut ix = lock.write().unwrap();
+            let at = ix.covered;
+            let len = ix.len();
+            let copied = (tail.lock().unwrap().len() as u32) * 7 + 1;
+            let batch = [
+                Entry { state: DeliveryState::Pending, parked: false, phone: "ph_y", ..entry(len, org) },
+                Entry { state: DeliveryState::Delivered, ..entry(copied, org) },
+                Entry { state: DeliveryState::Failed, due_ms: 99, ..entry(n - 2 - copied, org) },
+            ];
+            for (i, e) in batch.iter().enumerate() {
+                ix.apply(at + i as u64 * 64, e).unwrap();
+            }
+            ix.covered = at + 3 * 64;
+            tail.lock().unwrap().push((at, batch.map(|e| (e.seq, e.state, e.due_ms, e.parked, e.phone))));
+            drop(ix);
+            lock.read().unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        Index::write_snapshot(lock.read().unwrap(), again, &path).unwrap().install().unwrap();
+        let tail = tail.into_inner().unwrap();
+        assert_eq!(tail.len(), 3, "the lock was let go between every part");
+
+        // A start loads the snapshot and replays the journal from where it covers.
+        let mut back = Index::load(&path).unwrap().expect("a sound snapshot");
+        assert_eq!((back.len(), back.covered), (n, u64::from(n) * 64));
+        for (at, batch) in &tail {
+            for (i, (seq, state, due_ms, parked, phone)) in batch.iter().enumerate() {
+                let e = Entry { state: *state, due_ms: *due_ms, parked: *parked, phone, ..entry(*seq, org) };
+                back.apply(at + i as u64 * 64, &e).unwrap();
+            }
+        }
+        let live = lock.into_inner().unwrap();
+        assert_eq!(contents(&back), contents(&live));
     }
 }

@@ -264,13 +264,13 @@ impl EventLog {
     /// Writes the index so the next start need not read the whole journal.
     pub fn save_snapshot(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self.saving.lock().unwrap_or_else(|e| e.into_inner());
-        let (written, frames) = {
-            // Holding the journal keeps the writer out while the index is copied to disk.
-            let _journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-            (self.read_index().write_snapshot(&self.snapshot)?, self.unsaved.load(std::sync::atomic::Ordering::Relaxed))
-        };
-        // The sync (most of the time at a million events) need not hold up the writer: the
-        // snapshot says how far it covers, and a start reads the journal from there.
+        let first = self.read_index();
+        // Read under the same hold as the journal position the snapshot covers: the writer
+        // counts its frames and moves that position in one hold of the index.
+        let frames = self.unsaved.load(std::sync::atomic::Ordering::Relaxed);
+        let written = Index::write_snapshot(first, || self.read_index(), &self.snapshot)?;
+        // The sync (most of the time at a million events) holds up no one: the snapshot says
+        // how far it covers, and a start reads the journal from there.
         written.install()?;
         self.unsaved.fetch_sub(frames, std::sync::atomic::Ordering::Relaxed);
         Ok(())
