@@ -58,7 +58,7 @@ pub struct Outbox {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Pass {
     pub started: usize,
-    /// Due, but their upstream's breaker is open: parked.
+    /// Due, but with no upstream or a held one: parked.
     pub held: usize,
     /// Parked events put back on the queue.
     pub released: usize,
@@ -188,11 +188,12 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         if state.store.call_head(&d.call_key).ok().flatten().as_ref() != Some(&d.event_id) {
             continue;
         }
-        let url = upstream_of(state, &ev.phone_id);
-        if url.as_deref().is_some_and(|u| breakers.blocked(u, now)) {
+        // With nowhere to go (its number lost its upstream since it was recorded), or an
+        // upstream that is held, it waits parked: untried, rewritten never, until that changes.
+        let Some(url) = upstream_of(state, &ev.phone_id).filter(|u| !breakers.blocked(u, now)) else {
             held.push((ev.id, ev.phone_id));
             continue;
-        }
+        };
         {
             let mut busy = state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner());
             if !busy.insert(d.call_key.clone()) {
@@ -220,7 +221,7 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
             break;
         };
         // Last, so that a probe taken here is always made (and reported).
-        if url.as_deref().is_some_and(|u| !breakers.admit(u, now)) {
+        if !breakers.admit(&url, now) {
             release();
             held.push((ev.id, ev.phone_id));
             continue;
@@ -244,20 +245,18 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
 }
 
 /// One delivery attempt; its outcome tells the upstream's breaker, which admitted it.
-async fn attempt(state: &AppState, d: DeliveryRecord, url: Option<String>) {
-    let reached = deliver(state, d, url.as_deref()).await;
-    if let Some(url) = &url {
-        let breakers = &state.outbox.breakers;
-        match reached {
-            Some(r) => breakers.report(url, r, state.clock.now_ms()),
-            None => breakers.forgo(url),
-        }
+async fn attempt(state: &AppState, d: DeliveryRecord, url: String) {
+    let reached = deliver(state, d, &url).await;
+    let breakers = &state.outbox.breakers;
+    match reached {
+        Some(r) => breakers.report(&url, r, state.clock.now_ms()),
+        None => breakers.forgo(&url),
     }
 }
 
 /// Whether the upstream was reached (answered other than 5xx or 429); `None` when no request
 /// was made.
-async fn deliver(state: &AppState, mut d: DeliveryRecord, url: Option<&str>) -> Option<bool> {
+async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<bool> {
     let now = state.clock.now_ms();
     // Read again rather than taken from the scan: an incoming call's answer is noted on its
     // event after recording, and the copy the scan decoded may predate it.
@@ -268,12 +267,6 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: Option<&str>) -> 
             let _ = state.commit.put_delivery(d).await;
             return None;
         }
-    };
-    let Some(url) = url else {
-        // Nowhere to deliver yet: keep it, look again later.
-        d.next_attempt_ms = now + 60_000;
-        let _ = state.commit.put_delivery(d).await;
-        return None;
     };
     let body = serde_json::to_vec(&event_json(&ev, None)).ok()?;
     let ts = state.clock.now_secs();

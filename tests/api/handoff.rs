@@ -1673,3 +1673,41 @@ async fn events_recorded_with_no_upstream_wait_and_are_delivered_once_their_numb
     assert_eq!(ids, vec![first.clone(), second.clone()]);
     assert_eq!(wait_state(&app, &org, &first, "delivered").await["attempts"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn an_event_whose_number_loses_its_upstream_waits_parked_untouched_until_it_has_one_again() {
+    let first = FakeHttp::start(|_| Reply::status(503)).await;
+    let second = FakeHttp::start(|_| Reply::status(200)).await;
+    // No gateway-wide upstream: the number's own is all there is.
+    let app = spawn_with(
+        Options::default().clock(Clock::pinned(T0)).env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW)),
+    )
+    .await;
+    let org = app.create_org("Acme").await;
+    let mut cfg = config(None, None);
+    cfg.upstream_url = Some(first.url("/a"));
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020010", cfg);
+    let id = record_status(&app, &org, &line, "CA10", "completed", 1).await;
+    let failed = wait_attempts(&app, &org, &id, 1).await;
+    assert_eq!(failed["state"], "failed");
+    let patch = |url: Value| {
+        app.patch(&org, &format!("/phone-numbers/{}", line.phone_id)).json(&json!({"config": {"upstream_url": url}}))
+    };
+
+    // The number loses its upstream, then the retry comes due: the event parks, untried and
+    // its record untouched (no rewrite with a later time, again and again).
+    assert_eq!(patch(Value::Null).send().await.unwrap().status(), 200);
+    app.clock.set_ms(T0 + 6_000);
+    wait_depth(&app, (0, 1)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(event(&app, &org, &id).await["delivery"], failed);
+    assert_eq!(first.hits().len(), 1);
+
+    // A new upstream: it goes there at once.
+    assert_eq!(patch(json!(second.url("/b"))).send().await.unwrap().status(), 200);
+    let d = wait_state(&app, &org, &id, "delivered").await;
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(second.hits_to("/b").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id.as_str()]);
+    wait_depth(&app, (0, 0)).await;
+    assert_eq!(first.hits().len(), 1);
+}
