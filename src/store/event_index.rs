@@ -430,7 +430,9 @@ impl Index {
         for _ in 0..r.u32()? {
             let phone = r.string()?;
             let len = r.u32()?;
-            let mut list = Vec::with_capacity(len as usize);
+            // The length is not yet checked (the checksum comes last): a damaged one must not
+            // reserve gigabytes, so the list grows as its entries actually arrive.
+            let mut list = Vec::with_capacity((len as usize).min(1 << 16));
             for _ in 0..len {
                 list.push(r.u32()?);
             }
@@ -750,5 +752,30 @@ mod tests {
         }
         let live = lock.into_inner().unwrap();
         assert_eq!(contents(&back), contents(&live));
+    }
+
+    #[test]
+    fn a_snapshot_claiming_a_huge_parked_list_is_refused_without_reserving_for_it() {
+        let org = OrgId::generate();
+        let mut ix = Index::default();
+        for seq in 0..64 {
+            ix.apply(u64::from(seq) * 64, &entry(seq, org.as_str())).unwrap();
+        }
+        let parked = ix.parked_len();
+        assert_eq!((parked, ix.parked_phones().len()), (32, 1), "every pending one, behind the first");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        let lock = std::sync::RwLock::new(ix);
+        let read = || lock.read().unwrap();
+        Index::write_snapshot(read(), read, &path).unwrap().install().unwrap();
+        // The last list's length sits before its entries and the checksum. A damaged one is
+        // found out by the checksum, once the list is read: nothing may be set aside for it
+        // before then (16 GiB here, which a small machine cannot give).
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 4 - 4 * parked - 4;
+        assert_eq!(bytes[at..at + 4], (parked as u32).to_le_bytes());
+        bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(!matches!(Index::load(&path), Ok(Some(_))));
     }
 }
