@@ -426,7 +426,7 @@ impl EventLog {
         let mut n = 0;
         for (id, phone) in events {
             if let Some((seq, _)) = seq_of(&ix, id) {
-                n += usize::from(ix.hold(seq, phone));
+                n += ix.hold(seq, phone);
             }
         }
         n
