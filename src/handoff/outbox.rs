@@ -60,8 +60,6 @@ pub struct Pass {
     pub started: usize,
     /// Due, but with no upstream or a held one: parked.
     pub held: usize,
-    /// Parked events put back on the queue.
-    pub released: usize,
 }
 
 impl Outbox {
@@ -133,11 +131,10 @@ fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
 }
 
 /// Puts parked events back on the queue while it has room: as many as an upstream whose
-/// breaker is closed takes, one for an upstream whose probe is due. Returns how many.
-fn release_parked(state: &AppState, now: i64) -> usize {
+/// breaker is closed takes, one for an upstream whose probe is due.
+fn release_parked(state: &AppState, now: i64) {
     let depth = state.store.outbox();
     let mut room = QUEUE_ROOM.saturating_sub(depth.queued);
-    let mut released = 0;
     for phone in depth.parked_phones {
         if room == 0 {
             // More waits: look again on the next pass, as the queue drains.
@@ -150,11 +147,8 @@ fn release_parked(state: &AppState, now: i64) -> usize {
             Flow::Probe => 1,
             Flow::Held => continue,
         };
-        let n = state.store.release(&phone, want);
-        room -= n.min(room);
-        released += n;
+        room -= state.store.release(&phone, want).min(room);
     }
-    released
 }
 
 /// Releases parked events when due, then starts every delivery that is due, whose call has
@@ -166,7 +160,7 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
     if state.outbox.release_due() {
         let st = Arc::clone(state);
         // Releasing reads each event's record for its call: disk reads, off the executor.
-        pass.released = tokio::task::spawn_blocking(move || release_parked(&st, now)).await.unwrap_or(0);
+        let _ = tokio::task::spawn_blocking(move || release_parked(&st, now)).await;
     }
     // Every recorded event pokes the outbox, and most find nothing due (their number's events
     // are parked, or the queue is empty): that must not cost a trip to a blocking thread.
@@ -186,6 +180,10 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
     let mut held: Vec<(EventId, PhoneId)> = Vec::new();
     for (ev, d) in due {
         if state.store.call_head(&d.call_key).ok().flatten().as_ref() != Some(&d.event_id) {
+            continue;
+        }
+        // Its attempt is still out: what it finds is for that attempt to record.
+        if state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).contains(&d.call_key) {
             continue;
         }
         // With nowhere to go (its number lost its upstream since it was recorded), or an
