@@ -133,9 +133,8 @@ fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
 /// Puts parked events back on the queue while it has room: as many as an upstream whose
 /// breaker is closed takes, one for an upstream whose probe is due.
 fn release_parked(state: &AppState, now: i64) {
-    let depth = state.store.outbox();
-    let mut room = QUEUE_ROOM.saturating_sub(depth.queued);
-    for phone in depth.parked_phones {
+    let mut room = QUEUE_ROOM.saturating_sub(state.store.outbox().queued);
+    for phone in state.store.parked_phones() {
         if room == 0 {
             // More waits: look again on the next pass, as the queue drains.
             state.outbox.release_asked.store(true, Ordering::Relaxed);
@@ -236,7 +235,6 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         });
     }
     if !held.is_empty() {
-        let held: Vec<(&EventId, &PhoneId)> = held.iter().map(|(e, p)| (e, p)).collect();
         pass.held = state.store.hold(&held);
     }
     pass

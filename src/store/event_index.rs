@@ -173,9 +173,9 @@ impl Index {
             // A number with events parked parks what joins its calls behind them too, so none
             // can overtake an earlier event of the same call that waits off the queue. An event
             // sent again takes its call's queued events with it: they may be later than it.
-            if new && (e.parked || self.parked.contains_key(e.phone)) {
+            if new && (e.parked || self.has_parked(e.phone)) {
                 self.park(e.phone, e.seq);
-            } else if joins && self.parked.contains_key(e.phone) {
+            } else if joins && self.has_parked(e.phone) {
                 self.park_call(e.phone, e.call);
                 self.park(e.phone, e.seq);
             } else {

@@ -57,7 +57,6 @@ pub struct OutboxDepth {
     pub queued: usize,
     /// Off the queue, with their number (an upstream that is missing or held).
     pub parked: usize,
-    pub parked_phones: Vec<PhoneId>,
 }
 
 pub struct PreparedEvent {
@@ -204,9 +203,11 @@ pub trait Store: Send + Sync + 'static {
     fn release(&self, phone: &PhoneId, limit: usize) -> usize;
     /// Takes queued deliveries off the queue and parks them with their number (their upstream
     /// is held). Returns how many were queued.
-    fn hold(&self, events: &[(&EventId, &PhoneId)]) -> usize;
-    /// How many deliveries are queued and parked, and the numbers with deliveries parked.
+    fn hold(&self, events: &[(EventId, PhoneId)]) -> usize;
+    /// How many deliveries are queued and parked.
     fn outbox(&self) -> OutboxDepth;
+    /// The numbers with deliveries parked.
+    fn parked_phones(&self) -> Vec<PhoneId>;
     /// Saves what makes the next start fast; called once the writer has stopped.
     fn close(&self) -> Result<(), StoreError>;
     /// Saves the event index if much has been written since it was last saved, which bounds

@@ -531,17 +531,19 @@ impl Store for SledStore {
         self.events.release(phone.as_str(), limit)
     }
 
-    fn hold(&self, events: &[(&EventId, &PhoneId)]) -> usize {
-        let events: Vec<(&EventId, &str)> = events.iter().map(|(e, p)| (*e, p.as_str())).collect();
-        self.events.hold(&events)
+    fn hold(&self, events: &[(EventId, PhoneId)]) -> usize {
+        self.events.hold(events.iter().map(|(e, p)| (e, p.as_str())))
     }
 
     fn outbox(&self) -> OutboxDepth {
-        let (queued, parked, phones) = self.events.outbox();
+        let (queued, parked) = self.events.outbox();
+        OutboxDepth { queued, parked }
+    }
+
+    fn parked_phones(&self) -> Vec<PhoneId> {
         // A key the index took from a record it accepted parses; one that somehow does not is
         // left parked rather than guessed at.
-        let parked_phones = phones.iter().filter_map(|p| PhoneId::parse(p).ok()).collect();
-        OutboxDepth { queued, parked, parked_phones }
+        self.events.parked_phones().iter().filter_map(|p| PhoneId::parse(p).ok()).collect()
     }
 
     fn close(&self) -> Result<(), StoreError> {
