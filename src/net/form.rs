@@ -33,7 +33,7 @@ pub fn parse(input: &[u8]) -> Result<Vec<Pair<'_>>, FormError> {
 pub fn parse_with_limit(input: &[u8], limit: usize) -> Result<Vec<Pair<'_>>, FormError> {
     // Counting separators first lets us allocate once; the count is an upper bound because
     // empty segments are skipped, and the cap keeps a hostile body from inflating it.
-    let segments = input.iter().filter(|&&b| b == b'&').count() + 1;
+    let segments = memchr::memchr_iter(b'&', input).count() + 1;
     let mut out = Vec::with_capacity(segments.min(limit));
     for pair in pairs(input) {
         if out.len() == limit {
@@ -62,7 +62,7 @@ impl<'a> Iterator for Pairs<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             let rest = self.rest?;
-            let segment = match rest.iter().position(|&b| b == b'&') {
+            let segment = match memchr::memchr(b'&', rest) {
                 Some(i) => {
                     self.rest = Some(&rest[i + 1..]);
                     &rest[..i]
@@ -76,7 +76,7 @@ impl<'a> Iterator for Pairs<'a> {
             if segment.is_empty() {
                 continue;
             }
-            let (key, value) = match segment.iter().position(|&b| b == b'=') {
+            let (key, value) = match memchr::memchr(b'=', segment) {
                 Some(i) => (&segment[..i], &segment[i + 1..]),
                 None => (segment, &segment[segment.len()..]),
             };
@@ -85,20 +85,22 @@ impl<'a> Iterator for Pairs<'a> {
     }
 }
 
-/// Percent-decodes one key or value with `+` → space.
+/// Percent-decodes one key or value with `+` → space. The text between escapes is copied a
+/// run at a time: a callback's values are mostly plain, with a `+` or `%3A` here and there.
 pub fn decode(raw: &[u8]) -> Result<Cow<'_, str>, FormError> {
-    if !raw.iter().any(|&b| b == b'+' || b == b'%') {
+    let Some(first) = memchr::memchr2(b'+', b'%', raw) else {
         return std::str::from_utf8(raw).map(Cow::Borrowed).map_err(|_| FormError::InvalidUtf8);
-    }
+    };
     let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
+    out.extend_from_slice(&raw[..first]);
+    let mut i = first;
     while i < raw.len() {
-        match raw[i] {
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b'%' => match (raw.get(i + 1).copied().and_then(hex_value), raw.get(i + 2).copied().and_then(hex_value)) {
+        // `raw[i]` is `+` or `%`.
+        if raw[i] == b'+' {
+            out.push(b' ');
+            i += 1;
+        } else {
+            match (raw.get(i + 1).and_then(|&b| hex_value(b)), raw.get(i + 2).and_then(|&b| hex_value(b))) {
                 (Some(hi), Some(lo)) => {
                     out.push(hi << 4 | lo);
                     i += 3;
@@ -108,12 +110,11 @@ pub fn decode(raw: &[u8]) -> Result<Cow<'_, str>, FormError> {
                     out.push(b'%');
                     i += 1;
                 }
-            },
-            b => {
-                out.push(b);
-                i += 1;
             }
         }
+        let run = memchr::memchr2(b'+', b'%', &raw[i..]).unwrap_or(raw.len() - i);
+        out.extend_from_slice(&raw[i..i + run]);
+        i += run;
     }
     String::from_utf8(out).map(Cow::Owned).map_err(|_| FormError::InvalidUtf8)
 }
@@ -230,8 +231,61 @@ mod tests {
         assert_eq!(split_url("https://h/%2Fp?q"), ("https://h/%2Fp", Some("q")));
     }
 
+    /// The decoder as the SDKs' `unquote_plus` reads it, one byte at a time: the model the
+    /// run-copying [`decode`] must agree with.
+    fn decode_bytewise(raw: &[u8]) -> Option<String> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < raw.len() {
+            match raw[i] {
+                b'+' => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                b'%' => {
+                    match (raw.get(i + 1).and_then(|&b| hex_value(b)), raw.get(i + 2).and_then(|&b| hex_value(b))) {
+                        (Some(hi), Some(lo)) => {
+                            out.push(hi << 4 | lo);
+                            i += 3;
+                        }
+                        _ => {
+                            out.push(b'%');
+                            i += 1;
+                        }
+                    }
+                }
+                b => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+
+    #[test]
+    fn escapes_at_the_edges_decode_as_bytewise() {
+        for raw in [&b"%41"[..], b"+", b"%", b"%4", b"a%", b"a%4", b"%41%42", b"++a++", b"%%41", b"%4%41", b"x%zzy+%2b"]
+        {
+            assert_eq!(
+                decode(raw).ok().map(Cow::into_owned),
+                decode_bytewise(raw),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn decodes_as_the_bytewise_model(raw in proptest::collection::vec(
+            prop_oneof![Just(b'+'), Just(b'%'), Just(b'4'), Just(b'1'), Just(b'c'), Just(b'3'), Just(b'F'), Just(b'z'), any::<u8>()],
+            0..48,
+        )) {
+            prop_assert_eq!(decode(&raw).ok().map(Cow::into_owned), decode_bytewise(&raw));
+        }
 
         #[test]
         fn never_panics(input in proptest::collection::vec(any::<u8>(), 0..512)) {
