@@ -14,7 +14,10 @@
 # SERVER_CPU (0) CLIENT_CPU (1) OUT (bench/results/<timestamp>) KEEP_DATA (unset: data dirs removed)
 # ISOLATE (unset: one server and data dir per run, scenarios in order, so later scenarios meet a
 # bigger store and the outbox backlog of earlier ones; set: a fresh data dir and server per
-# scenario, RSS then recorded per scenario).
+# scenario, RSS then recorded per scenario). UPDOWN (unset; set: ISOLATE, and every scenario of
+# every run is run twice in a row, once as above and once with its hand-off upstream down,
+# DOWN_URL (http://127.0.0.1:9, a closed port); the order alternates from run to run, and the
+# table gives each down row's rate as a fraction of its own runs with the upstream up).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -24,6 +27,10 @@ CONNECTIONS=${CONNECTIONS:-64}
 NUMBERS=${NUMBERS:-20}
 REQUESTS=${REQUESTS:-400000}
 SCENARIOS=${SCENARIOS:-plivo-status plivo-incoming twilio-status telnyx-event exotel-status mix}
+DOWN_URL=${DOWN_URL:-http://127.0.0.1:9}
+if [ -n "${UPDOWN:-}" ]; then
+    ISOLATE=1
+fi
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 PUBLIC_URL=https://gw.bench.example
@@ -43,6 +50,7 @@ BENCH=target/release/callgate-bench
     echo "cpus: $(nproc); server on cpu $SERVER_CPU, generator on cpu $CLIENT_CPU"
     echo "loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "duration=${DURATION}s warmup=${WARMUP}s runs=$RUNS connections=$CONNECTIONS numbers=$NUMBERS requests=$REQUESTS"
+    echo "upstream: ${UPSTREAM:-none}${UPDOWN:+; each scenario also with the upstream down ($DOWN_URL), alternating}"
 } >"$OUT/env.txt"
 
 PIDS=()
@@ -103,8 +111,10 @@ rss_of() {
     awk '/^VmRSS|^VmHWM/ {printf "%s %s ", $1, $2} END {print ""}' "/proc/$1/status"
 }
 
-# start_callgate NAME: fresh data dir, provision, callgate on SERVER_CPU; sets $data, $port, $server.
+# start_callgate NAME [UPSTREAM_URL]: fresh data dir, provision, callgate on SERVER_CPU; sets
+# $data, $port, $server. The upstream defaults to $UPSTREAM; an empty one means none.
 start_callgate() {
+    local upstream=${2-${UPSTREAM:-}}
     data=$(mktemp -d /tmp/callgate-bench.XXXXXX)
     DATA_DIRS+=("$data")
     "$BENCH" provision --data-dir "$data" --public-url "$PUBLIC_URL" --numbers "$NUMBERS"
@@ -122,7 +132,7 @@ start_callgate() {
         CALLGATE_TWILIO_API_URL="$SINK" \
         CALLGATE_TELNYX_API_URL="$SINK" \
         CALLGATE_EXOTEL_API_URL="$SINK" \
-        ${UPSTREAM:+CALLGATE_UPSTREAM_URL=$UPSTREAM} \
+        ${upstream:+CALLGATE_UPSTREAM_URL=$upstream} \
         "$CALLGATE" serve >"$OUT/server-$1.log" 2>&1 &
     server=$!
     PIDS+=("$server")
@@ -140,20 +150,33 @@ for run in $(seq 1 "$RUNS"); do
     echo "== run $run/$RUNS" >&2
     [ -n "${ISOLATE:-}" ] || start_callgate "run$run"
     for scenario in $SCENARIOS; do
-        echo "   $scenario" >&2
-        [ -z "${ISOLATE:-}" ] || start_callgate "run$run-$scenario"
-        # The server idles while the generator builds its pool, so the CPU delta is this
-        # scenario's work (plus, without ISOLATE, background work the previous one left).
-        before=$(cpu_ticks "$server")
-        taskset -c "$CLIENT_CPU" "$BENCH" run --target "http://127.0.0.1:$port" \
-            --provision "$data/bench-provision.json" --scenario "$scenario" \
-            --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
-            --requests "$REQUESTS" >"$OUT/run$run-$scenario.json"
-        echo "$(($(cpu_ticks "$server") - before))" >"$OUT/run$run-$scenario.cpu"
-        if [ -n "${ISOLATE:-}" ]; then
-            rss_of "$server" >"$OUT/run$run-rss-callgate-$scenario.txt"
-            stop "$server"
+        # With UPDOWN, each scenario twice: "up" (as configured) and "down"; odd runs start up.
+        modes=up
+        if [ -n "${UPDOWN:-}" ]; then
+            if [ $((run % 2)) = 1 ]; then modes="up down"; else modes="down up"; fi
         fi
+        for mode in $modes; do
+            label=$scenario
+            upstream=${UPSTREAM:-}
+            if [ "$mode" = down ]; then
+                label="$scenario@down"
+                upstream=$DOWN_URL
+            fi
+            echo "   $label" >&2
+            [ -z "${ISOLATE:-}" ] || start_callgate "run$run-$label" "$upstream"
+            # The server idles while the generator builds its pool, so the CPU delta is this
+            # scenario's work (plus, without ISOLATE, background work the previous one left).
+            before=$(cpu_ticks "$server")
+            taskset -c "$CLIENT_CPU" "$BENCH" run --target "http://127.0.0.1:$port" \
+                --provision "$data/bench-provision.json" --scenario "$scenario" \
+                --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+                --requests "$REQUESTS" >"$OUT/run$run-$label.json"
+            echo "$(($(cpu_ticks "$server") - before))" >"$OUT/run$run-$label.cpu"
+            if [ -n "${ISOLATE:-}" ]; then
+                rss_of "$server" >"$OUT/run$run-rss-callgate-$label.txt"
+                stop "$server"
+            fi
+        done
     done
     if [ -z "${ISOLATE:-}" ]; then
         rss_of "$server" >"$OUT/run$run-rss-callgate.txt"
@@ -182,11 +205,13 @@ out, clk_tck, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 rows = {}
 for path in sorted(glob.glob(os.path.join(out, "run*-*.json"))):
     d = json.load(open(path))
+    # The label is the file's: a scenario, `bare`, or `<scenario>@down`.
+    label = re.match(r"run\d+-(.+)\.json$", os.path.basename(path)).group(1)
     cpu = path[: -len(".json")] + ".cpu"
     if os.path.exists(cpu) and d.get("completed_total"):
         # Server CPU per answered request, warm-up included: robust to a busy machine.
         d["cpu_ms_per_req"] = int(open(cpu).read()) * 1000 / clk_tck / d["completed_total"]
-    rows.setdefault(d["scenario"], []).append(d)
+    rows.setdefault(label, []).append(d)
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
@@ -201,9 +226,12 @@ def rss(kind):
 print(open(os.path.join(out, "env.txt")).read().strip().replace("\n", "  \n"))
 print()
 base = med([d["requests_per_sec"] for d in rows.get("bare", [])])
-print("| scenario | runs | req/s (median) | p50 ms | p99 ms | vs baseline | server CPU ms/req | non-2xx | errors | exhausted |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-order = [s for s in scenarios if s in rows] + sorted(s for s in rows if s not in scenarios and s != "bare")
+updown = any(s.endswith("@down") for s in rows)
+print("| scenario | runs | req/s (median) | p50 ms | p99 ms | vs baseline | server CPU ms/req | non-2xx | errors | exhausted |"
+      + (" down / up |" if updown else ""))
+print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if updown else ""))
+order = [x for s in scenarios for x in (s, s + "@down") if x in rows]
+order += sorted(s for s in rows if s not in order and s != "bare")
 order += ["bare"] if "bare" in rows else []
 for s in order:
     ds = rows[s]
@@ -215,7 +243,14 @@ for s in order:
     ex = sum(1 for d in ds if d["exhausted"])
     ratio = rps / base if base == base and base else float("nan")
     cpu = med([d["cpu_ms_per_req"] for d in ds if "cpu_ms_per_req" in d])
-    print(f"| {s} | {len(ds)} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {ratio:.3f} | {cpu:.3f} | {bad} | {errs} | {ex} |")
+    name = s[: -len("@down")] + " (upstream down)" if s.endswith("@down") else s
+    line = f"| {name} | {len(ds)} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {ratio:.3f} | {cpu:.3f} | {bad} | {errs} | {ex} |"
+    if updown:
+        up = rows.get(s[: -len("@down")]) if s.endswith("@down") else None
+        # Each down run against the up run beside it (same run number), then the median.
+        pairs = [d["requests_per_sec"] / u["requests_per_sec"] for d, u in zip(ds, up or []) if u["requests_per_sec"]]
+        line += f" {med(pairs):.3f} |" if pairs else " |"
+    print(line)
 print()
 cg, cg_hwm = rss("callgate")
 bl, bl_hwm = rss("baseline")
