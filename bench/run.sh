@@ -17,7 +17,7 @@
 # scenario, RSS then recorded per scenario). UPDOWN (unset; set: ISOLATE, and every scenario of
 # every run is run twice in a row, once as above and once with its hand-off upstream down,
 # DOWN_URL (http://127.0.0.1:9, a closed port); the order alternates from run to run, and the
-# table gives each down row's rate as a fraction of its own runs with the upstream up).
+# table gives each down row's rate as a fraction of the normal run beside it).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -150,10 +150,11 @@ for run in $(seq 1 "$RUNS"); do
     echo "== run $run/$RUNS" >&2
     [ -n "${ISOLATE:-}" ] || start_callgate "run$run"
     for scenario in $SCENARIOS; do
-        # With UPDOWN, each scenario twice: "up" (as configured) and "down"; odd runs start up.
-        modes=up
+        # With UPDOWN, each scenario twice: "normal" (UPSTREAM as given, unset by default) and
+        # "down"; odd runs start with the normal one.
+        modes=normal
         if [ -n "${UPDOWN:-}" ]; then
-            if [ $((run % 2)) = 1 ]; then modes="up down"; else modes="down up"; fi
+            if [ $((run % 2)) = 1 ]; then modes="normal down"; else modes="down normal"; fi
         fi
         for mode in $modes; do
             label=$scenario
@@ -228,7 +229,7 @@ print()
 base = med([d["requests_per_sec"] for d in rows.get("bare", [])])
 updown = any(s.endswith("@down") for s in rows)
 print("| scenario | runs | req/s (median) | p50 ms | p99 ms | vs baseline | server CPU ms/req | non-2xx | errors | exhausted |"
-      + (" down / up |" if updown else ""))
+      + (" down / normal |" if updown else ""))
 print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if updown else ""))
 order = [x for s in scenarios for x in (s, s + "@down") if x in rows]
 order += sorted(s for s in rows if s not in order and s != "bare")
@@ -247,7 +248,7 @@ for s in order:
     line = f"| {name} | {len(ds)} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {ratio:.3f} | {cpu:.3f} | {bad} | {errs} | {ex} |"
     if updown:
         up = rows.get(s[: -len("@down")]) if s.endswith("@down") else None
-        # Each down run against the up run beside it (same run number), then the median.
+        # Each down run against the normal run beside it (same run number), then the median.
         pairs = [d["requests_per_sec"] / u["requests_per_sec"] for d, u in zip(ds, up or []) if u["requests_per_sec"]]
         line += f" {med(pairs):.3f} |" if pairs else " |"
     print(line)
