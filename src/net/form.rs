@@ -236,29 +236,19 @@ mod tests {
     fn decode_bytewise(raw: &[u8]) -> Option<String> {
         let mut out = Vec::new();
         let mut i = 0;
-        while i < raw.len() {
-            match raw[i] {
-                b'+' => {
-                    out.push(b' ');
-                    i += 1;
-                }
-                b'%' => {
-                    match (raw.get(i + 1).and_then(|&b| hex_value(b)), raw.get(i + 2).and_then(|&b| hex_value(b))) {
-                        (Some(hi), Some(lo)) => {
-                            out.push(hi << 4 | lo);
-                            i += 3;
-                        }
-                        _ => {
-                            out.push(b'%');
-                            i += 1;
-                        }
-                    }
-                }
-                b => {
-                    out.push(b);
-                    i += 1;
-                }
-            }
+        while let Some(&b) = raw.get(i) {
+            // `from_str_radix` alone would take `+1` as a number.
+            let escaped = raw
+                .get(i + 1..i + 3)
+                .filter(|hex| b == b'%' && hex.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+            let (byte, used) = match (b, escaped) {
+                (_, Some(v)) => (v, 3),
+                (b'+', None) => (b' ', 1),
+                (b, None) => (b, 1),
+            };
+            out.push(byte);
+            i += used;
         }
         String::from_utf8(out).ok()
     }
