@@ -100,7 +100,7 @@ pub fn decode(raw: &[u8]) -> Result<Cow<'_, str>, FormError> {
             out.push(b' ');
             i += 1;
         } else {
-            match (raw.get(i + 1).and_then(|&b| hex_value(b)), raw.get(i + 2).and_then(|&b| hex_value(b))) {
+            match (raw.get(i + 1).copied().and_then(hex_value), raw.get(i + 2).copied().and_then(hex_value)) {
                 (Some(hi), Some(lo)) => {
                     out.push(hi << 4 | lo);
                     i += 3;
