@@ -55,7 +55,7 @@ impl Breakers {
 
     /// Whether an attempt at `url` now would be turned away (no side effect).
     pub fn blocked(&self, url: &str, now_ms: i64) -> bool {
-        self.with(|m| m.get(url).is_some_and(|s| self.open(s) && (s.probing || now_ms < s.open_until_ms)))
+        self.flow(url, now_ms) == Flow::Held
     }
 
     /// What `url` may be sent now (no side effect: a probe is still taken with `admit`).

@@ -181,22 +181,18 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         if state.store.call_head(&d.call_key).ok().flatten().as_ref() != Some(&d.event_id) {
             continue;
         }
-        // Its attempt is still out: what it finds is for that attempt to record.
-        if state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).contains(&d.call_key) {
+        // The call's slot first: while its attempt is out, what it finds (backoff and all) is
+        // for that attempt to record, so the call is neither tried nor held here.
+        if !state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(d.call_key.clone()) {
             continue;
         }
         // With nowhere to go (its number lost its upstream since it was recorded), or an
         // upstream that is held, it waits parked: untried, rewritten never, until that changes.
         let Some(url) = upstream_of(state, &ev.phone_id).filter(|u| !breakers.blocked(u, now)) else {
+            state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d.call_key);
             held.push((ev.id, ev.phone_id));
             continue;
         };
-        {
-            let mut busy = state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            if !busy.insert(d.call_key.clone()) {
-                continue;
-            }
-        }
         // The scan may be stale: an attempt of this call that finished since then has already
         // moved the record on (delivered, or failed with its next attempt later). With the
         // call's slot held, the record read now is the one to act on.

@@ -403,9 +403,10 @@ impl EventLog {
             let ix = self.read_index();
             ix.parked_head(phone, limit)
         };
+        let call_at = |at: Loc| self.read(at).and_then(|b| decode_record(&b).map(|r| r.entry.call));
         let mut calls = HashMap::with_capacity(wanted.len());
         for (seq, at) in wanted {
-            match self.read(at).and_then(|b| decode_record(&b).map(|r| r.entry.call)) {
+            match call_at(at) {
                 Ok(call) => {
                     calls.insert(at, call);
                 }
@@ -415,7 +416,7 @@ impl EventLog {
         // A version written meanwhile moved the event: its new record is read under the lock.
         let call_of = |at: Loc| match calls.get(&at) {
             Some(call) => Some(*call),
-            None => self.read(at).and_then(|b| decode_record(&b).map(|r| r.entry.call)).ok(),
+            None => call_at(at).ok(),
         };
         self.index.write().unwrap_or_else(|e| e.into_inner()).release(phone, limit, call_of)
     }

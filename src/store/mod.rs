@@ -47,9 +47,6 @@ pub enum Recorded {
     Duplicate(Option<EventId>),
 }
 
-/// An event and its delivery record, encoded once on the request's thread so the single
-/// writer only has to put bytes in place. The event's id is given out by the writer (ids
-/// ascend in recording order); whatever id the record holds here is replaced.
 /// What waits to be delivered.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OutboxDepth {
@@ -59,6 +56,9 @@ pub struct OutboxDepth {
     pub parked: usize,
 }
 
+/// An event and its delivery record, encoded once on the request's thread so the single
+/// writer only has to put bytes in place. The event's id is given out by the writer (ids
+/// ascend in recording order); whatever id the record holds here is replaced.
 pub struct PreparedEvent {
     pub(crate) org_id: OrgId,
     pub(crate) phone_id: PhoneId,
