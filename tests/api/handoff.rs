@@ -1203,11 +1203,7 @@ async fn an_upstream_that_keeps_failing_is_held_and_probed_until_it_answers() {
 /// The outbox gauges: (queued, parked).
 async fn outbox_depth(app: &TestApp) -> (u64, u64) {
     let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let gauge = |name: &str| {
-        let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name}"));
-        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
-    };
-    (gauge("callgate_outbox_queued"), gauge("callgate_outbox_parked"))
+    (metric_value(&text, "callgate_outbox_queued"), metric_value(&text, "callgate_outbox_parked"))
 }
 
 async fn wait_depth(app: &TestApp, want: (u64, u64)) {

@@ -239,6 +239,16 @@ pub async fn error_code(res: reqwest::Response) -> String {
     v["error"]["code"].as_str().expect("error.code").to_owned()
 }
 
+/// The value of one series in a `/metrics` text: its name, with its labels in braces if it has
+/// any (`callgate_outbox_queued`, `callgate_webhooks_accepted_total{carrier="plivo"}`).
+pub fn metric_value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in metrics"))
+        .parse()
+        .unwrap()
+}
+
 /// The real binary, for tests that kill it or read its logs. Killed (SIGKILL) on drop.
 pub struct BinaryServer {
     pub child: std::process::Child,

@@ -284,11 +284,7 @@ async fn telnyx_events_arriving_together_are_each_judged_by_their_own_signature(
     assert_eq!(ids, expected);
     let text = http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("callgate_telnyx_signatures_batched_total 60\n"), "{text}");
-    let batches: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("callgate_telnyx_signature_batches_total "))
-        .and_then(|n| n.parse().ok())
-        .unwrap();
+    let batches = metric_value(&text, "callgate_telnyx_signature_batches_total");
     assert!((1..=60).contains(&batches), "{batches} batches");
     app.stop().await;
 }
@@ -729,12 +725,7 @@ async fn the_events_api_shows_the_normalized_event_to_its_org_only() {
 }
 
 fn metric(text: &str, name: &str, labels: &str) -> u64 {
-    let prefix = format!("{name}{{{labels}}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("no {prefix} in metrics"))
-        .parse()
-        .unwrap()
+    metric_value(text, &format!("{name}{{{labels}}}"))
 }
 
 #[tokio::test]
