@@ -133,21 +133,50 @@ fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
 /// Puts parked events back on the queue while it has room: as many as an upstream whose
 /// breaker is closed takes, one for an upstream whose probe is due.
 fn release_parked(state: &AppState, now: i64) {
-    let mut room = QUEUE_ROOM.saturating_sub(state.store.outbox().queued);
-    for phone in state.store.parked_phones() {
+    let room = QUEUE_ROOM.saturating_sub(state.store.outbox().queued);
+    let more = release_into(
+        state.store.parked_phones(),
+        room,
+        |phone| upstream_of(state, phone),
+        |url| state.outbox.breakers.flow(url, now),
+        |phone, want| state.store.release(phone, want),
+    );
+    if more {
+        // More waits: look again on the next pass, as the queue drains.
+        state.outbox.release_asked.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Hands each parked number's events to `release` as far as `room` and its upstream's flow
+/// allow. An upstream whose probe is due gets one event in all, however many of its numbers
+/// have events parked: one probe is all its breaker admits, so any more would be parked again
+/// at once. Whether the queue ran out of room with numbers still to look at.
+fn release_into(
+    phones: Vec<PhoneId>,
+    mut room: usize,
+    upstream_of: impl Fn(&PhoneId) -> Option<String>,
+    flow: impl Fn(&str) -> Flow,
+    mut release: impl FnMut(&PhoneId, usize) -> usize,
+) -> bool {
+    let mut probed: HashSet<String> = HashSet::new();
+    for phone in phones {
         if room == 0 {
-            // More waits: look again on the next pass, as the queue drains.
-            state.outbox.release_asked.store(true, Ordering::Relaxed);
-            break;
+            return true;
         }
-        let Some(url) = upstream_of(state, &phone) else { continue };
-        let want = match state.outbox.breakers.flow(&url, now) {
-            Flow::All => room,
-            Flow::Probe => 1,
+        let Some(url) = upstream_of(&phone) else { continue };
+        let (want, probe) = match flow(&url) {
+            Flow::All => (room, false),
+            Flow::Probe if probed.contains(&url) => continue,
+            Flow::Probe => (1, true),
             Flow::Held => continue,
         };
-        room -= state.store.release(&phone, want).min(room);
+        let released = release(&phone, want).min(room);
+        if probe && released > 0 {
+            probed.insert(url);
+        }
+        room -= released;
     }
+    false
 }
 
 /// Releases parked events when due, then starts every delivery that is due, whose call has
@@ -318,7 +347,82 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+
+    /// Releases against a fake store: `parked` events per number, upstream and flow per number
+    /// as given. What each `release` call asked for and got, in order, and whether more waits.
+    fn plan(
+        numbers: &[(&str, Option<&str>, usize)],
+        flows: &[(&str, Flow)],
+        room: usize,
+    ) -> (Vec<(String, usize, usize)>, bool) {
+        let phones: Vec<PhoneId> = numbers.iter().map(|(p, ..)| PhoneId::parse(p).unwrap()).collect();
+        let upstreams: HashMap<&str, Option<&str>> = numbers.iter().map(|(p, u, _)| (*p, *u)).collect();
+        let mut parked: HashMap<&str, usize> = numbers.iter().map(|(p, _, n)| (*p, *n)).collect();
+        let flows: HashMap<&str, Flow> = flows.iter().copied().collect();
+        let mut calls = Vec::new();
+        let more = release_into(
+            phones,
+            room,
+            |p| upstreams[p.as_str()].map(str::to_owned),
+            |u| flows[u],
+            |p, want| {
+                let left = parked.get_mut(p.as_str()).unwrap();
+                let got = want.min(*left);
+                *left -= got;
+                calls.push((p.as_str().to_owned(), want, got));
+                got
+            },
+        );
+        (calls, more)
+    }
+
+    const A: &str = "ph_00000000000000000000000000000001";
+    const B: &str = "ph_00000000000000000000000000000002";
+    const C: &str = "ph_00000000000000000000000000000003";
+    const D: &str = "ph_00000000000000000000000000000004";
+
+    #[test]
+    fn an_upstream_whose_probe_is_due_gets_one_event_whatever_its_numbers() {
+        let numbers = [(A, Some("http://down/"), 7), (B, Some("http://down/"), 3), (C, Some("http://down/"), 2)];
+        let (calls, more) = plan(&numbers, &[("http://down/", Flow::Probe)], 100);
+        assert_eq!(calls, [(A.to_owned(), 1, 1)]);
+        assert!(!more);
+    }
+
+    #[test]
+    fn each_upstream_is_released_by_its_own_flow() {
+        let numbers = [
+            (A, Some("http://down/"), 5),
+            (B, Some("http://up/"), 4),
+            (C, Some("http://held/"), 9),
+            (D, Some("http://down/"), 2),
+        ];
+        let flows = [("http://down/", Flow::Probe), ("http://up/", Flow::All), ("http://held/", Flow::Held)];
+        let (calls, more) = plan(&numbers, &flows, 100);
+        assert_eq!(calls, [(A.to_owned(), 1, 1), (B.to_owned(), 99, 4)]);
+        assert!(!more);
+    }
+
+    #[test]
+    fn a_number_with_nothing_to_release_leaves_the_probe_to_the_next() {
+        let numbers = [(A, Some("http://down/"), 0), (B, Some("http://down/"), 3), (C, None, 4)];
+        let (calls, _) = plan(&numbers, &[("http://down/", Flow::Probe)], 100);
+        assert_eq!(calls, [(A.to_owned(), 1, 0), (B.to_owned(), 1, 1)]);
+    }
+
+    #[test]
+    fn releasing_stops_when_the_queue_is_full_and_says_more_waits() {
+        let numbers = [(A, Some("http://up/"), 5), (B, Some("http://up/"), 4), (C, Some("http://up/"), 1)];
+        let (calls, more) = plan(&numbers, &[("http://up/", Flow::All)], 6);
+        assert_eq!(calls, [(A.to_owned(), 6, 5), (B.to_owned(), 1, 1)]);
+        assert!(more, "C still waits");
+        let (calls, more) = plan(&numbers[..2], &[("http://up/", Flow::All)], 9);
+        assert_eq!(calls, [(A.to_owned(), 9, 5), (B.to_owned(), 4, 4)]);
+        assert!(!more);
+    }
 
     #[test]
     fn backoff_follows_the_schedule_with_bounded_jitter() {
