@@ -80,6 +80,8 @@ impl Application {
         let body_limit = state.settings.body_limit_bytes;
         let data = state.clone();
         let server = HttpServer::new(move || {
+            // Runs on each worker as it starts.
+            crate::store::serve_replies_here();
             App::new()
                 .app_data(data.clone())
                 .configure(|cfg| extractors::configure(cfg, body_limit))

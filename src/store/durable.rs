@@ -3,18 +3,100 @@
 //! answers every waiter. Durability costs one write and one sync per batch, not per request,
 //! and neither ever runs on an async worker.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc as task_mpsc, oneshot};
 
 use super::{DeliveryRecord, PreparedEvent, Recorded, Store, StoreError};
 use crate::domain::EventId;
 
-type Reply<T> = oneshot::Sender<Result<T, String>>;
+/// Where the writer answers one job: the job's own channel, through the inbox of the thread
+/// that queued it when that thread has one (see [`serve_replies_here`]).
+struct Reply<T> {
+    tx: oneshot::Sender<Result<T, String>>,
+    home: Option<Home>,
+}
+
+/// A writer's answer, ready to hand to whoever waits for it.
+enum Completion {
+    Recorded(oneshot::Sender<Result<Recorded, String>>, Result<Recorded, String>),
+    Done(oneshot::Sender<Result<(), String>>, Result<(), String>),
+}
+
+impl Completion {
+    fn complete(self) {
+        // A waiter that went away (its client hung up) has no one to tell.
+        match self {
+            Completion::Recorded(tx, v) => drop(tx.send(v)),
+            Completion::Done(tx, v) => drop(tx.send(v)),
+        }
+    }
+}
+
+/// The answers one async worker thread waits for, handed over to a task of its own.
+type Home = task_mpsc::UnboundedSender<Completion>;
+
+thread_local! {
+    static HOME: RefCell<Option<Home>> = const { RefCell::new(None) };
+}
+
+/// Has the writer's answers to jobs queued on this thread come back through one task of the
+/// thread's own. Each answer sent straight to its waiter is a wake from another thread, and
+/// the worker's runtime wakes its thread with an `eventfd` write for every one of those: one
+/// system call per callback, about 50 per batch. Through the inbox it is one per batch, and
+/// the task wakes each waiter on its own thread, for the cost of a queue push.
+///
+/// Called on each of the server's workers as it starts, inside its runtime: the task is
+/// spawned local to the thread. Elsewhere answers go straight to their waiters.
+pub fn serve_replies_here() {
+    let (tx, mut rx) = task_mpsc::unbounded_channel::<Completion>();
+    tokio::task::spawn_local(async move {
+        while let Some(c) = rx.recv().await {
+            c.complete();
+        }
+    });
+    HOME.with(|h| *h.borrow_mut() = Some(tx));
+}
+
+/// How a kind of answer travels through an inbox.
+trait Answer: Sized {
+    fn completion(tx: oneshot::Sender<Result<Self, String>>, v: Result<Self, String>) -> Completion;
+}
+
+impl Answer for Recorded {
+    fn completion(tx: oneshot::Sender<Result<Self, String>>, v: Result<Self, String>) -> Completion {
+        Completion::Recorded(tx, v)
+    }
+}
+
+impl Answer for () {
+    fn completion(tx: oneshot::Sender<Result<Self, String>>, v: Result<Self, String>) -> Completion {
+        Completion::Done(tx, v)
+    }
+}
+
+impl<T: Answer> Reply<T> {
+    fn new(tx: oneshot::Sender<Result<T, String>>) -> Self {
+        Reply { tx, home: HOME.with(|h| h.borrow().clone()) }
+    }
+
+    fn answer(self, v: Result<T, String>) {
+        match self.home {
+            // An inbox whose task is gone (its runtime stopped) gives the answer back.
+            Some(home) => {
+                if let Err(task_mpsc::error::SendError(c)) = home.send(T::completion(self.tx, v)) {
+                    c.complete();
+                }
+            }
+            None => drop(self.tx.send(v)),
+        }
+    }
+}
 
 enum Job {
     /// Everything written to sled before this is to be on disk.
@@ -113,26 +195,26 @@ impl Round {
         match written {
             Ok(verdicts) => {
                 for (w, v) in self.event_replies.into_iter().zip(verdicts) {
-                    let _ = w.send(Ok(v));
+                    w.answer(Ok(v));
                 }
                 let done = answered.map(|_| ());
                 for w in self.done_replies {
-                    let _ = w.send(done.clone());
+                    w.answer(done.clone());
                 }
             }
             Err(e) => {
                 for w in self.event_replies {
-                    let _ = w.send(Err(e.clone()));
+                    w.answer(Err(e.clone()));
                 }
                 for w in self.done_replies {
-                    let _ = w.send(Err(e.clone()));
+                    w.answer(Err(e.clone()));
                 }
             }
         }
         if !self.flushes.is_empty() {
             let flushed = store.flush().map_err(|e| e.to_string());
             for w in self.flushes {
-                let _ = w.send(flushed.clone());
+                w.answer(flushed.clone());
             }
         }
     }
@@ -181,9 +263,12 @@ impl GroupCommit {
         &self.stats
     }
 
-    fn send<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<oneshot::Receiver<Result<T, String>>, StoreError> {
+    fn send<T: Answer>(
+        &self,
+        job: impl FnOnce(Reply<T>) -> Job,
+    ) -> Result<oneshot::Receiver<Result<T, String>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(job(tx)).map_err(|_| stopped())?;
+        self.tx.send(job(Reply::new(tx))).map_err(|_| stopped())?;
         Ok(rx)
     }
 
@@ -217,5 +302,52 @@ impl GroupCommit {
     pub fn shutdown(self) {
         drop(self.tx);
         let _ = self.thread.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{JournalOptions, SledStore};
+    use super::*;
+
+    fn writer() -> (tempfile::TempDir, GroupCommit) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), JournalOptions { preallocate_bytes: 0 }).unwrap();
+        (dir, GroupCommit::start(Arc::new(store), Some(Duration::from_millis(1))))
+    }
+
+    fn home_closed() -> Option<bool> {
+        HOME.with(|h| h.borrow().as_ref().map(Home::is_closed))
+    }
+
+    #[test]
+    fn answers_reach_their_waiters_through_the_inbox_straight_without_one_and_after_it_closed() {
+        let (_dir, commit) = writer();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let within = |f| rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), f).await.unwrap() });
+
+        assert_eq!(home_closed(), None);
+        within(commit.commit()).unwrap();
+
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            serve_replies_here();
+            let all = tokio::time::timeout(
+                Duration::from_secs(10),
+                futures_util::future::join_all((0..20).map(|_| commit.commit())),
+            )
+            .await
+            .unwrap();
+            assert!(all.iter().all(Result::is_ok));
+        });
+        assert_eq!(home_closed(), Some(false));
+
+        // The inbox's task went with its LocalSet: answers sent there come back and go straight.
+        drop(local);
+        assert_eq!(home_closed(), Some(true));
+        within(commit.commit()).unwrap();
+
+        HOME.with(|h| h.borrow_mut().take());
+        commit.shutdown();
     }
 }

@@ -12,7 +12,7 @@ pub use journal::JournalOptions;
 pub mod records;
 mod sled_store;
 
-pub use durable::{GroupCommit, WriterStats, WRITE_BUCKETS_US};
+pub use durable::{serve_replies_here, GroupCommit, WriterStats, WRITE_BUCKETS_US};
 pub use records::*;
 pub use sled_store::SledStore;
 
