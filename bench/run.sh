@@ -11,7 +11,8 @@
 # Environment (defaults): DURATION (10) WARMUP (2) RUNS (3) CONNECTIONS (64) NUMBERS (20 per
 # carrier) REQUESTS (400000 unique requests per scenario run) SCENARIOS (see below)
 # UPSTREAM (unset: no hand-off upstream; e.g. http://127.0.0.1:9 for "upstream down")
-# SERVER_CPU (0) CLIENT_CPU (1) OUT (bench/results/<timestamp>) KEEP_DATA (unset: data dirs removed)
+# VERIFY (1: after each run, criterion's one-verify Ed25519 time on the server's core, for the
+# Telnyx target; 0: skip) SERVER_CPU (0) CLIENT_CPU (1) OUT (bench/results/<timestamp>) KEEP_DATA (unset: data dirs removed)
 # ISOLATE (unset: one server and data dir per run, scenarios in order, so later scenarios meet a
 # bigger store and the outbox backlog of earlier ones; set: a fresh data dir and server per
 # scenario, RSS then recorded per scenario). UPDOWN (unset; set: ISOLATE, and every scenario of
@@ -24,25 +25,24 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 RUNS=${RUNS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
-NUMBERS=${NUMBERS:-20}
 REQUESTS=${REQUESTS:-400000}
 SCENARIOS=${SCENARIOS:-plivo-status plivo-incoming twilio-status telnyx-event exotel-status mix}
 DOWN_URL=${DOWN_URL:-http://127.0.0.1:9}
+VERIFY=${VERIFY:-1}
 if [ -n "${UPDOWN:-}" ]; then
     ISOLATE=1
 fi
-SERVER_CPU=${SERVER_CPU:-0}
-CLIENT_CPU=${CLIENT_CPU:-1}
-PUBLIC_URL=https://gw.bench.example
 
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 OUT=${OUT:-bench/results/$(date +%Y%m%dT%H%M%S)}
 mkdir -p "$OUT"
 
 echo "== building (release)" >&2
 cargo build --release --bins
-CALLGATE=target/release/callgate
-BENCH=target/release/callgate-bench
+if [ "$VERIFY" = 1 ]; then
+    cargo bench --bench verify --no-run
+fi
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -67,44 +67,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# wait_for URL [curl args...]: until the URL answers 2xx, at most 10 s.
-wait_for() {
-    local url=$1
-    shift
-    for _ in $(seq 1 100); do
-        if curl -fsS -o /dev/null "$@" "$url" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "no answer from $url" >&2
-    return 1
-}
-
-# stop PID: SIGTERM, then SIGKILL after 20 s (callgate drains in-flight requests first).
-stop() {
-    local pid=$1
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 1 200); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+# forget PID: stop it and take it off the list the exit trap stops.
+forget() {
+    stop "$1"
     local kept=()
     for p in "${PIDS[@]}"; do
-        [ "$p" = "$pid" ] || kept+=("$p")
+        [ "$p" = "$1" ] || kept+=("$p")
     done
     PIDS=("${kept[@]}")
-}
-
-# Server CPU time (user + system) in clock ticks, to turn into CPU per request.
-cpu_ticks() {
-    awk '{print $14 + $15}' "/proc/$1/stat"
 }
 
 rss_of() {
@@ -117,24 +87,17 @@ start_callgate() {
     local upstream=${2-${UPSTREAM:-}}
     data=$(mktemp -d /tmp/callgate-bench.XXXXXX)
     DATA_DIRS+=("$data")
-    "$BENCH" provision --data-dir "$data" --public-url "$PUBLIC_URL" --numbers "$NUMBERS"
+    provision "$data"
     port=$(free_port)
     # Carrier REST calls (Telnyx's Call Control answer for every incoming call) go to the local
     # carrier sink, which answers 200 like the carrier would; never out.
-    taskset -c "$SERVER_CPU" env \
-        CALLGATE_DATA_DIR="$data" \
-        CALLGATE_LISTEN="127.0.0.1:$port" \
-        CALLGATE_PUBLIC_URL="$PUBLIC_URL" \
-        EXOTEL_ALLOWED_IPS=127.0.0.1 \
-        CALLGATE_LOG=warn \
+    gateway_start "$data" "$port" "$OUT/server-$1.log" \
         CALLGATE_PLIVO_API_URL="$SINK" \
         CALLGATE_VOBIZ_API_URL="$SINK" \
         CALLGATE_TWILIO_API_URL="$SINK" \
         CALLGATE_TELNYX_API_URL="$SINK" \
         CALLGATE_EXOTEL_API_URL="$SINK" \
-        ${upstream:+CALLGATE_UPSTREAM_URL=$upstream} \
-        "$CALLGATE" serve >"$OUT/server-$1.log" 2>&1 &
-    server=$!
+        ${upstream:+CALLGATE_UPSTREAM_URL=$upstream}
     PIDS+=("$server")
     wait_for "http://127.0.0.1:$port/ready"
 }
@@ -168,20 +131,18 @@ for run in $(seq 1 "$RUNS"); do
             # The server idles while the generator builds its pool, so the CPU delta is this
             # scenario's work (plus, without ISOLATE, background work the previous one left).
             before=$(cpu_ticks "$server")
-            taskset -c "$CLIENT_CPU" "$BENCH" run --target "http://127.0.0.1:$port" \
-                --provision "$data/bench-provision.json" --scenario "$scenario" \
-                --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+            fire "$scenario" "$port" "$data" --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
                 --requests "$REQUESTS" >"$OUT/run$run-$label.json"
             echo "$(($(cpu_ticks "$server") - before))" >"$OUT/run$run-$label.cpu"
             if [ -n "${ISOLATE:-}" ]; then
                 rss_of "$server" >"$OUT/run$run-rss-callgate-$label.txt"
-                stop "$server"
+                forget "$server"
             fi
         done
     done
     if [ -z "${ISOLATE:-}" ]; then
         rss_of "$server" >"$OUT/run$run-rss-callgate.txt"
-        stop "$server"
+        forget "$server"
     fi
 
     port=$(free_port)
@@ -195,7 +156,16 @@ for run in $(seq 1 "$RUNS"); do
         --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" >"$OUT/run$run-bare.json"
     echo "$(($(cpu_ticks "$baseline") - before))" >"$OUT/run$run-bare.cpu"
     rss_of "$baseline" >"$OUT/run$run-rss-baseline.txt"
-    stop "$baseline"
+    forget "$baseline"
+
+    if [ "$VERIFY" = 1 ]; then
+        # One core's Ed25519 verify rate, on the server's core in the same run: the Telnyx
+        # target is a fraction of it.
+        echo "   ed25519 verify (criterion, verify/telnyx_tx1)" >&2
+        taskset -c "$SERVER_CPU" cargo bench --quiet --bench verify -- telnyx_tx1 \
+            --warm-up-time 1 --measurement-time 4 >"$OUT/criterion-run$run.log" 2>&1
+        cp target/criterion/verify/telnyx_tx1/new/estimates.json "$OUT/verify-run$run.json"
+    fi
 done
 echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/env.txt"
 
@@ -256,5 +226,33 @@ print()
 cg, cg_hwm = rss("callgate")
 bl, bl_hwm = rss("baseline")
 print(f"RSS after the runs (median): callgate {cg:.1f} MiB (peak {cg_hwm:.1f}), baseline {bl:.1f} MiB (peak {bl_hwm:.1f})")
+
+# The median time of one verify, per run, from criterion's estimates.
+verify_ns = [json.load(open(p))["median"]["point_estimate"] for p in glob.glob(os.path.join(out, "verify-run*.json"))]
+verify_rate = 1e9 / med(verify_ns) if verify_ns else float("nan")
+if verify_ns:
+    print(f"Ed25519 verify on the server's core (criterion, median of {len(verify_ns)}): {med(verify_ns) / 1000:.1f} us, {verify_rate:.0f}/s")
+
+def target(label, scenario, p99_max, rate_of=None, of_what="", need=0.0):
+    ds = rows.get(scenario)
+    if not ds:
+        return
+    rps = med([d["requests_per_sec"] for d in ds])
+    p99 = med([d["latency_ms"]["p99"] for d in ds])
+    parts = []
+    if rate_of is not None:
+        ratio = rps / rate_of if rate_of == rate_of and rate_of else float("nan")
+        parts.append(f"{ratio:.3f} of {of_what} (needs {need:.2f}): {'met' if ratio >= need else 'missed'}")
+    parts.append(f"p99 {p99:.2f} ms (needs <= {p99_max}): {'met' if p99 <= p99_max else 'missed'}")
+    print(f"- {label}: " + "; ".join(parts))
+
+print()
+print("Targets (medians):")
+target("plivo status", "plivo-status", 5, base, "bare", 0.50)
+if verify_ns:
+    target("telnyx event", "telnyx-event", 10, verify_rate, "the verify rate", 0.80)
+else:
+    target("telnyx event", "telnyx-event", 10)
+target("plivo incoming", "plivo-incoming", 5)
 print(f"raw results: {out}")
 EOF
