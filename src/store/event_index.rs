@@ -426,45 +426,43 @@ impl Index {
             ix.org_table.push(org);
         }
         let n = r.u32()? as usize;
-        // Whole blocks of records: the checksum is cheap over a block and dear per record.
-        let mut block = vec![0u8; RECORD * BLOCK_RECORDS];
-        let mut read = 0;
-        while read < n {
-            let take = (n - read).min(BLOCK_RECORDS);
-            let bytes = &mut block[..take * RECORD];
-            r.get(bytes)?;
-            for rec in bytes.chunks_exact(RECORD) {
-                let field = |at: usize| -> [u8; 8] { rec[at..at + 8].try_into().unwrap_or_default() };
-                let half = |at: usize| -> [u8; 4] { rec[at..at + 4].try_into().unwrap_or_default() };
-                let id = u64::from_le_bytes(field(0));
-                let org = u32::from_le_bytes(half(16));
-                if ix.ids.last().is_some_and(|last| *last >= id) || org as usize >= ix.org_table.len() {
-                    return Ok(None);
-                }
-                ix.ids.push(id);
-                ix.locs.push(u64::from_le_bytes(field(8)));
-                ix.orgs.push(org);
-                ix.states.push(rec[20]);
-                ix.fps.push(short(u64::from_le_bytes(field(21))));
-                ix.expiry.push(u32::from_le_bytes(half(29)));
+        let sound = r.items::<RECORD>(n, |rec| {
+            let field = |at: usize| -> [u8; 8] { rec[at..at + 8].try_into().unwrap_or_default() };
+            let half = |at: usize| -> [u8; 4] { rec[at..at + 4].try_into().unwrap_or_default() };
+            let id = u64::from_le_bytes(field(0));
+            let org = u32::from_le_bytes(half(16));
+            if ix.ids.last().is_some_and(|last| *last >= id) || org as usize >= ix.org_table.len() {
+                return false;
             }
-            read += take;
+            ix.ids.push(id);
+            ix.locs.push(u64::from_le_bytes(field(8)));
+            ix.orgs.push(org);
+            ix.states.push(rec[20]);
+            ix.fps.push(short(u64::from_le_bytes(field(21))));
+            ix.expiry.push(u32::from_le_bytes(half(29)));
+            true
+        })?;
+        if !sound {
+            return Ok(None);
         }
-        for _ in 0..r.u32()? {
-            let seq = r.u32()?;
-            let due = r.u64()? as i64;
-            let call = r.u64()?;
+        let queued = r.u32()? as usize;
+        r.items::<20>(queued, |q| {
+            let seq = u32::from_le_bytes(q[..4].try_into().unwrap_or_default());
+            let due = i64::from_le_bytes(q[4..12].try_into().unwrap_or_default());
+            let call = u64::from_le_bytes(q[12..].try_into().unwrap_or_default());
             ix.enqueue(seq, due, call);
-        }
+            true
+        })?;
         for _ in 0..r.u32()? {
             let phone = r.string()?;
-            let len = r.u32()?;
+            let len = r.u32()? as usize;
             // The length is not yet checked (the checksum comes last): a damaged one must not
             // reserve gigabytes, so the list grows as its entries actually arrive.
-            let mut list = Vec::with_capacity((len as usize).min(1 << 16));
-            for _ in 0..len {
-                list.push(r.u32()?);
-            }
+            let mut list = Vec::with_capacity(len.min(1 << 16));
+            r.items::<4>(len, |seq| {
+                list.push(u32::from_le_bytes(*seq));
+                true
+            })?;
             // Snapshots of earlier builds kept lists in arrival order, with repeats.
             list.sort_unstable();
             list.dedup();
@@ -568,6 +566,30 @@ impl<R: Read> CrcRead<R> {
         self.inner.read_exact(b).map_err(io)?;
         self.crc.update(b);
         Ok(())
+    }
+
+    /// Reads `count` items of `N` bytes a block at a time (the checksum is cheap over a block
+    /// and dear per item), handing each to `take` until it says the snapshot is unsound.
+    /// False if it did.
+    fn items<const N: usize>(
+        &mut self,
+        count: usize,
+        mut take: impl FnMut(&[u8; N]) -> bool,
+    ) -> Result<bool, StoreError> {
+        let mut block = vec![0u8; N * count.min(BLOCK_RECORDS)];
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(BLOCK_RECORDS);
+            let bytes = &mut block[..n * N];
+            self.get(bytes)?;
+            for item in bytes.chunks_exact(N) {
+                if !item.try_into().is_ok_and(&mut take) {
+                    return Ok(false);
+                }
+            }
+            left -= n;
+        }
+        Ok(true)
     }
 
     fn u32(&mut self) -> Result<u32, StoreError> {
