@@ -17,9 +17,9 @@ free_port() {
 # wait_for URL [curl args...]: until the URL answers 2xx, at most 10 s. Polls every 2 ms, so
 # the moment it returns is also the moment to time a start-up by.
 wait_for() {
-    local url=$1
+    local url=$1 until=$((SECONDS + 10))
     shift
-    for _ in $(seq 1 5000); do
+    while [ "$SECONDS" -lt "$until" ]; do
         if curl -fsS -o /dev/null "$@" "$url" 2>/dev/null; then
             return 0
         fi
