@@ -126,10 +126,12 @@ pub async fn handle<C: CarrierHooks>(
     let incoming = hook == Hook::Incoming;
     let telnyx_call = carrier == crate::domain::Carrier::Telnyx && ev.kind == "call.incoming";
     // Without an assistant the answer is known now, and is recorded with the event itself.
-    let preset =
-        if incoming || telnyx_call { crate::handoff::assistant::without_assistant(&state, &phone) } else { None };
-    if let Some(d) = &preset {
-        ev.answer = Some(d.record.clone());
+    let mut preset = None;
+    if incoming || telnyx_call {
+        if let Some(d) = crate::handoff::assistant::without_assistant(&state, &phone) {
+            ev.answer = Some(d.record);
+            preset = Some(d.decision);
+        }
     }
     let delivery = DeliveryRecord {
         event_id: ev.id.clone(),
@@ -178,17 +180,11 @@ pub async fn handle<C: CarrierHooks>(
     if !incoming {
         return HttpResponse::Ok().finish();
     }
-    let decided = match preset {
+    let decision = match preset {
         Some(d) => d,
-        None => {
-            let d = crate::handoff::assistant::decide(&state, &phone, &ev).await;
-            if let Err(e) = state.commit.set_answer(ev.id.clone(), d.record.clone()).await {
-                tracing::warn!(event = %ev.id, error = %e, "could not note the answer on the event");
-            }
-            d
-        }
+        None => crate::handoff::assistant::decide_and_note(&state, &phone, &ev).await,
     };
-    respond::<C>(&phone, Some(&decided.decision), &ev)
+    respond::<C>(&phone, Some(&decision), &ev)
 }
 
 fn respond<C: CarrierHooks>(phone: &PhoneRecord, decision: Option<&Decision>, ev: &EventRecord) -> HttpResponse {

@@ -41,6 +41,15 @@ fn static_answer(phone: &PhoneRecord) -> Decided {
     Decided { record: json!({"decision": decision, "source": "static"}), decision }
 }
 
+/// Asks for the answer to a call recorded without one, and notes it on the event.
+pub async fn decide_and_note(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) -> Decision {
+    let d = decide(state, phone, ev).await;
+    if let Err(e) = state.commit.set_answer(ev.id.clone(), d.record).await {
+        tracing::warn!(event = %ev.id, error = %e, "could not note the answer on the event");
+    }
+    d.decision
+}
+
 pub async fn decide(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) -> Decided {
     let url = phone.config.assistant_url.as_deref().or(state.settings.handoff.assistant_url.as_deref());
     let Some(url) = url else { return static_answer(phone) };
@@ -95,15 +104,11 @@ async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) 
 /// or transferred) by a Call Control command afterwards, with the number's API key, retried on
 /// 5xx. `command_id` is the event id, so a retry can never act twice.
 /// `preset`: the answer already recorded with the event (no assistant to ask).
-pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventRecord, preset: Option<Decided>) {
+pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventRecord, preset: Option<Decision>) {
     let Some(ccid) = ev.call_id.clone() else { return };
-    let decided = match preset {
+    let decision = match preset {
         Some(d) => d,
-        None => {
-            let d = decide(state, phone, ev).await;
-            let _ = state.commit.set_answer(ev.id.clone(), d.record.clone()).await;
-            d
-        }
+        None => decide_and_note(state, phone, ev).await,
     };
     let keys = crate::carriers::pipeline::keys_for(state, phone, &phone.credential);
     let api_key = match keys.as_deref() {
@@ -114,7 +119,7 @@ pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventReco
         }
     };
     let command_id = ev.id.as_str();
-    let (action, body) = match &decided.decision {
+    let (action, body) = match &decision {
         Decision::Stream { stream_url } => (
             CallAction::Answer,
             json!({
