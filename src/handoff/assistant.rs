@@ -50,7 +50,7 @@ pub async fn decide_and_note(state: &AppState, phone: &PhoneRecord, ev: &EventRe
     d.decision
 }
 
-pub async fn decide(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) -> Decided {
+async fn decide(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) -> Decided {
     let url = phone.config.assistant_url.as_deref().or(state.settings.handoff.assistant_url.as_deref());
     let Some(url) = url else { return static_answer(phone) };
     let deadline = state.settings.handoff.answer_deadline;
