@@ -20,9 +20,8 @@ sink=
 trap 'kill $server $sink 2>/dev/null || true; rm -rf "$data"' EXIT
 provision "$data"
 sink_port=$(free_port)
-taskset -c "$CLIENT_CPU" "$BENCH" baseline --listen "127.0.0.1:$sink_port" >/dev/null 2>&1 &
-sink=$!
-wait_for "http://127.0.0.1:$sink_port/" -X POST -d ready
+bare_start "$CLIENT_CPU" "$sink_port" /dev/null
+sink=$bare
 port=$(free_port)
 start() {
     gateway_start "$data" "$port" "$log" CALLGATE_UPSTREAM_URL="$1"

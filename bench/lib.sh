@@ -52,6 +52,17 @@ gateway_start() {
     server=$!
 }
 
+# bare_start CPU PORT LOG: the bench's bare actix-web server (the baseline, and the stand-in for
+# carriers and upstreams: 200 to everything) on CPU, its output in LOG; sets $bare once it answers.
+bare_start() {
+    taskset -c "$1" "$BENCH" baseline --listen "127.0.0.1:$2" >"$3" 2>&1 &
+    bare=$!
+    wait_for "http://127.0.0.1:$2/" -X POST -d ready || {
+        kill "$bare" 2>/dev/null
+        return 1
+    }
+}
+
 # stop PID: SIGTERM, then SIGKILL after 20 s (callgate drains in-flight requests first).
 stop() {
     local pid=$1

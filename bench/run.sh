@@ -104,10 +104,9 @@ start_callgate() {
 
 # A stand-in for the carriers' REST APIs on the generator's core: 200 to every call.
 sink_port=$(free_port)
-taskset -c "$CLIENT_CPU" "$BENCH" baseline --listen "127.0.0.1:$sink_port" >"$OUT/carrier-sink.log" 2>&1 &
-PIDS+=("$!")
+bare_start "$CLIENT_CPU" "$sink_port" "$OUT/carrier-sink.log"
+PIDS+=("$bare")
 SINK="http://127.0.0.1:$sink_port"
-wait_for "$SINK/" -X POST -d ready
 
 for run in $(seq 1 "$RUNS"); do
     echo "== run $run/$RUNS" >&2
@@ -146,10 +145,9 @@ for run in $(seq 1 "$RUNS"); do
     fi
 
     port=$(free_port)
-    taskset -c "$SERVER_CPU" "$BENCH" baseline --listen "127.0.0.1:$port" >"$OUT/baseline-run$run.log" 2>&1 &
-    baseline=$!
+    bare_start "$SERVER_CPU" "$port" "$OUT/baseline-run$run.log"
+    baseline=$bare
     PIDS+=("$baseline")
-    wait_for "http://127.0.0.1:$port/" -X POST -d ready
     echo "   bare (baseline server)" >&2
     before=$(cpu_ticks "$baseline")
     taskset -c "$CLIENT_CPU" "$BENCH" run --target "http://127.0.0.1:$port" --scenario bare \
