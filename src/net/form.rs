@@ -47,14 +47,29 @@ pub fn parse_with_limit(input: &[u8], limit: usize) -> Result<Vec<Pair<'_>>, For
 /// Lazily decodes the pairs of `input`. No cap: the caller decides what to keep, which is
 /// what lets a single lookup (e.g. Twilio's `bodySHA256`) run without allocating.
 pub fn pairs(input: &[u8]) -> Pairs<'_> {
-    Pairs { rest: Some(input) }
+    // Checking the whole input once lets every plain key and value be a slice of it with no
+    // check of its own. Input that is not UTF-8 as a whole may still decode to it (a raw
+    // lead byte completed by an escape), so each half is then checked as it is decoded.
+    Pairs { rest: Some(input), text: std::str::from_utf8(input).ok() }
 }
 
 /// Iterator returned by [`pairs`].
 #[derive(Debug, Clone)]
 pub struct Pairs<'a> {
     rest: Option<&'a [u8]>,
+    /// `rest` as text, when the whole input was UTF-8 (it is cut at ASCII bytes only).
+    text: Option<&'a str>,
 }
+
+/// What ends a plain run inside a segment: its end, its first `=`, or an escape.
+const SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'&' as usize] = true;
+    t[b'=' as usize] = true;
+    t[b'+' as usize] = true;
+    t[b'%' as usize] = true;
+    t
+};
 
 impl<'a> Iterator for Pairs<'a> {
     type Item = Result<Pair<'a>, FormError>;
@@ -62,59 +77,74 @@ impl<'a> Iterator for Pairs<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             let rest = self.rest?;
-            let segment = match memchr::memchr(b'&', rest) {
-                Some(i) => {
-                    self.rest = Some(&rest[i + 1..]);
-                    &rest[..i]
+            // One pass over the segment finds its end, where its key ends and whether either
+            // half has anything to decode. Callback fields are short, so a byte loop beats
+            // searching for each of those separately.
+            let (mut end, mut eq) = (rest.len(), None);
+            let (mut key_escaped, mut value_escaped) = (false, false);
+            for (i, &b) in rest.iter().enumerate() {
+                if !SPECIAL[b as usize] {
+                    continue;
                 }
-                None => {
-                    self.rest = None;
-                    rest
+                match (b, eq) {
+                    (b'&', _) => {
+                        end = i;
+                        break;
+                    }
+                    (b'=', None) => eq = Some(i),
+                    (b'=', Some(_)) => {}
+                    (_, None) => key_escaped = true,
+                    (_, Some(_)) => value_escaped = true,
                 }
-            };
-            // `a=1&&b=2` and a trailing `&` carry no pair for any of the SDK decoders.
-            if segment.is_empty() {
+            }
+            let text = self.text;
+            self.rest = rest.get(end + 1..);
+            self.text = text.and_then(|t| t.get(end + 1..));
+            if end == 0 {
+                // `a=1&&b=2` and a trailing `&` carry no pair for any of the SDK decoders.
                 continue;
             }
-            let (key, value) = match memchr::memchr(b'=', segment) {
-                Some(i) => (&segment[..i], &segment[i + 1..]),
-                None => (segment, &segment[segment.len()..]),
+            let (key, value) = match eq {
+                Some(i) => ((0, i), (i + 1, end)),
+                None => ((0, end), (end, end)),
             };
-            return Some(decode(key).and_then(|k| Ok((k, decode(value)?))));
+            let half = |(from, to): (usize, usize), escaped: bool| match (escaped, text.and_then(|t| t.get(from..to))) {
+                (false, Some(plain)) => Ok(Cow::Borrowed(plain)),
+                (false, None) => {
+                    std::str::from_utf8(&rest[from..to]).map(Cow::Borrowed).map_err(|_| FormError::InvalidUtf8)
+                }
+                (true, _) => decode_escaped(&rest[from..to]),
+            };
+            return Some(half(key, key_escaped).and_then(|k| Ok((k, half(value, value_escaped)?))));
         }
     }
 }
 
-/// Percent-decodes one key or value with `+` → space. The text between escapes is copied a
-/// run at a time: a callback's values are mostly plain, with a `+` or `%3A` here and there.
+/// Percent-decodes one key or value with `+` → space.
 pub fn decode(raw: &[u8]) -> Result<Cow<'_, str>, FormError> {
-    let Some(first) = memchr::memchr2(b'+', b'%', raw) else {
-        return std::str::from_utf8(raw).map(Cow::Borrowed).map_err(|_| FormError::InvalidUtf8);
-    };
+    if raw.iter().any(|&b| b == b'+' || b == b'%') {
+        decode_escaped(raw)
+    } else {
+        std::str::from_utf8(raw).map(Cow::Borrowed).map_err(|_| FormError::InvalidUtf8)
+    }
+}
+
+/// [`decode`] of text known to hold a `+` or a `%`.
+fn decode_escaped(raw: &[u8]) -> Result<Cow<'_, str>, FormError> {
     let mut out = Vec::with_capacity(raw.len());
-    out.extend_from_slice(&raw[..first]);
-    let mut i = first;
-    while i < raw.len() {
-        // `raw[i]` is `+` or `%`.
-        if raw[i] == b'+' {
-            out.push(b' ');
-            i += 1;
-        } else {
-            match (raw.get(i + 1).copied().and_then(hex_value), raw.get(i + 2).copied().and_then(hex_value)) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 3;
-                }
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        let (byte, used) = match b {
+            b'+' => (b' ', 1),
+            b'%' => match (raw.get(i + 1).copied().and_then(hex_value), raw.get(i + 2).copied().and_then(hex_value)) {
+                (Some(hi), Some(lo)) => (hi << 4 | lo, 3),
                 // Same as Python's `unquote` and WHATWG: a broken escape is literal text.
-                _ => {
-                    out.push(b'%');
-                    i += 1;
-                }
-            }
-        }
-        let run = memchr::memchr2(b'+', b'%', &raw[i..]).unwrap_or(raw.len() - i);
-        out.extend_from_slice(&raw[i..i + run]);
-        i += run;
+                _ => (b'%', 1),
+            },
+            b => (b, 1),
+        };
+        out.push(byte);
+        i += used;
     }
     String::from_utf8(out).map(Cow::Owned).map_err(|_| FormError::InvalidUtf8)
 }
@@ -210,6 +240,14 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_byte_an_escape_completes_is_text() {
+        // Not UTF-8 as received, UTF-8 once decoded: what Python's `parse_qsl` gives too.
+        assert_eq!(owned(b"a=\xc3%a9&b=1"), vec![p("a", "\u{e9}"), p("b", "1")]);
+        assert_eq!(parse(b"a=1&b=\xc3&c=%a9"), Err(FormError::InvalidUtf8));
+        assert_eq!(parse(b"\xc3=1"), Err(FormError::InvalidUtf8));
+    }
+
+    #[test]
     fn caps_pair_count() {
         let at_limit = "a=1&".repeat(MAX_PAIRS);
         assert_eq!(parse(at_limit.as_bytes()).unwrap().len(), MAX_PAIRS);
@@ -275,6 +313,27 @@ mod tests {
             0..48,
         )) {
             prop_assert_eq!(decode(&raw).ok().map(Cow::into_owned), decode_bytewise(&raw));
+        }
+
+        #[test]
+        fn parses_as_the_segment_model(raw in proptest::collection::vec(
+            prop_oneof![Just(b'&'), Just(b'='), Just(b'+'), Just(b'%'), Just(b'4'), Just(b'c'), Just(b'3'), Just(b'a'), any::<u8>()],
+            0..64,
+        )) {
+            // Split on `&`, skip empty segments, split each on its first `=`, decode both halves.
+            let model: Option<Vec<(String, String)>> = raw
+                .split(|&b| b == b'&')
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    let (k, v) = match s.iter().position(|&b| b == b'=') {
+                        Some(i) => (&s[..i], &s[i + 1..]),
+                        None => (s, &s[s.len()..]),
+                    };
+                    Some((decode_bytewise(k)?, decode_bytewise(v)?))
+                })
+                .collect();
+            let parsed = parse(&raw).ok().map(|v| v.into_iter().map(|(k, v)| (k.into_owned(), v.into_owned())).collect());
+            prop_assert_eq!(parsed, model);
         }
 
         #[test]
