@@ -676,6 +676,15 @@ mod tests {
         }
     }
 
+    /// Writes `ix`'s snapshot to `path` as the store does (no writer going on meanwhile), and
+    /// gives the index back.
+    fn save(ix: Index, path: &Path) -> Index {
+        let lock = std::sync::RwLock::new(ix);
+        let read = || lock.read().unwrap();
+        Index::write_snapshot(read(), read, path).unwrap().install().unwrap();
+        lock.into_inner().unwrap()
+    }
+
     #[test]
     fn a_snapshot_of_several_blocks_loads_back_the_same_index() {
         let orgs = [OrgId::generate(), OrgId::generate()];
@@ -688,10 +697,7 @@ mod tests {
         ix.covered = n as u64 * 64;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.snapshot");
-        let lock = std::sync::RwLock::new(ix);
-        let read = || lock.read().unwrap();
-        Index::write_snapshot(read(), read, &path).unwrap().install().unwrap();
-        let ix = lock.into_inner().unwrap();
+        let ix = save(ix, &path);
         let back = Index::load(&path).unwrap().expect("a sound snapshot");
         assert_eq!(back.len(), n);
         assert!(back.ids == ix.ids && back.locs == ix.locs && back.orgs == ix.orgs && back.states == ix.states);
@@ -727,10 +733,7 @@ mod tests {
         ix.covered = n as u64 * 64;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.snapshot");
-        let lock = std::sync::RwLock::new(ix);
-        let read = || lock.read().unwrap();
-        Index::write_snapshot(read(), read, &path).unwrap().install().unwrap();
-        let ix = lock.into_inner().unwrap();
+        let ix = save(ix, &path);
         let back = Index::load(&path).unwrap().expect("a sound snapshot");
         assert_eq!(back.marker_floor, ix.marker_floor);
         assert_eq!(back.markers.len(), ix.markers.len());
@@ -887,9 +890,7 @@ mod tests {
         assert_eq!((parked, ix.parked_phones().len()), (32, 1), "every pending one, behind the first");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.snapshot");
-        let lock = std::sync::RwLock::new(ix);
-        let read = || lock.read().unwrap();
-        Index::write_snapshot(read(), read, &path).unwrap().install().unwrap();
+        save(ix, &path);
         // The last list's length sits before its entries and the checksum. A damaged one is
         // found out by the checksum, once the list is read: nothing may be set aside for it
         // before then (16 GiB here, which a small machine cannot give).
@@ -997,10 +998,7 @@ mod tests {
                     }
                     // A snapshot, and a start from it.
                     _ => {
-                        let lock = std::sync::RwLock::new(std::mem::take(&mut sim.ix));
-                        let read = || lock.read().unwrap();
-                        Index::write_snapshot(read(), read, &path).unwrap().install().unwrap();
-                        let live = lock.into_inner().unwrap();
+                        let live = save(std::mem::take(&mut sim.ix), &path);
                         let back = Index::load(&path).unwrap().expect("a sound snapshot");
                         assert_eq!(contents(&back), contents(&live), "seed {seed} step {step}");
                         sim.ix = back;
