@@ -35,6 +35,19 @@ impl<T: Copy> Column<T> {
         self.chunks.push(chunk);
     }
 
+    /// Appends every value of `values`, a chunk's room at a time.
+    pub fn extend(&mut self, mut values: impl ExactSizeIterator<Item = T>) {
+        while values.len() > 0 {
+            if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+                self.chunks.push(Vec::with_capacity(CHUNK));
+            }
+            let Some(chunk) = self.chunks.last_mut() else { return };
+            let n = (CHUNK - chunk.len()).min(values.len());
+            chunk.extend(values.by_ref().take(n));
+            self.len += n;
+        }
+    }
+
     pub fn last(&self) -> Option<&T> {
         self.chunks.last().and_then(|c| c.last())
     }
@@ -97,6 +110,20 @@ mod tests {
         assert_eq!(c[CHUNK + 1], 7);
         assert_eq!(c.chunks.len(), 3);
         assert!(c.chunks.iter().all(|chunk| chunk.capacity() == CHUNK));
+    }
+
+    #[test]
+    fn extending_fills_each_chunk_before_the_next_as_pushing_does() {
+        let (mut pushed, mut extended) = (Column::default(), Column::default());
+        for (start, n) in [(0usize, 5usize), (5, CHUNK - 3), (CHUNK + 2, CHUNK + 7), (2 * CHUNK + 9, 0)] {
+            (start..start + n).for_each(|v| pushed.push(v as u64));
+            extended.extend((start..start + n).map(|v| v as u64));
+        }
+        assert_eq!(extended, pushed);
+        assert_eq!(extended.len(), 2 * CHUNK + 9);
+        assert_eq!(extended.chunks.len(), 3);
+        assert!(extended.chunks.iter().all(|chunk| chunk.capacity() == CHUNK));
+        assert!(extended.iter().copied().eq(0..(2 * CHUNK + 9) as u64));
     }
 
     #[test]

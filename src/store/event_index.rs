@@ -426,20 +426,27 @@ impl Index {
             ix.org_table.push(org);
         }
         let n = r.u32()? as usize;
-        let sound = r.items::<RECORD>(n, |rec| {
-            let field = |at: usize| -> [u8; 8] { rec[at..at + 8].try_into().unwrap_or_default() };
-            let half = |at: usize| -> [u8; 4] { rec[at..at + 4].try_into().unwrap_or_default() };
-            let id = u64::from_le_bytes(field(0));
-            let org = u32::from_le_bytes(half(16));
-            if ix.ids.last().is_some_and(|last| *last >= id) || org as usize >= ix.org_table.len() {
-                return false;
+        let org_count = ix.org_table.len();
+        let sound = r.blocks::<RECORD>(n, |block| {
+            let records = || block.chunks_exact(RECORD);
+            let field = |rec: &[u8], at: usize| u64::from_le_bytes(rec[at..at + 8].try_into().unwrap_or_default());
+            let half = |rec: &[u8], at: usize| u32::from_le_bytes(rec[at..at + 4].try_into().unwrap_or_default());
+            let mut last = ix.ids.last().copied();
+            for rec in records() {
+                let id = field(rec, 0);
+                if last.is_some_and(|last| last >= id) || half(rec, 16) as usize >= org_count {
+                    return false;
+                }
+                last = Some(id);
             }
-            ix.ids.push(id);
-            ix.locs.push(u64::from_le_bytes(field(8)));
-            ix.orgs.push(org);
-            ix.states.push(rec[20]);
-            ix.fps.push(short(u64::from_le_bytes(field(21))));
-            ix.expiry.push(u32::from_le_bytes(half(29)));
+            // Column by column: a tight copy each, where a push per field per record cost a
+            // fifth of a start at a million events.
+            ix.ids.extend(records().map(|rec| field(rec, 0)));
+            ix.locs.extend(records().map(|rec| field(rec, 8)));
+            ix.orgs.extend(records().map(|rec| half(rec, 16)));
+            ix.states.extend(records().map(|rec| rec[20]));
+            ix.fps.extend(records().map(|rec| short(field(rec, 21))));
+            ix.expiry.extend(records().map(|rec| half(rec, 29)));
             true
         })?;
         if !sound {
@@ -611,12 +618,12 @@ impl<R: Read> CrcRead<R> {
     }
 
     /// Reads `count` items of `N` bytes a block at a time (the checksum is cheap over a block
-    /// and dear per item), handing each to `take` until it says the snapshot is unsound.
-    /// False if it did.
-    fn items<const N: usize>(
+    /// and dear per item), handing each block (a whole number of items) to `take` until it
+    /// says the snapshot is unsound. False if it did.
+    fn blocks<const N: usize>(
         &mut self,
         count: usize,
-        mut take: impl FnMut(&[u8; N]) -> bool,
+        mut take: impl FnMut(&[u8]) -> bool,
     ) -> Result<bool, StoreError> {
         let mut block = vec![0u8; N * count.min(BLOCK_RECORDS)];
         let mut left = count;
@@ -624,14 +631,21 @@ impl<R: Read> CrcRead<R> {
             let n = left.min(BLOCK_RECORDS);
             let bytes = &mut block[..n * N];
             self.get(bytes)?;
-            for item in bytes.chunks_exact(N) {
-                if !item.try_into().is_ok_and(&mut take) {
-                    return Ok(false);
-                }
+            if !take(bytes) {
+                return Ok(false);
             }
             left -= n;
         }
         Ok(true)
+    }
+
+    /// [`Self::blocks`], one item at a time.
+    fn items<const N: usize>(
+        &mut self,
+        count: usize,
+        mut take: impl FnMut(&[u8; N]) -> bool,
+    ) -> Result<bool, StoreError> {
+        self.blocks::<N>(count, |block| block.chunks_exact(N).all(|item| item.try_into().is_ok_and(&mut take)))
     }
 
     fn u32(&mut self) -> Result<u32, StoreError> {
