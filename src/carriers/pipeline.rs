@@ -180,10 +180,7 @@ pub async fn handle<C: CarrierHooks>(
     if !incoming {
         return HttpResponse::Ok().finish();
     }
-    let decision = match preset {
-        Some(d) => d,
-        None => crate::handoff::assistant::decide_and_note(&state, &phone, &ev).await,
-    };
+    let decision = crate::handoff::assistant::decide_and_note(&state, &phone, &ev, preset).await;
     respond::<C>(&phone, Some(&decision), &ev)
 }
 

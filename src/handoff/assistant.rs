@@ -41,8 +41,17 @@ fn static_answer(phone: &PhoneRecord) -> Decided {
     Decided { record: json!({"decision": decision, "source": "static"}), decision }
 }
 
-/// Asks for the answer to a call recorded without one, and notes it on the event.
-pub async fn decide_and_note(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) -> Decision {
+/// The answer to a call: `preset`, the one recorded with the event, if there is one; else asked
+/// for now and noted on the event.
+pub async fn decide_and_note(
+    state: &AppState,
+    phone: &PhoneRecord,
+    ev: &EventRecord,
+    preset: Option<Decision>,
+) -> Decision {
+    if let Some(d) = preset {
+        return d;
+    }
     let d = decide(state, phone, ev).await;
     if let Err(e) = state.commit.set_answer(ev.id.clone(), d.record).await {
         tracing::warn!(event = %ev.id, error = %e, "could not note the answer on the event");
@@ -106,10 +115,7 @@ async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) 
 /// `preset`: the answer already recorded with the event (no assistant to ask).
 pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventRecord, preset: Option<Decision>) {
     let Some(ccid) = ev.call_id.clone() else { return };
-    let decision = match preset {
-        Some(d) => d,
-        None => decide_and_note(state, phone, ev).await,
-    };
+    let decision = decide_and_note(state, phone, ev, preset).await;
     let keys = crate::carriers::pipeline::keys_for(state, phone, &phone.credential);
     let api_key = match keys.as_deref() {
         Some(Prepared::Telnyx { api_key, .. }) => api_key,
