@@ -458,7 +458,6 @@ impl Index {
             let due = i64::from_le_bytes(q[4..12].try_into().unwrap_or_default());
             let call = u64::from_le_bytes(q[12..].try_into().unwrap_or_default());
             ix.enqueue(seq, due, call);
-            true
         })?;
         for _ in 0..r.u32()? {
             let phone = r.string()?;
@@ -466,10 +465,7 @@ impl Index {
             // The length is not yet checked (the checksum comes last): a damaged one must not
             // reserve gigabytes, so the list grows as its entries actually arrive.
             let mut list = Vec::with_capacity(len.min(1 << 16));
-            r.items::<4>(len, |seq| {
-                list.push(u32::from_le_bytes(*seq));
-                true
-            })?;
+            r.items::<4>(len, |seq| list.push(u32::from_le_bytes(*seq)))?;
             // Snapshots of earlier builds kept lists in arrival order, with repeats.
             list.sort_unstable();
             list.dedup();
@@ -639,13 +635,13 @@ impl<R: Read> CrcRead<R> {
         Ok(true)
     }
 
-    /// [`Self::blocks`], one item at a time.
-    fn items<const N: usize>(
-        &mut self,
-        count: usize,
-        mut take: impl FnMut(&[u8; N]) -> bool,
-    ) -> Result<bool, StoreError> {
-        self.blocks::<N>(count, |block| block.chunks_exact(N).all(|item| item.try_into().is_ok_and(&mut take)))
+    /// [`Self::blocks`], one item at a time, each taken as it comes.
+    fn items<const N: usize>(&mut self, count: usize, mut take: impl FnMut(&[u8; N])) -> Result<(), StoreError> {
+        self.blocks::<N>(count, |block| {
+            block.chunks_exact(N).filter_map(|item| item.try_into().ok()).for_each(&mut take);
+            true
+        })
+        .map(drop)
     }
 
     fn u32(&mut self) -> Result<u32, StoreError> {
