@@ -22,26 +22,27 @@ impl<T: Copy> Column<T> {
         self.len
     }
 
+    /// The last chunk, with room for at least one more value.
+    #[inline]
+    fn open_chunk(&mut self) -> &mut Vec<T> {
+        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+            // The chunk's pages become resident as they are written, not when reserved.
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        let last = self.chunks.len() - 1;
+        &mut self.chunks[last]
+    }
+
     #[inline]
     pub fn push(&mut self, value: T) {
+        self.open_chunk().push(value);
         self.len += 1;
-        if let Some(chunk) = self.chunks.last_mut().filter(|c| c.len() < CHUNK) {
-            chunk.push(value);
-            return;
-        }
-        // The chunk's pages become resident as they are written, not when reserved.
-        let mut chunk = Vec::with_capacity(CHUNK);
-        chunk.push(value);
-        self.chunks.push(chunk);
     }
 
     /// Appends every value of `values`, a chunk's room at a time.
     pub fn extend(&mut self, mut values: impl ExactSizeIterator<Item = T>) {
         while values.len() > 0 {
-            if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
-                self.chunks.push(Vec::with_capacity(CHUNK));
-            }
-            let Some(chunk) = self.chunks.last_mut() else { return };
+            let chunk = self.open_chunk();
             let n = (CHUNK - chunk.len()).min(values.len());
             chunk.extend(values.by_ref().take(n));
             self.len += n;
