@@ -36,9 +36,34 @@ impl Clock {
 }
 
 /// RFC 3339 with milliseconds, UTC: the one timestamp format of the API.
+///
+/// Every recorded event carries one, so the usual four-digit years are written digit by digit
+/// into a fixed buffer; `time`'s formatter walks a format description and grows its output.
 pub fn rfc3339(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let year = match u32::try_from(t.year()) {
+        Ok(y) if y <= 9999 => y,
+        _ => return formatted(t),
+    };
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, u32::from(u8::from(t.month())));
+    put(8, 2, u32::from(t.day()));
+    put(11, 2, u32::from(t.hour()));
+    put(14, 2, u32::from(t.minute()));
+    put(17, 2, u32::from(t.second()));
+    put(20, 3, u32::from(t.millisecond()));
+    String::from_utf8(out.to_vec()).unwrap_or_default()
+}
+
+fn formatted(t: time::OffsetDateTime) -> String {
     t.format(&time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"))
         .unwrap_or_default()
 }
@@ -46,6 +71,19 @@ pub fn rfc3339(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_what_the_format_description_does() {
+        let mut ms = -62_167_219_200_001i64; // a millisecond before the year 0
+                                             // Up to the last millisecond `time` can hold, 9999-12-31T23:59:59.999.
+        while ms < 253_402_300_800_000 {
+            let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap();
+            assert_eq!(rfc3339(ms), formatted(t), "{ms}");
+            ms += 86_400_000 * 97 + 3_600_000 * 5 + 61_007;
+        }
+        assert_eq!(rfc3339(i64::MAX), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
+    }
 
     #[test]
     fn formats_and_pins() {

@@ -49,10 +49,6 @@ fn seq_of(ix: &Index, id: &EventId) -> Option<(u32, u128)> {
     Some((ix.seq_of((v >> 64) as u64)?, v))
 }
 
-pub fn id_string(id: u128) -> EventId {
-    EventId::parse(&format!("{}{id:032x}", EventId::PREFIX)).expect("a formatted id parses")
-}
-
 pub fn id_value(id: &EventId) -> Option<u128> {
     u128::from_str_radix(id.as_str().strip_prefix(EventId::PREFIX)?, 16).ok()
 }
@@ -293,7 +289,7 @@ impl EventLog {
     fn event_of(&self, r: &Record<'_>) -> Result<EventRecord, StoreError> {
         let mut ev: EventRecord =
             if r.event_loc == HERE { dec(r.event)? } else { dec(decode_record(&self.read(r.event_loc)?)?.event)? };
-        ev.id = id_string(r.entry.id);
+        ev.id = EventId::from_value(r.entry.id);
         Ok(ev)
     }
 
@@ -302,7 +298,7 @@ impl EventLog {
         let bytes = self.read(at)?;
         let r = decode_record(&bytes)?;
         let mut delivery: DeliveryRecord = dec(r.delivery)?;
-        delivery.event_id = id_string(r.entry.id);
+        delivery.event_id = EventId::from_value(r.entry.id);
         Ok((self.event_of(&r)?, delivery))
     }
 
@@ -380,7 +376,7 @@ impl EventLog {
             ix.locs[seq as usize]
         };
         let bytes = self.read(at)?;
-        Ok(Some(id_string(decode_record(&bytes)?.entry.id)))
+        Ok(Some(EventId::from_value(decode_record(&bytes)?.entry.id)))
     }
 
     pub fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError> {
@@ -476,7 +472,7 @@ impl EventLog {
                 let fp = if key.is_empty() { 0 } else { fingerprint(key) };
                 if fp != 0 {
                     if let Some((_, _, first)) = in_batch.iter().find(|(f, k, _)| *f == fp && *k == key) {
-                        verdicts.push(Recorded::Duplicate(Some(id_string(*first))));
+                        verdicts.push(Recorded::Duplicate(Some(EventId::from_value(*first))));
                         continue;
                     }
                     if let Some(first) = self.first_with(&ix, fp, key, p.received_at_ms)? {
@@ -516,7 +512,7 @@ impl EventLog {
                     in_batch.push((fp, key, id));
                 }
                 next_seq += 1;
-                verdicts.push(Recorded::New { id: id_string(id), parked });
+                verdicts.push(Recorded::New { id: EventId::from_value(id), parked });
             }
             drop(ids);
             for d in batch.deliveries {
@@ -610,7 +606,7 @@ impl EventLog {
             let bytes = self.read(ix.locs[seq as usize])?;
             let r = decode_record(&bytes)?;
             if r.replay_key == key {
-                return Ok(Some(id_string(r.entry.id)));
+                return Ok(Some(EventId::from_value(r.entry.id)));
             }
         }
         Ok(None)
@@ -994,6 +990,6 @@ mod tests {
         }
         let later = g.next(10);
         assert!((later >> 80) > (first >> 80), "the counter spilled into the next millisecond");
-        assert!(id_value(&id_string(later)) == Some(later));
+        assert!(id_value(&EventId::from_value(later)) == Some(later));
     }
 }
