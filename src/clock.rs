@@ -74,8 +74,9 @@ mod tests {
 
     #[test]
     fn writes_what_the_format_description_does() {
-        let mut ms = -62_167_219_200_001i64; // a millisecond before the year 0
-                                             // Up to the last millisecond `time` can hold, 9999-12-31T23:59:59.999.
+        // From a millisecond before the year 0 (formatted by `time`) to the last one `time` can
+        // hold, 9999-12-31T23:59:59.999.
+        let mut ms = -62_167_219_200_001i64;
         while ms < 253_402_300_800_000 {
             let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap();
             assert_eq!(rfc3339(ms), formatted(t), "{ms}");

@@ -80,7 +80,7 @@ prefixed_id!(EventId, "evt_", "event");
 impl EventId {
     /// The id of an event not yet recorded: the store gives out the real one.
     pub fn unassigned() -> Self {
-        Self(format!("{}{}", Self::PREFIX, "0".repeat(32)))
+        Self::from_value(0)
     }
 
     /// The id the store gives the event numbered `v`. The writer makes one per event: digits
@@ -94,6 +94,11 @@ impl EventId {
             s.push(char::from(DIGITS[((v >> (shift * 4)) & 0xf) as usize]));
         }
         Self(s)
+    }
+
+    /// The number [`EventId::from_value`] made this id from.
+    pub fn value(&self) -> Option<u128> {
+        u128::from_str_radix(self.0.strip_prefix(Self::PREFIX)?, 16).ok()
     }
 }
 
@@ -115,7 +120,9 @@ mod tests {
             let id = EventId::from_value(v);
             assert_eq!(id.as_str(), format!("evt_{v:032x}"));
             assert_eq!(EventId::parse(id.as_str()).unwrap(), id);
+            assert_eq!(id.value(), Some(v));
         }
+        assert_eq!(EventId::unassigned(), EventId::from_value(0));
     }
 
     #[test]

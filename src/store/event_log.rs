@@ -45,12 +45,8 @@ fn call_hash(call_key: &str) -> u64 {
 
 /// The sequence number an id points at (by its high half) and the id's full value.
 fn seq_of(ix: &Index, id: &EventId) -> Option<(u32, u128)> {
-    let v = id_value(id)?;
+    let v = id.value()?;
     Some((ix.seq_of((v >> 64) as u64)?, v))
-}
-
-pub fn id_value(id: &EventId) -> Option<u128> {
-    u128::from_str_radix(id.as_str().strip_prefix(EventId::PREFIX)?, 16).ok()
 }
 
 /// A decoded record, borrowing from its bytes.
@@ -327,7 +323,7 @@ impl EventLog {
         let mut out = Vec::new();
         let mut seq = match &f.after {
             Some(after) => {
-                let Some(v) = id_value(after) else { return Ok(out) };
+                let Some(v) = after.value() else { return Ok(out) };
                 let ix = self.read_index();
                 match ix.ids.binary_search(&((v >> 64) as u64)) {
                     Ok(i) => i + 1,
@@ -990,6 +986,6 @@ mod tests {
         }
         let later = g.next(10);
         assert!((later >> 80) > (first >> 80), "the counter spilled into the next millisecond");
-        assert!(id_value(&EventId::from_value(later)) == Some(later));
+        assert!(EventId::from_value(later).value() == Some(later));
     }
 }
