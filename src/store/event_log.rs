@@ -15,7 +15,9 @@ use sha2::{Digest, Sha256};
 
 use super::event_index::{state_code, state_from, Entry, Index};
 use super::journal::{frame, Journal, JournalOptions, Loc, Segments};
-use super::{encode, DeliveryRecord, EventFilter, EventRecord, PreparedEvent, Recorded, StoreError, SCHEMA};
+use super::{
+    encode, encode_event, DeliveryRecord, EventFilter, EventRecord, PreparedEvent, Recorded, StoreError, SCHEMA,
+};
 use crate::domain::{EventId, OrgId};
 
 const VERSION: u8 = 1;
@@ -545,7 +547,7 @@ impl EventLog {
                     let r = decode_record(&old)?;
                     let mut ev = self.event_of(&r)?;
                     ev.answer = Some(answer.clone());
-                    let event = encode(&ev);
+                    let event = encode_event(&ev);
                     frames.push(buf.len());
                     frame(&mut buf, |b| {
                         encode_record(

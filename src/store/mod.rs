@@ -82,7 +82,7 @@ impl PreparedEvent {
             next_attempt_ms: delivery.next_attempt_ms,
             received_at_ms: ev.received_at_ms,
             parked: false,
-            event: encode_sized(ev, ev.params.get().len()),
+            event: encode_event(ev),
             delivery: encode(delivery),
             replay: replay_key.map(|(k, exp)| (k.to_vec(), exp)),
         }
@@ -103,9 +103,14 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     encode_sized(v, 0)
 }
 
-/// [`encode`] into a buffer with room for `extra` bytes beyond a record's usual size: an
-/// event embeds the carrier's fields, and growing to fit them copies the buffer twice.
-pub(crate) fn encode_sized<T: serde::Serialize>(v: &T, extra: usize) -> Vec<u8> {
+/// An event, into a buffer with room for the carrier's fields it embeds: growing to fit them
+/// would copy the buffer twice.
+pub(crate) fn encode_event(ev: &EventRecord) -> Vec<u8> {
+    encode_sized(ev, ev.params.get().len())
+}
+
+/// [`encode`] into a buffer with room for `extra` bytes beyond a record's usual size.
+fn encode_sized<T: serde::Serialize>(v: &T, extra: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(512 + extra);
     out.push(SCHEMA);
     serde_json::to_writer(&mut out, v).expect("records always serialize");
