@@ -113,6 +113,8 @@ pub struct Parsed {
     pub direction: Option<String>,
     pub status: Option<String>,
     pub params: Box<serde_json::value::RawValue>,
+    /// The fields as they arrived, when they are kept so (`params` is then `null`).
+    pub form: Option<String>,
     /// What identifies a redelivery of this very callback; it must be covered by the signature
     /// (a signed nonce or event id), or anyone holding one request could replay it under a new id.
     pub replay_id: Option<String>,

@@ -1,8 +1,9 @@
-//! The carrier's parameters as stored with the event: a JSON object of the query's and the
+//! The carrier's parameters as an event shows them: a JSON object of the query's and the
 //! form's fields, keys in order, a repeated key as an array of its values in arrival order.
 //!
-//! Written straight from the decoded pairs to JSON text, which the event embeds as it is: no
-//! map of owned strings is built on the webhook path only to be encoded and dropped.
+//! A form carrier's event stores the form text as it arrived and this JSON is made when the
+//! event is read out; other events store the JSON itself. It is written straight from the
+//! decoded pairs to JSON text: no map of owned strings is built only to be encoded and dropped.
 
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
@@ -13,15 +14,48 @@ use super::Inbound;
 /// The fields of `req` (query first, then form), without the keys in `skip`.
 pub fn form_params(req: &Inbound<'_>, skip: &[&str]) -> Box<RawValue> {
     let query: Vec<_> = crate::net::form::pairs(req.query.as_bytes()).filter_map(Result::ok).collect();
-    let mut fields: Vec<(&str, &str)> = query
-        .iter()
-        .chain(req.form.iter())
-        .map(|(k, v)| (k.as_ref(), v.as_ref()))
-        .filter(|(k, _)| !skip.contains(k))
-        .collect();
-    // Stable: the values of a repeated key keep their order.
+    let fields = query.iter().chain(req.form.iter()).filter(|(k, _)| !skip.contains(&k.as_ref()));
+    to_raw(&Fields(&sorted(fields)))
+}
+
+/// The fields of `req` as they arrived: the query, then the form body, joined by `&`. Decoding
+/// skips empty segments, so the text reads back as the two parts did one after the other.
+///
+/// A form carrier's event keeps this instead of [`form_params`]' JSON, which is made only when
+/// the event is read out ([`received_json`]): on the webhook path, decoding, sorting and
+/// escaping every field again cost more than the rest of recording the event. `None` when the
+/// body is not UTF-8 text (it may still decode to UTF-8), which then goes the JSON way.
+pub fn as_received(req: &Inbound<'_>) -> Option<String> {
+    let body = if req.is_form { std::str::from_utf8(req.body).ok()? } else { "" };
+    let mut text = String::with_capacity(req.query.len() + 1 + body.len());
+    text.push_str(req.query);
+    if !req.query.is_empty() && !body.is_empty() {
+        text.push('&');
+    }
+    text.push_str(body);
+    Some(text)
+}
+
+/// The JSON [`form_params`] gives (with nothing skipped) for fields kept by [`as_received`].
+pub fn received_json(text: &str) -> Box<RawValue> {
+    let fields: Vec<_> = crate::net::form::pairs(text.as_bytes()).filter_map(Result::ok).collect();
+    to_raw(&Fields(&sorted(fields.iter())))
+}
+
+/// A form carrier's fields for its event: as received where they can be kept so, else as JSON
+/// (`params`, `form`, as [`crate::store::EventRecord`] holds them).
+pub fn form_fields(req: &Inbound<'_>) -> (Box<RawValue>, Option<String>) {
+    match as_received(req) {
+        Some(text) => (RawValue::NULL.to_owned(), Some(text)),
+        None => (form_params(req, &[]), None),
+    }
+}
+
+/// Pairs by key, the values of a repeated key in arrival order (the sort is stable).
+fn sorted<'a>(pairs: impl Iterator<Item = &'a crate::net::form::Pair<'a>>) -> Vec<(&'a str, &'a str)> {
+    let mut fields: Vec<(&str, &str)> = pairs.map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
     fields.sort_by(|a, b| a.0.cmp(b.0));
-    to_raw(&Fields(&fields))
+    fields
 }
 
 /// Any value as embedded JSON; a string when `bytes` are not JSON that can be read back as a
@@ -218,6 +252,70 @@ mod tests {
             map.insert(k.into_owned(), serde_json::Value::String(v.into_owned()));
         }
         assert_eq!(params("", body, &[]), serde_json::Value::Object(map).to_string());
+    }
+
+    fn inbound<'a>(headers: &'a HeaderMap, query: &'a str, body: &'a [u8], is_form: bool) -> Inbound<'a> {
+        Inbound {
+            method: "POST",
+            headers,
+            url: "https://gw.example/x",
+            query,
+            body,
+            form: if is_form { crate::net::form::parse(body).unwrap() } else { Vec::new() },
+            is_form,
+            envelope: None,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            now_secs: 0,
+        }
+    }
+
+    #[test]
+    fn fields_kept_as_received_read_back_as_the_json_made_at_once() {
+        let headers = HeaderMap::new();
+        for (query, body) in [
+            ("", "b=f1&a=%22quoted%22+%26+spaced&b=f2&c="),
+            ("b=q1&Z=q2", "b=f1&&a=1&"),
+            ("b=q1&", ""),
+            ("", ""),
+            ("x=%ZZ&y=%C3%A9", "To=%2B14155550100&X-PH-u%C3%A9=%F0%9F%93%9E&k"),
+        ] {
+            let req = inbound(&headers, query, body.as_bytes(), true);
+            let (params, form) = form_fields(&req);
+            assert_eq!(params.get(), "null");
+            let text = form.unwrap();
+            assert_eq!(received_json(&text).get(), form_params(&req, &[]).get(), "{query:?} {body:?}");
+        }
+        // Query and body are told apart only by the `&` between them.
+        assert_eq!(as_received(&inbound(&headers, "a=1", b"b=2", true)).unwrap(), "a=1&b=2");
+        // A body that is not a form is not a field: only the query is kept.
+        assert_eq!(as_received(&inbound(&headers, "a=1", b"{\"b\":2}", false)).unwrap(), "a=1");
+    }
+
+    #[test]
+    fn a_form_body_that_is_not_utf8_text_is_kept_as_json() {
+        let headers = HeaderMap::new();
+        // A raw lead byte completed by an escape decodes to UTF-8 text, but is not text itself.
+        let body = b"a=\xc3%A9";
+        let req = inbound(&headers, "", body, true);
+        assert_eq!(as_received(&req), None);
+        let (params, form) = form_fields(&req);
+        assert_eq!((params.get(), form), (r#"{"a":"é"}"#, None));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_form_kept_as_received_reads_back_as_its_json(
+            query in "[a-cZ=&%+0-9]{0,24}",
+            body in "[a-cZ=&%+0-9é]{0,48}",
+        ) {
+            let headers = HeaderMap::new();
+            let Ok(form) = crate::net::form::parse(body.as_bytes()) else { return Ok(()) };
+            let mut req = inbound(&headers, &query, body.as_bytes(), true);
+            req.form = form;
+            let text = as_received(&req).unwrap();
+            let (kept, made) = (received_json(&text), form_params(&req, &[]));
+            proptest::prop_assert_eq!(kept.get(), made.get());
+        }
     }
 
     #[test]

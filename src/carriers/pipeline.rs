@@ -208,6 +208,7 @@ pub fn event(phone: &PhoneRecord, p: Parsed, verified_by: VerifiedBy, now_ms: i6
         received_at_ms: now_ms,
         verified_by,
         params: p.params,
+        form: p.form,
         answer: None,
     }
 }

@@ -673,6 +673,7 @@ mod tests {
             received_at_ms: at_ms,
             verified_by: VerifiedBy { scheme: "plivo-v3".into(), credential: "current".into(), secret_id: None },
             params: serde_json::value::to_raw_value(&serde_json::json!({"CallUUID": call})).unwrap(),
+            form: None,
             answer: None,
         };
         let d = DeliveryRecord {

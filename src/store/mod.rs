@@ -106,7 +106,7 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 /// An event, into a buffer with room for the carrier's fields it embeds: growing to fit them
 /// would copy the buffer twice.
 pub(crate) fn encode_event(ev: &EventRecord) -> Vec<u8> {
-    encode_sized(ev, ev.params.get().len())
+    encode_sized(ev, ev.params.get().len() + ev.form.as_ref().map_or(0, String::len))
 }
 
 /// [`encode`] into a buffer with room for `extra` bytes beyond a record's usual size.

@@ -127,8 +127,12 @@ pub struct EventRecord {
     pub received_at_ms: i64,
     pub verified_by: VerifiedBy,
     /// The carrier's fields (or Telnyx's body) as JSON text, embedded as is when the event is
-    /// encoded.
+    /// encoded; `null` while `form` holds them.
     pub params: Box<serde_json::value::RawValue>,
+    /// A form carrier's fields as they arrived (`carriers::params::as_received`), kept instead
+    /// of their JSON, which is made when the event is read out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub form: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer: Option<Value>,
 }

@@ -66,6 +66,7 @@ impl CarrierHooks for Exotel {
             direction: req.param("Direction"),
             status: status.or(call_type),
             params,
+            form: None,
             replay_id: None,
         }
     }

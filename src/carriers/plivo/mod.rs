@@ -47,6 +47,7 @@ pub(crate) fn verify_v3_family(
 
 /// Plivo-family payloads: form or query fields named alike.
 pub(crate) fn parse_family(req: &Inbound<'_>, hook: Hook, nonce_header: &str) -> Parsed {
+    let (params, form) = super::params::form_fields(req);
     let status = req.param("CallStatus");
     let event = req.param("Event");
     let kind = match hook {
@@ -69,7 +70,8 @@ pub(crate) fn parse_family(req: &Inbound<'_>, hook: Hook, nonce_header: &str) ->
         to: req.param("To").map(|s| super::e164_or_raw(&s)),
         direction: req.param("Direction"),
         status,
-        params: super::params::form_params(req, &[]),
+        params,
+        form,
         replay_id: req.header(nonce_header).map(|n| format!("nonce:{n}")),
     }
 }

@@ -92,6 +92,7 @@ impl CarrierHooks for Telnyx {
             status: p.state.or(p.hangup_cause),
             replay_id: data.id.map(|id| format!("event:{id}")),
             params: body.unwrap_or_else(|| super::params::json_or_text(req.body)),
+            form: None,
         }
     }
 

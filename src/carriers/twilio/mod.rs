@@ -55,10 +55,11 @@ impl CarrierHooks for Twilio {
             _ if status.as_deref() == Some("in-progress") => "call.answered",
             _ => "call.status",
         };
-        let form = req.is_form || req.body.is_empty();
-        let params = if form { super::params::form_params(req, &[]) } else { super::params::json_or_text(req.body) };
+        let is_form = req.is_form || req.body.is_empty();
+        let (params, form) =
+            if is_form { super::params::form_fields(req) } else { (super::params::json_or_text(req.body), None) };
         // A JSON body's fields are read from the body itself; a form's answer through `param`.
-        let json = if form {
+        let json = if is_form {
             None
         } else {
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(params.get()).ok()
@@ -76,6 +77,7 @@ impl CarrierHooks for Twilio {
             // key hashes what the signature covers, which a retry repeats byte for byte.
             replay_id: None,
             params,
+            form,
         }
     }
 
