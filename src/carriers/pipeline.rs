@@ -136,7 +136,8 @@ pub async fn handle<C: CarrierHooks>(
     let delivery = DeliveryRecord {
         event_id: ev.id.clone(),
         org_id: ev.org_id.clone(),
-        call_key: format!("{}:{}", carrier, ev.call_id.as_deref().unwrap_or(ev.id.as_str())),
+        // An event of no call is a call of its own, keyed by the id the writer gives it.
+        call_key: ev.call_id.as_deref().map_or_else(String::new, |call| format!("{carrier}:{call}")),
         state: DeliveryState::Pending,
         attempts: Vec::new(),
         next_attempt_ms: now_ms,

@@ -45,6 +45,23 @@ fn call_hash(call_key: &str) -> u64 {
     hash64(call_key.as_bytes())
 }
 
+/// The call of event `id` recorded with `call_key`: an empty key (an event of no call) is the
+/// event's own call, the key its delivery record shows once read ([`own_call_key`]).
+fn call_of(call_key: &str, id: u128) -> u64 {
+    if call_key.is_empty() {
+        call_hash(EventId::from_value(id).as_str())
+    } else {
+        call_hash(call_key)
+    }
+}
+
+/// The call key of an event of no call: its id, which no `carrier:call` key can equal.
+fn own_call_key(delivery: &mut DeliveryRecord) {
+    if delivery.call_key.is_empty() {
+        delivery.call_key = delivery.event_id.as_str().to_owned();
+    }
+}
+
 /// The sequence number an id points at (by its high half) and the id's full value.
 fn seq_of(ix: &Index, id: &EventId) -> Option<(u32, u128)> {
     let v = id.value()?;
@@ -297,6 +314,7 @@ impl EventLog {
         let r = decode_record(&bytes)?;
         let mut delivery: DeliveryRecord = dec(r.delivery)?;
         delivery.event_id = EventId::from_value(r.entry.id);
+        own_call_key(&mut delivery);
         Ok((self.event_of(&r)?, delivery))
     }
 
@@ -495,7 +513,7 @@ impl EventLog {
                                 state: p.state,
                                 parked,
                                 due_ms: p.next_attempt_ms,
-                                call: call_hash(&p.call_key),
+                                call: call_of(&p.call_key, id),
                                 org: p.org_id.as_str(),
                                 phone: p.phone_id.as_str(),
                             },
@@ -529,7 +547,7 @@ impl EventLog {
                                     state: d.state,
                                     parked: false,
                                     due_ms: d.next_attempt_ms,
-                                    call: call_hash(&d.call_key),
+                                    call: call_of(&d.call_key, r.entry.id),
                                     ..r.entry.clone()
                                 },
                                 event_loc: if r.event_loc == HERE { at } else { r.event_loc },
@@ -745,6 +763,37 @@ mod tests {
         assert_eq!(log.sweep(61_000), 2);
         let out = record(&log, &[prepared(&org, "c3", b"k2", 61_000, 120_000)]);
         assert!(matches!(out[0], Recorded::New { parked: false, .. }));
+    }
+
+    #[test]
+    fn an_event_of_no_call_is_a_call_of_its_own_before_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (org, other) = (OrgId::generate(), OrgId::generate());
+        let callless = |org: &OrgId, key: &[u8]| {
+            let (mut ev, mut d) = event(org, "", 1_000);
+            ev.call_id = None;
+            d.call_key = String::new();
+            PreparedEvent::new(&ev, &d, Some((key, 90_000)))
+        };
+        let (a, b);
+        {
+            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let out = record(&log, &[callless(&org, b"k1"), callless(&other, b"k2")]);
+            (a, b) = (new_id(&out[0]), new_id(&out[1]));
+            // A failed attempt of one puts it off; the other, of no call either, is not behind it.
+            let mut d = log.delivery_get(&org, &a).unwrap().unwrap();
+            d.state = DeliveryState::Failed;
+            d.next_attempt_ms = 60_000;
+            log.write(Batch { events: &[], deliveries: &[d], answers: &[] }).unwrap();
+        }
+        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        for (org, id) in [(&org, &a), (&other, &b)] {
+            let d = log.delivery_get(org, id).unwrap().unwrap();
+            assert_eq!(d.call_key, id.as_str());
+            assert_eq!(log.call_head(&d.call_key).unwrap().as_ref(), Some(id));
+        }
+        let due: Vec<_> = log.deliveries_due(1_000, 10).unwrap().into_iter().map(|(e, _)| e.id).collect();
+        assert_eq!(due, vec![b.clone()]);
     }
 
     #[test]

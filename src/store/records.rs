@@ -158,6 +158,8 @@ pub struct DeliveryAttempt {
 pub struct DeliveryRecord {
     pub event_id: EventId,
     pub org_id: OrgId,
+    /// The call whose events are handed on in order, `carrier:call id`; an event of no call is
+    /// its own call, and its key is its id.
     pub call_key: String,
     pub state: DeliveryState,
     pub attempts: Vec<DeliveryAttempt>,

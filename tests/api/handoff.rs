@@ -369,7 +369,6 @@ fn incoming_request(client: &reqwest::Client, base: &str, line: &Line, call_id: 
 
 /// Twilio's status callback for `call`, with a distinct status per event.
 async fn twilio_status(client: &reqwest::Client, base: &str, line: &Line, call: &str, status: &str, seq: u32) -> u16 {
-    let hook = format!("/twilio/status/{}", line.phone_id);
     let params: Vec<(&str, String)> = vec![
         ("AccountSid", "AC0123456789abcdef0123456789abcdef".into()),
         ("CallSid", call.to_owned()),
@@ -379,12 +378,18 @@ async fn twilio_status(client: &reqwest::Client, base: &str, line: &Line, call: 
         ("SequenceNumber", seq.to_string()),
         ("To", line.number.clone()),
     ];
-    let sig = twilio_sig::sign(&TwilioKey::new(line.token.as_bytes()), &format!("{PUBLIC_URL}{hook}"), &params);
+    twilio_callback(client, base, line, &params).await
+}
+
+/// A signed Twilio status callback of `params` to `line`.
+async fn twilio_callback(client: &reqwest::Client, base: &str, line: &Line, params: &[(&str, String)]) -> u16 {
+    let hook = format!("/twilio/status/{}", line.phone_id);
+    let sig = twilio_sig::sign(&TwilioKey::new(line.token.as_bytes()), &format!("{PUBLIC_URL}{hook}"), params);
     let res = client
         .post(format!("{base}{hook}"))
         .header("content-type", "application/x-www-form-urlencoded")
         .header("X-Twilio-Signature", sig)
-        .body(form_body(&params))
+        .body(form_body(params))
         .send()
         .await;
     res.map(|r| r.status().as_u16()).unwrap_or(0)
@@ -1006,6 +1011,47 @@ async fn deliveries_are_signed_with_both_secrets_during_rotation_and_carry_the_e
     wait_state(&app, &org, &id, "delivered").await;
     assert_eq!(own.hits_to("/own").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id]);
     assert_eq!(upstream.hits().len(), 1);
+}
+
+/// Events that belong to no call are each a call of their own: one whose upstream fails holds
+/// back no other, of its org or another.
+#[tokio::test]
+async fn an_event_of_no_call_waits_behind_no_other() {
+    let upstream = FakeHttp::start(|_| Reply::status(200)).await;
+    let failing = FakeHttp::start(|_| Reply::status(500)).await;
+    let app = upstream_app(&upstream, &[]).await;
+    let (acme, globex) = (app.create_org("Acme").await, app.create_org("Globex").await);
+    let mut cfg = config(None, None);
+    cfg.upstream_url = Some(failing.url("/down"));
+    let down = add_line(&app, &acme, Carrier::Twilio, "+16282020001", cfg);
+    let acme_line = add_line(&app, &acme, Carrier::Twilio, "+16282020002", config(None, None));
+    let globex_line = add_line(&app, &globex, Carrier::Twilio, "+16282020003", config(None, None));
+    let callless = |line: &Line, n: u32| {
+        vec![
+            ("AccountSid", "AC0123456789abcdef0123456789abcdef".to_owned()),
+            ("CallStatus", "completed".to_owned()),
+            ("SequenceNumber", n.to_string()),
+            ("To", line.number.clone()),
+        ]
+    };
+    assert_eq!(twilio_callback(&app.client, &app.base, &down, &callless(&down, 1)).await, 200);
+    let first = events_of(&app, &acme, &down).await[0]["id"].as_str().unwrap().to_owned();
+    let d = wait_attempts(&app, &acme, &first, 1).await;
+    assert_eq!((d["state"].as_str(), d["attempts"][0]["status_code"].as_u64()), (Some("failed"), Some(500)));
+
+    // The clock stands still, so the failed one is not tried again; the others go at once.
+    let mut ids = Vec::new();
+    for (org, line, n) in [(&acme, &acme_line, 2), (&globex, &globex_line, 3)] {
+        assert_eq!(twilio_callback(&app.client, &app.base, line, &callless(line, n)).await, 200);
+        let evs = events_of(&app, org, line).await;
+        assert_eq!((evs.len(), &evs[0]["call_id"]), (1, &Value::Null));
+        let id = evs[0]["id"].as_str().unwrap().to_owned();
+        assert_eq!(wait_state(&app, org, &id, "delivered").await["attempts"].as_array().unwrap().len(), 1);
+        ids.push(id);
+    }
+    assert_eq!(upstream.hits_to("/hook").iter().map(Hit::webhook_id).collect::<Vec<_>>(), ids);
+    assert_eq!(failing.hits().len(), 1);
+    assert_eq!(event(&app, &acme, &first).await["delivery"]["state"], "failed");
 }
 
 /// The base delay after `failures` failures: 5 s, 30 s, 2 min, 10 min, 1 h, then hourly.
