@@ -14,9 +14,7 @@ use callgate::carriers::plivo::{signature as plivo_sig, Plivo};
 use callgate::carriers::{params, pipeline, CarrierHooks, Hook, Inbound, Prepared, VerifyContext};
 use callgate::domain::{Carrier, EventId, OrgId, PhoneId, SecretId, E164};
 use callgate::net::{client, form};
-use callgate::store::{
-    DeliveryRecord, DeliveryState, EventRecord, PhoneConfig, PhoneRecord, PreparedEvent, SledStore, Store, VerifiedBy,
-};
+use callgate::store::{EventRecord, PhoneConfig, PhoneRecord, PreparedEvent, SledStore, Store, VerifiedBy};
 
 /// A Plivo hangup callback as `callgate-bench` sends it (~780 bytes).
 const STATUS_BODY: &str = "ALegRequestUUID=3e82ae9d-2c78-4d85-b1a4-6eae7dbafb36\
@@ -124,18 +122,6 @@ fn event(phone: &PhoneRecord) -> EventRecord {
     }
 }
 
-fn delivery(ev: &EventRecord) -> DeliveryRecord {
-    DeliveryRecord {
-        event_id: ev.id.clone(),
-        org_id: ev.org_id.clone(),
-        call_key: format!("plivo:{}", ev.call_id.as_deref().unwrap_or("")),
-        state: DeliveryState::Pending,
-        attempts: Vec::new(),
-        next_attempt_ms: ev.received_at_ms,
-        created_at_ms: ev.received_at_ms,
-    }
-}
-
 /// A form-encoded status callback as the pipeline hands it to a carrier, its form decoded.
 fn status_callback<'a>(headers: &'a HeaderMap, url: &'a str, body: &'a [u8]) -> Inbound<'a> {
     Inbound {
@@ -170,10 +156,9 @@ fn bench_event(c: &mut Criterion) {
 /// A fresh event, delivery and replay key per iteration, as every real callback has.
 fn unique(template: &EventRecord, expires: i64) -> PreparedEvent {
     let ev = template.clone();
-    let d = delivery(&ev);
     let mut key = b"plivo\0nonce:".to_vec();
     key.extend_from_slice(EventId::generate().as_str().as_bytes());
-    PreparedEvent::new(&ev, &d, Some((&key, expires)))
+    PreparedEvent::new(&ev, Some((&key, expires)))
 }
 
 fn bench_store(c: &mut Criterion) {
@@ -236,8 +221,7 @@ fn bench_path(c: &mut Criterion) {
             let parsed = Plivo::parse(&mut inbound, Hook::Status);
             let verified_by = VerifiedBy { scheme: scheme.into(), credential: "current".into(), secret_id: None };
             let ev = pipeline::event(&phone, parsed, verified_by, 1_714_557_639_123);
-            let d = delivery(&ev);
-            PreparedEvent::new(&ev, &d, Some((b"plivo\0nonce", 1)))
+            PreparedEvent::new(&ev, Some((b"plivo\0nonce", 1)))
         })
     });
     group.finish();

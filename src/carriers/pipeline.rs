@@ -16,7 +16,7 @@ use crate::domain::{EventId, PhoneId, SecretId};
 use crate::error::ApiError;
 use crate::net::{body, client, form};
 use crate::state::AppState;
-use crate::store::{DeliveryRecord, DeliveryState, EventRecord, PhoneRecord, PreparedEvent, Recorded, VerifiedBy};
+use crate::store::{EventRecord, PhoneRecord, PreparedEvent, Recorded, VerifiedBy};
 
 fn rejected(
     carrier: crate::domain::Carrier,
@@ -133,18 +133,8 @@ pub async fn handle<C: CarrierHooks>(
             preset = Some(d.decision);
         }
     }
-    let delivery = DeliveryRecord {
-        event_id: ev.id.clone(),
-        org_id: ev.org_id.clone(),
-        // An event of no call is a call of its own, keyed by the id the writer gives it.
-        call_key: ev.call_id.as_deref().map_or_else(String::new, |call| format!("{carrier}:{call}")),
-        state: DeliveryState::Pending,
-        attempts: Vec::new(),
-        next_attempt_ms: now_ms,
-        created_at_ms: now_ms,
-    };
     let mut parked = phone.config.upstream_url.is_none() && settings.handoff.upstream_url.is_none();
-    let prepared = PreparedEvent::new(&ev, &delivery, Some((&replay_key, expires))).parked(parked);
+    let prepared = PreparedEvent::new(&ev, Some((&replay_key, expires))).parked(parked);
     // The writer acknowledges only once the batch holding this event is on disk.
     match state.commit.record(prepared).await {
         Ok(Recorded::New { id, parked: waits }) => {

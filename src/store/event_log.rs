@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 use super::event_index::{state_code, state_from, Entry, Index};
 use super::journal::{frame, Journal, JournalOptions, Loc, Segments};
 use super::{
-    encode, encode_event, DeliveryRecord, EventFilter, EventRecord, PreparedEvent, Recorded, StoreError, SCHEMA,
+    encode, encode_event, DeliveryRecord, DeliveryState, EventFilter, EventRecord, PreparedEvent, Recorded, StoreError,
+    SCHEMA,
 };
 use crate::domain::{EventId, OrgId};
 
@@ -312,10 +313,12 @@ impl EventLog {
     fn load(&self, at: Loc) -> Result<(EventRecord, DeliveryRecord), StoreError> {
         let bytes = self.read(at)?;
         let r = decode_record(&bytes)?;
-        let mut delivery: DeliveryRecord = dec(r.delivery)?;
+        let ev = self.event_of(&r)?;
+        // A version that left the delivery as the event started it holds none.
+        let mut delivery = if r.delivery.is_empty() { DeliveryRecord::first(&ev) } else { dec(r.delivery)? };
         delivery.event_id = EventId::from_value(r.entry.id);
         own_call_key(&mut delivery);
-        Ok((self.event_of(&r)?, delivery))
+        Ok((ev, delivery))
     }
 
     fn find(&self, org: &OrgId, id: &EventId) -> Option<Loc> {
@@ -510,9 +513,9 @@ impl EventLog {
                                 id,
                                 fp,
                                 expiry_secs: ((expires.max(0) + 999) / 1000).min(i64::from(u32::MAX)) as u32,
-                                state: p.state,
+                                state: DeliveryState::Pending,
                                 parked,
-                                due_ms: p.next_attempt_ms,
+                                due_ms: p.received_at_ms,
                                 call: call_of(&p.call_key, id),
                                 org: p.org_id.as_str(),
                                 phone: p.phone_id.as_str(),
@@ -520,7 +523,8 @@ impl EventLog {
                             event_loc: HERE,
                             replay_key: key,
                             event: &p.event,
-                            delivery: &p.delivery,
+                            // Made from the event when read (`DeliveryRecord::first`).
+                            delivery: &[],
                         },
                     )
                 });
@@ -675,8 +679,8 @@ mod tests {
     use crate::domain::{Carrier, PhoneId};
     use crate::store::{DeliveryState, VerifiedBy};
 
-    fn event(org: &OrgId, call: &str, at_ms: i64) -> (EventRecord, DeliveryRecord) {
-        let ev = EventRecord {
+    fn event(org: &OrgId, call: &str, at_ms: i64) -> EventRecord {
+        EventRecord {
             id: EventId::unassigned(),
             org_id: org.clone(),
             phone_id: PhoneId::generate(),
@@ -693,22 +697,11 @@ mod tests {
             params: serde_json::value::to_raw_value(&serde_json::json!({"CallUUID": call})).unwrap(),
             form: None,
             answer: None,
-        };
-        let d = DeliveryRecord {
-            event_id: ev.id.clone(),
-            org_id: org.clone(),
-            call_key: format!("plivo:{call}"),
-            state: DeliveryState::Pending,
-            attempts: Vec::new(),
-            next_attempt_ms: at_ms,
-            created_at_ms: at_ms,
-        };
-        (ev, d)
+        }
     }
 
     fn prepared(org: &OrgId, call: &str, key: &[u8], at_ms: i64, expires_ms: i64) -> PreparedEvent {
-        let (ev, d) = event(org, call, at_ms);
-        PreparedEvent::new(&ev, &d, Some((key, expires_ms)))
+        PreparedEvent::new(&event(org, call, at_ms), Some((key, expires_ms)))
     }
 
     fn record(log: &EventLog, events: &[PreparedEvent]) -> Vec<Recorded> {
@@ -746,7 +739,14 @@ mod tests {
         assert!(a < c, "ids ascend in recording order");
         assert_eq!(all(&log, &org), vec![a.clone(), c.clone()]);
         assert_eq!(log.event_get(&org, &a).unwrap().unwrap().params.get(), r#"{"CallUUID":"c1"}"#);
-        assert_eq!(log.delivery_get(&org, &c).unwrap().unwrap().event_id, c);
+        // The delivery every event starts with is made from the event, not stored beside it.
+        let d = log.delivery_get(&org, &c).unwrap().unwrap();
+        assert_eq!(
+            (d.event_id, &d.org_id, d.call_key.as_str(), d.state, d.attempts.len(), d.next_attempt_ms, d.created_at_ms),
+            (c.clone(), &org, "plivo:c2", DeliveryState::Pending, 0, 5_000, 5_000)
+        );
+        let bytes = log.read(log.find(&org, &c).unwrap()).unwrap();
+        assert!(decode_record(&bytes).unwrap().delivery.is_empty());
         // Another org sees nothing; an id differing only in its random half is not found.
         let other = OrgId::generate();
         assert!(log.event_get(&other, &a).unwrap().is_none());
@@ -770,10 +770,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (org, other) = (OrgId::generate(), OrgId::generate());
         let callless = |org: &OrgId, key: &[u8]| {
-            let (mut ev, mut d) = event(org, "", 1_000);
+            let mut ev = event(org, "", 1_000);
             ev.call_id = None;
-            d.call_key = String::new();
-            PreparedEvent::new(&ev, &d, Some((key, 90_000)))
+            PreparedEvent::new(&ev, Some((key, 90_000)))
         };
         let (a, b);
         {
@@ -961,24 +960,20 @@ mod tests {
     fn parked_events_wait_off_the_queue_until_their_number_gets_an_upstream() {
         let dir = tempfile::tempdir().unwrap();
         let org = OrgId::generate();
-        let (ev, d) = event(&org, "c1", 1_000);
+        let ev = event(&org, "c1", 1_000);
         let phone = ev.phone_id.clone();
-        let (mut later, mut later_d) = event(&org, "c1", 2_000);
+        let mut later = event(&org, "c1", 2_000);
         later.phone_id = phone.clone();
-        later_d.next_attempt_ms = 2_000;
-        let (other, other_d) = event(&org, "c2", 3_000);
+        let other = event(&org, "c2", 3_000);
         {
             let log = EventLog::open(dir.path(), SMALL).unwrap();
-            let out = record(&log, &[PreparedEvent::new(&ev, &d, Some((b"k1", 90_000))).parked(true)]);
+            let out = record(&log, &[PreparedEvent::new(&ev, Some((b"k1", 90_000))).parked(true)]);
             assert!(matches!(out[0], Recorded::New { parked: true, .. }));
             // Recorded as queued, it parks behind its number's parked event, and says so; another
             // number's event is queued.
             let out = record(
                 &log,
-                &[
-                    PreparedEvent::new(&later, &later_d, Some((b"k2", 90_000))),
-                    PreparedEvent::new(&other, &other_d, Some((b"k3", 90_000))),
-                ],
+                &[PreparedEvent::new(&later, Some((b"k2", 90_000))), PreparedEvent::new(&other, Some((b"k3", 90_000)))],
             );
             assert!(matches!(out[..], [Recorded::New { parked: true, .. }, Recorded::New { parked: false, .. }]));
             assert_eq!((log.outbox(), log.parked_phones()), ((1, 2), vec![phone.as_str().to_owned()]));

@@ -56,34 +56,29 @@ pub struct OutboxDepth {
     pub parked: usize,
 }
 
-/// An event and its delivery record, encoded once on the request's thread so the single
-/// writer only has to put bytes in place. The event's id is given out by the writer (ids
-/// ascend in recording order); whatever id the record holds here is replaced.
+/// A new event, encoded once on the request's thread so the single writer only has to put
+/// bytes in place. The event's id is given out by the writer (ids ascend in recording order);
+/// whatever id the record holds here is replaced. Its delivery starts as
+/// [`DeliveryRecord::first`], which is made from the event when read rather than stored.
 pub struct PreparedEvent {
     pub(crate) org_id: OrgId,
     pub(crate) phone_id: PhoneId,
     pub(crate) call_key: String,
-    pub(crate) state: DeliveryState,
-    pub(crate) next_attempt_ms: i64,
     pub(crate) received_at_ms: i64,
     pub(crate) parked: bool,
     pub(crate) event: Vec<u8>,
-    pub(crate) delivery: Vec<u8>,
     pub(crate) replay: Option<(Vec<u8>, i64)>,
 }
 
 impl PreparedEvent {
-    pub fn new(ev: &EventRecord, delivery: &DeliveryRecord, replay_key: Option<(&[u8], i64)>) -> Self {
+    pub fn new(ev: &EventRecord, replay_key: Option<(&[u8], i64)>) -> Self {
         PreparedEvent {
             org_id: ev.org_id.clone(),
             phone_id: ev.phone_id.clone(),
-            call_key: delivery.call_key.clone(),
-            state: delivery.state,
-            next_attempt_ms: delivery.next_attempt_ms,
+            call_key: DeliveryRecord::call_key_of(ev),
             received_at_ms: ev.received_at_ms,
             parked: false,
             event: encode_event(ev),
-            delivery: encode(delivery),
             replay: replay_key.map(|(k, exp)| (k.to_vec(), exp)),
         }
     }

@@ -167,6 +167,28 @@ pub struct DeliveryRecord {
     pub created_at_ms: i64,
 }
 
+impl DeliveryRecord {
+    /// The call `ev` belongs to, `carrier:call id`; empty for an event of no call, which the
+    /// store makes a call of its own, keyed by its id once it has one.
+    pub fn call_key_of(ev: &EventRecord) -> String {
+        ev.call_id.as_deref().map_or_else(String::new, |call| format!("{}:{call}", ev.provider))
+    }
+
+    /// The record every event's hand-off starts from: pending, due when the event arrived. The
+    /// store keeps it with the event by making it from the event when read, not as bytes.
+    pub fn first(ev: &EventRecord) -> Self {
+        DeliveryRecord {
+            event_id: ev.id.clone(),
+            org_id: ev.org_id.clone(),
+            call_key: Self::call_key_of(ev),
+            state: DeliveryState::Pending,
+            attempts: Vec::new(),
+            next_attempt_ms: ev.received_at_ms,
+            created_at_ms: ev.received_at_ms,
+        }
+    }
+}
+
 mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
