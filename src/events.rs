@@ -29,8 +29,8 @@ pub fn event_json(ev: &EventRecord, delivery: Option<&DeliveryRecord>) -> Value 
     let mut v = serde_json::to_value(ev).unwrap_or(Value::Null);
     if let Some(obj) = v.as_object_mut() {
         obj.remove("received_at_ms");
-        if let Some(Value::String(form)) = obj.remove("form") {
-            let params = crate::carriers::params::received_json(&form);
+        if let Some(form) = &ev.form {
+            let params = crate::carriers::params::received_json(form);
             obj.insert("params".into(), serde_json::from_str(params.get()).unwrap_or(Value::Null));
         }
         if let Some(d) = delivery {

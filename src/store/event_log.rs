@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 use super::event_index::{state_code, state_from, Entry, Index};
 use super::journal::{frame, Journal, JournalOptions, Loc, Segments};
 use super::{
-    encode, encode_event, DeliveryRecord, DeliveryState, EventFilter, EventRecord, PreparedEvent, Recorded, StoreError,
-    SCHEMA,
+    decode_event, encode, encode_event, DeliveryRecord, DeliveryState, EventFilter, EventRecord, PreparedEvent,
+    Recorded, StoreError, SCHEMA,
 };
 use crate::domain::{EventId, OrgId};
 
@@ -158,6 +158,10 @@ fn decode_record(bytes: &[u8]) -> Result<Record<'_>, StoreError> {
         event,
         delivery,
     })
+}
+
+fn dec_event(bytes: &[u8]) -> Result<EventRecord, StoreError> {
+    decode_event(bytes).map_err(corrupt)
 }
 
 fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
@@ -303,8 +307,11 @@ impl EventLog {
 
     /// The event a version holds, or the one its pointer leads to when it did not change it.
     fn event_of(&self, r: &Record<'_>) -> Result<EventRecord, StoreError> {
-        let mut ev: EventRecord =
-            if r.event_loc == HERE { dec(r.event)? } else { dec(decode_record(&self.read(r.event_loc)?)?.event)? };
+        let mut ev: EventRecord = if r.event_loc == HERE {
+            dec_event(r.event)?
+        } else {
+            dec_event(decode_record(&self.read(r.event_loc)?)?.event)?
+        };
         ev.id = EventId::from_value(r.entry.id);
         Ok(ev)
     }

@@ -98,10 +98,37 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     encode_sized(v, 0)
 }
 
+/// An event whose fields are kept as received: the event's JSON, a NUL byte, then the form text.
+/// JSON text never holds a raw NUL, so the first one ends it, and the form is copied as it is
+/// rather than escaped into a JSON string byte by byte.
+pub(crate) const SCHEMA_WITH_FORM: u8 = 2;
+
 /// An event, into a buffer with room for the carrier's fields it embeds: growing to fit them
 /// would copy the buffer twice.
 pub(crate) fn encode_event(ev: &EventRecord) -> Vec<u8> {
-    encode_sized(ev, ev.params.get().len() + ev.form.as_ref().map_or(0, String::len))
+    let Some(form) = &ev.form else { return encode_sized(ev, ev.params.get().len()) };
+    let mut out = encode_sized(ev, ev.params.get().len() + 1 + form.len());
+    out[0] = SCHEMA_WITH_FORM;
+    out.push(0);
+    out.extend_from_slice(form.as_bytes());
+    out
+}
+
+/// The event [`encode_event`] wrote.
+pub(crate) fn decode_event(bytes: &[u8]) -> Result<EventRecord, String> {
+    let (json, form) = match bytes.split_first() {
+        Some((&SCHEMA, json)) => (json, None),
+        Some((&SCHEMA_WITH_FORM, rest)) => {
+            let nul = memchr::memchr(0, rest).ok_or("an event's form has no separator")?;
+            (&rest[..nul], Some(&rest[nul + 1..]))
+        }
+        _ => return Err("unknown schema version".into()),
+    };
+    let mut ev: EventRecord = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    if let Some(form) = form {
+        ev.form = Some(String::from_utf8(form.to_vec()).map_err(|_| "an event's form is not UTF-8")?);
+    }
+    Ok(ev)
 }
 
 /// [`encode`] into a buffer with room for `extra` bytes beyond a record's usual size.
@@ -225,4 +252,67 @@ pub trait Store: Send + Sync + 'static {
 
     /// Drops replay markers and retired secrets whose time is up.
     fn sweep(&self, now_ms: i64) -> Result<usize, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(form: Option<&str>) -> EventRecord {
+        EventRecord {
+            id: EventId::from_value(7),
+            org_id: OrgId::generate(),
+            phone_id: PhoneId::generate(),
+            provider: Carrier::Plivo,
+            kind: "call.status".into(),
+            call_id: Some("c1".into()),
+            from: None,
+            to: None,
+            direction: None,
+            status: Some("completed".into()),
+            received_at: "2024-05-01T10:00:00.000Z".into(),
+            received_at_ms: 1_714_557_600_000,
+            verified_by: VerifiedBy { scheme: "plivo-v3".into(), credential: "current".into(), secret_id: None },
+            params: if form.is_some() {
+                serde_json::value::RawValue::NULL.to_owned()
+            } else {
+                serde_json::value::to_raw_value(&serde_json::json!({"CallUUID": "c1"})).unwrap()
+            },
+            form: form.map(str::to_owned),
+            answer: Some(serde_json::json!({"source": "static"})),
+        }
+    }
+
+    #[test]
+    fn an_event_reads_back_as_written_with_its_form_copied_not_escaped() {
+        // Quotes, backslashes and NULs: what JSON would have to escape, and the separator itself.
+        let form = "a=\"1\"&b=\\&c=\0x\0&d=%00";
+        let ev = event(Some(form));
+        let bytes = encode_event(&ev);
+        assert_eq!(bytes[0], SCHEMA_WITH_FORM);
+        assert!(bytes.ends_with(form.as_bytes()));
+        let back = decode_event(&bytes).unwrap();
+        assert_eq!((back.form.as_deref(), back.params.get()), (Some(form), "null"));
+        assert_eq!(serde_json::to_value(&back).unwrap(), serde_json::to_value(&ev).unwrap());
+
+        let bytes = encode_event(&event(None));
+        assert_eq!(bytes[0], SCHEMA);
+        let back = decode_event(&bytes).unwrap();
+        assert_eq!((back.form, back.params.get()), (None, r#"{"CallUUID":"c1"}"#));
+    }
+
+    #[test]
+    fn a_damaged_event_is_an_error_not_a_panic() {
+        let good = encode_event(&event(Some("a=1")));
+        let nul = good.iter().position(|&b| b == 0).unwrap();
+        let mut no_separator = good[..nul].to_vec();
+        no_separator.extend_from_slice(b"a=1");
+        let mut not_utf8 = good.clone();
+        not_utf8.push(0xff);
+        let mut cut = good[..nul / 2].to_vec();
+        cut.push(0);
+        for bad in [&no_separator[..], &not_utf8, &cut, &[], &[9, b'{', b'}']] {
+            assert!(decode_event(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 }

@@ -130,8 +130,9 @@ pub struct EventRecord {
     /// encoded; `null` while `form` holds them.
     pub params: Box<serde_json::value::RawValue>,
     /// A form carrier's fields as they arrived (`carriers::params::as_received`), kept instead
-    /// of their JSON, which is made when the event is read out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// of their JSON, which is made when the event is read out. Stored after the event's JSON,
+    /// not in it (`store::encode_event`).
+    #[serde(skip)]
     pub form: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer: Option<Value>,
