@@ -72,7 +72,7 @@ pub(crate) fn parse_family(req: &Inbound<'_>, hook: Hook, nonce_header: &str) ->
         status,
         params,
         form,
-        replay_id: req.header(nonce_header).map(|n| format!("nonce:{n}")),
+        replay_id: req.header(nonce_header).map(|n| ["nonce:", n].concat()),
     }
 }
 

@@ -90,7 +90,7 @@ impl CarrierHooks for Telnyx {
             to: p.to,
             direction: p.direction,
             status: p.state.or(p.hangup_cause),
-            replay_id: data.id.map(|id| format!("event:{id}")),
+            replay_id: data.id.map(|id| ["event:", &id].concat()),
             params: body.unwrap_or_else(|| super::params::json_or_text(req.body)),
             form: None,
         }
