@@ -502,7 +502,7 @@ mod tests {
     fn write_path_settings_have_defaults_and_bounds() {
         let s = Settings::load(None, &env(&[])).unwrap();
         assert_eq!(s.journal.preallocate_bytes, 64 << 20);
-        assert_eq!(s.commit_linger, Some(Duration::from_micros(800)));
+        assert_eq!(s.commit_linger, Some(Duration::from_micros(400)));
         assert_eq!(s.handoff.delivery_breaker_after, 5);
         let s = Settings::load(None, &env(&[("CALLGATE_DELIVERY_BREAKER_AFTER", "0")])).unwrap();
         assert_eq!(s.handoff.delivery_breaker_after, 0);
