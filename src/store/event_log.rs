@@ -46,20 +46,14 @@ fn call_hash(call_key: &str) -> u64 {
     hash64(call_key.as_bytes())
 }
 
-/// The call of event `id` recorded with `call_key`: an empty key (an event of no call) is the
-/// event's own call, the key its delivery record shows once read ([`own_call_key`]).
+/// The call of event `id` recorded with `call_key`: an empty key (an event of no call, whose id
+/// was not known when it was prepared) is the event's own call, keyed by its id as its delivery
+/// record shows once read (`DeliveryRecord::first`).
 fn call_of(call_key: &str, id: u128) -> u64 {
     if call_key.is_empty() {
         call_hash(EventId::from_value(id).as_str())
     } else {
         call_hash(call_key)
-    }
-}
-
-/// The call key of an event of no call: its id, which no `carrier:call` key can equal.
-fn own_call_key(delivery: &mut DeliveryRecord) {
-    if delivery.call_key.is_empty() {
-        delivery.call_key = delivery.event_id.as_str().to_owned();
     }
 }
 
@@ -324,7 +318,6 @@ impl EventLog {
         // A version that left the delivery as the event started it holds none.
         let mut delivery = if r.delivery.is_empty() { DeliveryRecord::first(&ev) } else { dec(r.delivery)? };
         delivery.event_id = EventId::from_value(r.entry.id);
-        own_call_key(&mut delivery);
         Ok((ev, delivery))
     }
 

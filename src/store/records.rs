@@ -178,12 +178,13 @@ impl DeliveryRecord {
     }
 
     /// The record every event's hand-off starts from: pending, due when the event arrived. The
-    /// store keeps it with the event by making it from the event when read, not as bytes.
+    /// store keeps it with the event by making it from the event when read, not as bytes, so
+    /// `ev` holds its assigned id, which is the call key of an event of no call.
     pub fn first(ev: &EventRecord) -> Self {
         DeliveryRecord {
             event_id: ev.id.clone(),
             org_id: ev.org_id.clone(),
-            call_key: Self::call_key_of(ev),
+            call_key: if ev.call_id.is_some() { Self::call_key_of(ev) } else { ev.id.as_str().to_owned() },
             state: DeliveryState::Pending,
             attempts: Vec::new(),
             next_attempt_ms: ev.received_at_ms,
