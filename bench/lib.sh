@@ -52,6 +52,15 @@ gateway_start() {
     server=$!
 }
 
+# carrier_apis URL: the settings that send every carrier REST call (Telnyx's Call Control answer
+# for every incoming call among them) to URL, the bench's stand-in for the carriers; never out.
+carrier_apis() {
+    local c
+    for c in PLIVO VOBIZ TWILIO TELNYX EXOTEL; do
+        echo "CALLGATE_${c}_API_URL=$1"
+    done
+}
+
 # bare_start CPU PORT LOG: the bench's bare actix-web server (the baseline, and the stand-in for
 # carriers and upstreams: 200 to everything) on CPU, its output in LOG; sets $bare once it answers.
 bare_start() {

@@ -65,10 +65,8 @@ one() {
     data=$(mktemp -d /tmp/callgate-pairs.XXXXXX)
     provision "$data"
     port=$(free_port)
-    # shellcheck disable=SC2086 # EXTRA is a list of NAME=VALUE words
-    CALLGATE="$bin" gateway_start "$data" "$port" "$data/server.log" \
-        CALLGATE_PLIVO_API_URL="$SINK" CALLGATE_VOBIZ_API_URL="$SINK" CALLGATE_TWILIO_API_URL="$SINK" \
-        CALLGATE_TELNYX_API_URL="$SINK" CALLGATE_EXOTEL_API_URL="$SINK" $extra
+    # shellcheck disable=SC2046,SC2086 # one word per setting; EXTRA is a list of NAME=VALUE words
+    CALLGATE="$bin" gateway_start "$data" "$port" "$data/server.log" $(carrier_apis "$SINK") $extra
     wait_for "http://127.0.0.1:$port/ready"
     fired=$(fire "$SCENARIO" "$port" "$data" --connections "$CONNECTIONS" --duration "$DURATION" \
         --warmup "$WARMUP" --requests "$REQUESTS")

@@ -89,14 +89,8 @@ start_callgate() {
     DATA_DIRS+=("$data")
     provision "$data"
     port=$(free_port)
-    # Carrier REST calls (Telnyx's Call Control answer for every incoming call) go to the local
-    # carrier sink, which answers 200 like the carrier would; never out.
-    gateway_start "$data" "$port" "$OUT/server-$1.log" \
-        CALLGATE_PLIVO_API_URL="$SINK" \
-        CALLGATE_VOBIZ_API_URL="$SINK" \
-        CALLGATE_TWILIO_API_URL="$SINK" \
-        CALLGATE_TELNYX_API_URL="$SINK" \
-        CALLGATE_EXOTEL_API_URL="$SINK" \
+    # shellcheck disable=SC2046 # one word per setting
+    gateway_start "$data" "$port" "$OUT/server-$1.log" $(carrier_apis "$SINK") \
         ${upstream:+CALLGATE_UPSTREAM_URL=$upstream}
     PIDS+=("$server")
     wait_for "http://127.0.0.1:$port/ready"
