@@ -675,9 +675,9 @@ mod tests {
         Entry {
             seq,
             id: u128::from(1_000 + seq) << 64 | u128::from(seq),
-            fp: if seq % 3 == 0 { 0 } else { u64::from(seq).wrapping_mul(0xA24B_AED4_963E_E407) | 1 },
+            fp: if seq.is_multiple_of(3) { 0 } else { u64::from(seq).wrapping_mul(0xA24B_AED4_963E_E407) | 1 },
             expiry_secs: 100 + seq,
-            state: if seq % 2 == 0 { DeliveryState::Delivered } else { DeliveryState::Pending },
+            state: if seq.is_multiple_of(2) { DeliveryState::Delivered } else { DeliveryState::Pending },
             parked: seq % 4 == 1,
             due_ms: i64::from(seq),
             call: u64::from(seq % 7),

@@ -467,7 +467,7 @@ fn prepare(dir: &Path, bytes: u64, shared: &SpareShared) -> std::io::Result<bool
     // every MiB was a kernel copy on the cores that serve webhooks (9 % of one under load), and
     // its flushes queued ahead of the batches' syncs. Any system, filesystem or size that
     // refuses direct writes gets the buffered ones.
-    if let Some(flag) = DIRECT_WRITES.filter(|_| bytes % DIRECT_ALIGN as u64 == 0) {
+    if let Some(flag) = DIRECT_WRITES.filter(|_| bytes.is_multiple_of(DIRECT_ALIGN as u64)) {
         let mut direct = OpenOptions::new();
         direct.create(true).write(true).truncate(true).custom_flags(flag);
         if let Ok(f) = direct.open(&tmp) {
@@ -508,7 +508,7 @@ fn zero_fill(mut f: File, tmp: &Path, bytes: u64, shared: &SpareShared) -> std::
         left -= n as u64;
         // Flushed a few MiB at a time: one flush of the whole segment held the writer's
         // fdatasync behind it for tens of milliseconds.
-        if (bytes - left) % PREPARE_FLUSH_BYTES == 0 {
+        if (bytes - left).is_multiple_of(PREPARE_FLUSH_BYTES) {
             f.sync_data()?;
         }
         // Paced: zeroing runs on the cores that serve webhooks, and done in one go it stalled
