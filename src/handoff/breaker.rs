@@ -19,6 +19,18 @@ struct Upstream {
     probing: bool,
 }
 
+/// How an attempt was let through, which decides what its outcome does to the breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// While the breaker was closed. Its failure counts towards opening it; once it is open,
+    /// the failure of an attempt that was already out neither reopens it nor lengthens the
+    /// pause: only a failed probe does, else every attempt in flight when it opened would
+    /// double the first pause.
+    Closed,
+    /// As the breaker's single probe.
+    Probe,
+}
+
 /// How much an upstream may be sent now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flow {
@@ -68,32 +80,34 @@ impl Breakers {
     }
 
     /// Takes the right to try `url` now: always while closed; once open, only as the single
-    /// probe after the pause. Whoever is admitted must `report` the outcome.
-    pub fn admit(&self, url: &str, now_ms: i64) -> bool {
+    /// probe after the pause. Whoever is admitted must `report` the outcome, or `forgo` it.
+    pub fn admit(&self, url: &str, now_ms: i64) -> Option<Admitted> {
         self.with(|m| match m.get_mut(url) {
             Some(s) if self.open(s) => {
                 if s.probing || now_ms < s.open_until_ms {
-                    return false;
+                    return None;
                 }
                 s.probing = true;
-                true
+                Some(Admitted::Probe)
             }
-            _ => true,
+            _ => Some(Admitted::Closed),
         })
     }
 
-    /// An admitted attempt that was not made after all: a probe it held is given back.
-    pub fn forgo(&self, url: &str) {
-        self.with(|m| {
-            if let Some(s) = m.get_mut(url) {
-                s.probing = false;
-            }
-        })
+    /// An admitted attempt that was not made after all: a probe is given back.
+    pub fn forgo(&self, url: &str, how: Admitted) {
+        if how == Admitted::Probe {
+            self.with(|m| {
+                if let Some(s) = m.get_mut(url) {
+                    s.probing = false;
+                }
+            })
+        }
     }
 
     /// The outcome of an admitted attempt. `reached`: the upstream answered with anything but
     /// a 5xx or 429, so it is up, whatever it thought of the event.
-    pub fn report(&self, url: &str, reached: bool, now_ms: i64) {
+    pub fn report(&self, url: &str, how: Admitted, reached: bool, now_ms: i64) {
         self.with(|m| {
             if reached {
                 if m.remove(url).is_some_and(|s| self.open(&s)) {
@@ -102,9 +116,16 @@ impl Breakers {
                 return;
             }
             let s = m.entry(url.to_owned()).or_default();
+            let was_open = self.open(s);
             s.failures = s.failures.saturating_add(1);
-            s.probing = false;
-            if self.open(s) {
+            let trips = match how {
+                Admitted::Probe => {
+                    s.probing = false;
+                    true
+                }
+                Admitted::Closed => !was_open && self.open(s),
+            };
+            if trips {
                 s.trips = s.trips.saturating_add(1);
                 s.open_until_ms = now_ms + pause_ms(s.trips);
                 if s.trips == 1 {
@@ -122,21 +143,23 @@ mod tests {
     const URL: &str = "http://upstream.test/events";
     const TRIP_AFTER: u32 = 5;
 
+    use Admitted::{Closed, Probe};
+
     #[test]
     fn it_opens_after_consecutive_failures_only() {
         let b = Breakers::new(TRIP_AFTER);
         for _ in 0..TRIP_AFTER - 1 {
-            assert!(b.admit(URL, 0));
-            b.report(URL, false, 0);
+            assert_eq!(b.admit(URL, 0), Some(Closed));
+            b.report(URL, Closed, false, 0);
         }
-        b.report(URL, true, 0);
+        b.report(URL, Closed, true, 0);
         for _ in 0..TRIP_AFTER - 1 {
-            b.report(URL, false, 0);
+            b.report(URL, Closed, false, 0);
         }
         assert!(!b.blocked(URL, 0), "a success in between resets the count");
-        b.report(URL, false, 0);
+        b.report(URL, Closed, false, 0);
         assert!(b.blocked(URL, 0));
-        assert!(!b.admit(URL, 999));
+        assert_eq!(b.admit(URL, 999), None);
         assert!(!b.blocked("http://other.test/", 0), "another upstream is not held");
     }
 
@@ -144,34 +167,62 @@ mod tests {
     fn one_probe_at_a_time_after_a_pause_that_grows_until_the_upstream_answers() {
         let b = Breakers::new(TRIP_AFTER);
         for _ in 0..TRIP_AFTER {
-            b.report(URL, false, 0);
+            b.report(URL, Closed, false, 0);
         }
         assert_eq!((b.flow(URL, 999), b.flow(URL, 1_000)), (Flow::Held, Flow::Probe));
-        assert!(b.admit(URL, 1_000), "the probe after the first pause");
+        assert_eq!(b.admit(URL, 1_000), Some(Probe), "the probe after the first pause");
         assert_eq!(b.flow(URL, 1_000), Flow::Held, "the probe is out");
-        assert!(!b.admit(URL, 1_000), "only one probe");
+        assert_eq!(b.admit(URL, 1_000), None, "only one probe");
         assert!(b.blocked(URL, 1_000));
-        b.forgo(URL);
-        assert!(b.admit(URL, 1_000), "a probe given back is taken again");
-        b.report(URL, false, 1_000);
-        assert!(!b.admit(URL, 2_999));
-        assert!(b.admit(URL, 3_000), "the second pause is twice the first");
-        b.report(URL, false, 3_000);
-        assert!(!b.admit(URL, 6_999));
-        assert!(b.admit(URL, 7_000));
-        b.report(URL, true, 7_000);
+        b.forgo(URL, Closed);
+        assert_eq!(b.admit(URL, 1_000), None, "giving back an ordinary attempt frees no probe");
+        b.forgo(URL, Probe);
+        assert_eq!(b.admit(URL, 1_000), Some(Probe), "a probe given back is taken again");
+        b.report(URL, Probe, false, 1_000);
+        assert_eq!(b.admit(URL, 2_999), None);
+        assert_eq!(b.admit(URL, 3_000), Some(Probe), "the second pause is twice the first");
+        b.report(URL, Probe, false, 3_000);
+        assert_eq!(b.admit(URL, 6_999), None);
+        assert_eq!(b.admit(URL, 7_000), Some(Probe));
+        b.report(URL, Probe, true, 7_000);
         assert!(!b.blocked(URL, 7_000));
         assert_eq!(b.flow(URL, 7_000), Flow::All);
-        assert!(b.admit(URL, 7_000) && b.admit(URL, 7_000), "closed again: every attempt goes");
+        assert_eq!((b.admit(URL, 7_000), b.admit(URL, 7_000)), (Some(Closed), Some(Closed)), "closed again");
+    }
+
+    #[test]
+    fn attempts_already_out_when_it_opens_neither_lengthen_the_pause_nor_free_a_second_probe() {
+        let b = Breakers::new(2);
+        // Seven attempts go out while the breaker is closed; all of them fail.
+        let out: Vec<_> = (0..7).map(|_| b.admit(URL, 0)).collect();
+        assert!(out.iter().all(|a| *a == Some(Closed)));
+        b.report(URL, Closed, false, 10);
+        b.report(URL, Closed, false, 10);
+        assert!(b.blocked(URL, 10), "open after two failures");
+        for _ in 0..4 {
+            b.report(URL, Closed, false, 20);
+        }
+        assert_eq!(b.admit(URL, 1_009), None);
+        assert_eq!(b.admit(URL, 1_010), Some(Probe), "the first probe 1 s after it opened, not 30 s");
+        // The last attempt from before it opened fails while the probe is out.
+        b.report(URL, Closed, false, 1_020);
+        assert_eq!(b.admit(URL, 1_020), None, "still only the one probe");
+        b.report(URL, Probe, false, 1_100);
+        assert_eq!(b.admit(URL, 3_099), None);
+        assert_eq!(b.admit(URL, 3_100), Some(Probe), "a failed probe doubles the pause");
+        // An attempt from before it opened that gets an answer closes it: the upstream is up.
+        b.report(URL, Closed, true, 3_200);
+        assert_eq!(b.flow(URL, 3_200), Flow::All);
     }
 
     #[test]
     fn with_no_threshold_it_never_opens() {
         let b = Breakers::new(0);
         for _ in 0..100 {
-            b.report(URL, false, 0);
+            b.report(URL, Closed, false, 0);
         }
-        assert!(!b.blocked(URL, 0) && b.admit(URL, 0));
+        assert!(!b.blocked(URL, 0));
+        assert_eq!(b.admit(URL, 0), Some(Closed));
         assert_eq!(b.flow(URL, 0), Flow::All);
     }
 

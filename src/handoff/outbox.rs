@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio::sync::{Notify, Semaphore};
 
-use super::breaker::{Breakers, Flow};
+use super::breaker::{Admitted, Breakers, Flow};
 use crate::domain::{EventId, PhoneId};
 use crate::events::event_json;
 use crate::state::AppState;
@@ -243,16 +243,16 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
             break;
         };
         // Last, so that a probe taken here is always made (and reported).
-        if !breakers.admit(&url, now) {
+        let Some(how) = breakers.admit(&url, now) else {
             release();
             held.push((ev.id, ev.phone_id));
             continue;
-        }
+        };
         let st = Arc::clone(state);
         pass.started += 1;
         tokio::spawn(async move {
             let key = d.call_key.clone();
-            attempt(&st, d, url).await;
+            attempt(&st, d, url, how).await;
             st.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             drop(permit);
             // The call's next event may be due now.
@@ -266,12 +266,12 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
 }
 
 /// One delivery attempt; its outcome tells the upstream's breaker, which admitted it.
-async fn attempt(state: &AppState, d: DeliveryRecord, url: String) {
+async fn attempt(state: &AppState, d: DeliveryRecord, url: String, how: Admitted) {
     let reached = deliver(state, d, &url).await;
     let breakers = &state.outbox.breakers;
     match reached {
-        Some(r) => breakers.report(&url, r, state.clock.now_ms()),
-        None => breakers.forgo(&url),
+        Some(r) => breakers.report(&url, how, r, state.clock.now_ms()),
+        None => breakers.forgo(&url, how),
     }
 }
 
