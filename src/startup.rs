@@ -1,5 +1,6 @@
 //! Builds the application: the binary and the tests start the server through the same path.
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,15 +25,32 @@ pub struct Application {
 }
 
 /// Opens the store and the keyring under the data dir: shared by `serve` and the CLI commands.
+///
+/// Refuses a master key that cannot open every stored secret. Started with the wrong one, the
+/// gateway would look ready and then refuse every webhook of the numbers whose credentials it
+/// cannot open; a missing key file replaced by a new key would do the same, for good.
 pub fn open_data(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Keyring)> {
     std::fs::create_dir_all(&settings.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", settings.data_dir.display()))?;
-    let (keyring, generated) = Keyring::load(&settings.data_dir, settings.master_key.as_ref())?;
+    let store = SledStore::open(&settings.data_dir.join("db"), settings.journal)?;
+    let mut sealed_under: BTreeMap<String, usize> = BTreeMap::new();
+    for rec in store.secrets_all()? {
+        *sealed_under.entry(rec.sealed.master_key_id).or_default() += 1;
+    }
+    let secrets = sealed_under.values().sum();
+    let (keyring, generated) = Keyring::load(&settings.data_dir, settings.master_key.as_ref(), secrets)?;
     if generated {
         tracing::info!(path = %settings.data_dir.join(crate::vault::crypto::KEY_FILE).display(),
             "generated a new master key (mode 0600); back it up: without it the stored secrets cannot be opened");
     }
-    let store = SledStore::open(&settings.data_dir.join("db"), settings.journal)?;
+    if let Some((id, n)) = sealed_under.iter().find(|(id, _)| !keyring.holds(id)) {
+        anyhow::bail!(
+            "the master key given ({}) is not the one {n} stored secret(s) were sealed under ({id}): \
+             start with that key (CALLGATE_MASTER_KEY or {})",
+            keyring.current_id(),
+            settings.data_dir.join(crate::vault::crypto::KEY_FILE).display()
+        );
+    }
     Ok((Arc::new(store), keyring))
 }
 

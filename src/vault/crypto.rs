@@ -33,6 +33,11 @@ pub enum VaultError {
     Open,
     #[error("the master key {0} that wrapped a secret is not loaded")]
     UnknownKey(String),
+    #[error(
+        "the master key file {path} is missing and CALLGATE_MASTER_KEY is not set, but {secrets} stored secret(s) \
+         need the key they were sealed under: restore the file or set CALLGATE_MASTER_KEY (a new key could not open them)"
+    )]
+    MissingKey { path: PathBuf, secrets: usize },
 }
 
 struct MasterKey {
@@ -98,9 +103,10 @@ pub fn write_key_file(path: &Path, key: &[u8; 32]) -> Result<(), VaultError> {
 }
 
 impl Keyring {
-    /// The operator's key if given; otherwise `<data_dir>/master.key`, generated on first start.
-    /// Returns whether a key was generated so the caller can say so.
-    pub fn load(data_dir: &Path, given: Option<&MasterKeyInput>) -> Result<(Keyring, bool), VaultError> {
+    /// The operator's key if given; otherwise `<data_dir>/master.key`, generated on first start,
+    /// that is while no secret is stored (`sealed` counts them): a key made later could open
+    /// none of them. Returns whether a key was generated so the caller can say so.
+    pub fn load(data_dir: &Path, given: Option<&MasterKeyInput>, sealed: usize) -> Result<(Keyring, bool), VaultError> {
         let mut generated = false;
         let current = match given {
             Some(k) => MasterKey::new(k.0.clone()),
@@ -108,6 +114,8 @@ impl Keyring {
                 let path = data_dir.join(KEY_FILE);
                 if path.exists() {
                     MasterKey::new(read_key_file(&path)?)
+                } else if sealed > 0 {
+                    return Err(VaultError::MissingKey { path, secrets: sealed });
                 } else {
                     fs::create_dir_all(data_dir).map_err(|e| key_err(data_dir, e))?;
                     let k = generate_key();
@@ -143,6 +151,11 @@ impl Keyring {
 
     pub fn current_id(&self) -> &str {
         &self.current.id
+    }
+
+    /// Whether a secret sealed under master key `id` can be opened with this ring.
+    pub fn holds(&self, id: &str) -> bool {
+        self.by_id(id).is_ok()
     }
 
     fn by_id(&self, id: &str) -> Result<&MasterKey, VaultError> {

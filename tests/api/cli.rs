@@ -74,6 +74,68 @@ async fn bad_settings_stop_start_up_with_one_line_naming_the_setting() {
 }
 
 #[tokio::test]
+async fn serve_refuses_a_master_key_that_cannot_open_the_stored_secrets() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let secret = "sk-key-check-0000000000000000Zz9";
+    let res = app.post(&org, "/byok").json(&json!({"provider": "openai", "api_key": secret})).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let data_dir = app.data_dir.clone();
+    let env = app.env.clone();
+    let _dir = app.stop().await;
+    let key_file = data_dir.join("master.key");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    let serve = |master_key: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_callgate"));
+        cmd.arg("serve")
+            .env("CALLGATE_DATA_DIR", &data_dir)
+            .env("CALLGATE_LISTEN", "127.0.0.1:0")
+            .env("CALLGATE_LOG", "warn")
+            .env_remove("CALLGATE_MASTER_KEY");
+        if let Some(k) = master_key {
+            cmd.env("CALLGATE_MASTER_KEY", k);
+        }
+        // A server that starts after all would serve forever: it is given 20 s to exit.
+        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("callgate serve started with a master key that cannot open the stored secrets");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), String::from_utf8(out.stderr).unwrap())
+    };
+
+    // The key file lost: no new key is made in its place.
+    std::fs::rename(&key_file, data_dir.join("master.key.bak")).unwrap();
+    let (code, err) = serve(None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("master.key is missing") && err.contains("1 stored secret(s)"), "{err}");
+    assert!(!key_file.exists(), "no key was generated");
+    std::fs::rename(data_dir.join("master.key.bak"), &key_file).unwrap();
+
+    // Another key given: refused, naming both keys by their ids and neither by its value.
+    let other = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [9u8; 32]);
+    let (code, err) = serve(Some(&other));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is not the one 1 stored secret(s) were sealed under (mk_"), "{err}");
+    assert!(!err.contains(&other) && !err.contains(key.trim()), "{err}");
+    let out = callgate(&data_dir, &["check"]);
+    assert!(out.status.success(), "the key file still opens them: {}", String::from_utf8_lossy(&out.stderr));
+
+    // The right key given as a setting opens them.
+    let app =
+        spawn_on_with(&data_dir, env.into_iter().chain([("CALLGATE_MASTER_KEY".into(), key.trim().into())]).collect())
+            .await;
+    let rec = app.state.store.secrets_all().unwrap().pop().unwrap();
+    assert_eq!(app.state.vault.open(&rec).unwrap().expose(), secret);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn keys_rotate_rewraps_every_secret_without_changing_it() {
     let app = spawn_app().await;
     let org = app.create_org("Acme").await;
