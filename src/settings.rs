@@ -317,7 +317,12 @@ impl Settings {
             .listen
             .parse::<SocketAddr>()
             .map_err(|_| bad("CALLGATE_LISTEN", format!("{:?} is not an address:port", raw.listen)))?;
-        let public_url = origin("CALLGATE_PUBLIC_URL", &raw.public_url)?;
+        let public_url = match raw.public_url.trim() {
+            // Carriers sign the URL they call: by default that is where the gateway listens, not
+            // a fixed port that a different `CALLGATE_LISTEN` would leave behind.
+            "" => format!("http://{listen}"),
+            given => origin("CALLGATE_PUBLIC_URL", given)?,
+        };
         if url::Url::parse(&public_url).map(|u| u.path() != "/").unwrap_or(true) {
             return Err(bad("CALLGATE_PUBLIC_URL", "must be scheme://host[:port] with no path"));
         }
@@ -453,11 +458,22 @@ mod tests {
     fn defaults_load() {
         let s = Settings::load(None, &env(&[])).unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.public_url, "http://127.0.0.1:8080");
         assert_eq!(s.data_dir, PathBuf::from("./data"));
         assert!(s.exotel_allowed_ips.is_empty());
         assert!(s.trusted_proxies.is_empty());
         assert_eq!(s.body_limit_bytes, 65536);
         assert_eq!(s.carrier_urls.plivo, "https://api.plivo.com");
+    }
+
+    #[test]
+    fn the_public_url_follows_the_listen_address_unless_given() {
+        let s = Settings::load(None, &env(&[("CALLGATE_LISTEN", "127.0.0.1:18080")])).unwrap();
+        assert_eq!(s.public_url, "http://127.0.0.1:18080");
+        let s = Settings::load(None, &env(&[("CALLGATE_LISTEN", "[::1]:9000")])).unwrap();
+        assert_eq!(s.public_url, "http://[::1]:9000");
+        let given = [("CALLGATE_LISTEN", "127.0.0.1:18080"), ("CALLGATE_PUBLIC_URL", "https://voice.example.com")];
+        assert_eq!(Settings::load(None, &env(&given)).unwrap().public_url, "https://voice.example.com");
     }
 
     #[test]

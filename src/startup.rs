@@ -30,8 +30,9 @@ pub struct Application {
 /// gateway would look ready and then refuse every webhook of the numbers whose credentials it
 /// cannot open; a missing key file replaced by a new key would do the same, for good.
 pub fn open_data(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Keyring)> {
-    std::fs::create_dir_all(&settings.data_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", settings.data_dir.display()))?;
+    std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
+        anyhow::anyhow!("cannot create the data dir {} (CALLGATE_DATA_DIR): {e}", settings.data_dir.display())
+    })?;
     let store = SledStore::open(&settings.data_dir.join("db"), settings.journal)?;
     let mut sealed_under: BTreeMap<String, usize> = BTreeMap::new();
     for rec in store.secrets_all()? {

@@ -19,13 +19,31 @@ pub fn parse_filter(filter: &str) -> Result<EnvFilter, String> {
         return Err("span field filters ({...}) are not supported".to_owned());
     }
     let directives: Vec<&str> = filter.split(',').map(str::trim).collect();
+    // A word alone is a target to EnvFilter (`verbose` turns on a target of that name and
+    // silences everything else, warnings included): only a level may stand alone here.
+    // `target=` with no level is the same.
+    if let Some(word) =
+        directives.iter().find(|d| d.ends_with('=') || (!d.is_empty() && !d.contains(['=', '[']) && !is_level(d)))
+    {
+        return Err(format!("{word:?} is not a level (off, error, warn, info, debug, trace) nor target=level"));
+    }
     EnvFilter::builder().with_regex(false).parse(directives.join(",")).map_err(|e| e.to_string())
+}
+
+fn is_level(word: &str) -> bool {
+    ["off", "error", "warn", "info", "debug", "trace"].iter().any(|l| l.eq_ignore_ascii_case(word))
 }
 
 pub fn init(filter: &str) {
     let filter = parse_filter(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
+    // Colour codes only where a terminal reads them, not in a file or a log collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 #[cfg(test)]
@@ -67,5 +85,19 @@ mod tests {
     fn plain_filters_still_parse_and_bad_ones_fail() {
         assert!(parse_filter("info,callgate=debug,actix_web[request]=trace,x[s],x[s]=warn").is_ok());
         assert!(parse_filter("callgate=loud").is_err());
+    }
+
+    /// EnvFilter takes a lone word for a target, so a mistyped level turned every log line off.
+    #[test]
+    fn a_word_that_is_not_a_level_is_refused_not_taken_for_a_target() {
+        for log in ["verbose", "garbage!!", "notalevel=", "info,verbose", "callgate="] {
+            let err = parse_filter(log).unwrap_err();
+            assert!(err.contains("is not a level"), "{log}: {err}");
+            let env: HashMap<String, String> = [("CALLGATE_LOG".to_owned(), log.to_owned())].into();
+            assert_eq!(Settings::load(None, &env).unwrap_err().name, "CALLGATE_LOG", "{log}");
+        }
+        for log in ["", "info", "WARN", "off", "warn,callgate=debug", "x[s]"] {
+            assert!(parse_filter(log).is_ok(), "{log}");
+        }
     }
 }
