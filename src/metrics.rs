@@ -66,7 +66,7 @@ impl Metrics {
             .unwrap_or(0)
     }
 
-    pub fn render(&self, writer: &WriterStats, outbox: &OutboxDepth) -> String {
+    pub fn render(&self, writer: &WriterStats, outbox: &OutboxDepth, damaged_events: usize) -> String {
         let mut out = String::new();
         out.push_str("# TYPE callgate_webhooks_rejected_total counter\n");
         for c in ORDER {
@@ -105,6 +105,8 @@ impl Metrics {
         let _ = writeln!(out, "callgate_outbox_queued {}", outbox.queued);
         out.push_str("# TYPE callgate_outbox_parked gauge\n");
         let _ = writeln!(out, "callgate_outbox_parked {}", outbox.parked);
+        out.push_str("# TYPE callgate_journal_damaged_events gauge\n");
+        let _ = writeln!(out, "callgate_journal_damaged_events {damaged_events}");
         out
     }
 }

@@ -187,9 +187,11 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let outbox = state.store.outbox();
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render(state.commit.stats(), &outbox))
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render(
+        state.commit.stats(),
+        &outbox,
+        state.store.damaged_events(),
+    ))
 }
 
 /// Holds the state weakly so a stopped server's store (and its file lock) is released.

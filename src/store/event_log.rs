@@ -220,6 +220,9 @@ pub struct EventLog {
     unsaved: std::sync::atomic::AtomicUsize,
     /// Taken by a snapshot from start to end, so two never share the temporary file.
     saving: Mutex<()>,
+    /// Versions found unreadable since start (a damaged disk or a file edited by hand): each
+    /// is logged once, then passed over by the readers that walk many events.
+    damaged: Mutex<std::collections::HashSet<Loc>>,
 }
 
 impl EventLog {
@@ -261,6 +264,7 @@ impl EventLog {
             scratch: Mutex::new(Vec::new()),
             unsaved: Default::default(),
             saving: Mutex::default(),
+            damaged: Mutex::default(),
         };
         log.unsaved.store(replayed, std::sync::atomic::Ordering::Relaxed);
         log.snapshot_if_due()?;
@@ -321,6 +325,24 @@ impl EventLog {
         Ok((ev, delivery))
     }
 
+    /// [`Self::load`] for the readers that walk many events: a version that cannot be read is
+    /// reported once and passed over, so that one damaged frame neither hides every other
+    /// event from a list nor stops the outbox for every number.
+    fn load_or_pass(&self, at: Loc) -> Option<(EventRecord, DeliveryRecord)> {
+        self.load(at).map_err(|e| self.pass_over(at, &e)).ok()
+    }
+
+    fn pass_over(&self, at: Loc, e: &StoreError) {
+        if self.damaged.lock().unwrap_or_else(|e| e.into_inner()).insert(at) {
+            tracing::error!(error = %e, at, "an event's record cannot be read and is passed over; `callgate check` reports the journal's damage");
+        }
+    }
+
+    /// How many versions were found unreadable since start.
+    pub fn damaged(&self) -> usize {
+        self.damaged.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     fn find(&self, org: &OrgId, id: &EventId) -> Option<Loc> {
         let ix = self.read_index();
         let (seq, _) = seq_of(&ix, id)?;
@@ -373,7 +395,7 @@ impl EventLog {
                 found
             };
             for at in locs {
-                let (ev, _) = self.load(at)?;
+                let Some((ev, _)) = self.load_or_pass(at) else { continue };
                 if f.phone_id.as_ref().is_some_and(|p| p != &ev.phone_id)
                     || f.kind.as_ref().is_some_and(|k| k != &ev.kind)
                 {
@@ -403,11 +425,7 @@ impl EventLog {
             let ix = self.read_index();
             ix.due(now_ms, limit).into_iter().map(|s| ix.locs[s as usize]).collect()
         };
-        let mut out = Vec::with_capacity(locs.len());
-        for at in locs {
-            out.push(self.load(at)?);
-        }
-        Ok(out)
+        Ok(locs.into_iter().filter_map(|at| self.load_or_pass(at)).collect())
     }
 
     /// Puts up to `limit` of a number's parked events on the queue, oldest first.
@@ -420,12 +438,13 @@ impl EventLog {
         };
         let call_at = |at: Loc| self.read(at).and_then(|b| decode_record(&b).map(|r| r.entry.call));
         let mut calls = HashMap::with_capacity(wanted.len());
-        for (seq, at) in wanted {
+        for (_, at) in wanted {
             match call_at(at) {
                 Ok(call) => {
                     calls.insert(at, call);
                 }
-                Err(e) => tracing::error!(error = %e, seq, "a parked event's record is unreadable; it stays parked"),
+                // It stays parked.
+                Err(e) => self.pass_over(at, &e),
             }
         }
         // A version written meanwhile moved the event: its new record is read under the lock.

@@ -239,6 +239,8 @@ pub trait Store: Send + Sync + 'static {
     fn hold(&self, events: &[(EventId, PhoneId)]) -> usize;
     /// How many deliveries are queued and parked.
     fn outbox(&self) -> OutboxDepth;
+    /// How many event records were found unreadable since start, and passed over.
+    fn damaged_events(&self) -> usize;
     /// The numbers with deliveries parked.
     fn parked_phones(&self) -> Vec<PhoneId>;
     /// Saves what makes the next start fast; called once the writer has stopped.

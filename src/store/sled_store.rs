@@ -540,6 +540,10 @@ impl Store for SledStore {
         OutboxDepth { queued, parked }
     }
 
+    fn damaged_events(&self) -> usize {
+        self.events.damaged()
+    }
+
     fn parked_phones(&self) -> Vec<PhoneId> {
         // A key the index took from a record it accepted parses; one that somehow does not is
         // left parked rather than guessed at.

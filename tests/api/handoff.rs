@@ -1753,3 +1753,53 @@ async fn an_event_whose_number_loses_its_upstream_waits_parked_untouched_until_i
     wait_depth(&app, (0, 0)).await;
     assert_eq!(first.hits().len(), 1);
 }
+
+/// A record damaged on disk (a bad sector, a file edited by hand) is passed over: the other
+/// events are still listed and delivered, and the damage is counted where operators look.
+#[tokio::test]
+async fn a_damaged_record_hides_no_other_event_and_holds_up_no_other_delivery() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let mut lines = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let line = add_line(&app, &org, Carrier::Twilio, &format!("+1628202001{i}"), config(None, None));
+        ids.push(record_status(&app, &org, &line, &format!("CADAMAGED{i}"), "completed", 1).await);
+        lines.push(line);
+    }
+    // No upstream yet: all three wait parked.
+    let (data_dir, mut env) = (app.data_dir.clone(), app.env.clone());
+    let _dir = app.stop().await;
+
+    // One byte of the second event's call id flipped: its frame's checksum no longer holds.
+    let segments = std::fs::read_dir(data_dir.join("db/events")).unwrap().map(|e| e.unwrap().path());
+    let (segment, mut bytes, at) = segments
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .find_map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            let at = bytes.windows(10).position(|w| w == b"CADAMAGED1")?;
+            Some((p, bytes, at))
+        })
+        .expect("the call id is in the journal");
+    bytes[at] ^= 0x20;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let upstream = FakeHttp::start(|_| Reply::status(200)).await;
+    env.insert("CALLGATE_UPSTREAM_URL".into(), upstream.url("/hook"));
+    let app = spawn_on_with(&data_dir, env).await;
+    for i in [0, 2] {
+        wait_state(&app, &org, &ids[i], "delivered").await;
+    }
+    let listed: Value = app.get(&org, "/events").send().await.unwrap().json().await.unwrap();
+    let listed: Vec<&str> = listed["events"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [ids[0].as_str(), ids[2].as_str()]);
+    let res = app.get(&org, &format!("/events/{}", ids[1])).send().await.unwrap();
+    assert_eq!(res.status(), 500);
+    assert_eq!(res.json::<Value>().await.unwrap()["error"]["code"], "internal_error");
+    let mut delivered: Vec<String> = upstream.hits_to("/hook").iter().map(Hit::webhook_id).collect();
+    delivered.sort();
+    assert_eq!(delivered, [ids[0].clone(), ids[2].clone()]);
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "callgate_journal_damaged_events 1"), "{metrics}");
+    app.stop().await;
+}

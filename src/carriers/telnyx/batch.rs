@@ -86,7 +86,7 @@ mod tests {
         let answers =
             rt.block_on(futures_util::future::join_all((0..20).map(|i| verify(pending(i, good(i)), &metrics))));
         assert_eq!(answers, (0..20).map(good).collect::<Vec<_>>());
-        let shown = metrics.render(&Default::default(), &Default::default());
+        let shown = metrics.render(&Default::default(), &Default::default(), 0);
         assert!(shown.contains("callgate_telnyx_signature_batches_total 1\n"), "{shown}");
         assert!(shown.contains("callgate_telnyx_signatures_batched_total 20\n"), "{shown}");
         assert!(QUEUE.with(|q| q.borrow().is_empty()));
