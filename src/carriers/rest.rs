@@ -33,6 +33,11 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// Carrier error texts end up in API responses; a long one is noise, not information.
 const MAX_MESSAGE: usize = 300;
+/// How far past what is shown a carrier's text is searched for the credential, so that one
+/// quoted just before the cut is found whole; longer than any credential.
+const MESSAGE_SLACK: usize = 512;
+/// Bytes in a row of a credential that make a text count as quoting it.
+const QUOTED_RUN: usize = 8;
 
 /// Origins (`scheme://host[:port]`, no trailing slash) of the carriers' REST APIs; tests
 /// point them at a fake.
@@ -208,6 +213,9 @@ pub(crate) struct Exchange<'a> {
     origin: String,
     headers: HeaderMap,
     secrets: Vec<&'a str>,
+    /// A header value that carries a secret in another form (Basic's base64), as sent: a
+    /// carrier that echoes the request's headers quotes it.
+    encoded: Option<zeroize::Zeroizing<String>>,
 }
 
 fn sensitive(value: &str) -> Result<HeaderValue, ProviderError> {
@@ -222,11 +230,14 @@ impl<'a> Exchange<'a> {
     fn new(client: &'a reqwest::Client, carrier: Carrier, origin: &str, auth: Auth<'a>) -> Result<Self, ProviderError> {
         let mut headers = HeaderMap::new();
         let mut secrets = Vec::new();
+        let mut encoded = None;
         match auth {
             Auth::Basic { user, password } => {
-                let raw = format!("{user}:{}", password.expose());
-                headers.insert(AUTHORIZATION, sensitive(&format!("Basic {}", B64.encode(raw)))?);
+                let raw = zeroize::Zeroizing::new(format!("{user}:{}", password.expose()));
+                let b64 = B64.encode(raw.as_bytes());
+                headers.insert(AUTHORIZATION, sensitive(&format!("Basic {b64}"))?);
                 secrets.push(password.expose());
+                encoded = Some(zeroize::Zeroizing::new(b64));
             }
             Auth::VobizHeaders { auth_id, auth_token } => {
                 headers.insert(HeaderName::from_static("x-auth-id"), sensitive(auth_id)?);
@@ -238,7 +249,7 @@ impl<'a> Exchange<'a> {
                 secrets.push(key.expose());
             }
         }
-        Ok(Self { client, carrier, origin: origin.trim_end_matches('/').to_owned(), headers, secrets })
+        Ok(Self { client, carrier, origin: origin.trim_end_matches('/').to_owned(), headers, secrets, encoded })
     }
 
     /// Also keeps `s` out of errors (Exotel's API key is half of its credential).
@@ -266,20 +277,33 @@ impl<'a> Exchange<'a> {
     }
 
     pub(crate) fn unavailable(&self, op: &'static str, what: &str) -> ProviderError {
-        ProviderError::Unavailable { reason: self.redact(format!("{} {op}: {what}", self.carrier)) }
+        let what = if self.mentions_secret(what) { "an answer that quoted the credential (withheld)" } else { what };
+        ProviderError::Unavailable { reason: format!("{} {op}: {what}", self.carrier) }
     }
 
+    /// Whether `s` quotes a secret: whole, or any [`QUOTED_RUN`] bytes of it in a row (a text
+    /// cut short, or the header that carried it).
     fn mentions_secret(&self, s: &str) -> bool {
-        self.secrets.iter().any(|secret| !secret.is_empty() && s.contains(secret))
+        let hay = s.as_bytes();
+        let found = |needle: &[u8]| memchr::memmem::find(hay, needle).is_some();
+        self.secrets.iter().copied().chain(self.encoded.as_ref().map(|e| e.as_str())).map(str::as_bytes).any(|secret| {
+            match secret.len() {
+                0 => false,
+                n if n <= QUOTED_RUN => found(secret),
+                _ => secret.windows(QUOTED_RUN).any(found),
+            }
+        })
     }
 
-    fn redact(&self, mut s: String) -> String {
-        for secret in &self.secrets {
-            if !secret.is_empty() && s.contains(secret) {
-                s = s.replace(secret, "[redacted]");
-            }
+    /// The carrier's own error text as shown to the operator: none if it quotes the
+    /// credential anywhere in what is shown or just past it, else cut to [`MAX_MESSAGE`].
+    fn shown(&self, text: Option<String>) -> Option<String> {
+        let text = text.filter(|t| !self.mentions_secret(t))?;
+        let mut cut: String = text.chars().take(MAX_MESSAGE).collect();
+        if cut.len() < text.len() {
+            cut.push('…');
         }
-        s
+        Some(cut)
     }
 
     /// Sends, and returns the body of a 2xx answer; every other outcome is a `ProviderError`.
@@ -299,7 +323,7 @@ impl<'a> Exchange<'a> {
         if status.is_success() {
             return Ok(body);
         }
-        let message = carrier_message(&body).filter(|m| !self.mentions_secret(m));
+        let message = self.shown(carrier_message(&body));
         match status.as_u16() {
             401 | 403 => Err(ProviderError::InvalidCredentials { message }),
             404 => Err(ProviderError::NotFound),
@@ -372,11 +396,7 @@ fn carrier_message(body: &[u8]) -> Option<String> {
         &v["detail"],
     ];
     let text = candidates.iter().find_map(|c| c.as_str().map(str::trim).filter(|s| !s.is_empty()))?;
-    let mut clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_MESSAGE).collect();
-    if text.chars().count() > MAX_MESSAGE {
-        clean.push('…');
-    }
-    Some(clean)
+    Some(text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_MESSAGE + MESSAGE_SLACK).collect())
 }
 
 /// Everything but unreserved characters, and `:` which Telnyx ids contain and which the
@@ -477,6 +497,8 @@ pub(crate) fn listed(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -494,7 +516,35 @@ mod tests {
         assert_eq!(carrier_message(br#"{"error": ""}"#), None);
         let long = format!(r#"{{"message": "{}\n"}}"#, "a".repeat(1000));
         let m = carrier_message(long.as_bytes()).unwrap();
-        assert_eq!(m.chars().count(), MAX_MESSAGE + 1);
+        assert_eq!(m.chars().count(), MAX_MESSAGE + MESSAGE_SLACK);
+    }
+
+    #[test]
+    fn a_carrier_text_that_quotes_any_of_the_credential_is_not_shown() {
+        let client = reqwest::Client::new();
+        let token = Secret::new("AUDITTOKEN-0123456789abcdef".to_owned());
+        let ex = Exchange::new(&client, Carrier::Twilio, "https://x", Auth::Basic { user: "AC1", password: &token })
+            .unwrap();
+        let text = |m: String| carrier_message(json!({ "message": m }).to_string().as_bytes());
+        let basic = B64.encode("AC1:AUDITTOKEN-0123456789abcdef");
+        for quoted in [
+            // Whole, cut short by the length limit, or only a run of it.
+            format!("bad token {}", token.expose()),
+            format!("{} {}", "x".repeat(280), token.expose()),
+            format!("{} {}", "x".repeat(MAX_MESSAGE - 5), token.expose()),
+            "token ends in 3456789ab".to_owned(),
+            // The request's own header, echoed back.
+            format!("refused header Basic {basic}"),
+            format!("{}Basic {basic}", "y".repeat(290)),
+        ] {
+            assert_eq!(ex.shown(text(quoted.clone())), None, "{quoted}");
+            let e = ex.unavailable("list numbers", &quoted);
+            assert!(!e.to_string().contains("AUDITTOKEN") && !e.to_string().contains(&basic[..12]), "{e}");
+        }
+        assert_eq!(ex.shown(text("Authenticate".to_owned())).as_deref(), Some("Authenticate"));
+        let long = ex.shown(text("z".repeat(1000))).unwrap();
+        assert_eq!(long.chars().count(), MAX_MESSAGE + 1);
+        assert!(long.ends_with('…'));
     }
 
     #[test]
