@@ -84,12 +84,15 @@ pub async fn handle<C: CarrierHooks>(
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let url = client::signed_url(&settings.public_url, peer, req.headers(), &settings.trusted_proxies, path_and_query);
     let now_ms = state.clock.now_ms();
+    // No carrier signs a GET's body (its parameters are in the URL), so none is taken from it:
+    // a body sent along with a signed URL would otherwise be recorded as the carrier's.
+    let body: &[u8] = if req.method() == actix_web::http::Method::GET { &[] } else { &raw };
     let mut inbound = Inbound {
         method: req.method().as_str(),
         headers: req.headers(),
         url: &url,
         query: req.uri().query().unwrap_or(""),
-        body: &raw,
+        body,
         form: form_pairs,
         is_form,
         envelope: None,

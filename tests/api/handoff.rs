@@ -1803,3 +1803,37 @@ async fn a_damaged_record_hides_no_other_event_and_holds_up_no_other_delivery() 
     assert!(metrics.lines().any(|l| l == "callgate_journal_damaged_events 1"), "{metrics}");
     app.stop().await;
 }
+
+/// A GET is signed over its URL only: a body sent with it is not the carrier's, so it is
+/// neither recorded nor a way to make a captured URL count as a new event.
+#[tokio::test]
+async fn the_body_of_a_signed_get_is_not_taken_for_the_carriers() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020031", config(None, None));
+    let params: Vec<(&str, String)> =
+        vec![("CallSid", "CAget".into()), ("CallStatus", "completed".into()), ("To", line.number.clone())];
+    let hook = format!("/twilio/status/{}?{}", line.phone_id, form_body(&params));
+    let sig = twilio_sig::sign_url(&TwilioKey::new(line.token.as_bytes()), &format!("{PUBLIC_URL}{hook}"));
+    for (n, body) in [
+        (1, r#"{"CallSid":"CAforged","From":"+19990000000","injected":1}"#),
+        (2, "CallSid=CAforged&From=%2B19990000000&injected=2"),
+        (3, ""),
+    ] {
+        let res = app
+            .client
+            .get(app.url(&hook))
+            .header("X-Twilio-Signature", &sig)
+            .header("content-type", if n == 2 { "application/x-www-form-urlencoded" } else { "application/json" })
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{body}");
+    }
+    let evs = events_of(&app, &org, &line).await;
+    assert_eq!(evs.len(), 1, "one signed URL, one event: {evs:?}");
+    assert_eq!(evs[0]["call_id"], "CAget");
+    assert_eq!(evs[0]["from"], Value::Null);
+    assert_eq!(evs[0]["params"], json!({"CallSid": "CAget", "CallStatus": "completed", "To": line.number}));
+}
