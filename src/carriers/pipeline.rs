@@ -224,9 +224,26 @@ fn replay_key(carrier: crate::domain::Carrier, phone: &PhoneRecord, p: &Parsed, 
             h.update([0]);
             h.update(p.status.as_deref().unwrap_or(""));
             h.update([0]);
-            h.update(req.query);
+            // What the signature covers, in the form it covers it: bytes that differ only where
+            // it does not look (a form's field order, its escapes, a repeated pair; a Telnyx
+            // URL's query) would make a replay count as a new event.
+            if carrier != crate::domain::Carrier::Telnyx {
+                h.update(req.query);
+            }
             h.update([0]);
-            h.update(req.body);
+            if req.is_form {
+                let mut fields: Vec<(&str, &str)> = req.form.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+                fields.sort_unstable();
+                fields.dedup();
+                for (k, v) in fields {
+                    for part in [k, v] {
+                        h.update((part.len() as u64).to_le_bytes());
+                        h.update(part);
+                    }
+                }
+            } else {
+                h.update(req.body);
+            }
             key.extend_from_slice(&h.finalize());
         }
     }

@@ -1837,3 +1837,86 @@ async fn the_body_of_a_signed_get_is_not_taken_for_the_carriers() {
     assert_eq!(evs[0]["from"], Value::Null);
     assert_eq!(evs[0]["params"], json!({"CallSid": "CAget", "CallStatus": "completed", "To": line.number}));
 }
+
+/// Twilio has no nonce: a callback is the same callback when what its signature covers (the
+/// decoded, sorted fields) is the same, however the bytes of its body are arranged.
+#[tokio::test]
+async fn a_twilio_replay_with_its_body_rearranged_is_not_recorded_again() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020041", config(None, None));
+    let params: Vec<(&str, String)> = vec![
+        ("CallDuration", "42".into()),
+        ("CallSid", "CArearranged".into()),
+        ("CallStatus", "completed".into()),
+        ("To", line.number.clone()),
+    ];
+    let hook = format!("/twilio/status/{}", line.phone_id);
+    let sig = twilio_sig::sign(&TwilioKey::new(line.token.as_bytes()), &format!("{PUBLIC_URL}{hook}"), &params);
+    let to = form_body(&[("To", line.number.clone())]);
+    let original = form_body(&params);
+    assert!(to.contains("%2B"), "{to}");
+    for body in [
+        original.clone(),
+        format!("{original}&"),
+        format!("{to}&CallStatus=completed&CallSid=CArearranged&CallDuration=42"),
+        original.replace("%2B", "%2b"),
+        format!("{original}&CallDuration=42"),
+    ] {
+        let res = app
+            .client
+            .post(app.url(&hook))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("X-Twilio-Signature", &sig)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{body}");
+    }
+    assert_eq!(events_of(&app, &org, &line).await.len(), 1);
+    // A field that changes what is signed is a new callback.
+    let mut next = params.clone();
+    next[0].1 = "43".into();
+    assert_eq!(twilio_callback(&app.client, &app.base, &line, &next).await, 200);
+    assert_eq!(events_of(&app, &org, &line).await.len(), 2);
+}
+
+/// `call.answered` and `call.hangup` carry no direction, so either party could be the
+/// gateway's number; the one on the event's application (`connection_id`) is, even when the
+/// other party is a number here too, of another tenant or carrier.
+#[tokio::test]
+async fn a_telnyx_event_without_direction_goes_to_the_number_on_its_application() {
+    let app = spawn_app().await;
+    let (one, two) = (app.create_org("One").await, app.create_org("Two").await);
+    let on_app = |org: &Org, number: &str, connection: &str| {
+        let line = add_line(&app, org, Carrier::Telnyx, number, config(None, None));
+        let id = callgate::domain::PhoneId::parse(&line.phone_id).unwrap();
+        let mut p = app.state.store.phone_get(&callgate::domain::OrgId::parse(&org.id).unwrap(), &id).unwrap().unwrap();
+        p.connection_id = Some(connection.to_owned());
+        assert!(app.state.store.phone_update(&p, None).unwrap());
+        line
+    };
+    let first = on_app(&one, "+13125550111", "conn-one");
+    let second = on_app(&two, "+13125550122", "conn-two");
+    let twilio = add_line(&app, &one, Carrier::Twilio, "+14155550133", config(None, None));
+    let event = |id: &str, kind: &str, from: &str, to: &str, connection: &str| {
+        json!({"data": {"event_type": kind, "id": id, "record_type": "event", "payload": {
+            "call_control_id": format!("v3:{id}"), "connection_id": connection, "from": from, "to": to,
+            "state": "hangup", "hangup_cause": "normal_clearing"}}})
+        .to_string()
+    };
+    // One's outgoing call to Two's number, and to a Twilio number of One's own.
+    let sent = [
+        event("e1", "call.hangup", &first.number, &second.number, "conn-one"),
+        event("e2", "call.answered", &first.number, &twilio.number, "conn-one"),
+        event("e3", "call.hangup", &second.number, &first.number, "conn-two"),
+    ];
+    for body in sent {
+        assert_eq!(send_telnyx(&app, body).await.0, 200);
+    }
+    let ids = |evs: Vec<Value>| evs.iter().map(|e| e["call_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(ids(events_of(&app, &one, &first).await), ["v3:e1", "v3:e2"]);
+    assert_eq!(ids(events_of(&app, &two, &second).await), ["v3:e3"]);
+    assert!(events_of(&app, &one, &twilio).await.is_empty());
+}

@@ -33,20 +33,57 @@ pub fn locate(
     }
     let envelope = req.envelope.insert(Envelope::read(req.body).ok_or(Reject::InvalidSignature)?);
     let payload = &envelope.data.payload;
-    let outgoing = payload.direction.as_deref() == Some("outgoing");
-    let number = if outgoing { &payload.from } else { &payload.to };
-    let number = number.as_deref().and_then(|s| E164::normalize(s).ok());
-    let by_number = match number {
-        Some(n) => store.phone_by_number(&n),
-        None => Ok(None),
+    let connection = payload.connection_id.as_deref();
+    let telnyx_number = |n: &Option<String>| -> Result<Option<std::sync::Arc<PhoneRecord>>, crate::store::StoreError> {
+        let Some(number) = n.as_deref().and_then(|s| E164::normalize(s).ok()) else { return Ok(None) };
+        // A number held at another carrier has no key for a Telnyx event.
+        Ok(store.phone_by_number(&number)?.filter(|p| p.provider == Carrier::Telnyx))
     };
-    Ok(match by_number {
-        Ok(None) => match payload.connection_id.as_deref() {
-            Some(conn) => store.phone_by_connection(Carrier::Telnyx, conn),
-            None => Ok(None),
-        },
-        other => other,
-    })
+    // Our number is `to` of an incoming call and `from` of an outgoing one.
+    match payload.direction.as_deref() {
+        Some("incoming") => return Ok(telnyx_number(&payload.to).and_then(|p| or_connection(p, store, connection))),
+        Some("outgoing") => return Ok(telnyx_number(&payload.from).and_then(|p| or_connection(p, store, connection))),
+        _ => {}
+    }
+    // Most events after the first (`call.answered`, `call.hangup`) carry no direction, and
+    // either party may hold a number here, at another carrier or another tenant: the account's
+    // application (`connection_id`) tells ours from theirs. A number last seen on another
+    // application is taken only when nothing else claims the event (it may have been moved).
+    let mut unsure = None;
+    let mut moved = None;
+    for n in [&payload.to, &payload.from] {
+        let found = match telnyx_number(n) {
+            Ok(found) => found,
+            Err(e) => return Ok(Err(e)),
+        };
+        let Some(p) = found else { continue };
+        match (p.connection_id.as_deref(), connection) {
+            (Some(ours), Some(theirs)) if ours == theirs => return Ok(Ok(Some(p))),
+            (Some(_), Some(_)) => {
+                moved.get_or_insert(p);
+            }
+            _ => {
+                unsure.get_or_insert(p);
+            }
+        }
+    }
+    if unsure.is_some() {
+        return Ok(Ok(unsure));
+    }
+    Ok(or_connection(None, store, connection).map(|p| p.or(moved)))
+}
+
+/// `found`, else the one number on the event's application.
+fn or_connection(
+    found: Option<std::sync::Arc<PhoneRecord>>,
+    store: &dyn Store,
+    connection: Option<&str>,
+) -> Result<Option<std::sync::Arc<PhoneRecord>>, crate::store::StoreError> {
+    match (found, connection) {
+        (Some(p), _) => Ok(Some(p)),
+        (None, Some(conn)) => store.phone_by_connection(Carrier::Telnyx, conn),
+        (None, None) => Ok(None),
+    }
 }
 
 impl CarrierHooks for Telnyx {
