@@ -43,6 +43,14 @@ fn provider_error(carrier: Carrier, e: ProviderError) -> ApiError {
             format!("{carrier}'s API did not answer in time"),
         ),
         ProviderError::Refused { message } => ApiError::unprocessable("provider_refused", message),
+        ProviderError::RateLimited { retry_after_secs } => ApiError {
+            retry_after: Some(retry_after_secs.unwrap_or(60)),
+            ..ApiError::new(
+                actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                "provider_rate_limited",
+                format!("{carrier} is rate-limiting this account's API requests; try again later"),
+            )
+        },
         ProviderError::NotFound | ProviderError::Unavailable { .. } => {
             tracing::warn!(carrier = %carrier, error = %e, "carrier API unavailable");
             ApiError::new(

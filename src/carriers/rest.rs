@@ -93,6 +93,10 @@ pub enum ProviderError {
     Unavailable { reason: String },
     #[error("the carrier's API did not answer in time")]
     Timeout,
+    /// The carrier answered 429: this account is sending it too much. `retry_after_secs` is
+    /// its `Retry-After` in seconds, when it gave one.
+    #[error("the carrier is rate-limiting this account")]
+    RateLimited { retry_after_secs: Option<u64> },
     #[error("the carrier does not know this number or resource")]
     NotFound,
     /// The carrier would accept the change, but making it would break something the
@@ -310,6 +314,15 @@ impl<'a> Exchange<'a> {
     pub(crate) async fn send(&self, op: &'static str, req: RequestBuilder) -> Result<Vec<u8>, ProviderError> {
         let mut resp = req.send().await.map_err(|e| self.transport(op, e))?;
         let status = resp.status();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            let retry_after_secs = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|s| s.clamp(1, 3_600));
+            return Err(ProviderError::RateLimited { retry_after_secs });
+        }
         if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
             return Err(self.unavailable(op, "response body too large"));
         }

@@ -147,7 +147,8 @@ pub async fn answer_telnyx(state: &AppState, phone: &PhoneRecord, ev: &EventReco
             }
             Err(
                 crate::carriers::rest::ProviderError::Unavailable { .. }
-                | crate::carriers::rest::ProviderError::Timeout,
+                | crate::carriers::rest::ProviderError::Timeout
+                | crate::carriers::rest::ProviderError::RateLimited { .. },
             ) if attempt < 3 => {
                 tokio::time::sleep(Duration::from_millis(200 * 3u64.pow(attempt))).await;
             }

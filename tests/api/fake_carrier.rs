@@ -42,6 +42,8 @@ pub enum Mode {
     WrongShape,
     /// Answers only after [`HANG`], far past any client timeout.
     Hang,
+    /// 429 with `Retry-After: 17`.
+    RateLimited,
 }
 
 pub const HANG: Duration = Duration::from_secs(30);
@@ -396,6 +398,11 @@ fn route(st: &mut State, req: &Recorded) -> HttpResponse {
             return HttpResponse::Ok().content_type("text/html").body("<html><body><h1>Bad Gateway</h1></body></html>")
         }
         Mode::WrongShape => return reply(200, json!({"status": "ok", "result": []})),
+        Mode::RateLimited => {
+            return HttpResponse::TooManyRequests()
+                .insert_header(("Retry-After", "17"))
+                .json(json!({"message": "Too Many Requests"}))
+        }
         Mode::Ok | Mode::Hang => {}
     }
     let Some(idx) = authenticate(st, carrier, path_id, req) else {

@@ -115,6 +115,7 @@ async fn setup() -> (FakeCarrier, TestApp, Org) {
 struct Reply {
     status: u16,
     text: String,
+    retry_after: Option<String>,
 }
 
 impl Reply {
@@ -125,7 +126,8 @@ impl Reply {
 
 async fn send(req: reqwest::RequestBuilder) -> Reply {
     let res = req.send().await.expect("the server answers");
-    Reply { status: res.status().as_u16(), text: res.text().await.expect("a readable body") }
+    let retry_after = res.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    Reply { status: res.status().as_u16(), retry_after, text: res.text().await.expect("a readable body") }
 }
 
 /// The API's error shape, exactly.
@@ -353,6 +355,12 @@ async fn carrier_failures_map_to_stable_errors_and_store_nothing() {
             let r = import(&app, &org, c, body).await;
             assert_error(&r, 502, "provider_unavailable", &unavailable, &format!("{c} import {mode:?}"));
         }
+        // The carrier's 429 is passed on as such, with its Retry-After, not as an outage.
+        fake.set_mode(Mode::RateLimited);
+        let limited = format!("{c} is rate-limiting this account's API requests; try again later");
+        let r = validate(&app, &org, c, good.clone()).await;
+        assert_error(&r, 429, "provider_rate_limited", &limited, &format!("{c} rate limited"));
+        assert_eq!(r.retry_after.as_deref(), Some("17"), "{c}");
         fake.set_mode(Mode::Ok);
     }
     assert_eq!(list(&app, &org, "").await, json!({"phone_numbers": [], "next_after": null}));
