@@ -59,6 +59,11 @@ fn text(obj: &Map<String, Value>, field: &'static str) -> Result<String, Credent
         None | Some(Value::Null) => Err(err(field, "is required")),
         Some(Value::String(s)) if s.trim().is_empty() => Err(err(field, "must not be empty")),
         Some(Value::String(s)) if s.len() > 512 => Err(err(field, "is too long")),
+        // Every field goes into a header or a URL of the carrier's API, where it cannot be
+        // sent: refused here, not blamed on the carrier when it is first used.
+        Some(Value::String(s)) if s.trim().chars().any(char::is_control) => {
+            Err(err(field, "must not contain control characters"))
+        }
         Some(Value::String(s)) => Ok(s.trim().to_owned()),
         Some(_) => Err(err(field, "must be a string")),
     }
@@ -111,10 +116,18 @@ impl PhoneCredential {
                     None | Some(Value::Null) => EXOTEL_DEFAULT_SUBDOMAIN.to_owned(),
                     Some(_) => text(obj, "subdomain")?,
                 };
+                // The credential travels to this host: only Exotel's own, never an address a
+                // tenant picks inside the gateway's network.
+                let subdomain = subdomain.to_ascii_lowercase();
+                let exotel = [".exotel.com", ".exotel.in"].iter().any(|d| subdomain.ends_with(d));
                 if !subdomain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-                    || !subdomain.contains('.')
+                    || !exotel
+                    || subdomain.split('.').any(str::is_empty)
                 {
-                    return Err(err("subdomain", "must be a host name such as api.exotel.com or api.in.exotel.com"));
+                    return Err(err(
+                        "subdomain",
+                        "must be an Exotel API host such as api.exotel.com or api.in.exotel.com",
+                    ));
                 }
                 let account_sid = text(obj, "account_sid")?;
                 if !account_sid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
@@ -225,6 +238,34 @@ mod tests {
         }
         let as_string = Value::String(tw.to_string());
         assert!(PhoneCredential::parse(Carrier::Twilio, &as_string).is_ok());
+    }
+
+    #[test]
+    fn a_field_with_a_control_character_is_refused_when_set() {
+        let vb = json!({"auth_id": "VB1", "auth_token": "AUDITTOKEN\u{1}ctl"});
+        let e = PhoneCredential::parse(Carrier::Vobiz, &vb).unwrap_err();
+        assert_eq!((e.field, e.problem), ("auth_token", "must not contain control characters"));
+        let tx = json!({"api_key": "K\nEY", "public_key": "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="});
+        assert_eq!(PhoneCredential::parse(Carrier::Telnyx, &tx).unwrap_err().field, "api_key");
+    }
+
+    #[test]
+    fn an_exotel_credential_names_only_an_exotel_host() {
+        let with = |host: &str| json!({"api_key": "k", "api_token": "t", "account_sid": "acme1", "subdomain": host});
+        for good in ["api.exotel.com", "api.in.exotel.com", "API.IN.EXOTEL.COM", "ccm-api.exotel.in"] {
+            assert!(PhoneCredential::parse(Carrier::Exotel, &with(good)).is_ok(), "{good}");
+        }
+        for bad in [
+            "127.0.0.2",
+            "10.255.255.1",
+            "169.254.169.254",
+            "evil.example",
+            "exotel.com.evil.example",
+            "api..exotel.com",
+            ".exotel.com",
+        ] {
+            assert_eq!(PhoneCredential::parse(Carrier::Exotel, &with(bad)).unwrap_err().field, "subdomain", "{bad}");
+        }
     }
 
     #[test]
