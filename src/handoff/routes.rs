@@ -51,10 +51,10 @@ async fn redeliver_many(
     auth: OrgAuth,
     body: web::Json<Filter>,
 ) -> Result<HttpResponse, ApiError> {
-    let wanted = parse_state(body.state.as_deref().unwrap_or("failed"))?;
-    if !matches!(wanted, DeliveryState::Failed | DeliveryState::Dead) {
-        return Err(ApiError::unprocessable("invalid_field", "state: failed or dead"));
-    }
+    let wanted = parse_state(body.state.as_deref().unwrap_or("failed"))
+        .ok()
+        .filter(|s| matches!(s, DeliveryState::Failed | DeliveryState::Dead))
+        .ok_or_else(|| ApiError::unprocessable("invalid_field", "state: failed or dead"))?;
     let phone_id = body
         .phone_id
         .as_deref()

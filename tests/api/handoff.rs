@@ -1453,9 +1453,14 @@ async fn gone_is_dead_at_once_and_redelivery_brings_events_back() {
     let delivered: Vec<String> = upstream.hits().iter().skip(3).map(Hit::webhook_id).collect();
     assert_eq!(delivered, [x1.as_str(), &y1, &x2]);
 
-    // Only failed or dead deliveries can be re-driven in bulk.
-    let res = app.post(&org, "/events/redeliver").json(&json!({"state": "pending"})).send().await.unwrap();
-    assert_eq!(res.status(), 422);
+    // Only failed or dead deliveries can be re-driven in bulk; a state that is none is the
+    // body's field at fault, not a query.
+    for state in ["pending", "bogus"] {
+        let res = app.post(&org, "/events/redeliver").json(&json!({ "state": state })).send().await.unwrap();
+        assert_eq!(res.status(), 422, "{state}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v, json!({"error": {"code": "invalid_field", "message": "state: failed or dead"}}), "{state}");
+    }
 }
 
 #[tokio::test]
