@@ -251,7 +251,10 @@ async fn import(
     if config.exotel_webhook_token_sha256.is_some() && carrier != Carrier::Exotel {
         return Err(invalid("config.exotel_webhook_token: only Exotel numbers take a webhook token"));
     }
-    if state.store.phone_by_number(&number)?.is_some() {
+    // Only the organization's own numbers are refused before its credential is checked: for
+    // another's, the answer waits until the carrier has shown the number on this account,
+    // or anyone could ask which numbers are imported here.
+    if state.store.phone_by_number(&number)?.is_some_and(|p| p.org_id == auth.org_id) {
         return Err(ApiError::conflict("number_already_imported", format!("{number} is already imported")));
     }
     let source = credential_source(&state, &auth, carrier, body.credentials.as_ref())?;
@@ -293,6 +296,12 @@ async fn import(
         Ok(()) => {}
         Err(Conflict::NumberTaken) | Err(Conflict::InUse(_)) => {
             return Err(ApiError::conflict("number_already_imported", format!("{number} is already imported")))
+        }
+        Err(Conflict::CredentialChanged) => {
+            return Err(ApiError::conflict(
+                "credential_changed",
+                format!("the saved {carrier} credential was deleted or replaced during the import; try again"),
+            ))
         }
     }
     state.commit.commit().await?;

@@ -315,9 +315,10 @@ fn provision(data_dir: &Path, public_url: &str, numbers: usize) -> anyhow::Resul
             let phone = phone_record(&org.org.id, carrier, &rec.id, number_for(carrier, i)?, i, now);
             match store.phone_insert(&phone, None)? {
                 Ok(()) => {}
-                Err(Conflict::NumberTaken) | Err(Conflict::InUse(_)) => {
+                Err(Conflict::NumberTaken | Conflict::InUse(_)) => {
                     bail!("{} is already in {}: provision a fresh data dir", phone.number, data_dir.display())
                 }
+                Err(Conflict::CredentialChanged) => bail!("the credential just saved for {carrier} is gone"),
             }
             phones.push(BenchPhone { id: phone.id.to_string(), number: phone.number.to_string() });
         }

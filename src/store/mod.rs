@@ -35,6 +35,8 @@ pub enum StoreError {
 pub enum Conflict {
     NumberTaken,
     InUse(usize),
+    /// The saved credential a write relied on was deleted or replaced meanwhile.
+    CredentialChanged,
 }
 
 #[derive(Debug, PartialEq, Eq)]

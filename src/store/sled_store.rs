@@ -70,6 +70,11 @@ pub struct SledStore {
     org_phones: Tree,
     phone_cache: PhoneCache,
     events: EventLog,
+    /// Held by the writes that decide which credential a number verifies with (saving or
+    /// deleting a BYOK credential, importing or updating a number) from their check of who
+    /// uses it to their commit: an import that raced a delete was left on a deleted secret.
+    /// Operator writes only; webhooks never take it.
+    credential_writes: std::sync::Mutex<()>,
 }
 
 impl SledStore {
@@ -93,6 +98,7 @@ impl SledStore {
             org_phones: t(ORG_PHONES)?,
             phone_cache: PhoneCache::default(),
             events: EventLog::open(&dir.join("events"), journal)?,
+            credential_writes: std::sync::Mutex::default(),
             db,
         })
     }
@@ -120,6 +126,24 @@ impl SledStore {
             }
         }
         Ok(false)
+    }
+
+    /// Numbers whose previous credential is `secret` and still valid at `now_ms`.
+    fn phones_in_grace_on(&self, org: &OrgId, secret: &SecretId, now_ms: i64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.org_phones.scan_prefix(prefix(org)) {
+            let (_, id) = item?;
+            if let Some(p) = Self::get::<PhoneRecord>(&self.phones, PHONES, &id)? {
+                n += usize::from(
+                    p.previous_credential.as_ref().is_some_and(|c| c.secret_id == *secret && c.valid_until_ms > now_ms),
+                );
+            }
+        }
+        Ok(n)
+    }
+
+    fn credential_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.credential_writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn phones_using(&self, org: &OrgId, secret: &SecretId) -> Result<Vec<PhoneRecord>, StoreError> {
@@ -206,6 +230,7 @@ impl Store for SledStore {
         audit: &AuditRecord,
         grace_until_ms: i64,
     ) -> Result<Option<SecretId>, StoreError> {
+        let _writing = self.credential_writes();
         let slot = scoped(&rec.org_id, rec.provider.as_bytes());
         let old_id = match self.byok.get(&slot)? {
             Some(v) => Some(
@@ -260,11 +285,13 @@ impl Store for SledStore {
         provider: &str,
         audit: &AuditRecord,
     ) -> Result<Result<bool, Conflict>, StoreError> {
+        let _writing = self.credential_writes();
         let slot = scoped(org, provider.as_bytes());
         let Some(raw_id) = self.byok.get(&slot)? else { return Ok(Ok(false)) };
         let id = SecretId::parse(std::str::from_utf8(&raw_id).unwrap_or(""))
             .map_err(|_| StoreError::Corrupt { tree: BYOK, detail: "bad secret id".into() })?;
-        let users = self.phones_using(org, &id)?.len();
+        // A number moved off it still verifies with it until its grace ends.
+        let users = self.phones_using(org, &id)?.len() + self.phones_in_grace_on(org, &id, audit.at_ms)?;
         if users > 0 {
             return Ok(Err(Conflict::InUse(users)));
         }
@@ -332,6 +359,15 @@ impl Store for SledStore {
         phone: &PhoneRecord,
         inline: Option<&SecretRecord>,
     ) -> Result<Result<(), Conflict>, StoreError> {
+        let _writing = self.credential_writes();
+        // A saved credential read before the carrier was asked may have been deleted or
+        // replaced since.
+        if inline.is_none() {
+            let current = Self::get::<SecretRecord>(&self.secrets, SECRETS, phone.credential.as_ref())?;
+            if !current.is_some_and(|s| s.org_id == phone.org_id && s.retired_until_ms.is_none()) {
+                return Ok(Err(Conflict::CredentialChanged));
+            }
+        }
         self.phone_cache.around(|| {
             (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets)
                 .transaction(|(phones, numbers, org_phones, secrets)| {
@@ -419,6 +455,7 @@ impl Store for SledStore {
     }
 
     fn phone_update(&self, phone: &PhoneRecord, inline: Option<&SecretRecord>) -> Result<bool, StoreError> {
+        let _writing = self.credential_writes();
         // A credential of the number's own that the update moves it off is retired until its
         // grace ends (at once if it keeps none) and then swept, as a replaced BYOK credential
         // is; otherwise a second rotation would leave it sealed with nothing naming it.

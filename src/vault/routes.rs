@@ -165,7 +165,7 @@ async fn remove(state: &AppState, auth: &OrgAuth, provider: &str) -> Result<Http
                 format!("{n} phone number(s) verify their webhooks with this credential; delete them or give them another credential first"),
             ))
         }
-        Err(Conflict::NumberTaken) => return Err(ApiError::internal("unexpected conflict")),
+        Err(Conflict::NumberTaken | Conflict::CredentialChanged) => return Err(ApiError::internal("unexpected conflict")),
     }
     state.commit.commit().await?;
     state.credentials.invalidate_all();

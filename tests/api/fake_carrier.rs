@@ -44,7 +44,11 @@ pub enum Mode {
     Hang,
     /// 429 with `Retry-After: 17`.
     RateLimited,
+    /// As `Ok`, after [`SLOW`]: long enough for another request to come in meanwhile.
+    Slow,
 }
+
+pub const SLOW: Duration = Duration::from_millis(600);
 
 pub const HANG: Duration = Duration::from_secs(30);
 
@@ -344,8 +348,10 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: Shared) -> HttpRespon
             .collect(),
         body: String::from_utf8_lossy(&body).into_owned(),
     };
+    let slow;
     let response = {
         let mut st = lock(&state);
+        slow = st.mode == Mode::Slow;
         if let Some((after, mode)) = st.mode_after {
             if st.requests.len() >= after {
                 st.mode = mode;
@@ -359,6 +365,9 @@ async fn handle(req: HttpRequest, body: web::Bytes, state: Shared) -> HttpRespon
             Some(route(&mut st, &recorded))
         }
     };
+    if slow {
+        tokio::time::sleep(SLOW).await;
+    }
     match response {
         Some(r) => r,
         None => {
@@ -403,7 +412,7 @@ fn route(st: &mut State, req: &Recorded) -> HttpResponse {
                 .insert_header(("Retry-After", "17"))
                 .json(json!({"message": "Too Many Requests"}))
         }
-        Mode::Ok | Mode::Hang => {}
+        Mode::Ok | Mode::Hang | Mode::Slow => {}
     }
     let Some(idx) = authenticate(st, carrier, path_id, req) else {
         return unauthorized(carrier, req, None);

@@ -15,7 +15,7 @@ use callgate::carriers::twilio::signature::{sign, TwilioKey};
 use callgate::clock::{rfc3339, Clock};
 use callgate::domain::Carrier;
 
-use crate::fake_carrier::{FakeCarrier, Mode, Recorded};
+use crate::fake_carrier::{FakeCarrier, Mode, Recorded, SLOW};
 use crate::helpers::*;
 
 /// The test server's CALLGATE_PUBLIC_URL.
@@ -434,12 +434,18 @@ async fn import_stores_the_number_with_byok_billing_and_never_shows_the_secret()
         // Again, from this organization or another one.
         let again = json!({"number": a.numbers[2], "credentials": credentials(c, a.secret)});
         let taken = format!("{} is already imported", a.numbers[2]);
-        for (who, o) in [("same org", &org), ("other org", &other)] {
+        // The same organization is refused before the carrier is asked; another one only once
+        // the carrier has shown the number on the account it gave, so that nobody learns which
+        // numbers are imported here without holding them.
+        for (who, o, asks) in [("same org", &org, false), ("other org", &other, true)] {
             fake.clear_requests();
             let r = import(&app, o, c, again.clone()).await;
             assert_error(&r, 409, "number_already_imported", &taken, &format!("{c} {who}"));
-            assert!(fake.requests().is_empty(), "{c} {who}: refused before asking the carrier");
+            assert_eq!(!fake.requests().is_empty(), asks, "{c} {who}");
         }
+        let guess = json!({"number": a.numbers[2], "credentials": credentials(c, WRONG)});
+        let r = import(&app, &other, c, guess).await;
+        assert_eq!((r.status, r.json()["error"]["code"].as_str()), (422, Some("invalid_provider_credentials")), "{c}");
 
         let absent = "+15005550199";
         let r = import(&app, &org, c, json!({"number": absent, "credentials": credentials(c, a.secret)})).await;
@@ -1171,4 +1177,54 @@ async fn deleting_one_number_keeps_a_replaced_byok_credential_for_the_others() {
     assert!(secret_ids(&app).contains(&old_id), "the other number's previous credential was dropped");
     let (old, new) = ((twilio.secret, old_id.as_str()), (TWILIO_ROTATED, new_id.as_str()));
     assert_grace(&app, &org, &ids[1], old, new, valid_until, Vec::new()).await;
+}
+
+/// An import reads the saved credential, then waits on the carrier; a delete or a replacement
+/// of that credential meanwhile must not leave the number on a secret that is gone.
+#[tokio::test]
+async fn an_import_racing_a_change_of_the_saved_credential_is_refused_not_left_on_it() {
+    let (fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    for (i, change) in ["delete", "replace"].into_iter().enumerate() {
+        save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
+        fake.set_mode(Mode::Slow);
+        let importing = import(&app, &org, Carrier::Twilio, json!({"number": twilio.numbers[i]}));
+        let changing = async {
+            tokio::time::sleep(SLOW / 3).await;
+            if change == "delete" {
+                send(app.delete(&org, "/byok/twilio")).await
+            } else {
+                let body = json!({"provider": "twilio", "api_key": credentials(Carrier::Twilio, TWILIO_ROTATED)});
+                send(app.post(&org, "/byok").json(&body)).await
+            }
+        };
+        let (imported, changed) = tokio::join!(importing, changing);
+        fake.set_mode(Mode::Ok);
+        assert_eq!(changed.status, 200, "{change}: {}", changed.text);
+        let msg = "the saved twilio credential was deleted or replaced during the import; try again";
+        assert_error(&imported, 409, "credential_changed", msg, change);
+        assert_eq!(list(&app, &org, "").await["phone_numbers"], json!([]), "{change}");
+    }
+}
+
+/// A number moved off a saved credential still verifies with it until its grace ends, so the
+/// credential cannot be deleted before then.
+#[tokio::test]
+async fn a_saved_credential_in_a_numbers_grace_cannot_be_deleted() {
+    let (_fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
+    let r = import(&app, &org, Carrier::Twilio, json!({"number": twilio.numbers[0]})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let id = str_of(&r.json(), "id").to_owned();
+    let r = patch_phone(&app, &org, &id, json!({"credentials": credentials(Carrier::Twilio, TWILIO_ROTATED)})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = send(app.delete(&org, "/byok/twilio")).await;
+    let msg = "1 phone number(s) verify their webhooks with this credential; delete them or give them another credential first";
+    assert_error(&r, 409, "credential_in_use", msg, "in grace");
+    let r = twilio_status(&app, &id, twilio.secret, "CAgrace").await;
+    assert_eq!(r.status, 200, "the old token still verifies: {}", r.text);
+    // Once the grace is over it can go.
+    app.clock.set_ms(T0 + GRACE_MS + 1);
+    assert_eq!(send(app.delete(&org, "/byok/twilio")).await.status, 200);
 }
