@@ -328,8 +328,19 @@ async fn configure_on_carrier(
             json!({"changed": false, "error": {"code": api.code, "message": api.message}})
         }
     };
+    let mut report = report;
     if phone.provider == Carrier::Telnyx {
         phone.connection_id = report.get("application_id").and_then(Value::as_str).map(str::to_owned);
+    }
+    // Only the token's hash is kept, so the URLs shown cannot carry it: the steps say so, or
+    // URLs pasted as given would be refused.
+    if phone.config.exotel_webhook_token_sha256.is_some() {
+        if let Some(Value::String(steps)) = report.get_mut("manual_steps") {
+            steps.push_str(
+                " This number has a webhook token: add ?token=<the token you set> to both URLs, \
+                 or Exotel's requests will be refused (403 invalid_token).",
+            );
+        }
     }
     phone.provider_configuration = Some(report);
     phone.updated_at_ms = state.clock.now_ms();

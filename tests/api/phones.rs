@@ -1228,3 +1228,22 @@ async fn a_saved_credential_in_a_numbers_grace_cannot_be_deleted() {
     app.clock.set_ms(T0 + GRACE_MS + 1);
     assert_eq!(send(app.delete(&org, "/byok/twilio")).await.status, 200);
 }
+
+/// Exotel is configured by hand from the steps the import returns; with a webhook token the
+/// URLs work only with the token added, which the steps must say.
+#[tokio::test]
+async fn exotel_steps_say_where_the_webhook_token_goes() {
+    let (_fake, app, org) = setup().await;
+    let a = account(Carrier::Exotel);
+    for (i, token) in [None, Some(EXOTEL_TOKEN)].into_iter().enumerate() {
+        let mut body = json!({"number": a.numbers[i], "credentials": credentials(Carrier::Exotel, a.secret), "configure_provider": true});
+        if let Some(t) = token {
+            body["config"] = json!({ "exotel_webhook_token": t });
+        }
+        let r = import(&app, &org, Carrier::Exotel, body).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        let steps = str_of(&r.json()["provider_configuration"], "manual_steps").to_owned();
+        assert_eq!(steps.contains("add ?token=<the token you set> to both URLs"), token.is_some(), "{steps}");
+        assert!(!r.text.contains(EXOTEL_TOKEN));
+    }
+}
