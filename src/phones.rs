@@ -157,6 +157,26 @@ fn url_field(v: &Value, name: &str, schemes: &[&str]) -> Result<Option<String>, 
     }
 }
 
+/// A URL the gateway itself will call with the number's events: an organization may not aim
+/// it at addresses no service of its own can have (link-local, where cloud metadata lives, and
+/// unspecified), where the gateway's own network position is all the request would gain.
+fn fetched_url_field(v: &Value, name: &str) -> Result<Option<String>, ApiError> {
+    let url = url_field(v, name, &["https", "http"])?;
+    let host_ip = url.as_deref().and_then(|u| match url::Url::parse(u).ok()?.host()? {
+        url::Host::Ipv4(ip) => Some(std::net::IpAddr::V4(ip)),
+        url::Host::Ipv6(ip) => Some(ip.to_ipv4_mapped().map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4)),
+        url::Host::Domain(_) => None,
+    });
+    let forbidden = host_ip.is_some_and(|ip| match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast(),
+        std::net::IpAddr::V6(v6) => v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80,
+    });
+    if forbidden {
+        return Err(invalid(format!("config.{name}: must not be a link-local or unspecified address")));
+    }
+    Ok(url)
+}
+
 /// Applies a `config` object onto `cfg`; keys set to null are cleared. Returns a label found
 /// inside it, since the issue allows `config.label` as well as top-level `label`.
 fn apply_config(cfg: &mut PhoneConfig, given: &Map<String, Value>) -> Result<Option<Option<String>>, ApiError> {
@@ -164,8 +184,8 @@ fn apply_config(cfg: &mut PhoneConfig, given: &Map<String, Value>) -> Result<Opt
     for (k, v) in given {
         match k.as_str() {
             "stream_url" => cfg.stream_url = url_field(v, "stream_url", &["wss", "ws"])?,
-            "assistant_url" => cfg.assistant_url = url_field(v, "assistant_url", &["https", "http"])?,
-            "upstream_url" => cfg.upstream_url = url_field(v, "upstream_url", &["https", "http"])?,
+            "assistant_url" => cfg.assistant_url = fetched_url_field(v, "assistant_url")?,
+            "upstream_url" => cfg.upstream_url = fetched_url_field(v, "upstream_url")?,
             "exotel_webhook_token" => {
                 cfg.exotel_webhook_token_sha256 = match v {
                     Value::Null => None,

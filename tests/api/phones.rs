@@ -471,6 +471,18 @@ async fn import_stores_the_number_with_byok_billing_and_never_shows_the_secret()
             (json!({"number": fresh, "config": {"stream_url": 7}}), "config.stream_url: must be a string".to_owned()),
             (json!({"number": fresh, "config": {"voice": "alloy"}}), "config.voice: unknown setting".to_owned()),
         ];
+        // URLs the gateway calls itself, aimed where cloud metadata lives or nowhere.
+        for (name, url) in [
+            ("upstream_url", "http://169.254.169.254/latest/meta-data"),
+            ("assistant_url", "http://[fe80::1]/decide"),
+            ("upstream_url", "http://0.0.0.0:80/"),
+            ("assistant_url", "http://[::ffff:169.254.169.254]/"),
+        ] {
+            cases.push((
+                json!({"number": fresh, "config": { name: url }}),
+                format!("config.{name}: must not be a link-local or unspecified address"),
+            ));
+        }
         if c == Carrier::Exotel {
             cases.push((
                 json!({"number": fresh, "config": {"exotel_webhook_token": "short-token"}}),
