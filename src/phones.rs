@@ -370,6 +370,7 @@ async fn configure_on_carrier(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     provider: Option<String>,
     after: Option<String>,

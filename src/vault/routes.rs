@@ -95,6 +95,14 @@ async fn store_secret(
     if !body.is_object() {
         return Err(ApiError::unprocessable("invalid_field", "the body must be a JSON object"));
     }
+    if let Some(unknown) = body
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.keys())
+        .find(|k| !["provider", key_field, "label"].contains(&k.as_str()))
+    {
+        return Err(ApiError::unprocessable("invalid_field", format!("{unknown}: unknown field")));
+    }
     let now = state.clock.now_ms();
     state.byok_limiter.check(&auth.org_id, now).map_err(ApiError::rate_limited)?;
     let provider = provider_of(body)?;
@@ -125,6 +133,7 @@ async fn store_secret(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DeleteBody {
     provider: String,
 }
@@ -174,6 +183,7 @@ async fn remove(state: &AppState, auth: &OrgAuth, provider: &str) -> Result<Http
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AuditQuery {
     limit: Option<usize>,
 }

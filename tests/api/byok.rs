@@ -185,6 +185,12 @@ async fn bad_credentials_get_422_naming_the_field() {
             "invalid_credentials",
             "public_key: is a key of small order",
         ),
+        (json!({"provider": "openai", "api_key": OPENAI_KEY, "scope": "all"}), "invalid_field", "scope: unknown field"),
+        (
+            json!({"provider": "vobiz", "api_key": {"auth_id": "VB1", "auth_token": "tok\u{1}en"}}),
+            "invalid_credentials",
+            "auth_token: must not contain control characters",
+        ),
     ];
     for (body, code, mention) in cases {
         let res = app.post(&org, "/byok").json(&body).send().await.unwrap();

@@ -146,6 +146,10 @@ async fn bad_requests_get_the_json_error_shape() {
     assert_eq!(error_code(res).await, "invalid_field");
     let res = app.admin_post("/admin/orgs", json!({"nome": "x"})).await;
     assert_eq!(res.status(), 422);
+    // A field the body does not have is refused, not dropped.
+    let res = app.admin_post("/admin/orgs", json!({"name": "x", "plan": "gold"})).await;
+    assert_eq!(res.status(), 422);
+    assert_eq!(error_code(res).await, "invalid_field");
     let res = app.client.get(app.url("/no/such/path")).send().await.unwrap();
     assert_eq!(res.status(), 404);
     assert_eq!(error_code(res).await, "not_found");

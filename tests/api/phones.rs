@@ -822,6 +822,9 @@ async fn list_paginates_and_filters_and_get_patch_delete_manage_one_number() {
     assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_query")), "{}", r.text);
     let r = send(app.get(&org, "/phone-numbers?after=ph_nope")).await;
     assert_error(&r, 400, "invalid_query", "after: not a phone number id", "bad after");
+    // A parameter the list does not take is refused, not ignored.
+    let r = send(app.get(&org, "/phone-numbers?bogus=1")).await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_query")), "{}", r.text);
 
     for (v, id) in phones.iter().zip(&created) {
         let r = get_phone(&app, &org, id).await;
