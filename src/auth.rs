@@ -78,13 +78,13 @@ impl FromRequest for AdminAuth {
             let Some(expected) = state.settings.admin_token.as_ref() else {
                 return Err(ApiError::not_found("resource"));
             };
-            let given = bearer(req).ok_or_else(ApiError::unauthorized)?;
+            let given = bearer(req).ok_or_else(ApiError::unauthorized_admin)?;
             let a = Sha256::digest(given.as_bytes());
             let b = Sha256::digest(expected.expose().as_bytes());
             if bool::from(a.ct_eq(&b)) {
                 Ok(AdminAuth)
             } else {
-                Err(ApiError::unauthorized())
+                Err(ApiError::unauthorized_admin())
             }
         })())
     }

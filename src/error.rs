@@ -29,6 +29,15 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)")
     }
 
+    /// The admin API's: it takes the admin token, not an organization's key.
+    pub fn unauthorized_admin() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the admin token is required (Authorization: Bearer <CALLGATE_ADMIN_TOKEN>)",
+        )
+    }
+
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)
     }

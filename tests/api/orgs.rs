@@ -97,6 +97,8 @@ async fn admin_api_needs_the_admin_token_and_is_absent_without_one() {
     let res =
         app.client.post(app.url("/admin/orgs")).bearer_auth(&org.key).json(&json!({"name": "x"})).send().await.unwrap();
     assert_eq!(res.status(), 401);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["message"], "the admin token is required (Authorization: Bearer <CALLGATE_ADMIN_TOKEN>)");
 
     let app = spawn_with(Options::default().env("CALLGATE_ADMIN_TOKEN", "")).await;
     let res = app.admin_post("/admin/orgs", json!({"name": "x"})).await;
