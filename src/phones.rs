@@ -447,6 +447,18 @@ async fn patch(
         (Some(_), Some(_)) => return Err(invalid("give either credentials or credential, not both")),
         (Some(v), None) => {
             let new = vault::validate(phone.provider.as_str(), v)?;
+            // The number keeps one previous credential: a credential of another account, taken
+            // on trust, would push out the one its carrier still signs with. So the carrier
+            // must show the number on the new credential's account, as at import.
+            let cred = PhoneCredential::parse(phone.provider, v)
+                .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
+            let listed = state.provider_api.list_numbers(&cred).await.map_err(|e| provider_error(phone.provider, e))?;
+            if !listed.iter().any(|n| n.number == phone.number) {
+                return Err(ApiError::unprocessable(
+                    "number_not_on_account",
+                    format!("{} is not on the account of these {} credentials", phone.number, phone.provider),
+                ));
+            }
             let rec = state.vault.seal(&auth.org_id, &new, Some(format!("number {}", phone.number)), now);
             let id = rec.id.clone();
             new_secret = Some(rec);

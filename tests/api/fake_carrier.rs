@@ -126,6 +126,8 @@ struct Account {
     /// The Basic-auth user or X-Auth-ID; empty for Telnyx.
     user: String,
     secret: String,
+    /// Further secrets the account accepts (a token rotated on the carrier's side).
+    also: Vec<String>,
     numbers: Vec<FakeNumber>,
     apps: Vec<FakeApp>,
 }
@@ -243,7 +245,14 @@ impl FakeCarrier {
                 trunk_sid: None,
             });
         }
-        st.accounts.push(Account { carrier, path_id, user, secret, numbers: list, apps: Vec::new() });
+        st.accounts.push(Account { carrier, path_id, user, secret, also: Vec::new(), numbers: list, apps: Vec::new() });
+    }
+
+    /// The carrier's first account also accepts `secret`, as after a rotation on its side.
+    pub fn accept_also(&self, carrier: Carrier, secret: &str) {
+        let mut st = lock(&self.state);
+        let account = st.accounts.iter_mut().find(|a| a.carrier == carrier).expect("an account of the carrier");
+        account.also.push(secret.to_owned());
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -451,9 +460,12 @@ fn authenticate(st: &State, carrier: Carrier, path_id: &str, req: &Recorded) -> 
         Carrier::Vobiz => (req.header("x-auth-id")?.to_owned(), req.header("x-auth-token")?.to_owned()),
         Carrier::Telnyx => (String::new(), req.header("authorization")?.strip_prefix("Bearer ")?.to_owned()),
     };
-    st.accounts
-        .iter()
-        .position(|a| a.carrier == carrier && a.user == user && a.secret == secret && a.path_id == path_id)
+    st.accounts.iter().position(|a| {
+        a.carrier == carrier
+            && a.user == user
+            && (a.secret == secret || a.also.contains(&secret))
+            && a.path_id == path_id
+    })
 }
 
 fn unauthorized(carrier: Carrier, req: &Recorded, echo: Option<&str>) -> HttpResponse {

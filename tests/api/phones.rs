@@ -91,6 +91,8 @@ async fn fake() -> FakeCarrier {
     for a in &ACCOUNTS {
         fake.add_account(a.carrier, credentials(a.carrier, a.secret), a.numbers);
     }
+    // The Twilio account's token after a rotation on Twilio's side.
+    fake.accept_also(Carrier::Twilio, TWILIO_ROTATED);
     fake.set_page_size(2);
     fake
 }
@@ -1261,4 +1263,25 @@ async fn exotel_steps_say_where_the_webhook_token_goes() {
         assert_eq!(steps.contains("add ?token=<the token you set> to both URLs"), token.is_some(), "{steps}");
         assert!(!r.text.contains(EXOTEL_TOKEN));
     }
+}
+
+/// A number keeps one previous credential, so a new one is taken only once the carrier shows
+/// the number on its account: a wrong one would push out the token the carrier signs with.
+#[tokio::test]
+async fn new_inline_credentials_are_checked_with_the_carrier_before_they_replace_the_old() {
+    let (fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let v = import_inline(&app, &org, twilio, 0).await;
+    let id = str_of(&v, "id").to_owned();
+    let before = get_phone(&app, &org, &id).await.json();
+    let rejected = format!("twilio rejected the credentials: {}", carrier_auth_message(Carrier::Twilio));
+    let r = patch_phone(&app, &org, &id, json!({"credentials": credentials(Carrier::Twilio, WRONG)})).await;
+    assert_error(&r, 422, "invalid_provider_credentials", &rejected, "wrong token");
+    fake.set_mode(Mode::ServerError);
+    let r = patch_phone(&app, &org, &id, json!({"credentials": credentials(Carrier::Twilio, TWILIO_ROTATED)})).await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (502, json!("provider_unavailable")), "{}", r.text);
+    fake.set_mode(Mode::Ok);
+    assert_eq!(get_phone(&app, &org, &id).await.json(), before, "nothing changed");
+    let r = twilio_status(&app, &id, twilio.secret, "CAkept").await;
+    assert_eq!(r.status, 200, "the old token still verifies: {}", r.text);
 }
