@@ -29,6 +29,10 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)")
     }
 
+    pub fn method_not_allowed() -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this URL does not take that method")
+    }
+
     /// The admin API's: it takes the admin token, not an organization's key.
     pub fn unauthorized_admin() -> Self {
         Self::new(

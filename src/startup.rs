@@ -105,7 +105,7 @@ impl Application {
                 .app_data(data.clone())
                 .configure(|cfg| extractors::configure(cfg, body_limit))
                 .configure(routes)
-                .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::not_found("resource")) }))
+                .default_service(web::to(unrouted))
         })
         .client_request_timeout(Duration::from_secs(5))
         .client_disconnect_timeout(Duration::from_secs(2))
@@ -157,6 +157,14 @@ impl Application {
         tracing::warn!("stopped with background work still holding the store; flushed");
         Ok(())
     }
+}
+
+/// A path no route serves is 404; one that a route serves with another method is 405.
+async fn unrouted(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    if req.resource_map().has_resource(req.path()) {
+        return Err(ApiError::method_not_allowed());
+    }
+    Err(ApiError::not_found("resource"))
 }
 
 fn routes(cfg: &mut web::ServiceConfig) {

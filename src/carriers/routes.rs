@@ -55,9 +55,5 @@ async fn telnyx(state: web::Data<AppState>, req: HttpRequest, payload: web::Payl
 }
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::new(
-        actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this URL does not take that method",
-    ))
+    Err(ApiError::method_not_allowed())
 }

@@ -184,7 +184,7 @@ async fn management_bad_input_matrix_gets_clear_4xx() {
         ("bad query", app.get(&org, "/events?limit=notanumber"), 400),
         ("unknown query key", app.get(&org, "/events?sort=desc"), 400),
         ("bad carrier", app.post(&org, "/voice/skype/byok/validate").json(&json!({})), 404),
-        ("method not taken", app.client.put(app.url("/byok")).bearer_auth(&org.key).body("{}"), 404),
+        ("method not taken", app.client.put(app.url("/byok")).bearer_auth(&org.key).body("{}"), 405),
         (
             "api key with control chars",
             app.post(&org, "/byok").json(&json!({"provider": "openai", "api_key": "sk-a\u{0}b"})),

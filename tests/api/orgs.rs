@@ -155,6 +155,16 @@ async fn bad_requests_get_the_json_error_shape() {
     let res = app.client.get(app.url("/no/such/path")).send().await.unwrap();
     assert_eq!(res.status(), 404);
     assert_eq!(error_code(res).await, "not_found");
+    // A URL that exists, with a method it does not take.
+    for (method, path) in [
+        (reqwest::Method::PUT, "/admin/orgs"),
+        (reqwest::Method::PUT, "/phone-numbers/ph_x"),
+        (reqwest::Method::DELETE, "/events"),
+    ] {
+        let res = app.client.request(method.clone(), app.url(path)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        assert_eq!(res.status(), 405, "{method} {path}");
+        assert_eq!(error_code(res).await, "method_not_allowed", "{method} {path}");
+    }
 }
 
 #[tokio::test]
