@@ -5,20 +5,30 @@
 //! after their transaction. A reader that loaded a record while a write was under way keeps it
 //! out of the cache (the generation moved), so once a write returns nothing stale is served.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
 
 use super::{PhoneRecord, StoreError};
+use crate::domain::Carrier;
 
 /// Far above any real deployment's numbers; only a bound so a bug cannot grow it without end.
 const MAX_ENTRIES: usize = 100_000;
+
+/// Which number each carrier application (Telnyx `connection_id`) leads to: `None` where
+/// several numbers share it, since then it names none of them.
+pub type Connections = HashMap<(Carrier, String), Option<String>>;
 
 #[derive(Default)]
 pub struct PhoneCache {
     by_id: DashMap<String, Arc<PhoneRecord>>,
     by_number: DashMap<String, Arc<PhoneRecord>>,
+    /// Built by one scan of the numbers when first asked for after a write. A lookup by
+    /// application used to scan every number itself, and anyone may send an event naming an
+    /// application of no number here.
+    connections: RwLock<Option<Arc<Connections>>>,
     generation: AtomicU64,
 }
 
@@ -63,6 +73,23 @@ impl PhoneCache {
         Ok(Some(rec))
     }
 
+    /// The application index, else what `build` makes (kept unless a write overlapped it).
+    pub fn connections(
+        &self,
+        build: impl FnOnce() -> Result<Connections, StoreError>,
+    ) -> Result<Arc<Connections>, StoreError> {
+        if let Some(index) = self.connections.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(Arc::clone(index));
+        }
+        let seen = self.generation.load(Ordering::SeqCst);
+        let index = Arc::new(build()?);
+        let mut slot = self.connections.write().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::SeqCst) == seen {
+            *slot = Some(Arc::clone(&index));
+        }
+        Ok(index)
+    }
+
     /// Runs a write of phone records with the cache emptied around it.
     pub fn around<T>(&self, write: impl FnOnce() -> T) -> T {
         self.invalidate();
@@ -75,6 +102,7 @@ impl PhoneCache {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.by_id.clear();
         self.by_number.clear();
+        *self.connections.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 

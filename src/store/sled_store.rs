@@ -406,17 +406,25 @@ impl Store for SledStore {
         carrier: Carrier,
         connection_id: &str,
     ) -> Result<Option<Arc<PhoneRecord>>, StoreError> {
-        let mut found = None;
-        for item in self.phones.iter() {
-            let p: PhoneRecord = dec(PHONES, &item?.1)?;
-            if p.provider == carrier && p.connection_id.as_deref() == Some(connection_id) {
-                if found.is_some() {
-                    return Ok(None);
+        let index = self.phone_cache.connections(|| {
+            let mut index = crate::store::phone_cache::Connections::new();
+            for item in self.phones.iter() {
+                let p: PhoneRecord = dec(PHONES, &item?.1)?;
+                if let Some(conn) = p.connection_id {
+                    index
+                        .entry((p.provider, conn))
+                        .and_modify(|only| *only = None)
+                        .or_insert_with(|| Some(p.id.to_string()));
                 }
-                found = Some(p);
             }
+            Ok(index)
+        })?;
+        match index.get(&(carrier, connection_id.to_owned())) {
+            Some(Some(id)) => {
+                self.phone_cache.get_or_load(By::Id, id, || Self::get(&self.phones, PHONES, id.as_bytes()))
+            }
+            _ => Ok(None),
         }
-        Ok(found.map(Arc::new))
     }
 
     fn phone_list(

@@ -1925,3 +1925,33 @@ async fn a_telnyx_event_without_direction_goes_to_the_number_on_its_application(
     assert_eq!(ids(events_of(&app, &two, &second).await), ["v3:e3"]);
     assert!(events_of(&app, &one, &twilio).await.is_empty());
 }
+
+/// The lookup by application finds the one number on it, none where several share it, and
+/// follows the numbers as they are changed.
+#[tokio::test]
+async fn numbers_are_found_by_their_application_and_the_index_follows_changes() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let store = app.state.store.as_ref();
+    let org_id = callgate::domain::OrgId::parse(&org.id).unwrap();
+    let on = |line: &Line, connection: Option<&str>| {
+        let id = callgate::domain::PhoneId::parse(&line.phone_id).unwrap();
+        let mut p = store.phone_get(&org_id, &id).unwrap().unwrap();
+        p.connection_id = connection.map(str::to_owned);
+        assert!(store.phone_update(&p, None).unwrap());
+    };
+    let found = |connection: &str| {
+        store.phone_by_connection(Carrier::Telnyx, connection).unwrap().map(|p| p.number.as_str().to_owned())
+    };
+    let a = add_line(&app, &org, Carrier::Telnyx, "+13125550151", config(None, None));
+    let b = add_line(&app, &org, Carrier::Telnyx, "+13125550152", config(None, None));
+    assert_eq!(found("conn-a"), None);
+    on(&a, Some("conn-a"));
+    on(&b, Some("conn-b"));
+    assert_eq!((found("conn-a"), found("conn-b")), (Some(a.number.clone()), Some(b.number.clone())));
+    assert!(store.phone_by_connection(Carrier::Twilio, "conn-a").unwrap().is_none(), "another carrier's");
+    on(&b, Some("conn-a"));
+    assert_eq!((found("conn-a"), found("conn-b")), (None, None), "shared: it names neither");
+    on(&a, None);
+    assert_eq!(found("conn-a"), Some(b.number.clone()));
+}
