@@ -442,8 +442,10 @@ impl<'a> Signer<'a> {
         }
     }
 
-    fn nonce(&self, i: usize) -> String {
-        format!("{:011}{:09}", self.salt, i)
+    /// Unique within the run across scenarios too: `mix` gives the status and the incoming
+    /// scenario the same index, and a nonce seen twice is a replay (answered, not recorded).
+    fn nonce(&self, incoming: bool, i: usize) -> String {
+        format!("{:010}{}{:09}", self.salt % 10_000_000_000, u8::from(incoming), i)
     }
 
     /// Plivo's hangup callback or answer-URL request (Vobiz sends the same fields).
@@ -494,7 +496,7 @@ impl<'a> Signer<'a> {
                 ("TotalCost", "0.00850".into()),
             ]);
         }
-        let nonce = self.nonce(i);
+        let nonce = self.nonce(incoming, i);
         let (sig_header, ma_header, nonce_header, sig) = match carrier {
             Carrier::Vobiz => (
                 "X-Vobiz-Signature-V3",

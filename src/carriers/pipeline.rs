@@ -207,15 +207,21 @@ pub fn event(phone: &PhoneRecord, p: Parsed, verified_by: VerifiedBy, now_ms: i6
     }
 }
 
-/// The carrier's own redelivery id when it has one; else what makes this callback itself
-/// unique (call, status, and a hash of everything signed).
+/// The carrier's own redelivery id when it has one, for this number: a nonce is the
+/// carrier's to make unique, not a sender's, and one signed event of another number (or
+/// organization) that repeats it must not pass for a replay and go unrecorded. Else what makes
+/// this callback itself unique (call, status, and a hash of everything signed).
 fn replay_key(carrier: crate::domain::Carrier, phone: &PhoneRecord, p: &Parsed, req: &Inbound<'_>) -> Vec<u8> {
     use sha2::{Digest, Sha256};
     let mut key = Vec::with_capacity(64);
     key.extend_from_slice(carrier.as_str().as_bytes());
     key.push(0);
     match &p.replay_id {
-        Some(id) => key.extend_from_slice(id.as_bytes()),
+        Some(id) => {
+            key.extend_from_slice(phone.id.as_str().as_bytes());
+            key.push(0);
+            key.extend_from_slice(id.as_bytes());
+        }
         None => {
             let mut h = Sha256::new();
             h.update(phone.id.as_str());

@@ -1955,3 +1955,45 @@ async fn numbers_are_found_by_their_application_and_the_index_follows_changes() 
     on(&a, None);
     assert_eq!(found("conn-a"), Some(b.number.clone()));
 }
+
+/// A nonce is a replay only on the number it was used on: a signed event of another number,
+/// of this organization or another, that happens to repeat it is recorded.
+#[tokio::test]
+async fn a_nonce_repeated_on_another_number_is_not_taken_for_a_replay() {
+    let app = spawn_app().await;
+    let (one, two) = (app.create_org("One").await, app.create_org("Two").await);
+    let lines = [
+        (&one, add_line(&app, &one, Carrier::Plivo, "+918035550161", config(None, None))),
+        (&one, add_line(&app, &one, Carrier::Plivo, "+918035550162", config(None, None))),
+        (&two, add_line(&app, &two, Carrier::Plivo, "+918035550163", config(None, None))),
+    ];
+    let n = nonce();
+    let send = |line: &Line, call: &str| {
+        let hook = format!("/plivo/status/{}", line.phone_id);
+        let params: Vec<(&str, String)> = vec![
+            ("CallUUID", call.to_owned()),
+            ("CallStatus", "completed".into()),
+            ("Event", "Hangup".into()),
+            ("To", line.number.trim_start_matches('+').to_owned()),
+        ];
+        let key = PlivoKey::new(line.token.as_bytes());
+        let sig = plivo_sig::sign_v3(&key, Method::Post, &format!("{PUBLIC_URL}{hook}"), &params, &n).unwrap();
+        app.client
+            .post(app.url(&hook))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("X-Plivo-Signature-V3", sig)
+            .header("X-Plivo-Signature-V3-Nonce", n.clone())
+            .body(form_body(&params))
+    };
+    for (i, (_, line)) in lines.iter().enumerate() {
+        let res = send(line, &format!("call-{i}")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    // The same request again on the first number is the replay.
+    assert_eq!(send(&lines[0].1, "call-0").send().await.unwrap().status(), 200);
+    for (i, (org, line)) in lines.iter().enumerate() {
+        let evs = events_of(&app, org, line).await;
+        assert_eq!(evs.len(), 1, "line {i}");
+        assert_eq!(evs[0]["call_id"], format!("call-{i}"));
+    }
+}
