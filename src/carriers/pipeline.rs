@@ -159,7 +159,7 @@ pub async fn handle<C: CarrierHooks>(
                 .unwrap_or_else(|| Decision::fallback(&phone));
             return respond::<C>(&phone, Some(&decision), first.as_ref().unwrap_or(&ev));
         }
-        Err(e) => return ApiError::internal(e).into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
     }
     state.metrics.accepted(carrier);
     if !parked {

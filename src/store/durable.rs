@@ -18,14 +18,14 @@ use crate::domain::EventId;
 /// Where the writer answers one job: the job's own channel, through the inbox of the thread
 /// that queued it when that thread has one (see [`serve_replies_here`]).
 struct Reply<T> {
-    tx: oneshot::Sender<Result<T, String>>,
+    tx: oneshot::Sender<Result<T, Failure>>,
     home: Option<Home>,
 }
 
 /// A writer's answer, ready to hand to whoever waits for it.
 enum Completion {
-    Recorded(oneshot::Sender<Result<Recorded, String>>, Result<Recorded, String>),
-    Done(oneshot::Sender<Result<(), String>>, Result<(), String>),
+    Recorded(oneshot::Sender<Result<Recorded, Failure>>, Result<Recorded, Failure>),
+    Done(oneshot::Sender<Result<(), Failure>>, Result<(), Failure>),
 }
 
 impl Completion {
@@ -65,27 +65,27 @@ pub fn serve_replies_here() {
 
 /// How a kind of answer travels through an inbox.
 trait Answer: Sized {
-    fn completion(tx: oneshot::Sender<Result<Self, String>>, v: Result<Self, String>) -> Completion;
+    fn completion(tx: oneshot::Sender<Result<Self, Failure>>, v: Result<Self, Failure>) -> Completion;
 }
 
 impl Answer for Recorded {
-    fn completion(tx: oneshot::Sender<Result<Self, String>>, v: Result<Self, String>) -> Completion {
+    fn completion(tx: oneshot::Sender<Result<Self, Failure>>, v: Result<Self, Failure>) -> Completion {
         Completion::Recorded(tx, v)
     }
 }
 
 impl Answer for () {
-    fn completion(tx: oneshot::Sender<Result<Self, String>>, v: Result<Self, String>) -> Completion {
+    fn completion(tx: oneshot::Sender<Result<Self, Failure>>, v: Result<Self, Failure>) -> Completion {
         Completion::Done(tx, v)
     }
 }
 
 impl<T: Answer> Reply<T> {
-    fn new(tx: oneshot::Sender<Result<T, String>>) -> Self {
+    fn new(tx: oneshot::Sender<Result<T, Failure>>) -> Self {
         Reply { tx, home: HOME.with(|h| h.borrow().clone()) }
     }
 
-    fn answer(self, v: Result<T, String>) {
+    fn answer(self, v: Result<T, Failure>) {
         match self.home {
             // An inbox whose task is gone (its runtime stopped) gives the answer back.
             Some(home) => {
@@ -181,7 +181,7 @@ impl Round {
             Ok(Vec::new())
         } else {
             let started = Instant::now();
-            let r = store.write_batch(&self.events, &self.deliveries, &[]).map_err(|e| e.to_string());
+            let r = store.write_batch(&self.events, &self.deliveries, &[]).map_err(Failure::from);
             stats.observe(self.events.len(), started.elapsed().as_micros() as u64);
             r
         };
@@ -190,7 +190,7 @@ impl Round {
         let answered = if self.answers.is_empty() || written.is_err() {
             Ok(Vec::new())
         } else {
-            store.write_batch(&[], &[], &self.answers).map_err(|e| e.to_string())
+            store.write_batch(&[], &[], &self.answers).map_err(Failure::from)
         };
         match written {
             Ok(verdicts) => {
@@ -212,7 +212,7 @@ impl Round {
             }
         }
         if !self.flushes.is_empty() {
-            let flushed = store.flush().map_err(|e| e.to_string());
+            let flushed = store.flush().map_err(Failure::from);
             for w in self.flushes {
                 w.answer(flushed.clone());
             }
@@ -220,10 +220,25 @@ impl Round {
     }
 }
 
-async fn wait<T>(rx: oneshot::Receiver<Result<T, String>>, what: &str) -> Result<T, StoreError> {
+/// A failed write as each of its waiters gets it (a batch's waiters share one).
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The disk refused it ([`StoreError::Io`]), rather than the store finding damage.
+    io: bool,
+    detail: String,
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure { io: matches!(e, StoreError::Io { .. }), detail: e.to_string() }
+    }
+}
+
+async fn wait<T>(rx: oneshot::Receiver<Result<T, Failure>>, what: &str) -> Result<T, StoreError> {
     match rx.await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(StoreError::Corrupt { tree: "-", detail: format!("{what} failed: {e}") }),
+        Ok(Err(f)) if f.io => Err(StoreError::Io { detail: format!("{what} failed: {}", f.detail) }),
+        Ok(Err(f)) => Err(StoreError::Corrupt { tree: "-", detail: format!("{what} failed: {}", f.detail) }),
         Err(_) => Err(stopped()),
     }
 }
@@ -266,7 +281,7 @@ impl GroupCommit {
     fn send<T: Answer>(
         &self,
         job: impl FnOnce(Reply<T>) -> Job,
-    ) -> Result<oneshot::Receiver<Result<T, String>>, StoreError> {
+    ) -> Result<oneshot::Receiver<Result<T, Failure>>, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(job(Reply::new(tx))).map_err(|_| stopped())?;
         Ok(rx)
@@ -314,6 +329,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), JournalOptions { preallocate_bytes: 0 }).unwrap();
         (dir, GroupCommit::start(Arc::new(store), Some(Duration::from_millis(1))))
+    }
+
+    #[test]
+    fn a_write_the_disk_refused_reaches_its_waiter_as_such_and_damage_as_damage() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let through = |e: StoreError| {
+            let (tx, rx) = oneshot::channel::<Result<(), Failure>>();
+            tx.send(Err(Failure::from(e))).unwrap();
+            rt.block_on(wait(rx, "recording")).unwrap_err()
+        };
+        let full = std::io::Error::from_raw_os_error(28);
+        match through(StoreError::Io { detail: full.to_string() }) {
+            StoreError::Io { detail } => {
+                assert!(detail.starts_with("recording failed: storage i/o failed: No space"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(through(StoreError::Corrupt { tree: "t", detail: "x".into() }), StoreError::Corrupt { .. }));
+        let api = crate::error::ApiError::from(StoreError::Io { detail: "No space left on device".into() });
+        assert_eq!((api.status.as_u16(), api.code, api.retry_after), (503, "storage_unavailable", Some(5)));
+        assert!(!api.message.contains("No space"), "the client hears no detail of the disk");
     }
 
     fn home_closed() -> Option<bool> {

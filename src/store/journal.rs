@@ -44,7 +44,7 @@ fn corrupt(detail: impl Into<String>) -> StoreError {
 }
 
 fn io(e: std::io::Error) -> StoreError {
-    corrupt(format!("i/o: {e}"))
+    StoreError::Io { detail: e.to_string() }
 }
 
 /// Appends one frame holding what `fill` writes.

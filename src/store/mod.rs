@@ -28,6 +28,10 @@ pub enum StoreError {
     Corrupt { tree: &'static str, detail: String },
     #[error("the database is in use by another callgate process (is the server running?)")]
     Locked,
+    /// The disk refused a read or a write (full, read-only, out of file descriptors): what is
+    /// stored is intact, and the same request may succeed later.
+    #[error("storage i/o failed: {detail}")]
+    Io { detail: String },
 }
 
 /// Why a write that must be unique did not happen.
