@@ -314,3 +314,42 @@ async fn thousands_of_concurrent_connections_are_served_or_refused_cleanly() {
     assert_eq!(nonces, ["c-1"]);
     assert_healthy(&app).await;
 }
+
+/// The head arrived in time, the body trickles: the request is answered 408 once the body's
+/// deadline passes, not held open for as long as the sender likes.
+#[tokio::test]
+async fn a_body_that_trickles_in_gets_408_at_its_deadline() {
+    let app = spawn_app().await;
+    let (_, id) = plivo_number(&app).await;
+    let mut s = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    let head = format!(
+        "POST /plivo/status/{id} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nCallUUID=x"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    // One more byte a second, so the connection is never idle.
+    while started.elapsed() < callgate::net::body::BODY_DEADLINE + Duration::from_secs(5) {
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => {
+                let _ = s.write_all(b"&").await;
+            }
+        }
+    }
+    let res = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&res), 408, "{res}");
+    assert!(res.contains("\"body_timeout\""), "{res}");
+    let took = started.elapsed();
+    assert!(
+        took >= callgate::net::body::BODY_DEADLINE
+            && took < callgate::net::body::BODY_DEADLINE + Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_healthy(&app).await;
+}
