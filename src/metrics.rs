@@ -115,6 +115,8 @@ fn render_writer(out: &mut String, w: &WriterStats) {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     out.push_str("# TYPE callgate_journal_batch_events_total counter\n");
     let _ = writeln!(out, "callgate_journal_batch_events_total {}", load(&w.events));
+    out.push_str("# TYPE callgate_journal_batch_failures_total counter\n");
+    let _ = writeln!(out, "callgate_journal_batch_failures_total {}", load(&w.failed));
     out.push_str("# TYPE callgate_journal_batch_seconds histogram\n");
     let mut cumulative = 0;
     for (i, le) in WRITE_BUCKETS_US.iter().enumerate() {

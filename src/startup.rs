@@ -185,6 +185,12 @@ async fn health() -> HttpResponse {
 }
 
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    // A store that opens but cannot write (disk full, read-only) answers every webhook 503:
+    // not ready, so that a load balancer sends carriers elsewhere.
+    if state.commit.stats().failing.load(std::sync::atomic::Ordering::Relaxed) {
+        return HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "not_ready", "store": "writes failing", "master_key": "loaded"}));
+    }
     let store = state.store.clone();
     match tokio::task::spawn_blocking(move || store.health()).await {
         Ok(Ok(())) => HttpResponse::Ok().json(json!({"status": "ready", "store": "ok", "master_key": "loaded"})),

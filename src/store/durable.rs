@@ -123,14 +123,24 @@ pub const WRITE_BUCKETS_US: [u64; 10] = [250, 500, 1_000, 2_000, 5_000, 10_000, 
 #[derive(Default)]
 pub struct WriterStats {
     pub batches: AtomicU64,
+    /// Events in the batches that reached the disk.
     pub events: AtomicU64,
+    /// Batches the disk refused (or the store found damage in); their events were not recorded.
+    pub failed: AtomicU64,
+    /// Whether the latest batch failed: the gateway is not ready while writes fail.
+    pub failing: std::sync::atomic::AtomicBool,
     pub write_us_sum: AtomicU64,
     /// Counts per bucket of `WRITE_BUCKETS_US`, the last one for anything slower.
     pub write_us_buckets: [AtomicU64; WRITE_BUCKETS_US.len() + 1],
 }
 
 impl WriterStats {
-    fn observe(&self, events: usize, took_us: u64) {
+    fn observe(&self, events: usize, took_us: u64, written: bool) {
+        self.failing.store(!written, Ordering::Relaxed);
+        if !written {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.events.fetch_add(events as u64, Ordering::Relaxed);
         self.write_us_sum.fetch_add(took_us, Ordering::Relaxed);
@@ -182,7 +192,7 @@ impl Round {
         } else {
             let started = Instant::now();
             let r = store.write_batch(&self.events, &self.deliveries, &[]).map_err(Failure::from);
-            stats.observe(self.events.len(), started.elapsed().as_micros() as u64);
+            stats.observe(self.events.len(), started.elapsed().as_micros() as u64, r.is_ok());
             r
         };
         // Answers go in a write of their own: a delivery state written in this batch must be
@@ -350,6 +360,20 @@ mod tests {
         let api = crate::error::ApiError::from(StoreError::Io { detail: "No space left on device".into() });
         assert_eq!((api.status.as_u16(), api.code, api.retry_after), (503, "storage_unavailable", Some(5)));
         assert!(!api.message.contains("No space"), "the client hears no detail of the disk");
+    }
+
+    #[test]
+    fn a_failed_batch_counts_as_failed_not_written_and_holds_readiness_until_one_succeeds() {
+        let stats = WriterStats::default();
+        stats.observe(30, 300, true);
+        stats.observe(40, 900, false);
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!((load(&stats.batches), load(&stats.events), load(&stats.failed)), (1, 30, 1));
+        assert_eq!(load(&stats.write_us_sum), 300, "the histogram holds written batches only");
+        assert!(stats.failing.load(Ordering::Relaxed));
+        stats.observe(5, 100, true);
+        assert!(!stats.failing.load(Ordering::Relaxed));
+        assert_eq!(load(&stats.events), 35);
     }
 
     fn home_closed() -> Option<bool> {
