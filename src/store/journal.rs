@@ -362,7 +362,12 @@ struct SpareState {
     ready: bool,
     wanted: bool,
     stop: bool,
+    /// When preparing last failed: not tried again for [`SPARE_RETRY`], so that a full disk
+    /// is not filled again (and logged again) by every batch while the journal appends.
+    failed_at: Option<std::time::Instant>,
 }
+
+const SPARE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Spare {
     /// Takes over a spare prepared before a restart; one of another size (the setting
@@ -391,6 +396,9 @@ impl Spare {
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if std::mem::take(&mut st.ready) {
             return Some(self.dir.join(SPARE_READY));
+        }
+        if st.failed_at.is_some_and(|at| at.elapsed() < SPARE_RETRY) {
+            return None;
         }
         let asked = st.wanted;
         drop(st);
@@ -444,9 +452,17 @@ fn prepare_loop(dir: &Path, bytes: u64, shared: &SpareShared) {
         // Asked again only by the next batch that finds no spare.
         st.wanted = false;
         match prepared {
-            Ok(true) => st.ready = true,
+            Ok(true) => {
+                st.ready = true;
+                st.failed_at = None;
+            }
             Ok(false) => return,
-            Err(e) => tracing::warn!(error = %e, "could not prepare the next journal segment; appending meanwhile"),
+            Err(e) => {
+                // The half-made spare would hold space the journal itself needs.
+                let _ = std::fs::remove_file(dir.join(SPARE_TMP));
+                st.failed_at = Some(std::time::Instant::now());
+                tracing::warn!(error = %e, retry_in_s = SPARE_RETRY.as_secs(), "could not prepare the next journal segment; appending meanwhile");
+            }
         }
     }
 }
@@ -528,6 +544,24 @@ mod tests {
     use super::*;
 
     const SMALL: JournalOptions = JournalOptions { preallocate_bytes: 4096 };
+
+    #[test]
+    fn a_spare_that_cannot_be_made_is_not_asked_for_again_by_every_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        // Where the spare is zero-filled stands a directory: preparing fails, as on a full disk.
+        std::fs::create_dir(dir.path().join(SPARE_TMP)).unwrap();
+        let mut spare = Spare::new(dir.path(), 4096);
+        assert_eq!(spare.take(), None);
+        let failed = || spare.shared.state.lock().unwrap().failed_at.is_some();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !failed() {
+            assert!(std::time::Instant::now() < until, "the preparer never failed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(spare.take(), None);
+        let st = spare.shared.state.lock().unwrap();
+        assert!(!st.wanted && !st.ready, "not asked again within the retry interval");
+    }
 
     fn collect(dir: &Path, from: Loc) -> (Journal, Vec<(Loc, Vec<u8>)>) {
         let mut seen = Vec::new();
