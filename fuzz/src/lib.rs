@@ -109,7 +109,27 @@ pub fn telnyx_store() -> &'static SledStore {
         let store = SledStore::open(&dir, callgate::store::JournalOptions::default()).expect("open the fuzz store");
         let mut p = phone(Carrier::Telnyx, TELNYX_NUMBER);
         p.connection_id = Some(TELNYX_CONNECTION.to_owned());
-        store.phone_insert(&p, None).expect("store").expect("no conflict");
+        // The number's own credential goes in with it: the store refuses a number whose
+        // credential is not there. Its ciphertext is never opened here.
+        let secret = callgate::store::SecretRecord {
+            id: p.credential.clone(),
+            org_id: p.org_id.clone(),
+            provider: "telnyx".to_owned(),
+            label: None,
+            hint: None,
+            identifier: None,
+            sealed: callgate::store::Sealed {
+                master_key_id: "mk_fuzz".to_owned(),
+                wrapped_dek: Vec::new(),
+                dek_nonce: Vec::new(),
+                nonce: Vec::new(),
+                ciphertext: Vec::new(),
+            },
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            retired_until_ms: None,
+        };
+        store.phone_insert(&p, Some(&secret)).expect("store").expect("no conflict");
         store
     })
 }
