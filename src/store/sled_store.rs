@@ -128,30 +128,21 @@ impl SledStore {
         Ok(false)
     }
 
-    /// Numbers whose previous credential is `secret` and still valid at `now_ms`.
-    fn phones_in_grace_on(&self, org: &OrgId, secret: &SecretId, now_ms: i64) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for item in self.org_phones.scan_prefix(prefix(org)) {
-            let (_, id) = item?;
-            if let Some(p) = Self::get::<PhoneRecord>(&self.phones, PHONES, &id)? {
-                n += usize::from(
-                    p.previous_credential.as_ref().is_some_and(|c| c.secret_id == *secret && c.valid_until_ms > now_ms),
-                );
-            }
-        }
-        Ok(n)
-    }
-
     fn credential_writes(&self) -> std::sync::MutexGuard<'_, ()> {
         self.credential_writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn phones_using(&self, org: &OrgId, secret: &SecretId) -> Result<Vec<PhoneRecord>, StoreError> {
+        self.phones_where(org, |p| &p.credential == secret)
+    }
+
+    /// The organization's numbers for which `keep` holds.
+    fn phones_where(&self, org: &OrgId, keep: impl Fn(&PhoneRecord) -> bool) -> Result<Vec<PhoneRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.org_phones.scan_prefix(prefix(org)) {
             let (_, id) = item?;
             if let Some(p) = Self::get::<PhoneRecord>(&self.phones, PHONES, &id)? {
-                if &p.credential == secret {
+                if keep(&p) {
                     out.push(p);
                 }
             }
@@ -291,7 +282,14 @@ impl Store for SledStore {
         let id = SecretId::parse(std::str::from_utf8(&raw_id).unwrap_or(""))
             .map_err(|_| StoreError::Corrupt { tree: BYOK, detail: "bad secret id".into() })?;
         // A number moved off it still verifies with it until its grace ends.
-        let users = self.phones_using(org, &id)?.len() + self.phones_in_grace_on(org, &id, audit.at_ms)?;
+        let users = self
+            .phones_where(org, |p| {
+                p.credential == id
+                    || p.previous_credential
+                        .as_ref()
+                        .is_some_and(|c| c.secret_id == id && c.valid_until_ms > audit.at_ms)
+            })?
+            .len();
         if users > 0 {
             return Ok(Err(Conflict::InUse(users)));
         }
