@@ -594,7 +594,11 @@ impl Store for SledStore {
     }
 
     fn close(&self) -> Result<(), StoreError> {
-        self.events.save_snapshot()?;
+        // The snapshot only makes the next start fast (the journal holds every event): a disk
+        // that refuses it (full, read-only) must not also cost the configuration its flush.
+        if let Err(e) = self.events.save_snapshot() {
+            tracing::warn!(error = %e, "could not save the event index; the next start reads the journal instead");
+        }
         self.flush()
     }
 
@@ -656,5 +660,26 @@ impl Store for SledStore {
             }
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closing_flushes_the_configuration_even_when_the_index_snapshot_cannot_be_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), JournalOptions { preallocate_bytes: 0 }).unwrap();
+        // Where the snapshot is renamed into place stands a directory, as a refused write would.
+        let snapshot = dir.path().join("events").join("index.snapshot");
+        let _ = std::fs::remove_file(&snapshot);
+        std::fs::create_dir(&snapshot).unwrap();
+        assert!(store.events.save_snapshot().is_err(), "the snapshot cannot be installed");
+        store.orgs.insert(b"probe", b"kept").unwrap();
+        store.close().unwrap();
+        drop(store);
+        let again = sled::open(dir.path()).unwrap().open_tree(ORGS).unwrap().get(b"probe").unwrap();
+        assert_eq!(again.as_deref(), Some(&b"kept"[..]));
     }
 }
