@@ -160,6 +160,11 @@ pub fn upstream(settings: &Settings, cmd: UpstreamCommand) -> anyhow::Result<()>
 }
 
 pub fn check(settings: &Settings) -> anyhow::Result<()> {
+    // Checking must not make what it checks: opening a mistyped path would create a data dir
+    // and a master key, and report them fine.
+    if !settings.data_dir.join("db").is_dir() {
+        anyhow::bail!("no callgate data at {} (CALLGATE_DATA_DIR): nothing to check", settings.data_dir.display());
+    }
     let (store, _) = open_data(settings).map_err(locked_hint)?;
     let problems = store.verify_integrity()?;
     if problems.is_empty() {

@@ -135,6 +135,17 @@ async fn serve_refuses_a_master_key_that_cannot_open_the_stored_secrets() {
     app.stop().await;
 }
 
+#[test]
+fn check_on_a_path_with_no_data_says_so_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("dat");
+    let out = callgate(&typo, &["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no callgate data at") && err.contains("nothing to check"), "{err}");
+    assert!(!typo.exists(), "no data dir, no master key made");
+}
+
 #[tokio::test]
 async fn keys_rotate_rewraps_every_secret_without_changing_it() {
     let app = spawn_app().await;
