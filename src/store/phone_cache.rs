@@ -12,14 +12,14 @@ use std::sync::{Arc, RwLock};
 use dashmap::DashMap;
 
 use super::{PhoneRecord, StoreError};
-use crate::domain::Carrier;
+use crate::domain::{Carrier, PhoneId};
 
 /// Far above any real deployment's numbers; only a bound so a bug cannot grow it without end.
 const MAX_ENTRIES: usize = 100_000;
 
 /// Which number each carrier application (Telnyx `connection_id`) leads to: `None` where
 /// several numbers share it, since then it names none of them.
-pub type Connections = HashMap<(Carrier, String), Option<String>>;
+pub type Connections = HashMap<(Carrier, String), Option<PhoneId>>;
 
 #[derive(Default)]
 pub struct PhoneCache {

@@ -409,18 +409,13 @@ impl Store for SledStore {
             for item in self.phones.iter() {
                 let p: PhoneRecord = dec(PHONES, &item?.1)?;
                 if let Some(conn) = p.connection_id {
-                    index
-                        .entry((p.provider, conn))
-                        .and_modify(|only| *only = None)
-                        .or_insert_with(|| Some(p.id.to_string()));
+                    index.entry((p.provider, conn)).and_modify(|only| *only = None).or_insert(Some(p.id));
                 }
             }
             Ok(index)
         })?;
         match index.get(&(carrier, connection_id.to_owned())) {
-            Some(Some(id)) => {
-                self.phone_cache.get_or_load(By::Id, id, || Self::get(&self.phones, PHONES, id.as_bytes()))
-            }
+            Some(Some(id)) => self.phone_resolve(id),
             _ => Ok(None),
         }
     }
