@@ -59,10 +59,13 @@ impl ApiError {
     }
 
     pub fn rate_limited(retry_after: u64) -> Self {
-        Self {
-            retry_after: Some(retry_after.max(1)),
-            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; retry later")
-        }
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; retry later")
+            .retry_after(retry_after)
+    }
+
+    /// The same error, telling the client when to try again (`Retry-After`, at least 1 s).
+    pub fn retry_after(self, secs: u64) -> Self {
+        Self { retry_after: Some(secs.max(1)), ..self }
     }
 
     /// Logs the cause here, once, and keeps it out of the response.
@@ -110,13 +113,8 @@ impl From<crate::store::StoreError> for ApiError {
                 if LOGGED_AT.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
                     tracing::error!(error = %detail, "the disk refused a write; answering 503");
                 }
-                ApiError {
-                    retry_after: Some(5),
-                    ..ApiError::unavailable(
-                        "storage_unavailable",
-                        "the gateway cannot write to its disk just now; try again",
-                    )
-                }
+                ApiError::unavailable("storage_unavailable", "the gateway cannot write to its disk just now; try again")
+                    .retry_after(5)
             }
             other => ApiError::internal(other),
         }

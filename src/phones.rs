@@ -43,14 +43,12 @@ fn provider_error(carrier: Carrier, e: ProviderError) -> ApiError {
             format!("{carrier}'s API did not answer in time"),
         ),
         ProviderError::Refused { message } => ApiError::unprocessable("provider_refused", message),
-        ProviderError::RateLimited { retry_after_secs } => ApiError {
-            retry_after: Some(retry_after_secs.unwrap_or(60)),
-            ..ApiError::new(
-                actix_web::http::StatusCode::TOO_MANY_REQUESTS,
-                "provider_rate_limited",
-                format!("{carrier} is rate-limiting this account's API requests; try again later"),
-            )
-        },
+        ProviderError::RateLimited { retry_after_secs } => ApiError::new(
+            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+            "provider_rate_limited",
+            format!("{carrier} is rate-limiting this account's API requests; try again later"),
+        )
+        .retry_after(retry_after_secs.unwrap_or(60)),
         ProviderError::NotFound | ProviderError::Unavailable { .. } => {
             tracing::warn!(carrier = %carrier, error = %e, "carrier API unavailable");
             ApiError::new(
@@ -85,9 +83,7 @@ fn credential_source(
 ) -> Result<Source, ApiError> {
     match given {
         Some(v) if !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty()) => {
-            let new = vault::validate(carrier.as_str(), v)?;
-            let cred = PhoneCredential::parse(carrier, v)
-                .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
+            let (new, cred) = inline_credential(carrier, v)?;
             Ok(Source::Inline(new, cred))
         }
         _ => {
@@ -101,6 +97,27 @@ fn credential_source(
             Ok(Source::Saved(Box::new(rec), cred))
         }
     }
+}
+
+/// Credentials given with the request: checked, ready to seal, and usable with the carrier.
+fn inline_credential(carrier: Carrier, v: &Value) -> Result<(vault::NewSecret, PhoneCredential), ApiError> {
+    let new = vault::validate(carrier.as_str(), v)?;
+    let cred = PhoneCredential::parse(carrier, v)
+        .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
+    Ok((new, cred))
+}
+
+/// The carrier's listing of `number` on the account `cred` opens; 422 if it is not there.
+async fn on_account(
+    state: &AppState,
+    carrier: Carrier,
+    cred: &PhoneCredential,
+    number: &E164,
+) -> Result<ListedNumber, ApiError> {
+    let listed = state.provider_api.list_numbers(cred).await.map_err(|e| provider_error(carrier, e))?;
+    listed.into_iter().find(|n| &n.number == number).ok_or_else(|| {
+        ApiError::unprocessable("number_not_on_account", format!("{number} is not on this {carrier} account"))
+    })
 }
 
 async fn validate(
@@ -278,13 +295,7 @@ async fn import(
         return Err(ApiError::conflict("number_already_imported", format!("{number} is already imported")));
     }
     let source = credential_source(&state, &auth, carrier, body.credentials.as_ref())?;
-    let listed = state.provider_api.list_numbers(source.credential()).await.map_err(|e| provider_error(carrier, e))?;
-    let Some(found) = listed.into_iter().find(|n| n.number == number) else {
-        return Err(ApiError::unprocessable(
-            "number_not_on_account",
-            format!("{number} is not on this {carrier} account"),
-        ));
-    };
+    let found = on_account(&state, carrier, source.credential(), &number).await?;
     let now = state.clock.now_ms();
     let (inline, credential_id) = match &source {
         Source::Inline(new, _) => {
@@ -446,19 +457,11 @@ async fn patch(
     let new_id: Option<SecretId> = match (body.credentials.as_ref(), body.credential.as_deref()) {
         (Some(_), Some(_)) => return Err(invalid("give either credentials or credential, not both")),
         (Some(v), None) => {
-            let new = vault::validate(phone.provider.as_str(), v)?;
+            let (new, cred) = inline_credential(phone.provider, v)?;
             // The number keeps one previous credential: a credential of another account, taken
             // on trust, would push out the one its carrier still signs with. So the carrier
             // must show the number on the new credential's account, as at import.
-            let cred = PhoneCredential::parse(phone.provider, v)
-                .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
-            let listed = state.provider_api.list_numbers(&cred).await.map_err(|e| provider_error(phone.provider, e))?;
-            if !listed.iter().any(|n| n.number == phone.number) {
-                return Err(ApiError::unprocessable(
-                    "number_not_on_account",
-                    format!("{} is not on the account of these {} credentials", phone.number, phone.provider),
-                ));
-            }
+            on_account(&state, phone.provider, &cred, &phone.number).await?;
             let rec = state.vault.seal(&auth.org_id, &new, Some(format!("number {}", phone.number)), now);
             let id = rec.id.clone();
             new_secret = Some(rec);
