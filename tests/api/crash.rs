@@ -38,7 +38,7 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
         ("CALLGATE_TWILIO_API_URL", fake.base_url()),
         ("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE", "100000".to_owned()),
     ];
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let client = client_builder().timeout(Duration::from_secs(5)).build().unwrap();
 
     // The number that receives the webhooks.
     let server = BinaryServer::start(&data_dir, &env, None).await;

@@ -1521,7 +1521,7 @@ async fn start_binary(data_dir: &Path, port: u16, upstream: &str) -> Server {
         .spawn()
         .expect("start callgate");
     let server = Server { child, base: format!("http://127.0.0.1:{port}") };
-    let client = reqwest::Client::new();
+    let client = client_builder().build().unwrap();
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(r) = client.get(format!("{}/health", server.base)).send().await {
@@ -1568,7 +1568,7 @@ async fn acknowledged_events_survive_a_crash() {
 
     // Callbacks of several calls, concurrently; the server dies while they are coming in.
     const N: u32 = 40;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let client = client_builder().timeout(Duration::from_secs(5)).build().unwrap();
     let acked = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..N {
@@ -1603,7 +1603,7 @@ async fn acknowledged_events_survive_a_crash() {
     // Restarted on the same data dir with the upstream up: everything acknowledged arrives.
     let upstream = FakeHttp::start(|_| Reply::status(200)).await;
     let server = start_binary(data_dir, closed_port(), &upstream.url("/hook")).await;
-    let client = reqwest::Client::new();
+    let client = client_builder().build().unwrap();
     let listed = || async {
         let v: Value = client
             .get(format!("{}/events?limit=1000", server.base))

@@ -12,6 +12,13 @@ use serde_json::{json, Value};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
+/// The server closes a keep-alive connection after 5 s idle. A pooled connection reused at
+/// that instant fails with `IncompleteMessage`, so test clients let go of idle connections
+/// well before.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(2))
+}
+
 static TRACING: Once = Once::new();
 
 /// Logs only with TEST_LOG set, so a failing test can be re-run with them.
@@ -112,7 +119,7 @@ async fn start(data_dir: &Path, extra: Vec<(String, String)>, clock: Clock) -> T
                 return TestApp {
                     base: format!("http://127.0.0.1:{port}"),
                     port,
-                    client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+                    client: client_builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
                     clock,
                     data_dir: data_dir.to_owned(),
                     env,

@@ -9,7 +9,7 @@ use callgate::domain::Carrier;
 use serde_json::{json, Value};
 
 use crate::fake_carrier::{FakeCarrier, Mode};
-use crate::helpers::{BinaryServer, ADMIN_TOKEN};
+use crate::helpers::{client_builder, BinaryServer, ADMIN_TOKEN};
 
 async fn start(data_dir: &std::path::Path, fake: &FakeCarrier, log: &std::path::Path) -> BinaryServer {
     let mut env = vec![
@@ -58,7 +58,7 @@ async fn no_secret_appears_in_responses_logs_or_the_data_dir() {
     let fake = FakeCarrier::start().await;
     let log_path = dir.path().join("callgate.log");
     let server = start(&data_dir, &fake, &log_path).await;
-    let client = reqwest::Client::new();
+    let client = client_builder().build().unwrap();
     let url = |p: &str| format!("{}{p}", server.base);
     let mut seen = Seen::default();
     let mut secrets: Vec<String> = Vec::new();
