@@ -449,7 +449,13 @@ async fn wait_state(app: &TestApp, org: &Org, id: &str, state: &str) -> Value {
 }
 
 async fn wait_hits(fake: &FakeHttp, what: &str, done: impl Fn(&[Hit]) -> bool) -> Vec<Hit> {
-    let until = Instant::now() + Duration::from_secs(8);
+    wait_hits_within(fake, what, Duration::from_secs(8), done).await
+}
+
+/// As `wait_hits`, for a backlog delivered one at a time: each delivery's outcome is made
+/// durable before the next starts, and on a loaded machine hundreds take longer than 8 s.
+async fn wait_hits_within(fake: &FakeHttp, what: &str, within: Duration, done: impl Fn(&[Hit]) -> bool) -> Vec<Hit> {
+    let until = Instant::now() + within;
     loop {
         let hits = fake.hits();
         if done(&hits) {
@@ -1302,7 +1308,7 @@ async fn a_held_upstreams_backlog_waits_parked_and_never_delays_another_upstream
     // once their backoff is over.
     down.set(|_| Reply::status(200));
     app.clock.set_ms(T0 + 1_000);
-    wait_hits(&down, "the parked events", |h| h.len() == 700).await;
+    wait_hits_within(&down, "the parked events", Duration::from_secs(40), |h| h.len() == 700).await;
     wait_depth(&app, (5, 0)).await;
     app.clock.set_ms(T0 + 6_000);
     wait_hits(&down, "the retries", |h| h.len() == 705).await;
