@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::auth::OrgAuth;
 use crate::carriers::rest::{ListedNumber, ProviderError, WebhookTargets};
 use crate::clock::rfc3339;
-use crate::domain::{Carrier, PhoneCredential, PhoneId, SecretId, E164};
+use crate::domain::{Carrier, OrgId, PhoneCredential, PhoneId, SecretId, E164};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{Conflict, PhoneConfig, PhoneRecord, PreviousCredential, SecretRecord};
@@ -107,14 +107,27 @@ fn inline_credential(carrier: Carrier, v: &Value) -> Result<(vault::NewSecret, P
     Ok((new, cred))
 }
 
+/// The numbers on the account `cred` opens, as the carrier lists them. Each call is a request
+/// on the customer's own carrier account, so an organization gets only so many a minute.
+async fn listed_numbers(
+    state: &AppState,
+    org: &OrgId,
+    carrier: Carrier,
+    cred: &PhoneCredential,
+) -> Result<Vec<ListedNumber>, ApiError> {
+    state.carrier_limiter.check(org, state.clock.now_ms()).map_err(ApiError::rate_limited)?;
+    state.provider_api.list_numbers(cred).await.map_err(|e| provider_error(carrier, e))
+}
+
 /// The carrier's listing of `number` on the account `cred` opens; 422 if it is not there.
 async fn on_account(
     state: &AppState,
+    org: &OrgId,
     carrier: Carrier,
     cred: &PhoneCredential,
     number: &E164,
 ) -> Result<ListedNumber, ApiError> {
-    let listed = state.provider_api.list_numbers(cred).await.map_err(|e| provider_error(carrier, e))?;
+    let listed = listed_numbers(state, org, carrier, cred).await?;
     listed.into_iter().find(|n| &n.number == number).ok_or_else(|| {
         ApiError::unprocessable("number_not_on_account", format!("{number} is not on this {carrier} account"))
     })
@@ -131,7 +144,7 @@ async fn validate(
         body.as_object().ok_or_else(|| ApiError::unprocessable("invalid_field", "the body must be a JSON object"))?;
     let given = obj.get("credentials").or((!obj.is_empty()).then_some(&*body));
     let source = credential_source(&state, &auth, carrier, given)?;
-    let numbers = state.provider_api.list_numbers(source.credential()).await.map_err(|e| provider_error(carrier, e))?;
+    let numbers = listed_numbers(&state, &auth.org_id, carrier, source.credential()).await?;
     Ok(HttpResponse::Ok().json(json!({"valid": true, "provider": carrier, "numbers": numbers})))
 }
 
@@ -295,7 +308,7 @@ async fn import(
         return Err(ApiError::conflict("number_already_imported", format!("{number} is already imported")));
     }
     let source = credential_source(&state, &auth, carrier, body.credentials.as_ref())?;
-    let found = on_account(&state, carrier, source.credential(), &number).await?;
+    let found = on_account(&state, &auth.org_id, carrier, source.credential(), &number).await?;
     let now = state.clock.now_ms();
     let (inline, credential_id) = match &source {
         Source::Inline(new, _) => {
@@ -461,7 +474,7 @@ async fn patch(
             // The number keeps one previous credential: a credential of another account, taken
             // on trust, would push out the one its carrier still signs with. So the carrier
             // must show the number on the new credential's account, as at import.
-            on_account(&state, phone.provider, &cred, &phone.number).await?;
+            on_account(&state, &auth.org_id, phone.provider, &cred, &phone.number).await?;
             let rec = state.vault.seal(&auth.org_id, &new, Some(format!("number {}", phone.number)), now);
             let id = rec.id.clone();
             new_secret = Some(rec);

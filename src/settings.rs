@@ -47,6 +47,7 @@ struct Raw {
     log: String,
     body_limit_bytes: usize,
     byok_rate_limit_per_minute: u32,
+    carrier_rate_limit_per_minute: u32,
     credential_grace_secs: u64,
     replay_window_secs: u64,
     journal_preallocate_mb: u64,
@@ -93,6 +94,7 @@ pub struct Settings {
     pub log: String,
     pub body_limit_bytes: usize,
     pub byok_rate_limit_per_minute: u32,
+    pub carrier_rate_limit_per_minute: u32,
     pub credential_grace: Duration,
     pub replay_window: Duration,
     pub journal: JournalOptions,
@@ -254,6 +256,11 @@ impl Settings {
         if let Some(v) = num("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE", env.var("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE"))? {
             raw.byok_rate_limit_per_minute = u32::try_from(v).unwrap_or(u32::MAX);
         }
+        if let Some(v) =
+            num("CALLGATE_CARRIER_RATE_LIMIT_PER_MINUTE", env.var("CALLGATE_CARRIER_RATE_LIMIT_PER_MINUTE"))?
+        {
+            raw.carrier_rate_limit_per_minute = u32::try_from(v).unwrap_or(u32::MAX);
+        }
         if let Some(v) = num("CALLGATE_CREDENTIAL_GRACE_SECS", env.var("CALLGATE_CREDENTIAL_GRACE_SECS"))? {
             raw.credential_grace_secs = v;
         }
@@ -351,6 +358,9 @@ impl Settings {
         if raw.byok_rate_limit_per_minute == 0 {
             return Err(bad("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE", "must be at least 1"));
         }
+        if raw.carrier_rate_limit_per_minute == 0 {
+            return Err(bad("CALLGATE_CARRIER_RATE_LIMIT_PER_MINUTE", "must be at least 1"));
+        }
         if raw.provider_timeout_ms == 0 {
             return Err(bad("CALLGATE_PROVIDER_TIMEOUT_MS", "must be at least 1"));
         }
@@ -433,6 +443,7 @@ impl Settings {
             log: raw.log,
             body_limit_bytes: raw.body_limit_bytes,
             byok_rate_limit_per_minute: raw.byok_rate_limit_per_minute,
+            carrier_rate_limit_per_minute: raw.carrier_rate_limit_per_minute,
             credential_grace: Duration::from_secs(raw.credential_grace_secs),
             replay_window: Duration::from_secs(raw.replay_window_secs),
             commit_linger: (raw.commit_linger_us > 0).then(|| Duration::from_micros(raw.commit_linger_us)),

@@ -83,6 +83,7 @@ impl Application {
         let state = web::Data::new(AppState {
             provider_api: ProviderApi::new(settings.carrier_urls.clone(), settings.provider_timeout)?,
             byok_limiter: RateLimiter::per_minute(settings.byok_rate_limit_per_minute),
+            carrier_limiter: RateLimiter::per_minute(settings.carrier_rate_limit_per_minute),
             outbox: crate::handoff::outbox::Outbox::new(settings.handoff.delivery_breaker_after),
             settings: Arc::new(settings),
             store,

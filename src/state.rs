@@ -19,6 +19,7 @@ pub struct AppState {
     pub clock: Clock,
     pub provider_api: ProviderApi,
     pub byok_limiter: RateLimiter,
+    pub carrier_limiter: RateLimiter,
     pub metrics: crate::metrics::Metrics,
     /// For the assistant and the upstream: not the carriers' client, so a slow upstream can
     /// never hold the connections that carrier API calls need.

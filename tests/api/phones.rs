@@ -97,10 +97,14 @@ async fn fake() -> FakeCarrier {
     fake
 }
 
-/// Every carrier pointed at the fake, a pinned clock, a one-hour grace.
+/// Every carrier pointed at the fake, a pinned clock, a one-hour grace. The clock never
+/// leaves the first minute, so the tests that call the carrier many times lift its rate limit
+/// (its own test sets one).
 fn options(fake: &FakeCarrier) -> Options {
-    let mut o =
-        Options::default().clock(Clock::pinned(T0)).env("CALLGATE_CREDENTIAL_GRACE_SECS", GRACE_SECS.to_string());
+    let mut o = Options::default()
+        .clock(Clock::pinned(T0))
+        .env("CALLGATE_CREDENTIAL_GRACE_SECS", GRACE_SECS.to_string())
+        .env("CALLGATE_CARRIER_RATE_LIMIT_PER_MINUTE", "1000");
     for k in ["PLIVO", "VOBIZ", "TWILIO", "TELNYX", "EXOTEL"] {
         o = o.env(&format!("CALLGATE_{k}_API_URL"), fake.base_url());
     }
@@ -315,6 +319,54 @@ async fn validate_and_import_fall_back_to_the_saved_byok_credential() {
     for a in &ACCOUNTS {
         app.assert_not_in_data_dir(a.secret);
     }
+}
+
+/// Each validate, import or PATCH with new credentials is a request on the customer's carrier
+/// account. Past the limit the organization gets 429 before the carrier is asked, nothing is
+/// stored, and other organizations and other operations go on.
+#[tokio::test]
+async fn calls_to_the_carrier_are_rate_limited_per_organization() {
+    let fake = fake().await;
+    let app = spawn_with(options(&fake).env("CALLGATE_CARRIER_RATE_LIMIT_PER_MINUTE", "3")).await;
+    let org = app.create_org("Acme").await;
+    let other = app.create_org("Other").await;
+    let a = &ACCOUNTS[0];
+    let c = a.carrier;
+    let body = json!({"credentials": credentials(c, a.secret)});
+    assert_eq!(validate(&app, &org, c, body.clone()).await.status, 200);
+    // Refused before the carrier is asked, so they take nothing from the budget.
+    let r = validate(&app, &org, c, json!({})).await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    let r = import(&app, &org, c, json!({"number": "not a number"})).await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert_eq!(validate(&app, &org, c, body.clone()).await.status, 200);
+    let phone = import_inline(&app, &org, a, 0).await;
+    let id = str_of(&phone, "id");
+
+    fake.clear_requests();
+    let limited = "too many requests; retry later";
+    let r = validate(&app, &org, c, body.clone()).await;
+    assert_error(&r, 429, "rate_limited", limited, "validate");
+    assert_eq!(r.retry_after.as_deref(), Some("60"));
+    let r = import(&app, &org, c, json!({"number": a.numbers[1], "credentials": credentials(c, a.secret)})).await;
+    assert_error(&r, 429, "rate_limited", limited, "import");
+    let r = patch_phone(&app, &org, id, json!({"credentials": credentials(c, a.secret)})).await;
+    assert_error(&r, 429, "rate_limited", limited, "patch with credentials");
+    assert!(fake.requests().is_empty(), "the carrier was asked: {:#?}", fake.requests());
+    let listed = list(&app, &org, "").await;
+    let numbers: Vec<&str> =
+        listed["phone_numbers"].as_array().unwrap().iter().map(|p| str_of(p, "number")).collect();
+    assert_eq!(numbers, [a.numbers[0]], "the refused import stored nothing");
+    assert_eq!(secret_ids(&app).len(), 1, "the refused import and PATCH sealed nothing");
+
+    // What does not reach the carrier is not limited; nor is another organization.
+    let r = patch_phone(&app, &org, id, json!({"label": "front desk"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(validate(&app, &other, c, body.clone()).await.status, 200);
+
+    // A minute later the organization's budget is back.
+    app.clock.set_ms(T0 + 60_000);
+    assert_eq!(validate(&app, &org, c, body).await.status, 200);
 }
 
 fn carrier_auth_message(carrier: Carrier) -> &'static str {
