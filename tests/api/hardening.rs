@@ -325,8 +325,10 @@ async fn a_body_that_trickles_in_gets_408_at_its_deadline() {
     let head = format!(
         "POST /plivo/status/{id} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nCallUUID=x"
     );
-    s.write_all(head.as_bytes()).await.unwrap();
+    // Taken before the head is sent: the server's deadline starts once it has the head, and
+    // a test thread preempted between the write and the clock would see less than the deadline.
     let started = Instant::now();
+    s.write_all(head.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
     // One more byte a second, so the connection is never idle.

@@ -354,8 +354,7 @@ async fn calls_to_the_carrier_are_rate_limited_per_organization() {
     assert_error(&r, 429, "rate_limited", limited, "patch with credentials");
     assert!(fake.requests().is_empty(), "the carrier was asked: {:#?}", fake.requests());
     let listed = list(&app, &org, "").await;
-    let numbers: Vec<&str> =
-        listed["phone_numbers"].as_array().unwrap().iter().map(|p| str_of(p, "number")).collect();
+    let numbers: Vec<&str> = listed["phone_numbers"].as_array().unwrap().iter().map(|p| str_of(p, "number")).collect();
     assert_eq!(numbers, [a.numbers[0]], "the refused import stored nothing");
     assert_eq!(secret_ids(&app).len(), 1, "the refused import and PATCH sealed nothing");
 
