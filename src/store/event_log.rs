@@ -1036,6 +1036,30 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_event_with_later_batches_after_it_stops_the_open_instead_of_losing_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let org = OrgId::generate();
+        let opts = JournalOptions { preallocate_bytes: 0 };
+        {
+            let log = EventLog::open(dir.path(), opts).unwrap();
+            record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000)]);
+            log.save_snapshot().unwrap();
+            for (call, key, at) in [("c2", b"k2", 2_000), ("c3", b"k3", 3_000), ("c4", b"k4", 4_000)] {
+                record(&log, &[prepared(&org, call, key, at, 90_000)]);
+            }
+        }
+        let path = dir.path().join(format!("{:08}.log", 0));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(4).position(|w| w == b"\"c2\"").expect("c2 is in the journal");
+        bytes[at + 1] = b'x';
+        std::fs::write(&path, &bytes).unwrap();
+        // Cutting at c2 would have dropped c3 and c4, both acknowledged.
+        let err = EventLog::open(dir.path(), opts).err().expect("the damage is reported");
+        assert!(err.to_string().contains("not a torn write"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
+    }
+
+    #[test]
     fn ids_ascend_even_when_the_clock_stands_still_or_steps_back() {
         let mut g = IdGen::default();
         let mut last = 0u128;

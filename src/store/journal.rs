@@ -6,6 +6,14 @@
 //! segment is ever written; a frame torn by a crash can only be at its end, and is cut off when
 //! the journal is opened. A bad frame anywhere else is corruption and stops the open.
 //!
+//! Each batch ends with a marker frame carrying the batch's number, so that a bad frame in the
+//! last segment can be told from a torn write: a batch is written only once the one before it
+//! is durable, so a marker two numbers on from the last good one, found after the bad frame,
+//! proves that the bad frame's batch had been acknowledged. That is damage, and it stops the
+//! open as it would in an earlier segment, instead of cutting off every batch written after it.
+//! A marker's payload starts with [`MARKER_TAG`], a byte no record starts with; a build that
+//! predates markers refuses to open such a journal (an unknown record) rather than cutting it.
+//!
 //! Segments are written into space zero-filled and synced beforehand (by a helper thread, off
 //! the hot path): an `fdatasync` after an append must also commit the file's new size and
 //! blocks through the filesystem journal, and measured here that doubles its latency and its
@@ -30,6 +38,11 @@ const FRAME_HEADER: usize = 8;
 const SEGMENT_MAX: u64 = 1 << 30;
 /// No record comes near this; a larger length in a header is damage, not data.
 const FRAME_MAX: u32 = 16 << 20;
+/// The first byte of a batch marker's payload; records start with their version (1).
+pub const MARKER_TAG: u8 = 0xff;
+/// Tag, batch number (u64), the batch's bytes before its marker (u32), its frames (u32).
+const MARKER_PAYLOAD: usize = 17;
+const MARKER_FRAME: usize = FRAME_HEADER + MARKER_PAYLOAD;
 
 pub fn loc(segment: u32, offset: u64) -> Loc {
     (u64::from(segment) << 32) | offset
@@ -58,6 +71,34 @@ pub fn frame(buf: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>)) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// The number of the batch a marker frame's `payload` closes, if it is one.
+fn marker_no(payload: &[u8]) -> Option<u64> {
+    match payload {
+        [MARKER_TAG, rest @ ..] if payload.len() == MARKER_PAYLOAD => {
+            Some(u64::from_le_bytes(rest[..8].try_into().unwrap_or_default()))
+        }
+        _ => None,
+    }
+}
+
+/// Closes the batch of frames in `buf` with its marker.
+fn put_marker(buf: &mut Vec<u8>, no: u64) {
+    let bytes = buf.len() as u32;
+    let mut frames = 0u32;
+    let mut at = 0;
+    while at + FRAME_HEADER <= buf.len() {
+        let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+        at += FRAME_HEADER + len;
+        frames += 1;
+    }
+    frame(buf, |b| {
+        b.push(MARKER_TAG);
+        b.extend_from_slice(&no.to_le_bytes());
+        b.extend_from_slice(&bytes.to_le_bytes());
+        b.extend_from_slice(&frames.to_le_bytes());
+    });
+}
+
 /// How the journal lays out its files.
 #[derive(Clone, Copy, Debug)]
 pub struct JournalOptions {
@@ -80,6 +121,9 @@ pub struct Journal {
     active_room: u64,
     readers: Arc<Segments>,
     spare: Spare,
+    /// The number the next batch's marker carries. Taken by failed batches too, so that what
+    /// a failed write may have left behind never carries a number a later batch has.
+    next_batch: u64,
 }
 
 /// Read access to every segment, shared with readers so they never wait for the writer.
@@ -121,16 +165,27 @@ impl Journal {
         }
         let mut readers = Vec::with_capacity(numbers.len());
         let mut active_len = 0;
+        // The batch that ends where the scan starts (a snapshot covers whole batches).
+        let mut last_batch = None;
         for &no in &numbers {
             let path = segment_path(dir, no);
             let file = File::open(&path).map_err(io)?;
             let size = file.metadata().map_err(io)?.len();
+            if no == from_seg && (MARKER_FRAME as u64..=size).contains(&from_off) {
+                last_batch = marker_at(&file, from_off - MARKER_FRAME as u64)?;
+            }
             if no >= from_seg {
                 let start = if no == from_seg { from_off } else { 0 };
-                let good = scan(&file, no, start, size, &mut visit)?;
+                let good = scan(&file, no, start, size, &mut last_batch, &mut visit)?;
                 if good < size {
                     if no != last {
                         return Err(corrupt(format!("segment {no} is damaged at byte {good}")));
+                    }
+                    if let Some((at, later)) = later_batch(&file, good, size, last_batch)? {
+                        return Err(corrupt(format!(
+                            "segment {no} is damaged at byte {good}: batch {later}, at byte {at}, was written \
+                             after the damaged one was durable, so this is not a torn write; nothing was cut"
+                        )));
                     }
                     if torn_at(&file, good, size)? {
                         tracing::warn!(segment = no, at = good, "cut a torn write off the journal");
@@ -157,6 +212,7 @@ impl Journal {
             active_room: active_len,
             readers: Arc::new(Segments(RwLock::new(readers))),
             spare: Spare::new(dir, options.preallocate_bytes),
+            next_batch: last_batch.map_or(0, |n| n + 1),
         })
     }
 
@@ -166,10 +222,11 @@ impl Journal {
     }
 
     /// Where a batch of `len` bytes will start. Moves to a prepared segment when the batch
-    /// would outgrow the active one's zeroed space; without one ready it appends (slower, still
-    /// durable), up to a hard size where it must start a new segment anyway.
+    /// (and its marker) would outgrow the active one's zeroed space; without one ready it
+    /// appends (slower, still durable), up to a hard size where it must start a new segment
+    /// anyway.
     pub fn place(&mut self, len: usize) -> Result<Loc, StoreError> {
-        let end = self.active_len + len as u64;
+        let end = self.active_len + (len + MARKER_FRAME) as u64;
         if end <= self.active_room {
             return Ok(self.end());
         }
@@ -216,9 +273,13 @@ impl Journal {
         Ok(())
     }
 
-    /// Writes a batch placed by `place` and makes it durable. On failure the segment is cut
-    /// back, so a half-written batch never sits in front of the next one.
+    /// Writes a batch of frames placed by `place`, closed by its marker, and makes it durable.
+    /// On failure the segment is cut back, so a half-written batch never sits in front of the
+    /// next one. `buf` comes back as it was given.
     pub fn write_durably(&mut self, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        let given = buf.len();
+        put_marker(buf, self.next_batch);
+        self.next_batch += 1;
         let len = buf.len();
         // The write runs on to the end of its last page when that page is prepared zeros: a
         // write ending inside a page the cache does not hold (the spare was zeroed past the
@@ -230,7 +291,7 @@ impl Journal {
             buf.resize(len + (padded - end) as usize, 0);
         }
         let result = self.active.write_all_at(buf, self.active_len).and_then(|()| self.active.sync_data());
-        buf.truncate(len);
+        buf.truncate(given);
         match result {
             Ok(()) => {
                 self.active_len += len as u64;
@@ -254,9 +315,10 @@ impl Journal {
     /// Every frame from the start, for `callgate check`.
     pub fn scan_all(&self, mut visit: impl FnMut(Loc, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
         let readers: Vec<Arc<File>> = self.readers.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut last_batch = None;
         for (no, file) in readers.iter().enumerate() {
             let size = if no as u32 == self.active_no { self.active_len } else { file.metadata().map_err(io)?.len() };
-            let good = scan(file, no as u32, 0, size, &mut visit)?;
+            let good = scan(file, no as u32, 0, size, &mut last_batch, &mut visit)?;
             if good < size {
                 return Err(corrupt(format!("segment {no} is damaged at byte {good}")));
             }
@@ -294,13 +356,14 @@ fn parse_header(head: &[u8; FRAME_HEADER]) -> (u32, u32) {
     (len, crc)
 }
 
-/// Visits the good frames of one segment between `start` and `size`; returns where the good
-/// frames end.
+/// Visits the good frames of one segment between `start` and `size`, and notes the number of
+/// the last batch marker passed in `last_batch`; returns where the good frames end.
 fn scan(
     file: &File,
     no: u32,
     start: u64,
     size: u64,
+    last_batch: &mut Option<u64>,
     visit: &mut impl FnMut(Loc, &[u8]) -> Result<(), StoreError>,
 ) -> Result<u64, StoreError> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -321,10 +384,78 @@ fn scan(
         if crc32fast::hash(&payload) != crc {
             break;
         }
-        visit(loc(no, at), &payload)?;
+        match marker_no(&payload) {
+            Some(batch) => *last_batch = Some(batch),
+            None => visit(loc(no, at), &payload)?,
+        }
         at = end;
     }
     Ok(at)
+}
+
+/// The batch number of a good marker frame at `at`, if one is there.
+fn marker_at(file: &File, at: u64) -> Result<Option<u64>, StoreError> {
+    let mut bytes = [0u8; MARKER_FRAME];
+    file.read_exact_at(&mut bytes, at).map_err(io)?;
+    Ok(parse_marker_frame(&bytes))
+}
+
+fn parse_marker_frame(bytes: &[u8]) -> Option<u64> {
+    let head: &[u8; FRAME_HEADER] = bytes.get(..FRAME_HEADER)?.try_into().ok()?;
+    let (len, crc) = parse_header(head);
+    let payload = bytes.get(FRAME_HEADER..MARKER_FRAME)?;
+    (len as usize == MARKER_PAYLOAD && crc32fast::hash(payload) == crc).then(|| marker_no(payload)).flatten()
+}
+
+/// Looks past a bad frame at `good` for proof that its batch had been made durable: a marker
+/// of a later batch than the bad frame's. The bad frame belongs to the batch after
+/// `last_batch`, so a marker numbered two past that proves it; with `last_batch` unknown, two
+/// markers of different numbers do (the lower one's batch was durable before the higher one was
+/// written, and the bad frame's batch comes no later). The marker of the torn batch itself
+/// proves nothing: it is written in the same write as the frames before it.
+///
+/// Batches follow one another with no gap, and a torn write can lose pages only of the last
+/// one, so the search stops at two whole zero pages: no marker of a later batch lies beyond.
+/// Returns the proving marker's offset and number.
+fn later_batch(file: &File, good: u64, size: u64, last_batch: Option<u64>) -> Result<Option<(u64, u64)>, StoreError> {
+    const WINDOW: u64 = 64 << 10;
+    let mut first: Option<u64> = None;
+    let mut zero_pages = 0;
+    let mut pos = good;
+    let mut buf = Vec::new();
+    while pos < size {
+        // Windows end on page boundaries, so every whole page is looked at once; each reads on
+        // by a marker's length, so that a marker across its end is whole.
+        let own_end = ((pos / PAGE) * PAGE + WINDOW).min(size);
+        let end = (own_end + MARKER_FRAME as u64).min(size);
+        buf.resize((end - pos) as usize, 0);
+        file.read_exact_at(&mut buf, pos).map_err(io)?;
+        let own = (own_end - pos) as usize;
+        for i in 0..own {
+            if let Some(n) = buf.get(i..i + MARKER_FRAME).and_then(parse_marker_frame) {
+                let proves = last_batch.is_some_and(|k| n >= k + 2) || first.is_some_and(|f| n > f);
+                if proves {
+                    return Ok(Some((pos + i as u64, n)));
+                }
+                first.get_or_insert(n);
+            }
+        }
+        // Whole pages inside this window's own part.
+        let mut page = (pos.next_multiple_of(PAGE) - pos) as usize;
+        while page + PAGE as usize <= own {
+            if buf[page..page + PAGE as usize].iter().all(|b| *b == 0) {
+                zero_pages += 1;
+                if zero_pages == 2 {
+                    return Ok(None);
+                }
+            } else {
+                zero_pages = 0;
+            }
+            page += PAGE as usize;
+        }
+        pos += own as u64;
+    }
+    Ok(None)
 }
 
 /// Whether anything but zeros follows the good frames (in the part a torn write can reach).
@@ -564,8 +695,12 @@ mod tests {
     }
 
     fn collect(dir: &Path, from: Loc) -> (Journal, Vec<(Loc, Vec<u8>)>) {
+        collect_with(dir, from, SMALL)
+    }
+
+    fn collect_with(dir: &Path, from: Loc, options: JournalOptions) -> (Journal, Vec<(Loc, Vec<u8>)>) {
         let mut seen = Vec::new();
-        let j = Journal::open(dir, from, SMALL, |l, p| {
+        let j = Journal::open(dir, from, options, |l, p| {
             seen.push((l, p.to_vec()));
             Ok(())
         })
@@ -597,8 +732,9 @@ mod tests {
 
         let (j, seen) = collect(dir.path(), 0);
         assert_eq!(seen, vec![(0, b"first".to_vec()), (13, b"second".to_vec())]);
-        assert_eq!(j.end(), 27);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 27);
+        let batch = (27 + MARKER_FRAME) as u64;
+        assert_eq!(j.end(), batch);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), batch);
         // Scanning from a later point sees only what follows it.
         drop(j);
         let (_, seen) = collect(dir.path(), 13);
@@ -653,16 +789,17 @@ mod tests {
         assert_eq!(b, loc(1, 0), "the batch went into the prepared segment");
         let seg1 = segment_path(dir.path(), 1);
         assert_eq!(std::fs::metadata(&seg1).unwrap().len(), 4096, "written inside the zeroed space");
-        assert_eq!(std::fs::metadata(segment_path(dir.path(), 0)).unwrap().len(), 13, "segment 0 sealed");
+        let m = MARKER_FRAME as u64;
+        assert_eq!(std::fs::metadata(segment_path(dir.path(), 0)).unwrap().len(), 13 + m, "segment 0 sealed");
         let c = one(&mut j, b"third");
-        assert_eq!(c, loc(1, 14));
+        assert_eq!(c, loc(1, 14 + m));
         assert_eq!(j.segments().read(c).unwrap(), b"third");
         drop(j);
 
         let (j, seen) = collect(dir.path(), 0);
         assert_eq!(seen, vec![(loc(0, 0), b"first".to_vec()), (loc(1, 0), b"second".to_vec()), (c, b"third".to_vec())]);
-        assert_eq!(j.end(), loc(1, 27));
-        assert_eq!(std::fs::metadata(&seg1).unwrap().len(), 27, "unused zeros released at open");
+        assert_eq!(j.end(), loc(1, 27 + 2 * m));
+        assert_eq!(std::fs::metadata(&seg1).unwrap().len(), 27 + 2 * m, "unused zeros released at open");
     }
 
     #[test]
@@ -682,9 +819,11 @@ mod tests {
         let bytes = std::fs::read(&seg1).unwrap();
         assert_eq!(bytes.len() as u64, 3 * PAGE, "the padding stays inside the prepared space");
         assert_eq!(&bytes[..frames.len()], &frames[..]);
-        assert!(bytes[frames.len()..].iter().all(|b| *b == 0));
+        let marked = frames.len() + MARKER_FRAME;
+        assert_eq!(parse_marker_frame(&bytes[frames.len()..marked]), Some(1), "the batch's marker follows it");
+        assert!(bytes[marked..].iter().all(|b| *b == 0));
         let next = one(&mut j, b"next");
-        assert_eq!(next, loc(1, frames.len() as u64), "the next batch starts after the frames, not the padding");
+        assert_eq!(next, loc(1, marked as u64), "the next batch starts after the marker, not the padding");
         drop(j);
         let mut seen = Vec::new();
         Journal::open(dir.path(), 0, opts, |l, p| {
@@ -724,6 +863,107 @@ mod tests {
             vec![(loc(0, 0), b"first".to_vec()), (b, b"second".to_vec()), (e, b"after".to_vec())],
             "nothing of the torn batch is read back"
         );
+    }
+
+    const APPEND: JournalOptions = JournalOptions { preallocate_bytes: 0 };
+
+    /// Writes one batch per entry of `batches` (each a list of payloads); their locations.
+    fn batches(j: &mut Journal, batches: &[&[&[u8]]]) -> Vec<Vec<Loc>> {
+        let mut locs = Vec::new();
+        for payloads in batches {
+            let mut buf = Vec::new();
+            let mut offs = Vec::new();
+            for p in *payloads {
+                offs.push(buf.len() as u64);
+                frame(&mut buf, |b| b.extend_from_slice(p));
+            }
+            let at = j.place(buf.len()).unwrap();
+            j.write_durably(&mut buf).unwrap();
+            locs.push(offs.iter().map(|o| at + o).collect());
+        }
+        locs
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at as usize] ^= 0x20;
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn damage_in_an_acknowledged_batch_of_the_last_segment_stops_the_open_and_cuts_nothing() {
+        // In the first batch (no marker before it), in a middle one, and in the one before last.
+        for (batch, frame_no) in [(0usize, 0usize), (1, 1), (2, 0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+            let locs = batches(&mut j, &[&[b"a0"], &[b"b0", b"b1", b"b2"], &[b"c0"], &[b"d0"]]);
+            drop(j);
+            let path = segment_path(dir.path(), 0);
+            let damaged = locs[batch][frame_no];
+            flip(&path, damaged + FRAME_HEADER as u64);
+            let before = std::fs::read(&path).unwrap();
+            let err = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).err().expect("damage is reported");
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("segment 0 is damaged at byte {damaged}")), "{msg}");
+            assert!(msg.contains("not a torn write; nothing was cut"), "{msg}");
+            assert_eq!(std::fs::read(&path).unwrap(), before, "batch {batch}: the journal was changed");
+        }
+    }
+
+    #[test]
+    fn a_torn_last_batch_is_cut_even_when_its_own_marker_reached_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+        let locs = batches(&mut j, &[&[b"a0"], &[b"b0"]]);
+        let end = j.end();
+        drop(j);
+        // The next batch, number 2, reached the disk but for a page in its middle: its first
+        // frame and its marker are whole, the frame between them is not.
+        let mut torn = Vec::new();
+        frame(&mut torn, |b| b.extend_from_slice(b"c0, never acknowledged"));
+        let lost = torn.len();
+        frame(&mut torn, |b| b.extend_from_slice(b"c1, never acknowledged"));
+        put_marker(&mut torn, 2);
+        torn[lost + FRAME_HEADER + 3] = 0;
+        let path = segment_path(dir.path(), 0);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&torn, end).unwrap();
+        drop(f);
+
+        let (j, seen) = collect_with(dir.path(), 0, APPEND);
+        let good = end + lost as u64;
+        assert_eq!(
+            seen,
+            vec![(locs[0][0], b"a0".to_vec()), (locs[1][0], b"b0".to_vec()), (end, b"c0, never acknowledged".to_vec())]
+        );
+        assert_eq!(j.end(), good);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good, "cut at the torn frame");
+    }
+
+    #[test]
+    fn batch_numbers_go_on_after_a_reopen_from_the_start_or_from_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+        batches(&mut j, &[&[b"a0"], &[b"b0"]]);
+        drop(j);
+        let path = segment_path(dir.path(), 0);
+        let last_marker = || {
+            let bytes = std::fs::read(&path).unwrap();
+            parse_marker_frame(&bytes[bytes.len() - MARKER_FRAME..])
+        };
+        assert_eq!(last_marker(), Some(1));
+        let (mut j, seen) = collect_with(dir.path(), 0, APPEND);
+        assert_eq!(seen.len(), 2);
+        batches(&mut j, &[&[b"c0"]]);
+        let covered = j.end();
+        drop(j);
+        assert_eq!(last_marker(), Some(2));
+        // From where a snapshot ends: nothing is scanned, the marker before it is read.
+        let (mut j, seen) = collect_with(dir.path(), covered, APPEND);
+        assert!(seen.is_empty());
+        batches(&mut j, &[&[b"d0"]]);
+        drop(j);
+        assert_eq!(last_marker(), Some(3));
     }
 
     #[test]
@@ -769,7 +1009,7 @@ mod tests {
         let mut j = Journal::open(dir.path(), 0, opts, |_, _| Ok(())).unwrap();
         one(&mut j, b"first");
         one(&mut j, b"second");
-        assert_eq!(j.end(), loc(0, 27));
+        assert_eq!(j.end(), loc(0, 27 + 2 * MARKER_FRAME as u64));
         assert!(!dir.path().join(SPARE_READY).exists());
         assert!(!dir.path().join(SPARE_TMP).exists());
     }
