@@ -1,5 +1,12 @@
 //! Logging. Filters come from `CALLGATE_LOG`; log lines never carry bodies, secrets or signatures.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// Parses a `CALLGATE_LOG` filter: EnvFilter directives such as
@@ -43,7 +50,31 @@ pub fn init(filter: &str) {
         .with_target(false)
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(ClientNoise::default())
         .try_init();
+}
+
+/// actix-http logs every malformed request it refuses (a head too large, a bad header) at ERROR,
+/// one line a connection. They are the client's fault, and anyone can send them by the
+/// thousand to bury the lines that matter: one a second gets through.
+#[derive(Default)]
+pub struct ClientNoise {
+    last_second: AtomicU64,
+}
+
+impl<S: Subscriber> Layer<S> for ClientNoise {
+    fn event_enabled(&self, event: &Event<'_>, _: Context<'_, S>) -> bool {
+        // actix-http logs through the `log` crate; its events carry their target in fields.
+        let normalized = event.normalized_metadata();
+        let target = normalized.as_ref().map_or_else(|| event.metadata().target(), |m| m.target());
+        if !target.starts_with("actix_http::h1") {
+            return true;
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let last = self.last_second.load(Ordering::Relaxed);
+        last != now && self.last_second.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
 }
 
 #[cfg(test)]
@@ -85,6 +116,41 @@ mod tests {
     fn plain_filters_still_parse_and_bad_ones_fail() {
         assert!(parse_filter("info,callgate=debug,actix_web[request]=trace,x[s],x[s]=warn").is_ok());
         assert!(parse_filter("callgate=loud").is_err());
+    }
+
+    /// A writer that keeps what is logged, for the test below.
+    #[derive(Clone, Default)]
+    struct Kept(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn malformed_request_lines_from_actix_http_are_let_through_once_a_second() {
+        let kept = Kept::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish()
+            .with(ClientNoise::default());
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..500 {
+                tracing::error!(target: "actix_http::h1::dispatcher", "stream error: request parse error {i}");
+                tracing::error!(target: "callgate::store", "a store error {i}");
+            }
+        });
+        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        let noise = text.lines().filter(|l| l.contains("stream error")).count();
+        assert!((1..=2).contains(&noise), "{noise} lines of client noise");
+        assert_eq!(text.lines().filter(|l| l.contains("a store error")).count(), 500);
     }
 
     /// EnvFilter takes a lone word for a target, so a mistyped level turned every log line off.
