@@ -147,6 +147,42 @@ async fn webhook_bad_input_matrix_gets_clear_4xx() {
     assert_healthy(&app).await;
 }
 
+/// A signature header that is there but is not text is a wrong signature, not a missing one.
+#[tokio::test]
+async fn a_signature_header_that_is_not_text_is_an_invalid_signature() {
+    let app = spawn_app().await;
+    let (_, id) = plivo_number(&app).await;
+    let url = app.url(&format!("/plivo/status/{id}"));
+    let binary = || reqwest::header::HeaderValue::from_bytes(b"\xff\xfesig").unwrap();
+    let cases = [
+        (
+            "plivo signature",
+            app.client
+                .post(&url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-plivo-signature-v3", binary())
+                .header("x-plivo-signature-v3-nonce", "n1")
+                .body("CallUUID=x"),
+        ),
+        (
+            "plivo nonce",
+            app.client
+                .post(&url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-plivo-signature-v3", "AAAA")
+                .header("x-plivo-signature-v3-nonce", binary())
+                .body("CallUUID=x"),
+        ),
+    ];
+    for (name, req) in cases {
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 403, "{name}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_signature", "{name}: {body}");
+    }
+    assert!(recorded(&app, &url).is_empty());
+}
+
 #[tokio::test]
 async fn management_bad_input_matrix_gets_clear_4xx() {
     let app = spawn_app().await;
