@@ -6,11 +6,11 @@
 //! segment is ever written; a frame torn by a crash can only be at its end, and is cut off when
 //! the journal is opened. A bad frame anywhere else is corruption and stops the open.
 //!
-//! Each batch ends with a marker frame carrying the batch's number, so that a bad frame in the
-//! last segment can be told from a torn write: a batch is written only once the one before it
-//! is durable, so a marker two numbers on from the last good one, found after the bad frame,
-//! proves that the bad frame's batch had been acknowledged. That is damage, and it stops the
-//! open as it would in an earlier segment, instead of cutting off every batch written after it.
+//! Each batch ends with a marker frame carrying the batch's number and length, so that a bad
+//! frame in the last segment can be told from a torn write: a batch is written only once
+//! everything before it is durable, so the marker of a batch that starts after the bad frame
+//! proves that the bad frame had been acknowledged. That is damage, and it stops the open as it
+//! would in an earlier segment, instead of cutting off every batch written after it.
 //! A marker's payload starts with [`MARKER_TAG`], a byte no record starts with; a build that
 //! predates markers refuses to open such a journal (an unknown record) rather than cutting it.
 //!
@@ -71,12 +71,21 @@ pub fn frame(buf: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>)) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// The number of the batch a marker frame's `payload` closes, if it is one.
-fn marker_no(payload: &[u8]) -> Option<u64> {
+/// What a batch's closing marker says: the batch's number, and how many bytes of frames it
+/// closes (its batch starts that far before the marker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Marker {
+    no: u64,
+    bytes: u64,
+}
+
+/// The marker a frame's `payload` is, if it is one.
+fn marker_of(payload: &[u8]) -> Option<Marker> {
     match payload {
-        [MARKER_TAG, rest @ ..] if payload.len() == MARKER_PAYLOAD => {
-            Some(u64::from_le_bytes(rest[..8].try_into().unwrap_or_default()))
-        }
+        [MARKER_TAG, rest @ ..] if payload.len() == MARKER_PAYLOAD => Some(Marker {
+            no: u64::from_le_bytes(rest[..8].try_into().ok()?),
+            bytes: u64::from(u32::from_le_bytes(rest[8..12].try_into().ok()?)),
+        }),
         _ => None,
     }
 }
@@ -181,7 +190,7 @@ impl Journal {
                     if no != last {
                         return Err(corrupt(format!("segment {no} is damaged at byte {good}")));
                     }
-                    if let Some((at, later)) = later_batch(&file, good, size, last_batch)? {
+                    if let Some((at, later)) = later_batch(&file, good, size)? {
                         return Err(corrupt(format!(
                             "segment {no} is damaged at byte {good}: batch {later}, at byte {at}, was written \
                              after the damaged one was durable, so this is not a torn write; nothing was cut"
@@ -384,8 +393,8 @@ fn scan(
         if crc32fast::hash(&payload) != crc {
             break;
         }
-        match marker_no(&payload) {
-            Some(batch) => *last_batch = Some(batch),
+        match marker_of(&payload) {
+            Some(m) => *last_batch = Some(m.no),
             None => visit(loc(no, at), &payload)?,
         }
         at = end;
@@ -397,29 +406,27 @@ fn scan(
 fn marker_at(file: &File, at: u64) -> Result<Option<u64>, StoreError> {
     let mut bytes = [0u8; MARKER_FRAME];
     file.read_exact_at(&mut bytes, at).map_err(io)?;
-    Ok(parse_marker_frame(&bytes))
+    Ok(parse_marker_frame(&bytes).map(|m| m.no))
 }
 
-fn parse_marker_frame(bytes: &[u8]) -> Option<u64> {
+fn parse_marker_frame(bytes: &[u8]) -> Option<Marker> {
     let head: &[u8; FRAME_HEADER] = bytes.get(..FRAME_HEADER)?.try_into().ok()?;
     let (len, crc) = parse_header(head);
     let payload = bytes.get(FRAME_HEADER..MARKER_FRAME)?;
-    (len as usize == MARKER_PAYLOAD && crc32fast::hash(payload) == crc).then(|| marker_no(payload)).flatten()
+    (len as usize == MARKER_PAYLOAD && crc32fast::hash(payload) == crc).then(|| marker_of(payload)).flatten()
 }
 
-/// Looks past a bad frame at `good` for proof that its batch had been made durable: a marker
-/// of a later batch than the bad frame's. The bad frame belongs to the batch after
-/// `last_batch`, so a marker numbered two past that proves it; with `last_batch` unknown, two
-/// markers of different numbers do (the lower one's batch was durable before the higher one was
-/// written, and the bad frame's batch comes no later). The marker of the torn batch itself
-/// proves nothing: it is written in the same write as the frames before it.
+/// Looks past a bad frame at `good` for proof that its batch had been made durable: the
+/// marker of a batch that starts after `good`. The writer starts a batch only once everything
+/// before it is durable, so such a batch means the bad frame was acknowledged. The marker of
+/// the bad frame's own batch proves nothing: it went out in the same write as the bad frame,
+/// and a crash may have kept one page of that write and lost another.
 ///
 /// Batches follow one another with no gap, and a torn write can lose pages only of the last
-/// one, so the search stops at two whole zero pages: no marker of a later batch lies beyond.
-/// Returns the proving marker's offset and number.
-fn later_batch(file: &File, good: u64, size: u64, last_batch: Option<u64>) -> Result<Option<(u64, u64)>, StoreError> {
+/// one, so the search stops at two whole zero pages: no later batch lies beyond.
+/// Returns the proving marker's offset and batch number.
+fn later_batch(file: &File, good: u64, size: u64) -> Result<Option<(u64, u64)>, StoreError> {
     const WINDOW: u64 = 64 << 10;
-    let mut first: Option<u64> = None;
     let mut zero_pages = 0;
     let mut pos = good;
     let mut buf = Vec::new();
@@ -432,12 +439,11 @@ fn later_batch(file: &File, good: u64, size: u64, last_batch: Option<u64>) -> Re
         file.read_exact_at(&mut buf, pos).map_err(io)?;
         let own = (own_end - pos) as usize;
         for i in 0..own {
-            if let Some(n) = buf.get(i..i + MARKER_FRAME).and_then(parse_marker_frame) {
-                let proves = last_batch.is_some_and(|k| n >= k + 2) || first.is_some_and(|f| n > f);
-                if proves {
-                    return Ok(Some((pos + i as u64, n)));
+            if let Some(m) = buf.get(i..i + MARKER_FRAME).and_then(parse_marker_frame) {
+                let at = pos + i as u64;
+                if at.checked_sub(m.bytes).is_some_and(|starts| starts > good) {
+                    return Ok(Some((at, m.no)));
                 }
-                first.get_or_insert(n);
             }
         }
         // Whole pages inside this window's own part.
@@ -820,7 +826,8 @@ mod tests {
         assert_eq!(bytes.len() as u64, 3 * PAGE, "the padding stays inside the prepared space");
         assert_eq!(&bytes[..frames.len()], &frames[..]);
         let marked = frames.len() + MARKER_FRAME;
-        assert_eq!(parse_marker_frame(&bytes[frames.len()..marked]), Some(1), "the batch's marker follows it");
+        let marker = parse_marker_frame(&bytes[frames.len()..marked]);
+        assert_eq!(marker, Some(Marker { no: 1, bytes: frames.len() as u64 }), "the batch's marker follows it");
         assert!(bytes[marked..].iter().all(|b| *b == 0));
         let next = one(&mut j, b"next");
         assert_eq!(next, loc(1, marked as u64), "the next batch starts after the marker, not the padding");
@@ -949,7 +956,7 @@ mod tests {
         let path = segment_path(dir.path(), 0);
         let last_marker = || {
             let bytes = std::fs::read(&path).unwrap();
-            parse_marker_frame(&bytes[bytes.len() - MARKER_FRAME..])
+            parse_marker_frame(&bytes[bytes.len() - MARKER_FRAME..]).map(|m| m.no)
         };
         assert_eq!(last_marker(), Some(1));
         let (mut j, seen) = collect_with(dir.path(), 0, APPEND);
@@ -964,6 +971,100 @@ mod tests {
         batches(&mut j, &[&[b"d0"]]);
         drop(j);
         assert_eq!(last_marker(), Some(3));
+    }
+
+    use proptest::prelude::*;
+
+    /// Batches of frames: payloads of 1 to 300 bytes, none starting with the marker's tag.
+    fn some_batches() -> impl Strategy<Value = Vec<Vec<Vec<u8>>>> {
+        let payload = proptest::collection::vec(any::<u8>(), 1..300).prop_map(|mut p| {
+            if p[0] == MARKER_TAG {
+                p[0] = 1;
+            }
+            p
+        });
+        proptest::collection::vec(proptest::collection::vec(payload, 1..5), 2..7)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any damaged byte in a batch with another after it stops the open and changes
+        /// nothing; in the last batch it is a torn write, cut off at the first bad frame with
+        /// everything before it kept.
+        #[test]
+        fn damage_is_refused_unless_it_can_be_a_torn_last_batch(
+            written in some_batches(),
+            pick in any::<prop::sample::Index>(),
+            xor in 1u8..,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+            let mut frames = Vec::new();
+            let mut starts = Vec::new();
+            for batch in &written {
+                let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+                starts.push(j.end());
+                let locs = batches(&mut j, &[&refs]).remove(0);
+                frames.extend(locs.into_iter().zip(batch.iter().cloned()));
+            }
+            let size = j.end();
+            drop(j);
+            let path = segment_path(dir.path(), 0);
+            let at = pick.index(size as usize) as u64;
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[at as usize] ^= xor;
+            std::fs::write(&path, &bytes).unwrap();
+
+            let last_starts = *starts.last().unwrap();
+            let mut seen = Vec::new();
+            let opened = Journal::open(dir.path(), 0, APPEND, |l, p| {
+                seen.push((l, p.to_vec()));
+                Ok(())
+            });
+            if at < last_starts {
+                let err = opened.err().map(|e| e.to_string()).unwrap_or_default();
+                prop_assert!(err.contains("not a torn write"), "byte {} of {}: {}", at, size, err);
+                prop_assert_eq!(std::fs::read(&path).unwrap(), bytes);
+            } else {
+                let j = opened.unwrap();
+                // Frames are kept up to the one holding the damaged byte.
+                let kept: Vec<(Loc, Vec<u8>)> =
+                    frames.iter().filter(|(l, p)| l + (FRAME_HEADER + p.len()) as u64 <= at).cloned().collect();
+                prop_assert_eq!(&seen, &kept);
+                let cut = kept.last().map_or(last_starts, |(l, p)| (l + (FRAME_HEADER + p.len()) as u64).max(last_starts));
+                prop_assert_eq!(j.end(), cut);
+                prop_assert_eq!(std::fs::metadata(&path).unwrap().len(), cut);
+            }
+        }
+
+        /// Whatever follows the last batch (a torn write of any bytes) is cut, and every
+        /// acknowledged frame is read back.
+        #[test]
+        fn any_tail_after_the_last_batch_is_cut_and_nothing_before_it_is_lost(
+            written in some_batches(),
+            tail in proptest::collection::vec(any::<u8>(), 1..2000),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+            let mut frames = Vec::new();
+            for batch in &written {
+                let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+                let locs = batches(&mut j, &[&refs]).remove(0);
+                frames.extend(locs.into_iter().zip(batch.iter().cloned()));
+            }
+            let end = j.end();
+            drop(j);
+            let f = OpenOptions::new().write(true).open(segment_path(dir.path(), 0)).unwrap();
+            f.write_all_at(&tail, end).unwrap();
+            drop(f);
+            let (j, seen) = collect_with(dir.path(), 0, APPEND);
+            // A tail of random bytes may happen to hold whole frames; none of those is lost
+            // either, and everything acknowledged comes first.
+            prop_assert!(seen.len() >= frames.len());
+            prop_assert_eq!(&seen[..frames.len()], &frames[..]);
+            prop_assert!(j.end() >= end);
+        }
     }
 
     #[test]
