@@ -50,6 +50,10 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn serve(settings: Settings) -> anyhow::Result<()> {
+    let (was, now) = callgate::net::fds::raise_limit();
+    if was != now {
+        tracing::info!(from = ?was, to = ?now, "raised the open-file limit to its hard limit");
+    }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async move {
         let app = Application::build(settings.clone()).await?;
         tracing::info!(listen = %settings.listen, port = app.port(), data_dir = %settings.data_dir.display(), "callgate listening");

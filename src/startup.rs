@@ -98,6 +98,16 @@ impl Application {
         spawn_maintenance(state.clone());
         crate::handoff::outbox::spawn(Arc::downgrade(&state.clone().into_inner()));
         let body_limit = state.settings.body_limit_bytes;
+        let workers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        let fd_limit = crate::net::fds::limit();
+        let per_worker = crate::net::fds::connection_cap(fd_limit, workers);
+        tracing::info!(
+            workers,
+            per_worker,
+            open_file_limit = ?fd_limit,
+            "connections beyond {} wait in the listen backlog",
+            per_worker * workers
+        );
         let data = state.clone();
         let server = HttpServer::new(move || {
             // Runs on each worker as it starts.
@@ -110,6 +120,8 @@ impl Application {
         })
         // actix-web's default, written out because clients must let go of idle connections
         // sooner: one reused at the instant it is closed fails (the tests' client allows 2 s).
+        .workers(workers)
+        .max_connections(per_worker)
         .keep_alive(Duration::from_secs(5))
         .client_request_timeout(Duration::from_secs(5))
         .client_disconnect_timeout(Duration::from_secs(2))

@@ -1,6 +1,8 @@
 //! What a request looked like from outside: the client's address behind trusted proxies, the
-//! URL the carrier signed, and bodies read under a limit.
+//! URL the carrier signed, bodies read under a limit, and the file descriptors connections
+//! may take.
 
 pub mod body;
 pub mod client;
+pub mod fds;
 pub mod form;

@@ -391,3 +391,63 @@ async fn a_body_that_trickles_in_gets_408_at_its_deadline() {
     );
     assert_healthy(&app).await;
 }
+
+/// With a low open-file limit, the server raises its soft limit to the hard one and lets
+/// connections take at most half: a crowd of idle connections waits in the listen backlog
+/// instead of taking the descriptors the store needs, and the server still writes once the
+/// crowd's connections time out.
+#[tokio::test]
+async fn idle_connections_take_at_most_half_the_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("callgate.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 100 && ulimit -Hn 300 && exec \"$0\" serve")
+        .arg(env!("CARGO_BIN_EXE_callgate"))
+        .env("CALLGATE_DATA_DIR", dir.path().join("data"))
+        .env("CALLGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CALLGATE_PUBLIC_URL", "https://gw.example.com")
+        .env("CALLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("CALLGATE_LOG", "info")
+        .env_remove("CALLGATE_MASTER_KEY")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let server = BinaryServer { child, base: format!("http://127.0.0.1:{port}") };
+    let until = Instant::now() + Duration::from_secs(20);
+    while !reqwest::get(server.url("/ready")).await.is_ok_and(|r| r.status() == 200) {
+        assert!(Instant::now() < until, "not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("raised the open-file limit") && text.contains("Some(300)"), "{text}");
+    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    let cap = callgate::net::fds::connection_cap(Some(300), workers) * workers;
+    assert!(cap <= 150);
+
+    // `exec` kept the shell's pid.
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", server.child.id())).unwrap().count();
+    let before = fds();
+    let mut crowd = Vec::new();
+    for _ in 0..250 {
+        crowd.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = fds() - before;
+    assert!(held + 8 >= cap && held <= cap + 8, "{held} descriptors taken by connections, cap {cap}");
+
+    // The crowd's connections close at the 5 s request timeout; the queued ones after them
+    // too; then a write goes through.
+    let client = client_builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let res = client
+        .post(server.url("/admin/orgs"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"name": "After the crowd"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    drop(crowd);
+}
