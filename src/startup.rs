@@ -118,10 +118,10 @@ impl Application {
                 .configure(routes)
                 .default_service(web::to(unrouted))
         })
-        // actix-web's default, written out because clients must let go of idle connections
-        // sooner: one reused at the instant it is closed fails (the tests' client allows 2 s).
         .workers(workers)
         .max_connections(per_worker)
+        // actix-web's default, written out because clients must let go of idle connections
+        // sooner: one reused at the instant it is closed fails (the tests' client allows 2 s).
         .keep_alive(Duration::from_secs(5))
         .client_request_timeout(Duration::from_secs(5))
         .client_disconnect_timeout(Duration::from_secs(2))
