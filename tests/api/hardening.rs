@@ -400,27 +400,9 @@ async fn a_body_that_trickles_in_gets_408_at_its_deadline() {
 async fn idle_connections_take_at_most_half_the_open_file_limit() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("callgate.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -Sn 100 && ulimit -Hn 300 && exec \"$0\" serve")
-        .arg(env!("CARGO_BIN_EXE_callgate"))
-        .env("CALLGATE_DATA_DIR", dir.path().join("data"))
-        .env("CALLGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CALLGATE_PUBLIC_URL", "https://gw.example.com")
-        .env("CALLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("CALLGATE_LOG", "info")
-        .env_remove("CALLGATE_MASTER_KEY")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let server = BinaryServer { child, base: format!("http://127.0.0.1:{port}") };
-    let until = Instant::now() + Duration::from_secs(20);
-    while !reqwest::get(server.url("/ready")).await.is_ok_and(|r| r.status() == 200) {
-        assert!(Instant::now() < until, "not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let info = [("CALLGATE_LOG", "info".to_owned())];
+    let limits = Some("ulimit -Sn 100 && ulimit -Hn 300");
+    let server = BinaryServer::start_limited(&dir.path().join("data"), &info, Some(&log), limits).await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("raised the open-file limit") && text.contains("Some(300)"), "{text}");
     let workers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
@@ -432,7 +414,7 @@ async fn idle_connections_take_at_most_half_the_open_file_limit() {
     let before = fds();
     let mut crowd = Vec::new();
     for _ in 0..250 {
-        crowd.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        crowd.push(TcpStream::connect(server.base.trim_start_matches("http://")).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let held = fds() - before;

@@ -273,8 +273,27 @@ impl BinaryServer {
     /// `callgate serve` on `data_dir` and a free port, stderr to `log` (or discarded); waits for
     /// `/ready`.
     pub async fn start(data_dir: &Path, env: &[(&str, String)], log: Option<&Path>) -> BinaryServer {
+        Self::start_limited(data_dir, env, log, None).await
+    }
+
+    /// As `start`, after the shell's `ulimit` commands in `ulimits` (e.g. `ulimit -Sn 100`).
+    /// The server keeps the shell's pid.
+    pub async fn start_limited(
+        data_dir: &Path,
+        env: &[(&str, String)],
+        log: Option<&Path>,
+        ulimits: Option<&str>,
+    ) -> BinaryServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callgate"));
+        let bin = env!("CARGO_BIN_EXE_callgate");
+        let mut cmd = match ulimits {
+            None => std::process::Command::new(bin),
+            Some(u) => {
+                let mut sh = std::process::Command::new("sh");
+                sh.arg("-c").arg(format!("{u} && exec \"$0\" \"$1\"")).arg(bin);
+                sh
+            }
+        };
         cmd.arg("serve")
             .env("CALLGATE_DATA_DIR", data_dir)
             .env("CALLGATE_LISTEN", format!("127.0.0.1:{port}"))
