@@ -1055,8 +1055,21 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         // Cutting at c2 would have dropped c3 and c4, both acknowledged.
         let err = EventLog::open(dir.path(), opts).err().expect("the damage is reported");
-        assert!(err.to_string().contains("not a torn write"), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("not a torn write"), "{msg}");
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
+
+        // The README's way out, losing what follows the damage: cut the segment at the byte
+        // named. The snapshot covers more than is left, so the index is rebuilt from the journal.
+        let byte: u64 =
+            msg.split("damaged at byte ").nth(1).and_then(|r| r.split(':').next()).unwrap().parse().unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(byte).unwrap();
+        let log = EventLog::open(dir.path(), opts).unwrap();
+        assert_eq!(all(&log, &org).len(), 1, "c1 is kept, c2 to c4 are gone");
+        record(&log, &[prepared(&org, "c5", b"k5", 5_000, 90_000)]);
+        drop(log);
+        let log = EventLog::open(dir.path(), opts).unwrap();
+        assert_eq!(all(&log, &org).len(), 2);
     }
 
     #[test]

@@ -180,7 +180,11 @@ impl Journal {
             let path = segment_path(dir, no);
             let file = File::open(&path).map_err(io)?;
             let size = file.metadata().map_err(io)?.len();
-            if no == from_seg && (MARKER_FRAME as u64..=size).contains(&from_off) {
+            if no == from_seg && from_off > size {
+                // The segment was cut back by hand past where the snapshot ends.
+                return Err(corrupt("the index snapshot is ahead of the journal"));
+            }
+            if no == from_seg && from_off >= MARKER_FRAME as u64 {
                 last_batch = marker_at(&file, from_off - MARKER_FRAME as u64)?;
             }
             if no >= from_seg {
@@ -915,6 +919,22 @@ mod tests {
             assert!(msg.contains("not a torn write; nothing was cut"), "{msg}");
             assert_eq!(std::fs::read(&path).unwrap(), before, "batch {batch}: the journal was changed");
         }
+    }
+
+    #[test]
+    fn a_snapshot_past_the_end_of_a_segment_cut_back_by_hand_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+        let locs = batches(&mut j, &[&[b"a0"], &[b"b0"]]);
+        let covered = j.end();
+        drop(j);
+        OpenOptions::new().write(true).open(segment_path(dir.path(), 0)).unwrap().set_len(locs[1][0]).unwrap();
+        let err = Journal::open(dir.path(), covered, APPEND, |_, _| Ok(())).err().expect("refused");
+        assert!(err.to_string().contains("ahead of the journal"), "{err}");
+        // Read from the start instead (as the event log does then), what is left is whole.
+        let (j, seen) = collect_with(dir.path(), 0, APPEND);
+        assert_eq!(seen, vec![(locs[0][0], b"a0".to_vec())]);
+        assert_eq!(j.end(), locs[1][0]);
     }
 
     #[test]
