@@ -674,7 +674,18 @@ mod tests {
         store.orgs.insert(b"probe", b"kept").unwrap();
         store.close().unwrap();
         drop(store);
-        let again = sled::open(dir.path()).unwrap().open_tree(ORGS).unwrap().get(b"probe").unwrap();
+        // sled's flusher thread lets go of the file lock a moment after the last handle.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(_) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("the database stayed locked: {e}"),
+            }
+        };
+        let again = db.open_tree(ORGS).unwrap().get(b"probe").unwrap();
         assert_eq!(again.as_deref(), Some(&b"kept"[..]));
     }
 }
