@@ -426,23 +426,25 @@ fn parse_marker_frame(bytes: &[u8]) -> Option<Marker> {
 /// the bad frame's own batch proves nothing: it went out in the same write as the bad frame,
 /// and a crash may have kept one page of that write and lost another.
 ///
-/// Batches follow one another with no gap, and a torn write can lose pages only of the last
-/// one, so the search stops at two whole zero pages: no later batch lies beyond.
+/// The search reads to the end of the segment: a record may hold any bytes (a form body of
+/// zeros, say), so no run of zeros says that no batch lies beyond it. After a crash that is the
+/// segment's unused prepared space, read once at start-up (64 MiB at most by default), and
+/// only the places holding a marker's length are looked at closely.
 /// Returns the proving marker's offset and batch number.
 fn later_batch(file: &File, good: u64, size: u64) -> Result<Option<(u64, u64)>, StoreError> {
-    const WINDOW: u64 = 64 << 10;
-    let mut zero_pages = 0;
+    const WINDOW: u64 = 1 << 20;
+    let header = (MARKER_PAYLOAD as u32).to_le_bytes();
+    let finder = memchr::memmem::Finder::new(&header);
     let mut pos = good;
     let mut buf = Vec::new();
     while pos < size {
-        // Windows end on page boundaries, so every whole page is looked at once; each reads on
-        // by a marker's length, so that a marker across its end is whole.
-        let own_end = ((pos / PAGE) * PAGE + WINDOW).min(size);
+        // Each window reads on by a marker's length, so that a marker across its end is whole.
+        let own_end = (pos + WINDOW).min(size);
         let end = (own_end + MARKER_FRAME as u64).min(size);
         buf.resize((end - pos) as usize, 0);
         file.read_exact_at(&mut buf, pos).map_err(io)?;
         let own = (own_end - pos) as usize;
-        for i in 0..own {
+        for i in finder.find_iter(&buf).take_while(|i| *i < own) {
             if let Some(m) = buf.get(i..i + MARKER_FRAME).and_then(parse_marker_frame) {
                 let at = pos + i as u64;
                 if at.checked_sub(m.bytes).is_some_and(|starts| starts > good) {
@@ -450,20 +452,7 @@ fn later_batch(file: &File, good: u64, size: u64) -> Result<Option<(u64, u64)>, 
                 }
             }
         }
-        // Whole pages inside this window's own part.
-        let mut page = (pos.next_multiple_of(PAGE) - pos) as usize;
-        while page + PAGE as usize <= own {
-            if buf[page..page + PAGE as usize].iter().all(|b| *b == 0) {
-                zero_pages += 1;
-                if zero_pages == 2 {
-                    return Ok(None);
-                }
-            } else {
-                zero_pages = 0;
-            }
-            page += PAGE as usize;
-        }
-        pos += own as u64;
+        pos = own_end;
     }
     Ok(None)
 }
@@ -935,6 +924,34 @@ mod tests {
         let (j, seen) = collect_with(dir.path(), 0, APPEND);
         assert_eq!(seen, vec![(locs[0][0], b"a0".to_vec())]);
         assert_eq!(j.end(), locs[1][0]);
+    }
+
+    /// A record may hold a long run of zeros (a form body of NULs is stored as received): the
+    /// search for a later batch must not take it for the end of what was written.
+    #[test]
+    fn damage_before_a_record_of_zeros_is_still_told_from_a_torn_write() {
+        // Appended, and in prepared space with its unused zeros after the last batch.
+        for prepared in [false, true] {
+            let opts = if prepared { JournalOptions { preallocate_bytes: 1 << 20 } } else { APPEND };
+            let dir = tempfile::tempdir().unwrap();
+            let mut j = Journal::open(dir.path(), 0, opts, |_, _| Ok(())).unwrap();
+            batches(&mut j, &[&[b"a0"]]);
+            if prepared {
+                wait_for_spare(&j);
+            }
+            let zeros = vec![0u8; 200_000];
+            let locs = batches(&mut j, &[&[b"b0", &zeros], &[b"c0"]]);
+            drop(j);
+            let (seg, at) = split(locs[0][0]);
+            assert_eq!(split(locs[1][0]).0, seg, "both batches in the last segment");
+            let path = segment_path(dir.path(), seg);
+            // In b0, the frame before the zeros: c0's batch, after them, proves it.
+            flip(&path, at + FRAME_HEADER as u64);
+            let before = std::fs::read(&path).unwrap();
+            let err = Journal::open(dir.path(), 0, opts, |_, _| Ok(())).err().expect("damage is reported");
+            assert!(err.to_string().contains("not a torn write"), "{err}");
+            assert_eq!(std::fs::read(&path).unwrap(), before);
+        }
     }
 
     #[test]
