@@ -52,12 +52,13 @@ pub struct Inbound<'a> {
 }
 
 /// Stands for a header value that is not visible ASCII: not base64, hex, a number or a token.
-const UNREADABLE: &str = "\u{fffd}";
+/// A check that signs a header's text (Plivo's nonce) must refuse it outright.
+pub(crate) const UNREADABLE: &str = "\u{fffd}";
 
 impl Inbound<'_> {
     /// A header's value. One that is not visible ASCII (no carrier sends such a signature,
-    /// nonce or timestamp) is still there: it reads as a value no check accepts, so the
-    /// request is refused as wrongly signed rather than as unsigned.
+    /// nonce or timestamp) is still there: it reads as [`UNREADABLE`], so the request is
+    /// refused as wrongly signed rather than as unsigned.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(|v| v.to_str().unwrap_or(UNREADABLE))
     }

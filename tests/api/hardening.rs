@@ -152,8 +152,11 @@ async fn webhook_bad_input_matrix_gets_clear_4xx() {
 async fn a_signature_header_that_is_not_text_is_an_invalid_signature() {
     let app = spawn_app().await;
     let (_, id) = plivo_number(&app).await;
-    let url = app.url(&format!("/plivo/status/{id}"));
+    let path = format!("/plivo/status/{id}");
+    let url = app.url(&path);
     let binary = || reqwest::header::HeaderValue::from_bytes(b"\xff\xfesig").unwrap();
+    // Signed with the right token over the text a non-text nonce would read as.
+    let over_stand_in = signed(&path, &[("CallUUID", "x")], "\u{fffd}");
     let cases = [
         (
             "plivo signature",
@@ -170,6 +173,15 @@ async fn a_signature_header_that_is_not_text_is_an_invalid_signature() {
                 .post(&url)
                 .header("content-type", "application/x-www-form-urlencoded")
                 .header("x-plivo-signature-v3", "AAAA")
+                .header("x-plivo-signature-v3-nonce", binary())
+                .body("CallUUID=x"),
+        ),
+        (
+            "plivo nonce under a signature over its stand-in",
+            app.client
+                .post(&url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-plivo-signature-v3", over_stand_in)
                 .header("x-plivo-signature-v3-nonce", binary())
                 .body("CallUUID=x"),
         ),

@@ -30,6 +30,10 @@ pub(crate) fn verify_v3_family(
     let nonce = req.header(names.nonce).filter(|n| !n.is_empty());
     let sigs = [req.header(names.signature), req.header(names.main_account)];
     let Some(nonce) = nonce else { return Err(Reject::MissingSignature) };
+    // The nonce is signed text: one that is not text must not be signable as its stand-in.
+    if nonce == super::UNREADABLE {
+        return Err(Reject::InvalidSignature);
+    }
     if sigs.iter().all(|s| s.is_none_or(str::is_empty)) {
         return Err(Reject::MissingSignature);
     }
