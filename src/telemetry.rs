@@ -67,8 +67,9 @@ impl<S: Subscriber> Layer<S> for ClientNoise {
     fn event_enabled(&self, event: &Event<'_>, _: Context<'_, S>) -> bool {
         // actix-http logs through the `log` crate; its events carry their target in fields.
         let normalized = event.normalized_metadata();
-        let target = normalized.as_ref().map_or_else(|| event.metadata().target(), |m| m.target());
-        if !target.starts_with("actix_http::h1") {
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        // Only its ERROR lines are the flood; its debug and trace lines are asked for.
+        if *meta.level() != tracing::Level::ERROR || !meta.target().starts_with("actix_http::h1") {
             return true;
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -145,12 +146,14 @@ mod tests {
             for i in 0..500 {
                 tracing::error!(target: "actix_http::h1::dispatcher", "stream error: request parse error {i}");
                 tracing::error!(target: "callgate::store", "a store error {i}");
+                tracing::info!(target: "actix_http::h1::dispatcher", "asked-for detail {i}");
             }
         });
         let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
         let noise = text.lines().filter(|l| l.contains("stream error")).count();
         assert!((1..=2).contains(&noise), "{noise} lines of client noise");
         assert_eq!(text.lines().filter(|l| l.contains("a store error")).count(), 500);
+        assert_eq!(text.lines().filter(|l| l.contains("asked-for detail")).count(), 500);
     }
 
     /// EnvFilter takes a lone word for a target, so a mistyped level turned every log line off.
