@@ -54,6 +54,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     if was != now {
         tracing::info!(from = ?was, to = ?now, "raised the open-file limit to its hard limit");
     }
+    callgate::net::fds::check_limit(now).map_err(anyhow::Error::msg)?;
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async move {
         let app = Application::build(settings.clone()).await?;
         tracing::info!(listen = %settings.listen, port = app.port(), data_dir = %settings.data_dir.display(), "callgate listening");

@@ -107,8 +107,9 @@ fn inline_credential(carrier: Carrier, v: &Value) -> Result<(vault::NewSecret, P
     Ok((new, cred))
 }
 
-/// The numbers on the account `cred` opens, as the carrier lists them. Each call is a request
-/// on the customer's own carrier account, so an organization gets only so many a minute.
+/// The numbers on the account `cred` opens, as the carrier lists them. Every operation that
+/// reaches the carrier lists first, and each makes requests on the customer's own carrier
+/// account, so an organization gets only so many such operations a minute.
 async fn listed_numbers(
     state: &AppState,
     org: &OrgId,

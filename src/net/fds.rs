@@ -29,6 +29,20 @@ pub fn raise_limit() -> (Option<u64>, Option<u64>) {
     (was.current, limit())
 }
 
+/// The fewest open files callgate starts with: an idle server holds about 30 (the store, the
+/// journal's segments, the workers' own), and connections take half.
+pub const MIN_LIMIT: u64 = 128;
+
+/// Refuses a limit too low to serve: below it, workers fail to start or accept nothing.
+pub fn check_limit(limit: Option<u64>) -> Result<(), String> {
+    match limit {
+        Some(n) if n < MIN_LIMIT => Err(format!(
+            "the open-file limit is {n}; callgate needs at least {MIN_LIMIT} (raise it with `ulimit -n` or systemd's LimitNOFILE=)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The connections each of `workers` takes at most: half the open-file limit between them.
 /// The other half stays for the journal's segments, the store and outbound requests. Beyond
 /// the cap, new connections wait in the listen backlog until one closes (idle ones close
@@ -36,7 +50,7 @@ pub fn raise_limit() -> (Option<u64>, Option<u64>) {
 pub fn connection_cap(limit: Option<u64>, workers: usize) -> usize {
     let half = limit.unwrap_or(UNLIMITED_AS).min(UNLIMITED_AS) / 2;
     // actix-web's own default per worker is 25,000, above most limits.
-    (half as usize / workers.max(1)).clamp(16, 25_000)
+    (half as usize / workers.max(1)).clamp(1, 25_000)
 }
 
 #[cfg(test)]
@@ -49,7 +63,9 @@ mod tests {
         assert_eq!(connection_cap(Some(300), 2), 75);
         assert_eq!(connection_cap(Some(524_288), 4), 25_000);
         assert_eq!(connection_cap(None, 2), 25_000);
-        assert_eq!(connection_cap(Some(20), 8), 16, "a floor, however low the limit");
+        assert_eq!(connection_cap(Some(128), 64), 1, "never more than the limit allows");
+        assert!(check_limit(Some(127)).unwrap_err().contains("at least 128"));
+        assert!(check_limit(Some(128)).is_ok() && check_limit(None).is_ok());
         assert_eq!(connection_cap(Some(1024), 0), 512);
     }
 }

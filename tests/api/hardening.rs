@@ -445,3 +445,23 @@ async fn idle_connections_take_at_most_half_the_open_file_limit() {
     assert_eq!(res.status(), 201);
     drop(crowd);
 }
+
+/// Below the open-file limit callgate needs, `serve` says so and exits, instead of starting
+/// workers that cannot accept.
+#[tokio::test]
+async fn serve_refuses_an_open_file_limit_too_low_to_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 64 && ulimit -Hn 64 && exec \"$0\" serve")
+        .arg(env!("CARGO_BIN_EXE_callgate"))
+        .env("CALLGATE_DATA_DIR", dir.path().join("data"))
+        .env("CALLGATE_LISTEN", "127.0.0.1:0")
+        .env("CALLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env_remove("CALLGATE_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the open-file limit is 64; callgate needs at least 128"), "{err}");
+}
