@@ -14,8 +14,8 @@ pub fn limit() -> Option<u64> {
 }
 
 /// Raises the soft limit on open files to the hard one, as Go's runtime does at start. The
-/// soft limit (often 1,024) is a default for programs that never need many; the journal alone
-/// keeps 16 segments open per GB it holds. Returns the soft limit before and after.
+/// soft limit (often 1,024) is a default for programs that never need many, and every
+/// connection takes one. Returns the soft limit before and after.
 pub fn raise_limit() -> (Option<u64>, Option<u64>) {
     let was = getrlimit(Resource::Nofile);
     let target = match (was.current, was.maximum) {

@@ -25,6 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
@@ -135,8 +136,30 @@ pub struct Journal {
     next_batch: u64,
 }
 
-/// Read access to every segment, shared with readers so they never wait for the writer.
-pub struct Segments(RwLock<Vec<Arc<File>>>);
+/// Read access to every segment, shared with readers so they never wait for the writer. Only
+/// the active segment and the [`OPEN_SEALED`] sealed ones read most recently keep a file open;
+/// the others are opened again when read. So the journal's file descriptors do not grow with
+/// its size, and the connections' share of the limit (`net::fds`) leaves them enough.
+pub struct Segments {
+    dir: PathBuf,
+    slots: RwLock<Vec<Slot>>,
+    /// Counts reads, to tell which open sealed file was read longest ago.
+    reads: AtomicU64,
+}
+
+struct Slot {
+    file: Option<Arc<File>>,
+    last_read: AtomicU64,
+}
+
+impl Slot {
+    fn new(file: Option<Arc<File>>) -> Self {
+        Self { file, last_read: AtomicU64::new(0) }
+    }
+}
+
+/// Sealed segments whose files stay open between reads.
+const OPEN_SEALED: usize = 64;
 
 fn segment_path(dir: &Path, no: u32) -> PathBuf {
     dir.join(format!("{no:08}.log"))
@@ -172,7 +195,7 @@ impl Journal {
         if from_seg > last {
             return Err(corrupt("the index snapshot is ahead of the journal"));
         }
-        let mut readers = Vec::with_capacity(numbers.len());
+        let mut slots = Vec::with_capacity(numbers.len());
         let mut active_len = 0;
         // The batch that ends where the scan starts (a snapshot covers whole batches).
         let mut last_batch = None;
@@ -214,7 +237,8 @@ impl Journal {
             } else if no == last {
                 active_len = size;
             }
-            readers.push(Arc::new(file));
+            // A sealed segment's file is opened again when it is read.
+            slots.push(Slot::new((no == last).then(|| Arc::new(file))));
         }
         let active = OpenOptions::new().write(true).open(segment_path(dir, last)).map_err(io)?;
         Ok(Self {
@@ -223,7 +247,7 @@ impl Journal {
             active_no: last,
             active_len,
             active_room: active_len,
-            readers: Arc::new(Segments(RwLock::new(readers))),
+            readers: Arc::new(Segments { dir: dir.to_owned(), slots: RwLock::new(slots), reads: AtomicU64::new(0) }),
             spare: Spare::new(dir, options.preallocate_bytes),
             next_batch: last_batch.map_or(0, |n| n + 1),
         })
@@ -273,11 +297,13 @@ impl Journal {
         let room = file.metadata().map_err(io)?.len();
         let reader = Arc::new(File::open(&path).map_err(io)?);
         {
-            let mut readers = self.readers.0.write().unwrap_or_else(|e| e.into_inner());
-            match readers.get_mut(no as usize) {
-                Some(r) => *r = reader,
-                None => readers.push(reader),
+            let mut slots = self.readers.slots.write().unwrap_or_else(|e| e.into_inner());
+            match slots.get_mut(no as usize) {
+                Some(slot) => slot.file = Some(reader),
+                None => slots.push(Slot::new(Some(reader))),
             }
+            // The segment just sealed keeps its file until others are read after it.
+            close_oldest(&mut slots);
         }
         self.active = file;
         self.active_no = no;
@@ -327,11 +353,11 @@ impl Journal {
 
     /// Every frame from the start, for `callgate check`.
     pub fn scan_all(&self, mut visit: impl FnMut(Loc, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let readers: Vec<Arc<File>> = self.readers.0.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut last_batch = None;
-        for (no, file) in readers.iter().enumerate() {
-            let size = if no as u32 == self.active_no { self.active_len } else { file.metadata().map_err(io)?.len() };
-            let good = scan(file, no as u32, 0, size, &mut last_batch, &mut visit)?;
+        for no in 0..=self.active_no {
+            let file = self.readers.file(no)?;
+            let size = if no == self.active_no { self.active_len } else { file.metadata().map_err(io)?.len() };
+            let good = scan(&file, no, 0, size, &mut last_batch, &mut visit)?;
             if good < size {
                 return Err(corrupt(format!("segment {no} is damaged at byte {good}")));
             }
@@ -344,10 +370,7 @@ impl Segments {
     /// The payload of the frame at `at`.
     pub fn read(&self, at: Loc) -> Result<Vec<u8>, StoreError> {
         let (seg, off) = split(at);
-        let file = {
-            let readers = self.0.read().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(readers.get(seg as usize).ok_or_else(|| corrupt(format!("no segment {seg}")))?)
-        };
+        let file = self.file(seg)?;
         let mut head = [0u8; FRAME_HEADER];
         file.read_exact_at(&mut head, off).map_err(io)?;
         let (len, crc) = parse_header(&head);
@@ -360,6 +383,40 @@ impl Segments {
             return Err(corrupt(format!("frame at {seg}:{off} fails its checksum")));
         }
         Ok(payload)
+    }
+
+    /// Segment `seg`'s file, opened again if it was closed; opening one closes the sealed file
+    /// read longest ago once more than [`OPEN_SEALED`] are open. A reader still holding a
+    /// closed one keeps it until done.
+    fn file(&self, seg: u32) -> Result<Arc<File>, StoreError> {
+        let tick = self.reads.fetch_add(1, Ordering::Relaxed);
+        {
+            let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+            let slot = slots.get(seg as usize).ok_or_else(|| corrupt(format!("no segment {seg}")))?;
+            if let Some(file) = &slot.file {
+                slot.last_read.store(tick, Ordering::Relaxed);
+                return Ok(Arc::clone(file));
+            }
+        }
+        let opened = Arc::new(File::open(segment_path(&self.dir, seg)).map_err(io)?);
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let slot = &mut slots[seg as usize];
+        slot.last_read.store(tick, Ordering::Relaxed);
+        let file = Arc::clone(slot.file.get_or_insert(opened));
+        close_oldest(&mut slots);
+        Ok(file)
+    }
+}
+
+/// Closes the file of the sealed segment read longest ago while more than [`OPEN_SEALED`] are
+/// open. The last slot is the active segment's, always open.
+fn close_oldest(slots: &mut [Slot]) {
+    let sealed = slots.len().saturating_sub(1);
+    let open: Vec<usize> = (0..sealed).filter(|i| slots[*i].file.is_some()).collect();
+    if open.len() > OPEN_SEALED {
+        if let Some(oldest) = open.into_iter().min_by_key(|i| slots[*i].last_read.load(Ordering::Relaxed)) {
+            slots[oldest].file = None;
+        }
     }
 }
 
@@ -1102,6 +1159,43 @@ mod tests {
             prop_assert_eq!(&seen[..frames.len()], &frames[..]);
             prop_assert!(j.end() >= end);
         }
+    }
+
+    #[test]
+    fn only_so_many_sealed_segments_keep_a_file_open_and_every_one_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let open_here = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|target| target.starts_with(dir.path()))
+                .count()
+        };
+        let (mut j, _) = collect(dir.path(), 0);
+        // Each batch outgrows a 4 KiB segment's room, so each goes into a segment of its own.
+        let mut locs = Vec::new();
+        for i in 0..(OPEN_SEALED + 10) {
+            // The first batch appends and asks for a spare; each later one moves into it.
+            if i > 0 {
+                wait_for_spare(&j);
+            }
+            locs.push(one(&mut j, &[i as u8 + 1; 3000]));
+        }
+        assert_eq!(split(*locs.last().unwrap()).0 as usize, OPEN_SEALED + 9);
+        let segments = j.segments();
+        for (i, at) in locs.iter().enumerate() {
+            assert_eq!(segments.read(*at).unwrap(), vec![i as u8 + 1; 3000]);
+        }
+        // The sealed ones read last, the active one (writer and reader), and a spare.
+        assert!(open_here() <= OPEN_SEALED + 3, "{} files open", open_here());
+        drop((j, segments));
+        let (j, seen) = collect(dir.path(), 0);
+        assert_eq!(seen.len(), locs.len());
+        assert!(open_here() <= 3, "{} files open after a reopen", open_here());
+        for (i, at) in locs.iter().enumerate().rev() {
+            assert_eq!(j.segments().read(*at).unwrap(), vec![i as u8 + 1; 3000]);
+        }
+        assert!(open_here() <= OPEN_SEALED + 3, "{} files open", open_here());
     }
 
     #[test]
