@@ -30,7 +30,8 @@ pub fn raise_limit() -> (Option<u64>, Option<u64>) {
 }
 
 /// The fewest open files callgate starts with: an idle server holds about 30 (the store, the
-/// journal's segments, the workers' own), and connections take half.
+/// workers' own, the journal's active segment), the journal keeps up to 16 sealed segments
+/// open as they are read, and connections take half.
 pub const MIN_LIMIT: u64 = 128;
 
 /// Refuses a limit too low to serve: below it, workers fail to start or accept nothing.

@@ -158,8 +158,10 @@ impl Slot {
     }
 }
 
-/// Sealed segments whose files stay open between reads.
-const OPEN_SEALED: usize = 64;
+/// Sealed segments whose files stay open between reads: few, so that at the smallest open-file
+/// limit `serve` accepts (`net::fds::MIN_LIMIT`) the journal, the store and a full share of
+/// connections still fit. Opening a segment again costs one system call.
+const OPEN_SEALED: usize = 16;
 
 fn segment_path(dir: &Path, no: u32) -> PathBuf {
     dir.join(format!("{no:08}.log"))
