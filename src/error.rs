@@ -108,9 +108,8 @@ impl From<crate::store::StoreError> for ApiError {
             // Nothing was recorded and nothing stored is harmed: the sender may try again.
             crate::store::StoreError::Io { detail } => {
                 // Every request fails alike while the disk does: one line a second tells it.
-                static LOGGED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                if LOGGED_AT.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                static REFUSED: crate::telemetry::OncePerSecond = crate::telemetry::OncePerSecond::new();
+                if REFUSED.due() {
                     tracing::error!(error = %detail, "the disk refused a write; answering 503");
                 }
                 ApiError::unavailable("storage_unavailable", "the gateway cannot write to its disk just now; try again")

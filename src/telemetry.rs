@@ -55,12 +55,29 @@ pub fn init(filter: &str) {
         .try_init();
 }
 
+/// Lets one of a kind of log line through each second, for lines every request of a flood
+/// would repeat.
+#[derive(Default)]
+pub struct OncePerSecond(AtomicU64);
+
+impl OncePerSecond {
+    pub const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    /// True for the first call in each second of the clock.
+    pub fn due(&self) -> bool {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.0.swap(now, Ordering::Relaxed) != now
+    }
+}
+
 /// actix-http logs every malformed request it refuses (a head too large, a bad header) at ERROR,
 /// one line a connection. They are the client's fault, and anyone can send them by the
 /// thousand to bury the lines that matter: one a second gets through.
 #[derive(Default)]
 pub struct ClientNoise {
-    last_second: AtomicU64,
+    lines: OncePerSecond,
 }
 
 impl<S: Subscriber> Layer<S> for ClientNoise {
@@ -72,9 +89,7 @@ impl<S: Subscriber> Layer<S> for ClientNoise {
         if *meta.level() != tracing::Level::ERROR || !meta.target().starts_with("actix_http::h1") {
             return true;
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let last = self.last_second.load(Ordering::Relaxed);
-        last != now && self.last_second.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        self.lines.due()
     }
 }
 

@@ -41,7 +41,9 @@ const SEGMENT_MAX: u64 = 1 << 30;
 const FRAME_MAX: u32 = 16 << 20;
 /// The first byte of a batch marker's payload; records start with their version (1).
 pub const MARKER_TAG: u8 = 0xff;
-/// Tag, batch number (u64), the batch's bytes before its marker (u32), its frames (u32).
+/// Tag, batch number (u64), the batch's bytes before its marker (u32), its frames (u32). Start-up
+/// reads the number and the bytes; the frame count is for whoever must account for the events
+/// of a damaged batch.
 const MARKER_PAYLOAD: usize = 17;
 const MARKER_FRAME: usize = FRAME_HEADER + MARKER_PAYLOAD;
 
