@@ -8,8 +8,8 @@ use anyhow::Context;
 use crate::cli::{FixturesCommand, KeysCommand, OrgCommand, ReplayArgs, UpstreamCommand, VobizFormArg};
 use crate::clock::{rfc3339, Clock};
 use crate::settings::{MasterKeyInput, Settings};
-use crate::startup::open_data;
-use crate::store::StoreError;
+use crate::startup::{keyring_for, open_data};
+use crate::store::{SledStore, Store, StoreError};
 use crate::vault::crypto::{generate_key, write_key_file, Keyring, Owner, KEY_FILE, NEXT_KEY_FILE};
 
 fn locked_hint(e: anyhow::Error) -> anyhow::Error {
@@ -165,7 +165,20 @@ pub fn check(settings: &Settings) -> anyhow::Result<()> {
     if !settings.data_dir.join("db").is_dir() {
         anyhow::bail!("no callgate data at {} (CALLGATE_DATA_DIR): nothing to check", settings.data_dir.display());
     }
-    let (store, _) = open_data(settings).map_err(locked_hint)?;
+    let store = SledStore::inspect(&settings.data_dir.join("db")).map_err(|e| locked_hint(e.into()))?;
+    // Without a key or a secret there is nothing to match, and a key would be made.
+    let no_key = settings.master_key.is_none() && !settings.data_dir.join(KEY_FILE).exists();
+    if !(no_key && store.secrets_all()?.is_empty()) {
+        keyring_for(settings, &store)?;
+    }
+    if let Some(t) = store.torn_tail() {
+        // Not a problem: a write a crash cut short was never acknowledged to anyone.
+        println!(
+            "note: journal segment {} ends in a write torn by a crash, at byte {} ({} bytes, never \
+             acknowledged); the server's next start cuts it",
+            t.segment, t.at, t.bytes
+        );
+    }
     let problems = store.verify_integrity()?;
     if problems.is_empty() {
         println!("ok: every record has its indexes and every event its delivery record");

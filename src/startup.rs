@@ -34,6 +34,13 @@ pub fn open_data(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Keyring
         anyhow::anyhow!("cannot create the data dir {} (CALLGATE_DATA_DIR): {e}", settings.data_dir.display())
     })?;
     let store = SledStore::open(&settings.data_dir.join("db"), settings.journal)?;
+    let keyring = keyring_for(settings, &store)?;
+    Ok((Arc::new(store), keyring))
+}
+
+/// The master key, checked against every stored secret: generated when there is none and
+/// nothing is sealed yet.
+pub fn keyring_for(settings: &Settings, store: &dyn Store) -> anyhow::Result<Keyring> {
     let mut sealed_under: BTreeMap<String, usize> = BTreeMap::new();
     for rec in store.secrets_all()? {
         *sealed_under.entry(rec.sealed.master_key_id).or_default() += 1;
@@ -52,7 +59,7 @@ pub fn open_data(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Keyring
             settings.data_dir.join(crate::vault::crypto::KEY_FILE).display()
         );
     }
-    Ok((Arc::new(store), keyring))
+    Ok(keyring)
 }
 
 impl Application {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use sha2::{Digest, Sha256};
 
 use super::event_index::{state_code, state_from, Entry, Index};
-use super::journal::{frame, Journal, JournalOptions, Loc, Segments};
+use super::journal::{frame, Access, Journal, JournalOptions, Loc, Segments, TornTail};
 use super::{
     decode_event, encode, encode_event, DeliveryRecord, DeliveryState, EventFilter, EventRecord, PreparedEvent,
     Recorded, StoreError, SCHEMA,
@@ -226,8 +226,10 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    pub fn open(dir: &Path, options: JournalOptions) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| corrupt(format!("cannot create {}: {e}", dir.display())))?;
+    pub fn open(dir: &Path, options: JournalOptions, access: Access) -> Result<Self, StoreError> {
+        if access == Access::Serve {
+            std::fs::create_dir_all(dir).map_err(|e| corrupt(format!("cannot create {}: {e}", dir.display())))?;
+        }
         let snapshot = dir.join("index.snapshot");
         let mut index = match Index::load(&snapshot) {
             Ok(Some(ix)) => ix,
@@ -238,7 +240,7 @@ impl EventLog {
             }
         };
         let mut replayed = 0usize;
-        let journal = match Journal::open(dir, index.covered, options, |at, bytes| {
+        let journal = match Journal::open(dir, index.covered, options, access, |at, bytes| {
             replayed += 1;
             index.apply(at, &decode_record(bytes)?.entry)
         }) {
@@ -247,7 +249,7 @@ impl EventLog {
                 tracing::warn!(error = %e, "the event index snapshot does not match the journal; rebuilding");
                 index = Index::default();
                 replayed = 0;
-                Journal::open(dir, 0, options, |at, bytes| {
+                Journal::open(dir, 0, options, access, |at, bytes| {
                     replayed += 1;
                     index.apply(at, &decode_record(bytes)?.entry)
                 })?
@@ -267,8 +269,15 @@ impl EventLog {
             damaged: Mutex::default(),
         };
         log.unsaved.store(replayed, std::sync::atomic::Ordering::Relaxed);
-        log.snapshot_if_due()?;
+        if access == Access::Serve {
+            log.snapshot_if_due()?;
+        }
         Ok(log)
+    }
+
+    /// The torn write an inspection found and left at the journal's end.
+    pub fn torn_tail(&self) -> Option<TornTail> {
+        self.journal.lock().unwrap_or_else(|e| e.into_inner()).torn_tail()
     }
 
     fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
@@ -742,7 +751,7 @@ mod tests {
     #[test]
     fn a_batch_records_each_event_once_and_spots_replays_inside_it_and_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
         let org = OrgId::generate();
         let out = record(
             &log,
@@ -795,7 +804,7 @@ mod tests {
         };
         let (a, b);
         {
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             let out = record(&log, &[callless(&org, b"k1"), callless(&other, b"k2")]);
             (a, b) = (new_id(&out[0]), new_id(&out[1]));
             // A failed attempt of one puts it off; the other, of no call either, is not behind it.
@@ -804,7 +813,7 @@ mod tests {
             d.next_attempt_ms = 60_000;
             log.write(Batch { events: &[], deliveries: &[d], answers: &[] }).unwrap();
         }
-        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
         for (org, id) in [(&org, &a), (&other, &b)] {
             let d = log.delivery_get(org, id).unwrap().unwrap();
             assert_eq!(d.call_key, id.as_str());
@@ -820,7 +829,7 @@ mod tests {
         let org = OrgId::generate();
         let (a, b);
         {
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             let out =
                 record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000), prepared(&org, "c1", b"k2", 1_000, 90_000)]);
             a = new_id(&out[0]);
@@ -856,19 +865,19 @@ mod tests {
             assert!(log.verify().unwrap().is_empty());
         };
         {
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             check(&log);
             log.save_snapshot().unwrap();
         }
         {
             // From the snapshot this time, plus one event after it.
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             check(&log);
             let out = record(&log, &[prepared(&org, "c5", b"k5", 3_000, 90_000)]);
             let c = new_id(&out[0]);
             assert!(b < c, "ids keep ascending after a restart");
         }
-        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
         assert_eq!(all(&log, &org).len(), 3);
     }
 
@@ -878,7 +887,7 @@ mod tests {
         let org = OrgId::generate();
         let snapshot = dir.path().join("index.snapshot");
         {
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             for i in 0..SNAPSHOT_AFTER - 1 {
                 record(&log, &[prepared(&org, &format!("c{i}"), format!("k{i}").as_bytes(), 1_000, 90_000)]);
             }
@@ -891,7 +900,7 @@ mod tests {
             record(&log, &[prepared(&org, "after", b"kafter", 1_000, 90_000)]);
             // Dropped without close: a crash. The snapshot plus one frame make the index.
         }
-        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
         assert_eq!(all(&log, &org).len(), SNAPSHOT_AFTER + 1);
         assert_eq!(
             log.unsaved.load(std::sync::atomic::Ordering::Relaxed),
@@ -906,7 +915,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let org = OrgId::generate();
         {
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             for i in 0..10 {
                 record(&log, &[prepared(&org, &format!("c{i}"), format!("k{i}").as_bytes(), 1_000, 90_000)]);
             }
@@ -921,7 +930,7 @@ mod tests {
             });
             assert_eq!(log.unsaved.load(std::sync::atomic::Ordering::Relaxed), 0);
         }
-        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
         assert_eq!(
             log.unsaved.load(std::sync::atomic::Ordering::Relaxed),
             0,
@@ -950,7 +959,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let org = OrgId::generate();
         let (a, b) = {
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             let a = new_id(&record(&log, &[prepared(&org, "c1", &a_key, 1_000, 90_000)])[0]);
             let b = new_id(&record(&log, &[prepared(&org, "c2", &b_key, 1_000, 90_000)])[0]);
             for (key, first) in [(&a_key, &a), (&b_key, &b)] {
@@ -965,7 +974,7 @@ mod tests {
             if drop_snapshot {
                 std::fs::remove_file(dir.path().join("index.snapshot")).unwrap();
             }
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             for (key, first) in [(&b_key, &b), (&a_key, &a)] {
                 let out = record(&log, &[prepared(&org, "c3", key, 3_000, 90_000)]);
                 assert_eq!(out, vec![Recorded::Duplicate(Some(first.clone()))]);
@@ -985,7 +994,7 @@ mod tests {
         later.phone_id = phone.clone();
         let other = event(&org, "c2", 3_000);
         {
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             let out = record(&log, &[PreparedEvent::new(&ev, Some((b"k1", 90_000))).parked(true)]);
             assert!(matches!(out[0], Recorded::New { parked: true, .. }));
             // Recorded as queued, it parks behind its number's parked event, and says so; another
@@ -999,7 +1008,7 @@ mod tests {
         }
         // The same after a restart that rebuilds the index from the journal alone.
         std::fs::remove_file(dir.path().join("index.snapshot")).ok();
-        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
         assert_eq!((log.outbox(), log.parked_phones()), ((1, 2), vec![phone.as_str().to_owned()]));
         assert_eq!(log.deliveries_due(i64::MAX, 10).unwrap().len(), 1);
         assert_eq!(log.release("ph_other", usize::MAX), 0);
@@ -1021,7 +1030,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let org = OrgId::generate();
         let a = {
-            let log = EventLog::open(dir.path(), SMALL).unwrap();
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
             let a = new_id(&record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000)])[0]);
             log.save_snapshot().unwrap();
             a
@@ -1031,7 +1040,7 @@ mod tests {
         let n = bytes.len();
         bytes[n / 2] ^= 0xff;
         std::fs::write(&snap, bytes).unwrap();
-        let log = EventLog::open(dir.path(), SMALL).unwrap();
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
         assert_eq!(all(&log, &org), vec![a]);
     }
 
@@ -1041,7 +1050,7 @@ mod tests {
         let org = OrgId::generate();
         let opts = JournalOptions { preallocate_bytes: 0 };
         {
-            let log = EventLog::open(dir.path(), opts).unwrap();
+            let log = EventLog::open(dir.path(), opts, Access::Serve).unwrap();
             record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000)]);
             log.save_snapshot().unwrap();
             for (call, key, at) in [("c2", b"k2", 2_000), ("c3", b"k3", 3_000), ("c4", b"k4", 4_000)] {
@@ -1054,7 +1063,7 @@ mod tests {
         bytes[at + 1] = b'x';
         std::fs::write(&path, &bytes).unwrap();
         // Cutting at c2 would have dropped c3 and c4, both acknowledged.
-        let err = EventLog::open(dir.path(), opts).err().expect("the damage is reported");
+        let err = EventLog::open(dir.path(), opts, Access::Serve).err().expect("the damage is reported");
         let msg = err.to_string();
         assert!(msg.contains("not a torn write"), "{msg}");
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
@@ -1064,11 +1073,11 @@ mod tests {
         let byte: u64 =
             msg.split("damaged at byte ").nth(1).and_then(|r| r.split(':').next()).unwrap().parse().unwrap();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(byte).unwrap();
-        let log = EventLog::open(dir.path(), opts).unwrap();
+        let log = EventLog::open(dir.path(), opts, Access::Serve).unwrap();
         assert_eq!(all(&log, &org).len(), 1, "c1 is kept, c2 to c4 are gone");
         record(&log, &[prepared(&org, "c5", b"k5", 5_000, 90_000)]);
         drop(log);
-        let log = EventLog::open(dir.path(), opts).unwrap();
+        let log = EventLog::open(dir.path(), opts, Access::Serve).unwrap();
         assert_eq!(all(&log, &org).len(), 2);
     }
 

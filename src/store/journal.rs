@@ -124,6 +124,26 @@ impl Default for JournalOptions {
     }
 }
 
+/// Why a journal is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// To write: a torn tail is cut and the next segment is prepared.
+    Serve,
+    /// To look at while the server is stopped (`callgate check`): nothing on disk changes, and a
+    /// torn tail is reported rather than cut. Writes fail.
+    Inspect,
+}
+
+/// A write torn by a crash at the end of the last segment, never acknowledged: the next start
+/// to serve cuts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    pub segment: u32,
+    pub at: u64,
+    /// Bytes from `at` to the end of the file, the torn write and the unused space after it.
+    pub bytes: u64,
+}
+
 pub struct Journal {
     dir: PathBuf,
     active: File,
@@ -136,6 +156,8 @@ pub struct Journal {
     /// The number the next batch's marker carries. Taken by failed batches too, so that what
     /// a failed write may have left behind never carries a number a later batch has.
     next_batch: u64,
+    /// What an inspection found and left in place.
+    torn: Option<TornTail>,
 }
 
 /// Read access to every segment, shared with readers so they never wait for the writer. Only
@@ -171,21 +193,29 @@ fn segment_path(dir: &Path, no: u32) -> PathBuf {
 
 impl Journal {
     /// Opens the journal under `dir` and hands every frame from `from` onwards to `visit`, in
-    /// order. A torn tail of the last segment is truncated away.
+    /// order. To serve, a torn tail of the last segment is truncated away; to inspect, it is
+    /// left and reported by [`Self::torn_tail`].
     pub fn open(
         dir: &Path,
         from: Loc,
         options: JournalOptions,
+        access: Access,
         mut visit: impl FnMut(Loc, &[u8]) -> Result<(), StoreError>,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let _ = std::fs::remove_file(dir.join(SPARE_TMP));
+        let serve = access == Access::Serve;
+        if serve {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let _ = std::fs::remove_file(dir.join(SPARE_TMP));
+        }
         let mut numbers: Vec<u32> = std::fs::read_dir(dir)
             .map_err(io)?
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
             .collect();
         numbers.sort_unstable();
+        if numbers.is_empty() && !serve {
+            return Err(corrupt(format!("no journal segments in {}", dir.display())));
+        }
         if numbers.is_empty() {
             File::create(segment_path(dir, 0)).map_err(io)?;
             sync_dir(dir).map_err(io)?;
@@ -203,6 +233,7 @@ impl Journal {
         let mut active_len = 0;
         // The batch that ends where the scan starts (a snapshot covers whole batches).
         let mut last_batch = None;
+        let mut torn = None;
         for &no in &numbers {
             let path = segment_path(dir, no);
             let file = File::open(&path).map_err(io)?;
@@ -227,13 +258,19 @@ impl Journal {
                              after the damaged one was durable, so this is not a torn write; nothing was cut"
                         )));
                     }
-                    if torn_at(&file, good, size)? {
-                        tracing::warn!(segment = no, at = good, "cut a torn write off the journal");
+                    let written = torn_at(&file, good, size)?;
+                    if !serve {
+                        // Unused prepared zeros are no tear: a segment is prepared that way.
+                        torn = written.then_some(TornTail { segment: no, at: good, bytes: size - good });
+                    } else {
+                        if written {
+                            tracing::warn!(segment = no, at = good, "cut a torn write off the journal");
+                        }
+                        // The unused zeros go too: the next segment brings its own.
+                        let f = OpenOptions::new().write(true).open(&path).map_err(io)?;
+                        f.set_len(good).map_err(io)?;
+                        f.sync_all().map_err(io)?;
                     }
-                    // The unused zeros go too: the next segment brings its own.
-                    let f = OpenOptions::new().write(true).open(&path).map_err(io)?;
-                    f.set_len(good).map_err(io)?;
-                    f.sync_all().map_err(io)?;
                 }
                 if no == last {
                     active_len = good;
@@ -244,7 +281,7 @@ impl Journal {
             // A sealed segment's file is opened again when it is read.
             slots.push(Slot::new((no == last).then(|| Arc::new(file))));
         }
-        let active = OpenOptions::new().write(true).open(segment_path(dir, last)).map_err(io)?;
+        let active = OpenOptions::new().write(serve).read(!serve).open(segment_path(dir, last)).map_err(io)?;
         Ok(Self {
             dir: dir.to_owned(),
             active,
@@ -252,9 +289,15 @@ impl Journal {
             active_len,
             active_room: active_len,
             readers: Arc::new(Segments { dir: dir.to_owned(), slots: RwLock::new(slots), reads: AtomicU64::new(0) }),
-            spare: Spare::new(dir, options.preallocate_bytes),
+            spare: if serve { Spare::new(dir, options.preallocate_bytes) } else { Spare::none(dir) },
             next_batch: last_batch.map_or(0, |n| n + 1),
+            torn,
         })
+    }
+
+    /// The torn write an inspection found at the end of the journal, if any.
+    pub fn torn_tail(&self) -> Option<TornTail> {
+        self.torn
     }
 
     /// Where the next frame will go.
@@ -578,6 +621,11 @@ impl Spare {
         Self { dir: dir.to_owned(), bytes, shared: Arc::new(shared), thread: None }
     }
 
+    /// No spare, and the one on disk (if any) left alone: for a journal only looked at.
+    fn none(dir: &Path) -> Self {
+        Self { dir: dir.to_owned(), bytes: 0, shared: Arc::default(), thread: None }
+    }
+
     /// The prepared file, if one is ready; else asks for one (once). Whoever takes it calls
     /// `ask` once it has been moved into place.
     fn take(&mut self) -> Option<PathBuf> {
@@ -760,7 +808,7 @@ mod tests {
 
     fn collect_with(dir: &Path, from: Loc, options: JournalOptions) -> (Journal, Vec<(Loc, Vec<u8>)>) {
         let mut seen = Vec::new();
-        let j = Journal::open(dir, from, options, |l, p| {
+        let j = Journal::open(dir, from, options, Access::Serve, |l, p| {
             seen.push((l, p.to_vec()));
             Ok(())
         })
@@ -816,7 +864,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[9] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let err = Journal::open(dir.path(), 0, SMALL, |_, _| Ok(())).err().expect("damage is reported");
+        let err = Journal::open(dir.path(), 0, SMALL, Access::Serve, |_, _| Ok(())).err().expect("damage is reported");
         assert!(err.to_string().contains("segment 0 is damaged"), "{err}");
     }
 
@@ -866,7 +914,7 @@ mod tests {
     fn a_batch_in_prepared_space_runs_on_to_its_page_end_with_zeros_and_the_next_follows_its_frames() {
         let dir = tempfile::tempdir().unwrap();
         let opts = JournalOptions { preallocate_bytes: 3 * PAGE };
-        let mut j = Journal::open(dir.path(), 0, opts, |_, _| Ok(())).unwrap();
+        let mut j = Journal::open(dir.path(), 0, opts, Access::Serve, |_, _| Ok(())).unwrap();
         one(&mut j, b"first");
         wait_for_spare(&j);
         let mut buf = Vec::new();
@@ -887,7 +935,7 @@ mod tests {
         assert_eq!(next, loc(1, marked as u64), "the next batch starts after the marker, not the padding");
         drop(j);
         let mut seen = Vec::new();
-        Journal::open(dir.path(), 0, opts, |l, p| {
+        Journal::open(dir.path(), 0, opts, Access::Serve, |l, p| {
             seen.push((l, p.len()));
             Ok(())
         })
@@ -913,8 +961,37 @@ mod tests {
         f.write_all_at(&batch, 14).unwrap();
         drop(f);
 
+        // Inspected, the tear is reported and left, and so is everything else on disk.
+        let files = |d: &Path| {
+            let mut v: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+                .collect();
+            v.sort();
+            v
+        };
+        let before = files(dir.path());
+        assert!(dir.path().join(SPARE_READY).exists(), "a prepared segment waits");
+        let mut seen = Vec::new();
+        let mut inspected = Journal::open(dir.path(), 0, SMALL, Access::Inspect, |l, p| {
+            seen.push((l, p.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(loc(0, 0), b"first".to_vec()), (b, b"second".to_vec())]);
+        let size = std::fs::metadata(&seg1).unwrap().len();
+        assert_eq!(inspected.torn_tail(), Some(TornTail { segment: 1, at: 14, bytes: size - 14 }));
+        let mut buf = Vec::new();
+        frame(&mut buf, |b| b.extend_from_slice(b"refused"));
+        inspected.place(buf.len()).unwrap();
+        assert!(inspected.write_durably(&mut buf).is_err(), "an inspection writes nothing");
+        drop(inspected);
+        assert_eq!(files(dir.path()), before);
+
         let (mut j, seen) = collect(dir.path(), 0);
         assert_eq!(seen, vec![(loc(0, 0), b"first".to_vec()), (b, b"second".to_vec())]);
+        assert_eq!(j.torn_tail(), None, "served, the tear is cut");
         assert_eq!(std::fs::metadata(&seg1).unwrap().len(), 14);
         let e = one(&mut j, b"after");
         drop(j);
@@ -956,14 +1033,15 @@ mod tests {
         // In the first batch (no marker before it), in a middle one, and in the one before last.
         for (batch, frame_no) in [(0usize, 0usize), (1, 1), (2, 0)] {
             let dir = tempfile::tempdir().unwrap();
-            let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+            let mut j = Journal::open(dir.path(), 0, APPEND, Access::Serve, |_, _| Ok(())).unwrap();
             let locs = batches(&mut j, &[&[b"a0"], &[b"b0", b"b1", b"b2"], &[b"c0"], &[b"d0"]]);
             drop(j);
             let path = segment_path(dir.path(), 0);
             let damaged = locs[batch][frame_no];
             flip(&path, damaged + FRAME_HEADER as u64);
             let before = std::fs::read(&path).unwrap();
-            let err = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).err().expect("damage is reported");
+            let err =
+                Journal::open(dir.path(), 0, APPEND, Access::Serve, |_, _| Ok(())).err().expect("damage is reported");
             let msg = err.to_string();
             assert!(msg.contains(&format!("segment 0 is damaged at byte {damaged}")), "{msg}");
             assert!(msg.contains("not a torn write; nothing was cut"), "{msg}");
@@ -974,12 +1052,12 @@ mod tests {
     #[test]
     fn a_snapshot_past_the_end_of_a_segment_cut_back_by_hand_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+        let mut j = Journal::open(dir.path(), 0, APPEND, Access::Serve, |_, _| Ok(())).unwrap();
         let locs = batches(&mut j, &[&[b"a0"], &[b"b0"]]);
         let covered = j.end();
         drop(j);
         OpenOptions::new().write(true).open(segment_path(dir.path(), 0)).unwrap().set_len(locs[1][0]).unwrap();
-        let err = Journal::open(dir.path(), covered, APPEND, |_, _| Ok(())).err().expect("refused");
+        let err = Journal::open(dir.path(), covered, APPEND, Access::Serve, |_, _| Ok(())).err().expect("refused");
         assert!(err.to_string().contains("ahead of the journal"), "{err}");
         // Read from the start instead (as the event log does then), what is left is whole.
         let (j, seen) = collect_with(dir.path(), 0, APPEND);
@@ -995,7 +1073,7 @@ mod tests {
         for prepared in [false, true] {
             let opts = if prepared { JournalOptions { preallocate_bytes: 1 << 20 } } else { APPEND };
             let dir = tempfile::tempdir().unwrap();
-            let mut j = Journal::open(dir.path(), 0, opts, |_, _| Ok(())).unwrap();
+            let mut j = Journal::open(dir.path(), 0, opts, Access::Serve, |_, _| Ok(())).unwrap();
             batches(&mut j, &[&[b"a0"]]);
             if prepared {
                 wait_for_spare(&j);
@@ -1009,7 +1087,8 @@ mod tests {
             // In b0, the frame before the zeros: c0's batch, after them, proves it.
             flip(&path, at + FRAME_HEADER as u64);
             let before = std::fs::read(&path).unwrap();
-            let err = Journal::open(dir.path(), 0, opts, |_, _| Ok(())).err().expect("damage is reported");
+            let err =
+                Journal::open(dir.path(), 0, opts, Access::Serve, |_, _| Ok(())).err().expect("damage is reported");
             assert!(err.to_string().contains("not a torn write"), "{err}");
             assert_eq!(std::fs::read(&path).unwrap(), before);
         }
@@ -1018,7 +1097,7 @@ mod tests {
     #[test]
     fn a_torn_last_batch_is_cut_even_when_its_own_marker_reached_the_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+        let mut j = Journal::open(dir.path(), 0, APPEND, Access::Serve, |_, _| Ok(())).unwrap();
         let locs = batches(&mut j, &[&[b"a0"], &[b"b0"]]);
         let end = j.end();
         drop(j);
@@ -1048,7 +1127,7 @@ mod tests {
     #[test]
     fn batch_numbers_go_on_after_a_reopen_from_the_start_or_from_a_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+        let mut j = Journal::open(dir.path(), 0, APPEND, Access::Serve, |_, _| Ok(())).unwrap();
         batches(&mut j, &[&[b"a0"], &[b"b0"]]);
         drop(j);
         let path = segment_path(dir.path(), 0);
@@ -1097,7 +1176,7 @@ mod tests {
             xor in 1u8..,
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+            let mut j = Journal::open(dir.path(), 0, APPEND, Access::Serve, |_, _| Ok(())).unwrap();
             let mut frames = Vec::new();
             let mut starts = Vec::new();
             for batch in &written {
@@ -1116,7 +1195,7 @@ mod tests {
 
             let last_starts = *starts.last().unwrap();
             let mut seen = Vec::new();
-            let opened = Journal::open(dir.path(), 0, APPEND, |l, p| {
+            let opened = Journal::open(dir.path(), 0, APPEND, Access::Serve, |l, p| {
                 seen.push((l, p.to_vec()));
                 Ok(())
             });
@@ -1144,7 +1223,7 @@ mod tests {
             tail in proptest::collection::vec(any::<u8>(), 1..2000),
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let mut j = Journal::open(dir.path(), 0, APPEND, |_, _| Ok(())).unwrap();
+            let mut j = Journal::open(dir.path(), 0, APPEND, Access::Serve, |_, _| Ok(())).unwrap();
             let mut frames = Vec::new();
             for batch in &written {
                 let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
@@ -1242,7 +1321,7 @@ mod tests {
     fn without_preallocation_the_journal_appends() {
         let dir = tempfile::tempdir().unwrap();
         let opts = JournalOptions { preallocate_bytes: 0 };
-        let mut j = Journal::open(dir.path(), 0, opts, |_, _| Ok(())).unwrap();
+        let mut j = Journal::open(dir.path(), 0, opts, Access::Serve, |_, _| Ok(())).unwrap();
         one(&mut j, b"first");
         one(&mut j, b"second");
         assert_eq!(j.end(), loc(0, 27 + 2 * MARKER_FRAME as u64));

@@ -6,6 +6,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Db, Transactional, Tree};
 
 use super::event_log::{Batch, EventLog};
+use super::journal::{Access, TornTail};
 use super::phone_cache::{By, PhoneCache};
 use super::*;
 
@@ -75,12 +76,58 @@ pub struct SledStore {
     /// uses it to their commit: an import that raced a delete was left on a deleted secret.
     /// Operator writes only; webhooks never take it.
     credential_writes: std::sync::Mutex<()>,
+    /// Last, so that sled closes before its copy is removed.
+    _inspection: Option<Inspection>,
+}
+
+/// What an inspection holds while it looks: a shared lock on the database, which keeps a
+/// server from starting meanwhile (the server takes it exclusively), and the copy of sled's
+/// files that it opens instead of the originals, because sled writes to whatever it opens.
+struct Inspection {
+    _lock: std::fs::File,
+    _copy: tempfile::TempDir,
 }
 
 impl SledStore {
     pub fn open(dir: &Path, journal: JournalOptions) -> Result<Self, StoreError> {
+        Self::open_with(dir, dir, journal, Access::Serve, None)
+    }
+
+    /// Opens a stopped server's data to look at (`callgate check`), changing nothing in it: sled
+    /// is opened on a copy of its files, and the journal is read without cutting a torn tail
+    /// (see [`Self::torn_tail`]). Refused while a server runs on it. For reading only: an event
+    /// written fails, and a change to the configuration lands in the copy and is dropped with it.
+    pub fn inspect(dir: &Path) -> Result<Self, StoreError> {
+        let io = |e: std::io::Error| StoreError::Io { detail: e.to_string() };
+        let lock = std::fs::File::open(dir.join("db")).map_err(io)?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockShared).map_err(|e| {
+            if e == rustix::io::Errno::WOULDBLOCK {
+                StoreError::Locked
+            } else {
+                io(e.into())
+            }
+        })?;
+        let copy = tempfile::Builder::new().prefix("callgate-check-").tempdir().map_err(io)?;
+        copy_files(dir, copy.path(), "events").map_err(io)?;
+        let sled_dir = copy.path().to_owned();
+        Self::open_with(
+            &sled_dir,
+            dir,
+            JournalOptions::default(),
+            Access::Inspect,
+            Some(Inspection { _lock: lock, _copy: copy }),
+        )
+    }
+
+    fn open_with(
+        sled_dir: &Path,
+        dir: &Path,
+        journal: JournalOptions,
+        access: Access,
+        inspection: Option<Inspection>,
+    ) -> Result<Self, StoreError> {
         // A bounded page cache: sled holds the configuration (orgs, secrets, numbers), not events.
-        let db = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).open().map_err(|e| match e {
+        let db = sled::Config::new().path(sled_dir).cache_capacity(CACHE_BYTES).open().map_err(|e| match e {
             sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked,
             sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
             other => StoreError::Sled(other),
@@ -97,10 +144,16 @@ impl SledStore {
             phone_numbers: t(PHONE_NUMBERS)?,
             org_phones: t(ORG_PHONES)?,
             phone_cache: PhoneCache::default(),
-            events: EventLog::open(&dir.join("events"), journal)?,
+            events: EventLog::open(&dir.join("events"), journal, access)?,
             credential_writes: std::sync::Mutex::default(),
             db,
+            _inspection: inspection,
         })
+    }
+
+    /// The torn write an inspection found at the journal's end and left there.
+    pub fn torn_tail(&self) -> Option<TornTail> {
+        self.events.torn_tail()
     }
 
     fn get<T: DeserializeOwned>(tree: &Tree, name: &'static str, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -149,6 +202,24 @@ impl SledStore {
         }
         Ok(out)
     }
+}
+
+/// Copies the files under `from` to `to`, leaving out the entry named `skip` at the top.
+fn copy_files(from: &Path, to: &Path, skip: &str) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_name() == skip {
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            std::fs::create_dir(&target)?;
+            copy_files(&entry.path(), &target, "")?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 impl Store for SledStore {

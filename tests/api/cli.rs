@@ -201,3 +201,123 @@ async fn upstream_secret_is_generated_once_and_shown() {
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), given);
     app.stop().await;
 }
+
+/// Every file under `dir` with its size and SHA-256, to tell whether anything changed.
+fn tree(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, (usize, String)> {
+    use sha2::Digest;
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(tree(&path));
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            out.insert(path.clone(), (bytes.len(), hex::encode(sha2::Sha256::digest(&bytes))));
+        }
+    }
+    out
+}
+
+/// A stopped server's data dir with two recorded Twilio status callbacks, and their event ids.
+async fn data_dir_with_events() -> (tempfile::TempDir, Org, Vec<String>) {
+    use callgate::carriers::twilio::signature::{sign, TwilioKey};
+    const TOKEN: &str = "checkTwilioToken0000000000";
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let cred = json!({"account_sid": "AC0123456789abcdef0123456789abcd55", "auth_token": TOKEN});
+    let phone = insert_phone(
+        app.state.store.as_ref(),
+        &app.state.vault,
+        &org.id,
+        callgate::domain::Carrier::Twilio,
+        "+14155550177",
+        &cred,
+        Default::default(),
+        app.clock.now_ms(),
+    );
+    let path = format!("/twilio/status/{}", phone.id);
+    for call in ["CACHECK0", "CACHECK1"] {
+        let params = [("CallSid", call), ("CallStatus", "completed"), ("To", "+14155550177")];
+        let sig = sign(&TwilioKey::new(TOKEN.as_bytes()), &format!("https://gw.example.com{path}"), &params);
+        let res = app.client.post(app.url(&path)).header("x-twilio-signature", sig).form(&params).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    }
+    let ids = listed_events(&app, &org).await;
+    assert_eq!(ids.len(), 2);
+    let dir = app.stop().await.unwrap();
+    (dir, org, ids)
+}
+
+async fn listed_events(app: &TestApp, org: &Org) -> Vec<String> {
+    let events: Value = app.get(org, "/events").send().await.unwrap().json().await.unwrap();
+    let mut ids: Vec<String> =
+        events["events"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn check_changes_nothing_and_reports_a_torn_write_that_the_next_start_cuts() {
+    let (dir, org, ids) = data_dir_with_events().await;
+    // A crash in the middle of a batch's write: some of its pages reached the disk, the first
+    // did not. It lies past the batches written before it, in prepared zeros or appended.
+    let segment = dir.path().join("db/events/00000000.log");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let end = bytes.iter().rposition(|b| *b != 0).unwrap() + 64;
+    bytes.resize(bytes.len().max(end + 40), 0);
+    bytes[end..end + 40].fill(0xAB);
+    std::fs::write(&segment, &bytes).unwrap();
+    let before = tree(dir.path());
+
+    let out = callgate(dir.path(), &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let note = text.lines().next().unwrap();
+    assert!(note.starts_with("note: journal segment 0 ends in a write torn by a crash, at byte "), "{text}");
+    assert!(text.lines().nth(1).unwrap().starts_with("ok:"), "{text}");
+    let at: u64 = note.split("at byte ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(at < end as u64, "{note}");
+    assert_eq!(tree(dir.path()), before, "check changed the data dir");
+
+    // The server cuts what check reported, and keeps every acknowledged event.
+    let app = spawn_on(dir.path()).await;
+    assert_eq!(listed_events(&app, &org).await, ids);
+    let _dir = app.stop().await;
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), at, "the tear was cut");
+    let out = callgate(dir.path(), &["check"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().next().unwrap().get(..3), Some("ok:"));
+    drop(dir);
+}
+
+#[tokio::test]
+async fn check_refuses_while_a_server_runs_and_makes_no_master_key() {
+    let (dir, org, ids) = data_dir_with_events().await;
+    let app = spawn_on(dir.path()).await;
+    let out = callgate(dir.path(), &["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("locked by a running callgate server"), "{err}");
+    let _dir = app.stop().await;
+
+    // No key file and no secret sealed: check does not make one, as serve would.
+    let key = dir.path().join("master.key");
+    let no_secrets = tempfile::tempdir().unwrap();
+    let out = callgate(no_secrets.path(), &["org", "create", "Bare"]);
+    assert!(out.status.success());
+    std::fs::remove_file(no_secrets.path().join("master.key")).unwrap();
+    let before = tree(no_secrets.path());
+    let out = callgate(no_secrets.path(), &["check"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tree(no_secrets.path()), before, "check made a key or changed the data");
+
+    // A number's sealed credential with its key gone: reported, and no key made.
+    std::fs::rename(&key, dir.path().join("master.key.bak")).unwrap();
+    let out = callgate(dir.path(), &["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("master.key is missing"));
+    assert!(!key.exists());
+    std::fs::rename(dir.path().join("master.key.bak"), &key).unwrap();
+    let app = spawn_on(dir.path()).await;
+    assert_eq!(listed_events(&app, &org).await, ids);
+    app.stop().await;
+}
