@@ -950,6 +950,7 @@ mod tests {
         one(&mut j, b"first");
         wait_for_spare(&j);
         let b = one(&mut j, b"second");
+        wait_for_spare(&j);
         drop(j);
         // A crash mid-batch: the first frame of the batch torn, a later one fully on disk.
         let seg1 = segment_path(dir.path(), 1);
