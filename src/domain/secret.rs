@@ -16,20 +16,25 @@ impl Secret {
         &self.0
     }
 
-    /// `sk-...AbCd`: enough for a person to tell two keys apart, too little to use. Short
-    /// secrets get no hint at all, since four characters of eight is half the secret.
+    /// `...AbCd`: enough for a person to tell two keys apart, too little to use. Short secrets
+    /// get no hint at all, since four characters of eight is half the secret.
     pub fn hint(&self) -> Option<String> {
+        self.hint_after(None)
+    }
+
+    /// [`Self::hint`] led by the provider's published key prefix (`sk-ant-...AbCd`) when the
+    /// secret starts with it. Nothing else of the head is shown: where a key's first dash falls
+    /// is no sign of where its public part ends, and six characters before it were most of a
+    /// short key.
+    pub fn hint_after(&self, public_prefix: Option<&str>) -> Option<String> {
         let s = self.expose();
-        if s.chars().count() < 12 {
+        let prefix = public_prefix.filter(|p| s.starts_with(p)).unwrap_or("");
+        let secret = &s[prefix.len()..];
+        if secret.chars().count() < 12 {
             return None;
         }
-        let tail: String = s.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
-        let head: String = s.chars().take_while(|c| *c != '-').take(6).collect();
-        if s.contains('-') && head.len() < s.len() - 4 {
-            Some(format!("{head}-...{tail}"))
-        } else {
-            Some(format!("...{tail}"))
-        }
+        let tail_at = secret.char_indices().rev().nth(3).map_or(0, |(i, _)| i);
+        Some(format!("{prefix}...{}", &secret[tail_at..]))
     }
 }
 
@@ -53,8 +58,19 @@ mod tests {
     fn debug_is_redacted_and_hints_are_short() {
         let s = Secret::new("sk-proj-abcdefghijklmnopAbCd".into());
         assert_eq!(format!("{s:?}"), "[redacted]");
-        assert_eq!(s.hint().as_deref(), Some("sk-...AbCd"));
+        assert_eq!(s.hint_after(Some("sk-")).as_deref(), Some("sk-...AbCd"));
+        assert_eq!(s.hint().as_deref(), Some("...AbCd"));
+        assert_eq!(s.hint_after(Some("sk-ant-")).as_deref(), Some("...AbCd"), "not its prefix");
         assert_eq!(Secret::new("short".into()).hint(), None);
         assert_eq!(Secret::new("abcdefghijklmnop".into()).hint().as_deref(), Some("...mnop"));
+        // Only the published prefix leads: the head before a dash is the secret's own.
+        assert_eq!(Secret::new("abcdefgh-ijklmn".into()).hint().as_deref(), Some("...klmn"));
+        // Twelve characters beyond the prefix, or none shown.
+        assert_eq!(Secret::new("sk-ant-abcdefghijk".into()).hint_after(Some("sk-ant-")), None);
+        assert_eq!(
+            Secret::new("sk-ant-ñbcdefghijkl".into()).hint_after(Some("sk-ant-")).as_deref(),
+            Some("sk-ant-...ijkl")
+        );
+        assert_eq!(Secret::new("ééééééééééééé".into()).hint().as_deref(), Some("...éééé"));
     }
 }

@@ -56,7 +56,12 @@ pub fn validate(provider: &str, value: &Value) -> Result<NewSecret, ApiError> {
         }
     }
     let plaintext = Secret::new(key.to_owned());
-    Ok(NewSecret { provider: entry, hint: plaintext.hint(), plaintext, identifier: None })
+    Ok(NewSecret {
+        provider: entry,
+        hint: plaintext.hint_after(entry.key_prefix.as_deref()),
+        plaintext,
+        identifier: None,
+    })
 }
 
 pub struct Vault {

@@ -39,14 +39,26 @@ async fn config() -> HttpResponse {
 }
 
 fn credential_json(r: &SecretRecord) -> Value {
+    let prefix = catalog::find(&r.provider).and_then(|p| p.key_prefix.as_deref());
+    let hint = r.hint.as_deref().map(|h| stored_hint(h, prefix));
     json!({
         "provider": r.provider,
         "secret_id": r.id,
-        "hint": r.hint.as_ref().or(r.identifier.as_ref()),
+        "hint": hint.as_deref().or(r.identifier.as_deref()),
         "label": r.label,
         "created_at": rfc3339(r.created_at_ms),
         "updated_at": rfc3339(r.updated_at_ms),
     })
+}
+
+/// A hint as stored, cut to what hints show now: the provider's published prefix and the last
+/// four characters. Hints stored before showed up to six characters before the key's first
+/// dash, most of a short key whose dash is its own; those are not shown again.
+fn stored_hint(stored: &str, prefix: Option<&str>) -> String {
+    let (head, tail) = stored.rsplit_once("...").unwrap_or(("", stored));
+    let tail_at = tail.char_indices().rev().nth(3).map_or(0, |(i, _)| i);
+    let head = prefix.filter(|p| *p == head).unwrap_or("");
+    format!("{head}...{}", &tail[tail_at..])
 }
 
 fn byok_keys(recs: &[SecretRecord]) -> Value {
@@ -197,4 +209,20 @@ async fn audit(state: web::Data<AppState>, auth: OrgAuth, q: web::Query<AuditQue
         .map(|a| json!({"key_id": a.key_id, "action": a.action, "provider": a.provider, "at": rfc3339(a.at_ms)}))
         .collect();
     Ok(HttpResponse::Ok().json(json!({"audit": items})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stored_hint;
+
+    #[test]
+    fn hints_stored_before_show_only_the_published_prefix_and_four_characters() {
+        assert_eq!(stored_hint("sk-...AbCd", Some("sk-")), "sk-...AbCd");
+        assert_eq!(stored_hint("sk-ant-...AbCd", Some("sk-ant-")), "sk-ant-...AbCd");
+        // An Anthropic key's old hint stopped at its first dash: not its prefix.
+        assert_eq!(stored_hint("sk-...AbCd", Some("sk-ant-")), "...AbCd");
+        // A key of a provider without a published prefix showed its own head.
+        assert_eq!(stored_hint("abcdef-...-ijk", None), "...-ijk");
+        assert_eq!(stored_hint("...mnop", None), "...mnop");
+    }
 }

@@ -253,3 +253,21 @@ async fn set_operations_are_rate_limited_per_org() {
     let res = app.post(&b, "/byok").json(&json!({"provider": "openai", "api_key": OPENAI_KEY})).send().await.unwrap();
     assert_eq!(res.status(), 200);
 }
+
+#[tokio::test]
+async fn a_hint_shows_the_published_prefix_and_four_characters_never_the_keys_own_head() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    for (provider, key, hint) in [
+        // No published prefix: where the dash falls says nothing of what is public.
+        ("cohere", "abcdefgh-ijklmnop", "...mnop"),
+        ("anthropic", "sk-ant-api03-secretpart0000WxYz", "sk-ant-...WxYz"),
+        ("openai", "sk-proj-secretpart0000AbCd", "sk-...AbCd"),
+    ] {
+        let res = app.post(&org, "/byok").json(&json!({"provider": provider, "api_key": key})).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{provider}");
+        let listed: Value = app.get(&org, "/byok").send().await.unwrap().json().await.unwrap();
+        let shown = listed["credentials"].as_array().unwrap().iter().find(|c| c["provider"] == provider).unwrap();
+        assert_eq!(shown["hint"], hint, "{provider}");
+    }
+}
