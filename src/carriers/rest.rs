@@ -4,6 +4,7 @@
 //! Credentials travel only in headers, never in a URL, and no error built here carries a
 //! credential: carrier error texts that echo one are dropped, transport errors lose their URL.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,7 +111,12 @@ pub enum ProviderError {
 pub struct ProviderApi {
     client: reqwest::Client,
     urls: Arc<CarrierUrls>,
+    /// Bounds a whole number listing, however many pages it takes.
+    listing_deadline: Duration,
 }
+
+/// A listing may take as long as this many requests that each take their whole timeout.
+const LISTING_REQUESTS: u32 = 6;
 
 impl std::fmt::Debug for ProviderApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,23 +135,27 @@ impl ProviderApi {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("callgate/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { client, urls: Arc::new(urls) })
+        Ok(Self { client, urls: Arc::new(urls), listing_deadline: timeout * LISTING_REQUESTS })
     }
 
     pub fn urls(&self) -> &CarrierUrls {
         &self.urls
     }
 
-    /// Every number on the account, following the carrier's pagination up to
-    /// [`MAX_NUMBERS`]. Items whose number is not E.164 are skipped.
+    /// Every number on the account, once each, following the carrier's pagination up to
+    /// [`MAX_NUMBERS`] and [`LISTING_REQUESTS`] times the request timeout in all. Items whose
+    /// number is not E.164 are skipped.
     pub async fn list_numbers(&self, cred: &PhoneCredential) -> Result<Vec<ListedNumber>, ProviderError> {
-        match cred {
-            PhoneCredential::Plivo(c) => plivo::rest::list_numbers(self, c).await,
-            PhoneCredential::Vobiz(c) => vobiz::rest::list_numbers(self, c).await,
-            PhoneCredential::Twilio(c) => twilio::rest::list_numbers(self, c).await,
-            PhoneCredential::Telnyx(c) => telnyx::rest::list_numbers(self, c).await,
-            PhoneCredential::Exotel(c) => exotel::rest::list_numbers(self, c).await,
-        }
+        let listing = async {
+            match cred {
+                PhoneCredential::Plivo(c) => plivo::rest::list_numbers(self, c).await,
+                PhoneCredential::Vobiz(c) => vobiz::rest::list_numbers(self, c).await,
+                PhoneCredential::Twilio(c) => twilio::rest::list_numbers(self, c).await,
+                PhoneCredential::Telnyx(c) => telnyx::rest::list_numbers(self, c).await,
+                PhoneCredential::Exotel(c) => exotel::rest::list_numbers(self, c).await,
+            }
+        };
+        tokio::time::timeout(self.listing_deadline, listing).await.unwrap_or(Err(ProviderError::Timeout))
     }
 
     /// Points `number` at the gateway and describes what changed on the carrier's side.
@@ -438,40 +448,59 @@ pub(crate) fn non_empty(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.trim().is_empty())
 }
 
-/// Accumulates one listing across pages, enforcing [`MAX_NUMBERS`] over the raw items so a
-/// carrier that returns only unusable items still terminates.
+/// Accumulates one listing across pages, enforcing [`MAX_NUMBERS`] over the raw items and
+/// [`MAX_PAGES`] over the pages, so a carrier that returns only unusable items, or pages that
+/// never end, still terminates.
 pub(crate) struct Listing {
     carrier: Carrier,
     numbers: Vec<ListedNumber>,
+    /// The numbers listed so far: a carrier that lists one again is going round in circles.
+    listed: HashSet<E164>,
     seen: usize,
     skipped: usize,
+    pages: usize,
+    repeated: usize,
 }
+
+/// Pages one listing may take: [`MAX_NUMBERS`] at the smallest page a carrier serves (Plivo's
+/// 20). A listing that gets there has been cut off, as at [`MAX_NUMBERS`].
+const MAX_PAGES: usize = MAX_NUMBERS / 20;
 
 impl Listing {
     pub(crate) fn new(carrier: Carrier) -> Self {
-        Self { carrier, numbers: Vec::new(), seen: 0, skipped: 0 }
+        Self { carrier, numbers: Vec::new(), listed: HashSet::new(), seen: 0, skipped: 0, pages: 0, repeated: 0 }
     }
 
     /// Adds one page's items; an item that does not parse as `T` or whose number is not
-    /// E.164 is skipped. Returns the page's item count.
+    /// E.164 is skipped, and a number listed before is dropped. Returns how many of the page's
+    /// items were not listed before: none, and the listing is over, whatever the page says
+    /// comes next (a loop of next-page links repeats its numbers).
     pub(crate) fn add_page<T: DeserializeOwned>(
         &mut self,
         items: Vec<Value>,
         parse: impl Fn(T) -> Option<ListedNumber>,
     ) -> usize {
-        let count = items.len();
+        self.pages += 1;
+        let mut new = 0;
         for item in items {
-            if self.full() {
+            if self.seen >= MAX_NUMBERS {
                 break;
             }
             self.seen += 1;
             let parsed = serde_json::from_value::<T>(item).ok().and_then(&parse);
             match parsed {
-                Some(entry) => self.numbers.push(entry),
-                None => self.skipped += 1,
+                Some(entry) if !self.listed.insert(entry.number.clone()) => self.repeated += 1,
+                Some(entry) => {
+                    self.numbers.push(entry);
+                    new += 1;
+                }
+                None => {
+                    self.skipped += 1;
+                    new += 1;
+                }
             }
         }
-        count
+        new
     }
 
     pub(crate) fn seen(&self) -> usize {
@@ -479,15 +508,18 @@ impl Listing {
     }
 
     pub(crate) fn full(&self) -> bool {
-        self.seen >= MAX_NUMBERS
+        self.seen >= MAX_NUMBERS || self.pages >= MAX_PAGES
     }
 
     pub(crate) fn finish(self) -> Vec<ListedNumber> {
         if self.skipped > 0 {
             tracing::debug!(carrier = %self.carrier, skipped = self.skipped, "skipped listed numbers that are not E.164");
         }
+        if self.repeated > 0 {
+            tracing::warn!(carrier = %self.carrier, repeated = self.repeated, "the carrier listed numbers twice; kept once");
+        }
         if self.full() {
-            tracing::warn!(carrier = %self.carrier, cap = MAX_NUMBERS, "number listing truncated");
+            tracing::warn!(carrier = %self.carrier, numbers = MAX_NUMBERS, pages = MAX_PAGES, "number listing truncated");
         }
         self.numbers
     }

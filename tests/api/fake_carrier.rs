@@ -139,6 +139,8 @@ struct State {
     /// Switches to this mode once this many requests have been answered.
     mode_after: Option<(usize, Mode)>,
     page_size: Option<usize>,
+    /// Twilio's listing links each page to itself as its next page, as a broken API might.
+    circling: bool,
     requests: Vec<Recorded>,
     next_id: u64,
 }
@@ -272,6 +274,11 @@ impl FakeCarrier {
     pub fn set_page_size(&self, n: usize) {
         assert!(n > 0);
         lock(&self.state).page_size = Some(n);
+    }
+
+    /// Has Twilio's number listing give each page itself as the next one, forever.
+    pub fn set_circling_pages(&self) {
+        lock(&self.state).circling = true;
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -426,14 +433,14 @@ fn route(st: &mut State, req: &Recorded) -> HttpResponse {
     let Some(idx) = authenticate(st, carrier, path_id, req) else {
         return unauthorized(carrier, req, None);
     };
-    let cap = st.page_size;
+    let (cap, circling) = (st.page_size, st.circling);
     let n = st.next_id();
     let account = &mut st.accounts[idx];
     let method = req.method.as_str();
     match carrier {
         Carrier::Plivo => plivo(account, method, rest, req, cap, n),
         Carrier::Vobiz => vobiz(account, method, rest, req, cap, n),
-        Carrier::Twilio => twilio(account, method, rest, req, cap),
+        Carrier::Twilio => twilio(account, method, rest, req, cap, circling),
         Carrier::Telnyx => telnyx(account, method, rest, req, cap, n),
         Carrier::Exotel => exotel(account, method, rest, req, cap),
     }
@@ -884,7 +891,14 @@ fn twilio_number(sid: &str, num: &FakeNumber) -> Value {
     })
 }
 
-fn twilio(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: Option<usize>) -> HttpResponse {
+fn twilio(
+    acct: &mut Account,
+    method: &str,
+    rest: &[&str],
+    req: &Recorded,
+    cap: Option<usize>,
+    circling: bool,
+) -> HttpResponse {
     let sid = acct.path_id.clone();
     let list = format!("/2010-04-01/Accounts/{sid}/IncomingPhoneNumbers.json");
     match (method, rest) {
@@ -899,7 +913,8 @@ fn twilio(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: 
             let items: Vec<Value> = acct.numbers[start..end].iter().map(|num| twilio_number(&sid, num)).collect();
             let page_uri = |p: usize| format!("{list}?PageSize={size}&Page={p}");
             let next = (end < acct.numbers.len())
-                .then(|| format!("{}&PageToken=PA{}", page_uri(page + 1), acct.numbers[end].id));
+                .then(|| format!("{}&PageToken=PA{}", page_uri(page + 1), acct.numbers[end].id))
+                .or_else(|| circling.then(|| format!("{}?{}", req.path, req.query)));
             reply(
                 200,
                 json!({

@@ -289,6 +289,23 @@ async fn validate_lists_every_number_across_pages_and_stores_nothing() {
     }
 }
 
+/// A carrier whose last page names itself as the next one: each number is listed once, and
+/// the listing ends at the first page that brings nothing new.
+#[tokio::test]
+async fn a_listing_whose_pages_go_round_in_circles_ends_with_each_number_once() {
+    let (fake, app, org) = setup().await;
+    let a = ACCOUNTS.iter().find(|a| a.carrier == Carrier::Twilio).unwrap();
+    fake.set_circling_pages();
+    fake.clear_requests();
+    let r = validate(&app, &org, Carrier::Twilio, credentials(Carrier::Twilio, a.secret)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let expected = json!({"valid": true, "provider": "twilio", "numbers": listed_numbers(&fake, a)});
+    assert_eq!(r.json(), expected);
+    let pages: Vec<String> = fake.requests().iter().map(|r| format!("{}?{}", r.path, r.query)).collect();
+    assert_eq!(pages.len(), 3, "two pages, then the last one again: {pages:#?}");
+    assert_eq!(pages[1], pages[2]);
+}
+
 #[tokio::test]
 async fn validate_and_import_fall_back_to_the_saved_byok_credential() {
     let (fake, app, org) = setup().await;
