@@ -771,7 +771,7 @@ mod tests {
         let d = log.delivery_get(&org, &c).unwrap().unwrap();
         assert_eq!(
             (d.event_id, &d.org_id, d.call_key.as_str(), d.state, d.attempts.len(), d.next_attempt_ms, d.created_at_ms),
-            (c.clone(), &org, "plivo:c2", DeliveryState::Pending, 0, 5_000, 5_000)
+            (c.clone(), &org, format!("{org}:plivo:c2").as_str(), DeliveryState::Pending, 0, 5_000, 5_000)
         );
         let bytes = log.read(log.find(&org, &c).unwrap()).unwrap();
         assert!(decode_record(&bytes).unwrap().delivery.is_empty());
@@ -782,7 +782,7 @@ mod tests {
         let last = forged.pop().unwrap();
         forged.push(if last == '0' { '1' } else { '0' });
         assert!(log.event_get(&org, &EventId::parse(&forged).unwrap()).unwrap().is_none());
-        assert_eq!(log.call_head("plivo:c1").unwrap(), Some(a.clone()));
+        assert_eq!(log.call_head(&format!("{org}:plivo:c1")).unwrap(), Some(a.clone()));
 
         // Seen in an earlier batch too, until the marker expires.
         let out = record(&log, &[prepared(&org, "c3", b"k2", 59_000, 120_000)]);
@@ -840,7 +840,7 @@ mod tests {
             log.write(Batch { events: &[], deliveries: &[d], answers: &[] }).unwrap();
             let answer = serde_json::json!({"source": "static"});
             log.write(Batch { events: &[], deliveries: &[], answers: &[(b.clone(), answer)] }).unwrap();
-            assert_eq!(log.call_head("plivo:c1").unwrap(), Some(b.clone()));
+            assert_eq!(log.call_head(&format!("{org}:plivo:c1")).unwrap(), Some(b.clone()));
             // Closed without a snapshot: the next open reads the journal.
         }
         let check = |log: &EventLog| {
@@ -1019,7 +1019,7 @@ mod tests {
             log.deliveries_due(i64::MAX, 10).unwrap().into_iter().map(|(e, _)| e.id.to_string()).collect();
         assert_eq!(due.len(), 3);
         assert_eq!(
-            log.call_head("plivo:c1").unwrap().map(|id| id.to_string()),
+            log.call_head(&format!("{org}:plivo:c1")).unwrap().map(|id| id.to_string()),
             Some(due[0].clone()),
             "the first of c1 leads"
         );

@@ -169,12 +169,16 @@ pub struct DeliveryRecord {
 }
 
 impl DeliveryRecord {
-    /// The call `ev` belongs to, `carrier:call id`; empty for an event of no call, which the
-    /// store makes a call of its own, keyed by its id once it has one.
+    /// The call `ev` belongs to, `org:carrier:call id`; empty for an event of no call, which
+    /// the store makes a call of its own, keyed by its id once it has one. The organization is
+    /// part of it: a call's events wait for each other's delivery, and an organization that
+    /// sent an event with another's call id would otherwise hold up that one's deliveries.
     pub fn call_key_of(ev: &EventRecord) -> String {
         // Joined rather than `format!`ted: this runs for every event, and the formatting
         // machinery cost ten times the copy.
-        ev.call_id.as_deref().map_or_else(String::new, |call| [ev.provider.as_str(), call].join(":"))
+        ev.call_id
+            .as_deref()
+            .map_or_else(String::new, |call| [ev.org_id.as_str(), ev.provider.as_str(), call].join(":"))
     }
 
     /// The record every event's hand-off starts from: pending, due when the event arrived. The

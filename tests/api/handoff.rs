@@ -1322,6 +1322,26 @@ async fn a_held_upstreams_backlog_waits_parked_and_never_delays_another_upstream
     assert_eq!(down.hits().len(), 705);
 }
 
+/// A call's events wait for each other's delivery, but only within one organization: another
+/// organization's event with the same call id, whose upstream is down, holds up nothing.
+#[tokio::test]
+async fn another_organizations_event_with_the_same_call_id_holds_up_nothing() {
+    let down = FakeHttp::start(|_| Reply::status(503)).await;
+    let up = FakeHttp::start(|_| Reply::status(200)).await;
+    let app = upstream_app(&down, &[]).await;
+    let (mallory, victim) = (app.create_org("Mallory").await, app.create_org("Victim").await);
+    let theirs = add_line(&app, &mallory, Carrier::Twilio, "+16282020001", config(None, None));
+    let mut cfg = config(None, None);
+    cfg.upstream_url = Some(up.url("/own"));
+    let own = add_line(&app, &victim, Carrier::Twilio, "+16282020002", cfg);
+
+    record_status(&app, &mallory, &theirs, "CASHAREDCALL", "ringing", 1).await;
+    wait_hits(&down, "the first attempt", |h| !h.is_empty()).await;
+    let id = record_status(&app, &victim, &own, "CASHAREDCALL", "completed", 1).await;
+    wait_state(&app, &victim, &id, "delivered").await;
+    assert_eq!(up.hits_to("/own").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id.as_str()]);
+}
+
 #[tokio::test]
 async fn the_jitter_spreads_retries() {
     let upstream = FakeHttp::start(|_| Reply::status(500)).await;
