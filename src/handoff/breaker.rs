@@ -111,7 +111,7 @@ impl Breakers {
         self.with(|m| {
             if reached {
                 if m.remove(url).is_some_and(|s| self.open(&s)) {
-                    tracing::info!(upstream = %url, "upstream answers again; deliveries resume");
+                    tracing::info!(upstream = %loggable(url), "upstream answers again; deliveries resume");
                 }
                 return;
             }
@@ -129,10 +129,30 @@ impl Breakers {
                 s.trips = s.trips.saturating_add(1);
                 s.open_until_ms = now_ms + pause_ms(s.trips);
                 if s.trips == 1 {
-                    tracing::warn!(upstream = %url, failures = s.failures, "upstream keeps failing; deliveries held, probing");
+                    tracing::warn!(upstream = %loggable(url), failures = s.failures, "upstream keeps failing; deliveries held, probing");
                 }
             }
         })
+    }
+}
+
+/// An upstream URL as a log line may show it: without the user and password a URL can carry,
+/// and without its query, where platforms put tokens.
+fn loggable(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            let query = u.query().is_some();
+            u.set_query(None);
+            u.set_fragment(None);
+            if query {
+                format!("{u}?...")
+            } else {
+                u.to_string()
+            }
+        }
+        Err(_) => "(an unreadable URL)".to_owned(),
     }
 }
 
@@ -232,5 +252,15 @@ mod tests {
             (pause_ms(1), pause_ms(2), pause_ms(5), pause_ms(6), pause_ms(40)),
             (1_000, 2_000, 16_000, 30_000, 30_000)
         );
+    }
+
+    #[test]
+    fn logged_urls_carry_no_credentials_or_query() {
+        assert_eq!(
+            loggable("https://user:p4ss@agent.example.com:8443/hook?token=s3cret#x"),
+            "https://agent.example.com:8443/hook?..."
+        );
+        assert_eq!(loggable("http://127.0.0.1:9/hook"), "http://127.0.0.1:9/hook");
+        assert_eq!(loggable("not a url p4ss"), "(an unreadable URL)");
     }
 }

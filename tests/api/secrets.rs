@@ -11,12 +11,22 @@ use serde_json::{json, Value};
 use crate::fake_carrier::{FakeCarrier, Mode};
 use crate::helpers::{client_builder, BinaryServer, ADMIN_TOKEN};
 
+const UPSTREAM_PASSWORD: &str = "UPSTREAMPASSLEAKCANARY7";
+const UPSTREAM_TOKEN: &str = "UPSTREAMTOKENLEAKCANARY8";
+
 async fn start(data_dir: &std::path::Path, fake: &FakeCarrier, log: &std::path::Path) -> BinaryServer {
     let mut env = vec![
         ("CALLGATE_LOG", "debug".to_owned()),
         ("EXOTEL_ALLOWED_IPS", "127.0.0.1".to_owned()),
         ("CALLGATE_PROVIDER_TIMEOUT_MS", "2000".to_owned()),
         ("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE", "1000".to_owned()),
+        // A platform's upstream with credentials in its URL, down: its breaker's log lines
+        // name it.
+        (
+            "CALLGATE_UPSTREAM_URL",
+            format!("http://hookuser:{UPSTREAM_PASSWORD}@127.0.0.1:9/hook?token={UPSTREAM_TOKEN}"),
+        ),
+        ("CALLGATE_DELIVERY_BREAKER_AFTER", "1".to_owned()),
     ];
     for k in [
         "CALLGATE_PLIVO_API_URL",
@@ -247,12 +257,20 @@ async fn no_secret_appears_in_responses_logs_or_the_data_dir() {
     seen.take(client.get(url("/audit")).bearer_auth(&key).send().await.unwrap()).await;
     seen.take(client.get(url("/phone-numbers")).bearer_auth(&key).send().await.unwrap()).await;
     seen.take(client.get(url("/metrics")).send().await.unwrap()).await;
+    // The recorded callback's delivery fails, and the breaker says so.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !contains(&std::fs::read(&log_path).unwrap(), "upstream keeps failing") {
+        assert!(std::time::Instant::now() < until, "the breaker never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    secrets.extend([UPSTREAM_PASSWORD.to_owned(), UPSTREAM_TOKEN.to_owned()]);
 
     // Stop it gracefully so the logs and the store are complete.
     server.terminate();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let log = std::fs::read(&log_path).unwrap();
     assert!(contains(&log, "webhook rejected"), "debug logs were captured");
+    assert!(contains(&log, "upstream=http://127.0.0.1:9/hook?..."), "the upstream is named in the log");
     drop(server);
 
     let mut files = Vec::new();
