@@ -53,8 +53,10 @@ pub async fn decide_and_note(
         return d;
     }
     let d = decide(state, phone, ev).await;
-    if let Err(e) = state.commit.set_answer(ev.id.clone(), d.record).await {
-        tracing::warn!(event = %ev.id, error = %e, "could not note the answer on the event");
+    match state.commit.set_answer(ev.id.clone(), d.record).await {
+        // Its delivery waited for this.
+        Ok(()) => state.outbox.poke(),
+        Err(e) => tracing::warn!(event = %ev.id, error = %e, "could not note the answer on the event"),
     }
     d.decision
 }

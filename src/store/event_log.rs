@@ -543,7 +543,7 @@ impl EventLog {
                                 expiry_secs: ((expires.max(0) + 999) / 1000).min(i64::from(u32::MAX)) as u32,
                                 state: DeliveryState::Pending,
                                 parked,
-                                due_ms: p.received_at_ms,
+                                due_ms: p.due_ms,
                                 call: call_of(&p.call_key, id),
                                 org: p.org_id.as_str(),
                                 phone: p.phone_id.as_str(),
@@ -598,12 +598,15 @@ impl EventLog {
                     let mut ev = self.event_of(&r)?;
                     ev.answer = Some(answer.clone());
                     let event = encode_event(&ev);
+                    // A delivery not yet tried, held for this answer, is due now.
+                    let due_ms =
+                        if r.delivery.is_empty() { r.entry.due_ms.min(ev.received_at_ms) } else { r.entry.due_ms };
                     frames.push(buf.len());
                     frame(&mut buf, |b| {
                         encode_record(
                             b,
                             &Record {
-                                entry: r.entry.clone(),
+                                entry: Entry { due_ms, ..r.entry.clone() },
                                 event_loc: HERE,
                                 replay_key: r.replay_key,
                                 event: &event,
@@ -746,6 +749,33 @@ mod tests {
     fn all(log: &EventLog, org: &OrgId) -> Vec<EventId> {
         let f = EventFilter { limit: 1000, ..Default::default() };
         log.event_list(org, &f).unwrap().into_iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn a_delivery_held_for_its_answer_is_due_once_the_answer_is_noted_unless_already_tried() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
+        let org = OrgId::generate();
+        let due = |log: &EventLog, now: i64| -> Vec<EventId> {
+            log.deliveries_due(now, 10).unwrap().into_iter().map(|(e, _)| e.id).collect()
+        };
+        let held = [
+            prepared(&org, "c1", b"k1", 1_000, 90_000).due_at(6_000),
+            prepared(&org, "c2", b"k2", 1_000, 90_000).due_at(6_000),
+        ];
+        let out = log.write(Batch { events: &held, deliveries: &[], answers: &[] }).unwrap();
+        let (a, b) = (new_id(&out[0]), new_id(&out[1]));
+        assert_eq!(due(&log, 5_999), Vec::<EventId>::new(), "held for the answer");
+        // b was tried meanwhile (it went at its hold's end), and waits for its retry.
+        let mut tried = log.delivery_get(&org, &b).unwrap().unwrap();
+        tried.state = DeliveryState::Failed;
+        tried.next_attempt_ms = 11_000;
+        log.write(Batch { events: &[], deliveries: &[tried], answers: &[] }).unwrap();
+        let answer = serde_json::json!({"source": "assistant"});
+        let answers = [(a.clone(), answer.clone()), (b.clone(), answer)];
+        log.write(Batch { events: &[], deliveries: &[], answers: &answers }).unwrap();
+        assert_eq!(due(&log, 1_000), vec![a.clone()], "due at once");
+        assert_eq!(due(&log, 11_000), vec![a, b], "the retry keeps its time");
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct PreparedEvent {
     pub(crate) phone_id: PhoneId,
     pub(crate) call_key: String,
     pub(crate) received_at_ms: i64,
+    /// When its delivery is first due: on arrival, unless it waits for its answer.
+    pub(crate) due_ms: i64,
     pub(crate) parked: bool,
     pub(crate) event: Vec<u8>,
     pub(crate) replay: Option<(Vec<u8>, i64)>,
@@ -83,6 +85,7 @@ impl PreparedEvent {
             phone_id: ev.phone_id.clone(),
             call_key: DeliveryRecord::call_key_of(ev),
             received_at_ms: ev.received_at_ms,
+            due_ms: ev.received_at_ms,
             parked: false,
             event: encode_event(ev),
             replay: replay_key.map(|(k, exp)| (k.to_vec(), exp)),
@@ -93,6 +96,15 @@ impl PreparedEvent {
     /// (for its number, or for the gateway at the next start).
     pub fn parked(mut self, parked: bool) -> Self {
         self.parked = parked;
+        self
+    }
+
+    /// An incoming call whose answer is still being decided is not delivered before it is
+    /// noted on the event, which makes it due at once; `at_ms` is when it goes if that never
+    /// happens. Delivered earlier, the event went without its answer, and a retry under the
+    /// same `webhook-id` carried a different body.
+    pub fn due_at(mut self, at_ms: i64) -> Self {
+        self.due_ms = at_ms;
         self
     }
 }

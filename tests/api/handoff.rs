@@ -1322,6 +1322,34 @@ async fn a_held_upstreams_backlog_waits_parked_and_never_delays_another_upstream
     assert_eq!(down.hits().len(), 705);
 }
 
+/// An incoming call's event is delivered once its answer is noted on it, and a retry sends
+/// the same body under the same `webhook-id`: before, it went while the assistant was still
+/// deciding, without its answer, and the retry carried a different body.
+#[tokio::test]
+async fn an_incoming_calls_delivery_waits_for_its_answer_and_retries_send_the_same_body() {
+    let upstream = FakeHttp::start(|_| Reply::status(500)).await;
+    let assistant = FakeHttp::start(|_| {
+        Reply::json(json!({"action": "stream", "stream_url": AI_STREAM})).delayed(Duration::from_millis(300))
+    })
+    .await;
+    let app = upstream_app(&upstream, &[]).await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020001", config(None, Some(&assistant.url("/answer"))));
+
+    let res = incoming_request(&app.client, &app.base, &line, "CAINCOMING").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let first = wait_hits(&upstream, "the first attempt", |h| !h.is_empty()).await;
+    assert_eq!(first[0].json()["answer"]["source"], "assistant", "{}", first[0].body);
+    assert_eq!(first[0].json()["answer"]["decision"]["stream_url"], AI_STREAM);
+
+    upstream.set(|_| Reply::status(200));
+    app.clock.set_ms(T0 + 6_000);
+    let hits = wait_hits(&upstream, "the retry", |h| h.len() == 2).await;
+    assert_eq!(hits[1].webhook_id(), hits[0].webhook_id());
+    assert_eq!(hits[1].body, hits[0].body, "one id, one body");
+    wait_state(&app, &org, &hits[0].webhook_id(), "delivered").await;
+}
+
 /// A call's events wait for each other's delivery, but only within one organization: another
 /// organization's event with the same call id, whose upstream is down, holds up nothing.
 #[tokio::test]
