@@ -373,23 +373,30 @@ async fn configure_on_carrier(
             json!({"changed": false, "error": {"code": api.code, "message": api.message}})
         }
     };
-    let mut report = report;
-    if phone.provider == Carrier::Telnyx {
-        phone.connection_id = report.get("application_id").and_then(Value::as_str).map(str::to_owned);
-    }
-    // Only the token's hash is kept, so the URLs shown cannot carry it: the steps say so, or
-    // URLs pasted as given would be refused.
-    if phone.config.exotel_webhook_token_sha256.is_some() {
-        if let Some(Value::String(steps)) = report.get_mut("manual_steps") {
-            steps.push_str(
-                " This number has a webhook token: add ?token=<the token you set> to both URLs, \
-                 or Exotel's requests will be refused (403 invalid_token).",
-            );
+    let connection_id = report.get("application_id").and_then(Value::as_str).map(str::to_owned);
+    let now = state.clock.now_ms();
+    let mut change = |p: &mut PhoneRecord| {
+        if p.provider == Carrier::Telnyx {
+            p.connection_id = connection_id.clone();
         }
-    }
-    phone.provider_configuration = Some(report);
-    phone.updated_at_ms = state.clock.now_ms();
-    state.store.phone_update(phone, None)?;
+        let mut report = report.clone();
+        // Only the token's hash is kept, so the URLs shown cannot carry it: the steps say so,
+        // or URLs pasted as given would be refused.
+        if p.config.exotel_webhook_token_sha256.is_some() {
+            if let Some(Value::String(steps)) = report.get_mut("manual_steps") {
+                steps.push_str(
+                    " This number has a webhook token: add ?token=<the token you set> to both URLs, \
+                     or Exotel's requests will be refused (403 invalid_token).",
+                );
+            }
+        }
+        p.provider_configuration = Some(report);
+        p.updated_at_ms = now;
+    };
+    // Written onto the number as it is now, which a PATCH may have changed meanwhile.
+    *phone = state.store.phone_modify(&phone.org_id, &phone.id, None, &mut change)?.ok_or_else(|| {
+        ApiError::conflict("number_deleted", format!("{} was deleted while it was being configured", phone.number))
+    })?;
     state.commit.commit().await?;
     Ok(())
 }
@@ -453,19 +460,27 @@ async fn patch(
     body: web::Json<PatchBody>,
 ) -> Result<HttpResponse, ApiError> {
     let id = phone_id(&id)?;
-    let mut phone = state.store.phone_get(&auth.org_id, &id)?.ok_or_else(|| ApiError::not_found("phone number"))?;
+    let phone = state.store.phone_get(&auth.org_id, &id)?.ok_or_else(|| ApiError::not_found("phone number"))?;
     let body = body.into_inner();
     let now = state.clock.now_ms();
-    if let Some(l) = body.label {
-        phone.label = label(l.as_deref())?;
-    }
-    if let Some(c) = &body.config {
-        if let Some(l) = apply_config(&mut phone.config, c)? {
-            phone.label = l;
+    // Checked here on the number as read, and applied again when it is written, to the number
+    // as it is then: a change another request made meanwhile (the carrier check below can
+    // take seconds) is kept rather than overwritten with this request's old copy.
+    let edit = |p: &mut PhoneRecord| -> Result<(), ApiError> {
+        if let Some(l) = &body.label {
+            p.label = label(l.as_deref())?;
         }
-        if phone.config.exotel_webhook_token_sha256.is_some() && phone.provider != Carrier::Exotel {
-            return Err(invalid("config.exotel_webhook_token: only Exotel numbers take a webhook token"));
+        if let Some(c) = &body.config {
+            if let Some(l) = apply_config(&mut p.config, c)? {
+                p.label = l;
+            }
         }
+        Ok(())
+    };
+    let mut checked = phone.clone();
+    edit(&mut checked)?;
+    if checked.config.exotel_webhook_token_sha256.is_some() && phone.provider != Carrier::Exotel {
+        return Err(invalid("config.exotel_webhook_token: only Exotel numbers take a webhook token"));
     }
     let new_secret: Option<SecretRecord>;
     let new_id: Option<SecretId> = match (body.credentials.as_ref(), body.credential.as_deref()) {
@@ -494,16 +509,21 @@ async fn patch(
             None
         }
     };
-    if let Some(new_id) = new_id.filter(|n| *n != phone.credential) {
-        let grace_until = now + state.settings.credential_grace.as_millis() as i64;
-        phone.previous_credential =
-            Some(PreviousCredential { secret_id: phone.credential.clone(), valid_until_ms: grace_until });
-        phone.credential = new_id;
-    }
-    phone.updated_at_ms = now;
-    if !state.store.phone_update(&phone, new_secret.as_ref())? {
-        return Err(ApiError::not_found("phone number"));
-    }
+    let grace_until = now + state.settings.credential_grace.as_millis() as i64;
+    let mut change = |p: &mut PhoneRecord| {
+        // The same edit passed above: its verdict depends on the request alone.
+        let _ = edit(p);
+        if let Some(new_id) = new_id.as_ref().filter(|n| **n != p.credential) {
+            p.previous_credential =
+                Some(PreviousCredential { secret_id: p.credential.clone(), valid_until_ms: grace_until });
+            p.credential = new_id.clone();
+        }
+        p.updated_at_ms = now;
+    };
+    let phone = state
+        .store
+        .phone_modify(&auth.org_id, &id, new_secret.as_ref(), &mut change)?
+        .ok_or_else(|| ApiError::not_found("phone number"))?;
     state.commit.commit().await?;
     // Events parked for want of an upstream (or held by the old one's breaker) may go now.
     state.outbox.release_soon();

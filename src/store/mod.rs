@@ -226,8 +226,19 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&PhoneId>,
         limit: usize,
     ) -> Result<Vec<PhoneRecord>, StoreError>;
-    /// Rewrites a phone (and seals its new inline secret, if any); false if it is gone.
+    /// Rewrites a phone as given (and seals its new inline secret, if any); false if it is gone.
     fn phone_update(&self, phone: &PhoneRecord, inline: Option<&SecretRecord>) -> Result<bool, StoreError>;
+    /// Reads the phone, lets `change` edit it and writes it back (with its new inline secret,
+    /// if any), with no other operator write in between: a change another request made after
+    /// the caller first read the number is kept, not overwritten with the caller's old copy.
+    /// The phone as written; None if it is gone.
+    fn phone_modify(
+        &self,
+        org: &OrgId,
+        id: &PhoneId,
+        inline: Option<&SecretRecord>,
+        change: &mut dyn FnMut(&mut PhoneRecord),
+    ) -> Result<Option<PhoneRecord>, StoreError>;
     fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError>;
 
     /// The durable writer's whole batch in one durable write: new events (event, delivery

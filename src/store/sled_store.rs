@@ -181,6 +181,62 @@ impl SledStore {
         Ok(false)
     }
 
+    /// [`Store::phone_update`] under the hold of operator writes, which the caller has.
+    fn phone_write(
+        &self,
+        phone: &PhoneRecord,
+        inline: Option<&SecretRecord>,
+        _writing: &std::sync::MutexGuard<'_, ()>,
+    ) -> Result<bool, StoreError> {
+        // A credential of the number's own that the update moves it off is retired until its
+        // grace ends (at once if it keeps none) and then swept, as a replaced BYOK credential
+        // is; otherwise a second rotation would leave it sealed with nothing naming it.
+        let outgoing = match self.phone_get(&phone.org_id, &phone.id)? {
+            Some(old)
+                if old.credential != phone.credential
+                    && !self.named_elsewhere(&phone.org_id, &old.credential, &phone.id)? =>
+            {
+                let until = phone
+                    .previous_credential
+                    .as_ref()
+                    .filter(|p| p.secret_id == old.credential)
+                    .map_or(phone.updated_at_ms, |p| p.valid_until_ms);
+                Some((old.credential, until))
+            }
+            _ => None,
+        };
+        self.phone_cache.around(|| {
+            (&self.phones, &self.secrets)
+                .transaction(|(phones, secrets)| {
+                    match phones.get(phone.id.as_str())? {
+                        Some(raw) => match dec::<PhoneRecord>(PHONES, &raw) {
+                            Ok(old) if old.org_id == phone.org_id => {
+                                if let Some((id, until)) = outgoing.as_ref().filter(|(id, _)| *id == old.credential) {
+                                    if let Some(raw) = secrets.get(id.as_str())? {
+                                        let mut rec: SecretRecord = match dec(SECRETS, &raw) {
+                                            Ok(r) => r,
+                                            Err(e) => return abort(e),
+                                        };
+                                        rec.retired_until_ms = Some(*until);
+                                        secrets.insert(id.as_str(), encode(&rec))?;
+                                    }
+                                }
+                            }
+                            Ok(_) => return Ok(false),
+                            Err(e) => return abort(e),
+                        },
+                        None => return Ok(false),
+                    }
+                    if let Some(s) = inline {
+                        secrets.insert(s.id.as_str(), encode(s))?;
+                    }
+                    phones.insert(phone.id.as_str(), encode(phone))?;
+                    Ok(true)
+                })
+                .map_err(tx_err)
+        })
+    }
+
     fn credential_writes(&self) -> std::sync::MutexGuard<'_, ()> {
         self.credential_writes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -527,54 +583,25 @@ impl Store for SledStore {
     }
 
     fn phone_update(&self, phone: &PhoneRecord, inline: Option<&SecretRecord>) -> Result<bool, StoreError> {
-        let _writing = self.credential_writes();
-        // A credential of the number's own that the update moves it off is retired until its
-        // grace ends (at once if it keeps none) and then swept, as a replaced BYOK credential
-        // is; otherwise a second rotation would leave it sealed with nothing naming it.
-        let outgoing = match self.phone_get(&phone.org_id, &phone.id)? {
-            Some(old)
-                if old.credential != phone.credential
-                    && !self.named_elsewhere(&phone.org_id, &old.credential, &phone.id)? =>
-            {
-                let until = phone
-                    .previous_credential
-                    .as_ref()
-                    .filter(|p| p.secret_id == old.credential)
-                    .map_or(phone.updated_at_ms, |p| p.valid_until_ms);
-                Some((old.credential, until))
-            }
-            _ => None,
+        let writing = self.credential_writes();
+        self.phone_write(phone, inline, &writing)
+    }
+
+    fn phone_modify(
+        &self,
+        org: &OrgId,
+        id: &PhoneId,
+        inline: Option<&SecretRecord>,
+        change: &mut dyn FnMut(&mut PhoneRecord),
+    ) -> Result<Option<PhoneRecord>, StoreError> {
+        let writing = self.credential_writes();
+        // From the tree, not the cache: what the last writer committed.
+        let Some(mut phone) = Self::get::<PhoneRecord>(&self.phones, PHONES, id.as_ref())?.filter(|p| &p.org_id == org)
+        else {
+            return Ok(None);
         };
-        self.phone_cache.around(|| {
-            (&self.phones, &self.secrets)
-                .transaction(|(phones, secrets)| {
-                    match phones.get(phone.id.as_str())? {
-                        Some(raw) => match dec::<PhoneRecord>(PHONES, &raw) {
-                            Ok(old) if old.org_id == phone.org_id => {
-                                if let Some((id, until)) = outgoing.as_ref().filter(|(id, _)| *id == old.credential) {
-                                    if let Some(raw) = secrets.get(id.as_str())? {
-                                        let mut rec: SecretRecord = match dec(SECRETS, &raw) {
-                                            Ok(r) => r,
-                                            Err(e) => return abort(e),
-                                        };
-                                        rec.retired_until_ms = Some(*until);
-                                        secrets.insert(id.as_str(), encode(&rec))?;
-                                    }
-                                }
-                            }
-                            Ok(_) => return Ok(false),
-                            Err(e) => return abort(e),
-                        },
-                        None => return Ok(false),
-                    }
-                    if let Some(s) = inline {
-                        secrets.insert(s.id.as_str(), encode(s))?;
-                    }
-                    phones.insert(phone.id.as_str(), encode(phone))?;
-                    Ok(true)
-                })
-                .map_err(tx_err)
-        })
+        change(&mut phone);
+        Ok(self.phone_write(&phone, inline, &writing)?.then_some(phone))
     }
 
     fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError> {

@@ -1292,6 +1292,67 @@ async fn an_import_racing_a_change_of_the_saved_credential_is_refused_not_left_o
     }
 }
 
+/// A PATCH that waits on the carrier (new credentials), or an import that configures the number
+/// there, writes what it changed onto the number as it is then: another PATCH that answered 200
+/// meanwhile is not undone.
+#[tokio::test]
+async fn a_change_made_while_another_waits_on_the_carrier_is_kept() {
+    let (fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let id = str_of(&import_inline(&app, &org, twilio, 0).await, "id").to_owned();
+    let old_secret_id = str_of(&get_phone(&app, &org, &id).await.json(), "credential_secret_id").to_owned();
+    fake.set_mode(Mode::Slow);
+    let rotating = patch_phone(&app, &org, &id, json!({"credentials": credentials(Carrier::Twilio, TWILIO_ROTATED)}));
+    let relabelling = async {
+        tokio::time::sleep(SLOW / 3).await;
+        patch_phone(
+            &app,
+            &org,
+            &id,
+            json!({"label": "front desk", "config": {"stream_url": "wss://new.example.com/ws"}}),
+        )
+        .await
+    };
+    let (rotated, relabelled) = tokio::join!(rotating, relabelling);
+    fake.set_mode(Mode::Ok);
+    assert_eq!(relabelled.status, 200, "{}", relabelled.text);
+    assert_eq!(rotated.status, 200, "{}", rotated.text);
+    let now = get_phone(&app, &org, &id).await.json();
+    assert_eq!(rotated.json(), now, "the PATCH answers with the number as written");
+    assert_eq!(
+        (&now["label"], &now["config"]["stream_url"]),
+        (&json!("front desk"), &json!("wss://new.example.com/ws"))
+    );
+    assert_eq!(now["previous_credential"]["secret_id"], old_secret_id.as_str(), "and the rotation took");
+
+    // An import that configures the number at the carrier, and a PATCH once it is stored.
+    fake.set_mode(Mode::Slow);
+    let body = json!({"number": twilio.numbers[1], "credentials": credentials(Carrier::Twilio, twilio.secret), "configure_provider": true});
+    let importing = import(&app, &org, Carrier::Twilio, body);
+    let patching = async {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        let id = loop {
+            let listed = list(&app, &org, "").await;
+            let found =
+                listed["phone_numbers"].as_array().unwrap().iter().find(|p| p["number"] == twilio.numbers[1]).cloned();
+            if let Some(p) = found {
+                break str_of(&p, "id").to_owned();
+            }
+            assert!(std::time::Instant::now() < until, "the import never stored the number");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (patch_phone(&app, &org, &id, json!({"label": "set while configuring"})).await, id)
+    };
+    let (imported, (patched, id)) = tokio::join!(importing, patching);
+    fake.set_mode(Mode::Ok);
+    assert_eq!(patched.status, 200, "{}", patched.text);
+    assert_eq!(imported.status, 201, "{}", imported.text);
+    let now = get_phone(&app, &org, &id).await.json();
+    assert_eq!(imported.json(), now);
+    assert_eq!(now["label"], "set while configuring");
+    assert_eq!(now["provider_configuration"]["changed"], true);
+}
+
 /// A number moved off a saved credential still verifies with it until its grace ends, so the
 /// credential cannot be deleted before then.
 #[tokio::test]
