@@ -38,6 +38,9 @@ const BACKOFF_SECS: [i64; 5] = [5, 30, 120, 600, 3600];
 
 /// The delay before the next attempt after `failures` failures, with ±10 % jitter so a
 /// recovering upstream is not hit by every retry at once.
+/// The longest pause an upstream's `Retry-After` gets: the longest backoff step.
+const MAX_ASKED_PAUSE_SECS: u64 = 3600;
+
 pub fn backoff_ms(failures: usize) -> i64 {
     let base = BACKOFF_SECS.get(failures.saturating_sub(1)).copied().unwrap_or(3600) * 1000;
     let jitter = rand::thread_rng().gen_range(-(base / 10)..=(base / 10));
@@ -304,6 +307,14 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
         .send()
         .await;
     let latency_ms = started.elapsed().as_millis() as u64;
+    // An upstream that asks for a pause (429 or 503 with `Retry-After` in seconds) gets it, up
+    // to the longest backoff step: tried sooner, it would only refuse again.
+    let asked_pause_ms = result
+        .as_ref()
+        .ok()
+        .filter(|r| matches!(r.status().as_u16(), 429 | 503))
+        .and_then(|r| r.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok())
+        .map(|secs| secs.min(MAX_ASKED_PAUSE_SECS) as i64 * 1000);
     let (status_code, error) = match &result {
         Ok(r) => (Some(r.status().as_u16()), None),
         Err(e) if e.is_timeout() => (None, Some("timeout".to_owned())),
@@ -319,7 +330,7 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
         Some(200..=299) => d.state = DeliveryState::Delivered,
         Some(410) => d.state = DeliveryState::Dead,
         _ => {
-            let next = now + backoff_ms(d.attempts.len());
+            let next = now + backoff_ms(d.attempts.len()).max(asked_pause_ms.unwrap_or(0));
             let horizon = state.settings.handoff.delivery_horizon.as_millis() as i64;
             if next - d.created_at_ms > horizon {
                 d.state = DeliveryState::Dead;

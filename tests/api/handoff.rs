@@ -83,6 +83,8 @@ struct Reply {
     delay: Duration,
     /// Between the status line (with the first half of the body) and the rest of the body.
     body_delay: Duration,
+    /// A `Retry-After` header, when set.
+    retry_after: Option<&'static str>,
 }
 
 impl Reply {
@@ -93,6 +95,7 @@ impl Reply {
             body: v.to_string(),
             delay: Duration::ZERO,
             body_delay: Duration::ZERO,
+            retry_after: None,
         }
     }
 
@@ -179,6 +182,9 @@ async fn serve(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) ->
     tokio::time::sleep(reply.delay).await;
     let mut res = HttpResponse::build(StatusCode::from_u16(reply.status).unwrap());
     res.content_type(reply.content_type);
+    if let Some(after) = reply.retry_after {
+        res.insert_header(("retry-after", after));
+    }
     if reply.body_delay.is_zero() {
         return res.body(reply.body);
     }
@@ -1368,6 +1374,32 @@ async fn another_organizations_event_with_the_same_call_id_holds_up_nothing() {
     let id = record_status(&app, &victim, &own, "CASHAREDCALL", "completed", 1).await;
     wait_state(&app, &victim, &id, "delivered").await;
     assert_eq!(up.hits_to("/own").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id.as_str()]);
+}
+
+/// An upstream that answers 429 or 503 with `Retry-After` is not tried again before then
+/// (within the longest backoff step); one without it, or with a date, gets the backoff.
+#[tokio::test]
+async fn an_upstream_asking_for_a_pause_gets_it() {
+    let upstream = FakeHttp::start(|_| Reply { retry_after: Some("120"), ..Reply::status(429) }).await;
+    let app = upstream_app(&upstream, &[("CALLGATE_DELIVERY_BREAKER_AFTER", "0")]).await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020001", config(None, None));
+    let paused = record_status(&app, &org, &line, "CAPAUSE", "completed", 1).await;
+    let d = wait_state(&app, &org, &paused, "failed").await;
+    assert_eq!(ms(d["next_attempt_at"].as_str().unwrap()), T0 + 120_000, "{d}");
+
+    upstream.set(|_| Reply { retry_after: Some("Wed, 21 Oct 2015 07:28:00 GMT"), ..Reply::status(503) });
+    let backoff = record_status(&app, &org, &line, "CABACKOFF", "completed", 1).await;
+    let d = wait_state(&app, &org, &backoff, "failed").await;
+    let after = ms(d["next_attempt_at"].as_str().unwrap()) - T0;
+    assert!((4_000..=6_000).contains(&after), "the first backoff step: {d}");
+
+    upstream.set(|_| Reply::status(200));
+    app.clock.set_ms(T0 + 60_000);
+    wait_state(&app, &org, &backoff, "delivered").await;
+    assert_eq!(event(&app, &org, &paused).await["delivery"]["state"], "failed", "paused until its time");
+    app.clock.set_ms(T0 + 120_000);
+    wait_state(&app, &org, &paused, "delivered").await;
 }
 
 #[tokio::test]
