@@ -20,8 +20,11 @@ pub struct Created {
 
 pub fn validate_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(ApiError::unprocessable("invalid_field", "name: must be 1 to 200 printable characters"));
+    if name.is_empty() || !crate::domain::text::displayable(name, 200) {
+        return Err(ApiError::unprocessable(
+            "invalid_field",
+            "name: must be 1 to 200 printable characters, without invisible formatting characters",
+        ));
     }
     Ok(name.to_owned())
 }

@@ -166,8 +166,8 @@ fn invalid(msg: impl Into<String>) -> ApiError {
 
 fn label(v: Option<&str>) -> Result<Option<String>, ApiError> {
     match v {
-        Some(l) if l.chars().count() > 200 || l.chars().any(char::is_control) => {
-            Err(invalid("label: must be at most 200 printable characters"))
+        Some(l) if !crate::domain::text::displayable(l, 200) => {
+            Err(invalid("label: must be at most 200 printable characters, without invisible formatting characters"))
         }
         other => Ok(other.map(str::to_owned)),
     }

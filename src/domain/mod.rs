@@ -5,6 +5,7 @@ pub mod e164;
 pub mod ids;
 pub mod provider;
 pub mod secret;
+pub mod text;
 
 pub use credentials::PhoneCredential;
 pub use e164::E164;

@@ -118,13 +118,15 @@ async fn store_secret(
     let now = state.clock.now_ms();
     state.byok_limiter.check(&auth.org_id, now).map_err(ApiError::rate_limited)?;
     let provider = provider_of(body)?;
-    let label = match body.get("label") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= 200 => Some(s.clone()),
-        Some(_) => {
-            return Err(ApiError::unprocessable("invalid_field", "label: must be a string of at most 200 characters"))
-        }
-    };
+    let label =
+        match body.get("label") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if crate::domain::text::displayable(s, 200) => Some(s.clone()),
+            Some(_) => return Err(ApiError::unprocessable(
+                "invalid_field",
+                "label: must be a string of at most 200 printable characters, without invisible formatting characters",
+            )),
+        };
     let new = validate(provider, field(body, key_field)?)?;
     let rec = state.vault.seal(&auth.org_id, &new, label, now);
     let audit = AuditRecord {

@@ -465,3 +465,37 @@ async fn serve_refuses_an_open_file_limit_too_low_to_work() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the open-file limit is 64; callgate needs at least 128"), "{err}");
 }
+
+/// An organization's name, a credential's label and a number's label are shown to people in
+/// lists and logs: control characters and invisible formatting ones (a right-to-left override
+/// that shows `exe.txt` as `txt.exe`, a zero-width space) are refused, and nothing is stored.
+#[tokio::test]
+async fn names_and_labels_refuse_control_and_invisible_formatting_characters() {
+    let app = spawn_app().await;
+    let (org, id) = plivo_number(&app).await;
+    for bad in ["evil\u{202E}txt.exe", "ad\u{200B}min", "two\nlines", "\u{FEFF}bom"] {
+        let res = app.admin_post("/admin/orgs", json!({"name": bad})).await;
+        assert_eq!(res.status(), 422, "{bad:?}");
+        assert_eq!(error_code(res).await, "invalid_field");
+        let res = app
+            .post(&org, "/byok")
+            .json(&json!({"provider": "openai", "api_key": "sk-label-check-00000000000000Zz9", "label": bad}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 422, "{bad:?}");
+        let res = app.patch(&org, &format!("/phone-numbers/{id}")).json(&json!({"label": bad})).send().await.unwrap();
+        assert_eq!(res.status(), 422, "{bad:?}");
+    }
+    let byok: serde_json::Value = app.get(&org, "/byok").send().await.unwrap().json().await.unwrap();
+    assert_eq!(byok["credentials"], json!([]));
+    let phone: serde_json::Value =
+        app.get(&org, &format!("/phone-numbers/{id}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(phone["label"], serde_json::Value::Null);
+    let orgs: serde_json::Value =
+        app.client.get(app.url("/admin/orgs")).bearer_auth(ADMIN_TOKEN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(orgs["orgs"].as_array().unwrap().len(), 1, "{orgs}");
+    // Letters of any script are names.
+    let res = app.admin_post("/admin/orgs", json!({"name": "São Paulo Voz — 東京"})).await;
+    assert_eq!(res.status(), 201);
+}
