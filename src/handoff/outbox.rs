@@ -10,7 +10,7 @@
 //! grows the memory by the queue's cost nor hides another upstream's deliveries behind a
 //! backlog that cannot go.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -19,10 +19,10 @@ use rand::Rng;
 use tokio::sync::{Notify, Semaphore};
 
 use super::breaker::{Admitted, Breakers, Flow};
-use crate::domain::{EventId, PhoneId};
+use crate::domain::{EventId, OrgId, PhoneId};
 use crate::events::event_json;
 use crate::state::AppState;
-use crate::store::{DeliveryAttempt, DeliveryRecord, DeliveryState};
+use crate::store::{DeliveryAttempt, DeliveryRecord, DeliveryState, StoreError};
 
 /// Parked events are released until this many are queued.
 const QUEUE_ROOM: usize = 4096;
@@ -49,12 +49,21 @@ pub fn backoff_ms(failures: usize) -> i64 {
 
 pub struct Outbox {
     wake: Arc<Notify>,
-    in_flight: Mutex<HashSet<String>>,
+    in_flight: Mutex<Slots>,
     breakers: Breakers,
     /// When parked events were last looked at; `None`: look on the next pass.
     released: Mutex<Option<Instant>>,
     /// Look at the parked events on the next pass, not at the next interval.
     release_asked: AtomicBool,
+}
+
+/// The calls with an attempt out, one at a time each, and what was asked of them meanwhile.
+#[derive(Default)]
+struct Slots {
+    calls: HashSet<String>,
+    /// Events asked to be delivered again while their call's attempt was out, by call: the
+    /// attempt's outcome would overwrite the request, so they are requeued once it is written.
+    again: HashMap<String, Vec<(OrgId, EventId)>>,
 }
 
 /// What one pass over the due deliveries did.
@@ -98,6 +107,70 @@ impl Outbox {
     pub fn poke(&self) {
         self.wake.notify_one();
     }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the call's slot; false if an attempt of it is out.
+    fn take(&self, call: &str) -> bool {
+        self.slots().calls.insert(call.to_owned())
+    }
+
+    fn release(&self, call: &str) {
+        self.slots().calls.remove(call);
+    }
+
+    /// Frees the call's slot once its attempt's outcome is written; the events asked again
+    /// meanwhile.
+    fn finish(&self, call: &str) -> Vec<(OrgId, EventId)> {
+        let mut slots = self.slots();
+        slots.calls.remove(call);
+        slots.again.remove(call).unwrap_or_default()
+    }
+}
+
+/// Makes these events' deliveries due now, with a fresh horizon (an operator asked); how many
+/// exist. One whose call has an attempt out is requeued once that attempt's outcome is
+/// written, which would otherwise overwrite the request.
+pub async fn redeliver(state: &AppState, events: &[(OrgId, EventId)]) -> Result<usize, StoreError> {
+    let now = state.clock.now_ms();
+    let (mut found, mut updates, mut held) = (0, Vec::new(), Vec::new());
+    for (org, id) in events {
+        let Some(d) = state.store.delivery_get(org, id)? else { continue };
+        found += 1;
+        let ours = held.contains(&d.call_key);
+        if !ours && !state.outbox.take(&d.call_key) {
+            let mut slots = state.outbox.slots();
+            // The attempt may have finished since: then the slot is free to take.
+            if slots.calls.contains(&d.call_key) {
+                slots.again.entry(d.call_key.clone()).or_default().push((org.clone(), id.clone()));
+                continue;
+            }
+            slots.calls.insert(d.call_key.clone());
+        }
+        if !ours {
+            held.push(d.call_key.clone());
+        }
+        // Read again with the slot held: an attempt that finished just before wrote its outcome.
+        if let Some(d) = state.store.delivery_get(org, id)? {
+            updates.push(requeued(d, now));
+        }
+    }
+    // One durable write for the lot.
+    let written = state.commit.put_deliveries(updates).await;
+    for call in &held {
+        state.outbox.release(call);
+    }
+    state.outbox.poke();
+    written.map(|()| found)
+}
+
+fn requeued(mut d: DeliveryRecord, now_ms: i64) -> DeliveryRecord {
+    d.state = DeliveryState::Pending;
+    d.next_attempt_ms = now_ms;
+    d.created_at_ms = now_ms;
+    d
 }
 
 /// Runs until the server's state is dropped.
@@ -215,13 +288,13 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         }
         // The call's slot first: while its attempt is out, what it finds (backoff and all) is
         // for that attempt to record, so the call is neither tried nor held here.
-        if !state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(d.call_key.clone()) {
+        if !state.outbox.take(&d.call_key) {
             continue;
         }
         // With nowhere to go (its number lost its upstream since it was recorded), or an
         // upstream that is held, it waits parked: untried, rewritten never, until that changes.
         let Some(url) = upstream_of(state, &ev.phone_id).filter(|u| !breakers.blocked(u, now)) else {
-            state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d.call_key);
+            state.outbox.release(&d.call_key);
             held.push((ev.id, ev.phone_id));
             continue;
         };
@@ -236,11 +309,11 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
                 fresh
             }
             _ => {
-                state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d.call_key);
+                state.outbox.release(&d.call_key);
                 continue;
             }
         };
-        let release = || state.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d.call_key);
+        let release = || state.outbox.release(&d.call_key);
         let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
             release();
             break;
@@ -256,7 +329,12 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         tokio::spawn(async move {
             let key = d.call_key.clone();
             attempt(&st, d, url, how).await;
-            st.outbox.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            let again = st.outbox.finish(&key);
+            if !again.is_empty() {
+                if let Err(e) = redeliver(&st, &again).await {
+                    tracing::error!(error = %e, "redelivering what was asked during an attempt failed");
+                }
+            }
             drop(permit);
             // The call's next event may be due now.
             st.outbox.poke();

@@ -8,21 +8,13 @@ use crate::auth::OrgAuth;
 use crate::domain::{EventId, PhoneId};
 use crate::error::ApiError;
 use crate::events::parse_state;
+use crate::handoff::outbox::redeliver;
 use crate::state::AppState;
-use crate::store::{DeliveryRecord, DeliveryState, EventFilter};
+use crate::store::{DeliveryState, EventFilter};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/events/redeliver", web::post().to(redeliver_many))
         .route("/events/{id}/redeliver", web::post().to(redeliver_one));
-}
-
-/// The delivery made due now, with a fresh horizon: the operator asked for it.
-fn requeued(state: &AppState, org: &crate::domain::OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, ApiError> {
-    let Some(mut d) = state.store.delivery_get(org, id)? else { return Ok(None) };
-    d.state = DeliveryState::Pending;
-    d.next_attempt_ms = state.clock.now_ms();
-    d.created_at_ms = d.next_attempt_ms;
-    Ok(Some(d))
 }
 
 async fn redeliver_one(
@@ -31,9 +23,9 @@ async fn redeliver_one(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = EventId::parse(&id).map_err(|_| ApiError::not_found("event"))?;
-    let d = requeued(&state, &auth.org_id, &id)?.ok_or_else(|| ApiError::not_found("event"))?;
-    state.commit.put_delivery(d).await?;
-    state.outbox.poke();
+    if redeliver(&state, &[(auth.org_id.clone(), id.clone())]).await? == 0 {
+        return Err(ApiError::not_found("event"));
+    }
     Ok(HttpResponse::Accepted().json(json!({"event_id": id, "delivery": "pending"})))
 }
 
@@ -65,13 +57,7 @@ async fn redeliver_many(
     let limit = body.limit.unwrap_or(1000).clamp(1, 10_000);
     let filter = EventFilter { phone_id, kind: None, after: None, delivery: Some(wanted), limit };
     let events = state.store.event_list(&auth.org_id, &filter)?;
-    let mut updates = Vec::with_capacity(events.len());
-    for ev in &events {
-        updates.extend(requeued(&state, &auth.org_id, &ev.id)?);
-    }
-    let n = updates.len();
-    // One durable write for the lot.
-    state.commit.put_deliveries(updates).await?;
-    state.outbox.poke();
+    let ids: Vec<_> = events.into_iter().map(|ev| (auth.org_id.clone(), ev.id)).collect();
+    let n = redeliver(&state, &ids).await?;
     Ok(HttpResponse::Accepted().json(json!({"requeued": n})))
 }

@@ -1376,6 +1376,28 @@ async fn another_organizations_event_with_the_same_call_id_holds_up_nothing() {
     assert_eq!(up.hits_to("/own").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id.as_str()]);
 }
 
+/// A redelivery asked while an attempt of the event is out happens after that attempt: its
+/// outcome, written when it is done, used to overwrite the request, and the API had answered
+/// 202 for a redelivery that never came.
+#[tokio::test]
+async fn a_redelivery_asked_during_an_attempt_is_made_after_it() {
+    let upstream = FakeHttp::start(|_| Reply::status(200).delayed(Duration::from_millis(800))).await;
+    let app = upstream_app(&upstream, &[]).await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020001", config(None, None));
+    let id = record_status(&app, &org, &line, "CAREDELIVER", "completed", 1).await;
+    wait_hits(&upstream, "the attempt, still out", |h| h.len() == 1).await;
+    let res = app.post(&org, &format!("/events/{id}/redeliver")).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"event_id": id, "delivery": "pending"}));
+    let hits = wait_hits(&upstream, "the redelivery", |h| h.len() == 2).await;
+    assert_eq!((hits[0].webhook_id(), hits[1].webhook_id()), (id.clone(), id.clone()));
+    let d = wait_state(&app, &org, &id, "delivered").await;
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 2, "both attempts are on record: {d}");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(upstream.hits().len(), 2, "asked once, sent once more");
+}
+
 /// An upstream that answers 429 or 503 with `Retry-After` is not tried again before then
 /// (within the longest backoff step); one without it, or with a date, gets the backoff.
 #[tokio::test]
