@@ -20,7 +20,19 @@ fn locked_hint(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// Commands that read or change what is there refuse a data dir that is not: opening a
+/// mistyped path would create a database and a master key there, and report on them.
+fn existing_data(settings: &Settings) -> anyhow::Result<()> {
+    if !settings.data_dir.join("db").is_dir() {
+        anyhow::bail!("no callgate data at {} (CALLGATE_DATA_DIR): nothing to work on", settings.data_dir.display());
+    }
+    Ok(())
+}
+
 pub fn org(settings: &Settings, cmd: OrgCommand) -> anyhow::Result<()> {
+    if matches!(cmd, OrgCommand::List) {
+        existing_data(settings)?;
+    }
     let (store, _) = open_data(settings).map_err(locked_hint)?;
     match cmd {
         OrgCommand::Create { name } => {
@@ -43,6 +55,7 @@ pub fn org(settings: &Settings, cmd: OrgCommand) -> anyhow::Result<()> {
 
 pub fn keys(settings: &Settings, cmd: KeysCommand) -> anyhow::Result<()> {
     let KeysCommand::Rotate { new_key } = cmd;
+    existing_data(settings)?;
     let (store, old_ring) = open_data(settings).map_err(locked_hint)?;
     let from_env = settings.master_key.is_some();
     let new_key = match (new_key, from_env) {
@@ -160,11 +173,7 @@ pub fn upstream(settings: &Settings, cmd: UpstreamCommand) -> anyhow::Result<()>
 }
 
 pub fn check(settings: &Settings) -> anyhow::Result<()> {
-    // Checking must not make what it checks: opening a mistyped path would create a data dir
-    // and a master key, and report them fine.
-    if !settings.data_dir.join("db").is_dir() {
-        anyhow::bail!("no callgate data at {} (CALLGATE_DATA_DIR): nothing to check", settings.data_dir.display());
-    }
+    existing_data(settings)?;
     let store = SledStore::inspect(&settings.data_dir.join("db")).map_err(|e| locked_hint(e.into()))?;
     // Without a key or a secret there is nothing to match, and a key would be made.
     let no_key = settings.master_key.is_none() && !settings.data_dir.join(KEY_FILE).exists();

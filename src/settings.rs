@@ -230,6 +230,10 @@ impl Settings {
             raw.listen = v;
         }
         if let Some(v) = env.var("CALLGATE_DATA_DIR") {
+            // Empty, it would be the working directory, wherever the command ran.
+            if v.trim().is_empty() {
+                return Err(bad("CALLGATE_DATA_DIR", "must not be empty"));
+            }
             raw.data_dir = v.into();
         }
         if let Some(v) = env.var("CALLGATE_PUBLIC_URL") {

@@ -136,14 +136,29 @@ async fn serve_refuses_a_master_key_that_cannot_open_the_stored_secrets() {
 }
 
 #[test]
-fn check_on_a_path_with_no_data_says_so_and_creates_nothing() {
+fn commands_on_a_path_with_no_data_say_so_and_create_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let typo = dir.path().join("dat");
     let out = callgate(&typo, &["check"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no callgate data at") && err.contains("nothing to check"), "{err}");
+    assert!(err.contains("no callgate data at") && err.contains("nothing to work on"), "{err}");
     assert!(!typo.exists(), "no data dir, no master key made");
+    // So do the other commands that read or change what is there.
+    for args in [&["org", "list"][..], &["keys", "rotate"][..]] {
+        let out = callgate(&typo, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no callgate data at"), "{args:?}");
+        assert!(!typo.exists(), "{args:?} made a data dir");
+    }
+    // An empty setting is not the working directory.
+    let out = Command::new(env!("CARGO_BIN_EXE_callgate"))
+        .args(["org", "list"])
+        .env("CALLGATE_DATA_DIR", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CALLGATE_DATA_DIR"));
 }
 
 #[tokio::test]
