@@ -14,11 +14,13 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// The methods the URL takes, for a 405's `Allow`.
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
+        Self { status, code, message: message.into(), retry_after: None, allow: None }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -31,6 +33,11 @@ impl ApiError {
 
     pub fn method_not_allowed() -> Self {
         Self::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this URL does not take that method")
+    }
+
+    /// A 405 that names the methods the URL takes, as HTTP asks.
+    pub fn method_not_allowed_but(allow: &'static str) -> Self {
+        Self { allow: Some(allow), ..Self::method_not_allowed() }
     }
 
     /// The admin API's: it takes the admin token, not an organization's key.
@@ -97,6 +104,9 @@ impl ResponseError for ApiError {
         }
         if let Some(secs) = self.retry_after {
             res.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if let Some(methods) = self.allow {
+            res.insert_header((header::ALLOW, HeaderValue::from_static(methods)));
         }
         res.json(json!({"error": {"code": self.code, "message": self.message}}))
     }

@@ -21,7 +21,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/webhooks/telnyx/voice")
             .route(web::post().to(telnyx))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::method_not_allowed_but("POST")) })),
     );
 }
 
@@ -44,7 +44,7 @@ async fn dispatch<C: CarrierHooks>(
         _ => return ApiError::not_found("resource").error_response(),
     };
     if req.method() != Method::GET && req.method() != Method::POST {
-        return method_not_allowed().await.unwrap_or_else(|e| e.error_response());
+        return ApiError::method_not_allowed_but("GET, POST").error_response();
     }
     let id = id.to_owned();
     handle::<C>(state, req, payload, Locate::Path(id), hook).await
@@ -52,8 +52,4 @@ async fn dispatch<C: CarrierHooks>(
 
 async fn telnyx(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     handle::<Telnyx>(state, req, payload, Locate::Payload, Hook::Events).await
-}
-
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::method_not_allowed())
 }

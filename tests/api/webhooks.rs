@@ -628,6 +628,8 @@ async fn a_method_a_route_does_not_take_is_405_json() {
         let res = c.request(method.clone(), app.url(&path)).body(f.body.clone()).send().await.unwrap();
         assert_eq!(res.status(), 405, "{method} {path}");
         assert!(res.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+        let allow = if path.starts_with("/webhooks/telnyx") { "POST" } else { "GET, POST" };
+        assert_eq!(res.headers()["allow"], allow, "{method} {path}");
         assert_eq!(error_code(res).await, "method_not_allowed", "{method} {path}");
     }
     app.stop().await;
