@@ -364,7 +364,21 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
     // event after recording, and the copy the scan decoded may predate it.
     let ev = match state.store.event_get(&d.org_id, &d.event_id) {
         Ok(Some(ev)) => ev,
-        _ => {
+        // The disk refused the read: the event is there, and the next pass tries again.
+        Err(StoreError::Io { detail }) => {
+            static REFUSED: crate::telemetry::OncePerSecond = crate::telemetry::OncePerSecond::new();
+            if REFUSED.due() {
+                tracing::error!(event = %d.event_id, error = %detail, "reading an event to deliver failed; will retry");
+            }
+            return None;
+        }
+        // Gone, or damaged past reading: there is nothing to send, now or later.
+        found => {
+            let why = match found {
+                Err(e) => e.to_string(),
+                _ => "the event is gone".to_owned(),
+            };
+            tracing::warn!(event = %d.event_id, reason = %why, "delivery given up (dead): the event cannot be read");
             d.state = DeliveryState::Dead;
             let _ = state.commit.put_delivery(d).await;
             return None;
