@@ -423,12 +423,14 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
         Some(410) => d.state = DeliveryState::Dead,
         _ => {
             let next = now + backoff_ms(d.attempts.len()).max(asked_pause_ms.unwrap_or(0));
-            let horizon = state.settings.handoff.delivery_horizon.as_millis() as i64;
-            if next - d.created_at_ms > horizon {
+            // The last attempt is at the horizon, not at the last step of the backoff before it
+            // (which left the last 47 minutes of a day untried).
+            let horizon_at = d.created_at_ms + state.settings.handoff.delivery_horizon.as_millis() as i64;
+            if now >= horizon_at {
                 d.state = DeliveryState::Dead;
             } else {
                 d.state = DeliveryState::Failed;
-                d.next_attempt_ms = next;
+                d.next_attempt_ms = next.min(horizon_at);
             }
         }
     }
