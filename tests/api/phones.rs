@@ -289,6 +289,19 @@ async fn validate_lists_every_number_across_pages_and_stores_nothing() {
     }
 }
 
+/// Beside `credentials`, a field validate does not know is refused, as in every other body,
+/// before the carrier is asked.
+#[tokio::test]
+async fn validate_refuses_a_field_it_does_not_know_beside_the_credentials() {
+    let (fake, app, org) = setup().await;
+    let a = account(Carrier::Twilio);
+    fake.clear_requests();
+    let body = json!({"credentials": credentials(Carrier::Twilio, a.secret), "dry_run": true});
+    let r = validate(&app, &org, Carrier::Twilio, body).await;
+    assert_error(&r, 422, "invalid_field", "dry_run: unknown field", "extra field");
+    assert!(fake.requests().is_empty(), "the carrier was asked");
+}
+
 /// A carrier whose last page names itself as the next one: each number is listed once, and
 /// the listing ends at the first page that brings nothing new.
 #[tokio::test]
