@@ -8,11 +8,13 @@ use crate::auth::OrgAuth;
 use crate::clock::rfc3339;
 use crate::domain::{EventId, PhoneId};
 use crate::error::ApiError;
+use crate::startup::resource;
 use crate::state::AppState;
 use crate::store::{DeliveryRecord, DeliveryState, EventFilter, EventRecord};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/events", web::get().to(list)).route("/events/{id}", web::get().to(get));
+    cfg.service(resource("/events", "GET").route(web::get().to(list)))
+        .service(resource("/events/{id}", "GET").route(web::get().to(get)));
 }
 
 #[derive(Deserialize)]

@@ -8,6 +8,7 @@ use crate::auth::{new_api_key, AdminAuth};
 use crate::clock::rfc3339;
 use crate::domain::{ApiKeyId, OrgId};
 use crate::error::ApiError;
+use crate::startup::resource;
 use crate::state::AppState;
 use crate::store::{ApiKeyRecord, OrgRecord, Store, StoreError};
 
@@ -38,10 +39,9 @@ pub fn create(store: &dyn Store, name: String, now_ms: i64) -> Result<Created, S
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/admin/orgs", web::post().to(create_org))
-        .route("/admin/orgs", web::get().to(list_orgs))
-        .route("/admin/orgs/{org_id}/api-keys", web::post().to(add_key))
-        .route("/admin/api-keys/{key_id}", web::delete().to(revoke_key));
+    cfg.service(resource("/admin/orgs", "GET, POST").route(web::post().to(create_org)).route(web::get().to(list_orgs)))
+        .service(resource("/admin/orgs/{org_id}/api-keys", "POST").route(web::post().to(add_key)))
+        .service(resource("/admin/api-keys/{key_id}", "DELETE").route(web::delete().to(revoke_key)));
 }
 
 #[derive(Deserialize)]

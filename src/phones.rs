@@ -11,17 +11,21 @@ use crate::carriers::rest::{ListedNumber, ProviderError, WebhookTargets};
 use crate::clock::rfc3339;
 use crate::domain::{Carrier, OrgId, PhoneCredential, PhoneId, SecretId, E164};
 use crate::error::ApiError;
+use crate::startup::resource;
 use crate::state::AppState;
 use crate::store::{Conflict, PhoneConfig, PhoneRecord, PreviousCredential, SecretRecord};
 use crate::vault;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/voice/{provider}/byok/validate", web::post().to(validate))
-        .route("/voice/{provider}/byok/import", web::post().to(import))
-        .route("/phone-numbers", web::get().to(list))
-        .route("/phone-numbers/{id}", web::get().to(get))
-        .route("/phone-numbers/{id}", web::patch().to(patch))
-        .route("/phone-numbers/{id}", web::delete().to(delete));
+    cfg.service(resource("/voice/{provider}/byok/validate", "POST").route(web::post().to(validate)))
+        .service(resource("/voice/{provider}/byok/import", "POST").route(web::post().to(import)))
+        .service(resource("/phone-numbers", "GET").route(web::get().to(list)))
+        .service(
+            resource("/phone-numbers/{id}", "GET, PATCH, DELETE")
+                .route(web::get().to(get))
+                .route(web::patch().to(patch))
+                .route(web::delete().to(delete)),
+        );
 }
 
 fn carrier(path: &str) -> Result<Carrier, ApiError> {

@@ -182,6 +182,14 @@ impl Application {
     }
 }
 
+/// A URL of the API, taking the methods `allow` names (as its routes, added by the caller, do):
+/// any other gets a 405 whose `Allow` names them, as HTTP asks of every 405.
+pub fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move || async move {
+        Err::<HttpResponse, _>(ApiError::method_not_allowed_but(allow))
+    }))
+}
+
 /// A path no route serves is 404; one that a route serves with another method is 405.
 async fn unrouted(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
     if req.resource_map().has_resource(req.path()) {
@@ -193,9 +201,9 @@ async fn unrouted(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError>
 fn routes(cfg: &mut web::ServiceConfig) {
     // The carriers' webhooks first: they are the hot path, and actix tries routes in order.
     cfg.configure(crate::carriers::routes::configure)
-        .route("/health", web::get().to(health))
-        .route("/ready", web::get().to(ready))
-        .route("/metrics", web::get().to(metrics))
+        .service(resource("/health", "GET").route(web::get().to(health)))
+        .service(resource("/ready", "GET").route(web::get().to(ready)))
+        .service(resource("/metrics", "GET").route(web::get().to(metrics)))
         .configure(crate::orgs::configure)
         .configure(crate::vault::routes::configure)
         .configure(crate::phones::configure)

@@ -9,12 +9,13 @@ use crate::domain::{EventId, PhoneId};
 use crate::error::ApiError;
 use crate::events::parse_state;
 use crate::handoff::outbox::redeliver;
+use crate::startup::resource;
 use crate::state::AppState;
 use crate::store::{DeliveryState, EventFilter};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/events/redeliver", web::post().to(redeliver_many))
-        .route("/events/{id}/redeliver", web::post().to(redeliver_one));
+    cfg.service(resource("/events/redeliver", "POST").route(web::post().to(redeliver_many)))
+        .service(resource("/events/{id}/redeliver", "POST").route(web::post().to(redeliver_one)));
 }
 
 async fn redeliver_one(

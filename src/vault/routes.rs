@@ -9,18 +9,22 @@ use super::{catalog, validate};
 use crate::auth::OrgAuth;
 use crate::clock::rfc3339;
 use crate::error::ApiError;
+use crate::startup::resource;
 use crate::state::AppState;
 use crate::store::{AuditRecord, Conflict, SecretRecord};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/byok/providers", web::get().to(providers))
-        .route("/byok/config", web::get().to(config))
-        .route("/byok", web::get().to(list))
-        .route("/byok", web::post().to(set))
-        .route("/byok/set", web::post().to(set_alias))
-        .route("/byok", web::delete().to(delete_body))
-        .route("/byok/{provider}", web::delete().to(delete_path))
-        .route("/audit", web::get().to(audit));
+    cfg.service(resource("/byok/providers", "GET").route(web::get().to(providers)))
+        .service(resource("/byok/config", "GET").route(web::get().to(config)))
+        .service(
+            resource("/byok", "GET, POST, DELETE")
+                .route(web::get().to(list))
+                .route(web::post().to(set))
+                .route(web::delete().to(delete_body)),
+        )
+        .service(resource("/byok/set", "POST").route(web::post().to(set_alias)))
+        .service(resource("/byok/{provider}", "DELETE").route(web::delete().to(delete_path)))
+        .service(resource("/audit", "GET").route(web::get().to(audit)));
 }
 
 async fn providers() -> HttpResponse {

@@ -156,14 +156,41 @@ async fn bad_requests_get_the_json_error_shape() {
     assert_eq!(res.status(), 404);
     assert_eq!(error_code(res).await, "not_found");
     // A URL that exists, with a method it does not take.
-    for (method, path) in [
-        (reqwest::Method::PUT, "/admin/orgs"),
-        (reqwest::Method::PUT, "/phone-numbers/ph_x"),
-        (reqwest::Method::DELETE, "/events"),
+    // Every URL of the API, with the methods it takes: any other is a 405 that names them.
+    for (path, allow) in [
+        ("/health", "GET"),
+        ("/ready", "GET"),
+        ("/metrics", "GET"),
+        ("/admin/orgs", "GET, POST"),
+        ("/admin/orgs/org_x/api-keys", "POST"),
+        ("/admin/api-keys/key_x", "DELETE"),
+        ("/byok/providers", "GET"),
+        ("/byok/config", "GET"),
+        ("/byok", "GET, POST, DELETE"),
+        ("/byok/set", "POST"),
+        ("/byok/openai", "DELETE"),
+        ("/audit", "GET"),
+        ("/voice/twilio/byok/validate", "POST"),
+        ("/voice/twilio/byok/import", "POST"),
+        ("/phone-numbers", "GET"),
+        ("/phone-numbers/ph_x", "GET, PATCH, DELETE"),
+        ("/events", "GET"),
+        ("/events/evt_x", "GET"),
+        ("/events/redeliver", "POST"),
+        ("/events/evt_x/redeliver", "POST"),
     ] {
-        let res = app.client.request(method.clone(), app.url(path)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
-        assert_eq!(res.status(), 405, "{method} {path}");
-        assert_eq!(error_code(res).await, "method_not_allowed", "{method} {path}");
+        let taken: Vec<&str> = allow.split(", ").collect();
+        for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+            let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let res = app.client.request(m, app.url(path)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+            if taken.contains(&method) {
+                assert_ne!(res.status(), 405, "{method} {path}");
+                continue;
+            }
+            assert_eq!(res.status(), 405, "{method} {path}");
+            assert_eq!(res.headers()["allow"], allow, "{method} {path}");
+            assert_eq!(error_code(res).await, "method_not_allowed", "{method} {path}");
+        }
     }
 }
 
