@@ -197,8 +197,8 @@ fn url_field(v: &Value, name: &str, schemes: &[&str]) -> Result<Option<String>, 
 }
 
 /// A URL the gateway itself will call with the number's events: an organization may not aim
-/// it at addresses no service of its own can have (link-local, where cloud metadata lives, and
-/// unspecified), where the gateway's own network position is all the request would gain.
+/// it at addresses no service of its own can have (`net::outbound`), where the gateway's own
+/// network position is all the request would gain. A host name is checked when resolved.
 fn fetched_url_field(v: &Value, name: &str) -> Result<Option<String>, ApiError> {
     let url = url_field(v, name, &["https", "http"])?;
     let host_ip = url.as_deref().and_then(|u| match url::Url::parse(u).ok()?.host()? {
@@ -206,12 +206,10 @@ fn fetched_url_field(v: &Value, name: &str) -> Result<Option<String>, ApiError> 
         url::Host::Ipv6(ip) => Some(ip.to_ipv4_mapped().map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4)),
         url::Host::Domain(_) => None,
     });
-    let forbidden = host_ip.is_some_and(|ip| match ip {
-        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast(),
-        std::net::IpAddr::V6(v6) => v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80,
-    });
-    if forbidden {
-        return Err(invalid(format!("config.{name}: must not be a link-local or unspecified address")));
+    if host_ip.is_some_and(crate::net::outbound::forbidden) {
+        return Err(invalid(format!(
+            "config.{name}: must not be a link-local, unspecified, broadcast or metadata address"
+        )));
     }
     Ok(url)
 }

@@ -85,6 +85,7 @@ impl Application {
                 .ok_or_else(|| anyhow::anyhow!("the upstream signing secret is not whsec_ + base64"))?;
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(crate::net::outbound::AllowedOnly))
             .user_agent(concat!("callgate/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let state = web::Data::new(AppState {

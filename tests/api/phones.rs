@@ -560,10 +560,12 @@ async fn import_stores_the_number_with_byok_billing_and_never_shows_the_secret()
             ("assistant_url", "http://[fe80::1]/decide"),
             ("upstream_url", "http://0.0.0.0:80/"),
             ("assistant_url", "http://[::ffff:169.254.169.254]/"),
+            ("upstream_url", "http://[fd00:ec2::254]/latest/meta-data"),
+            ("upstream_url", "http://255.255.255.255/"),
         ] {
             cases.push((
                 json!({"number": fresh, "config": { name: url }}),
-                format!("config.{name}: must not be a link-local or unspecified address"),
+                format!("config.{name}: must not be a link-local, unspecified, broadcast or metadata address"),
             ));
         }
         if c == Carrier::Exotel {
