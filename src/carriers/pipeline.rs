@@ -139,8 +139,7 @@ pub async fn handle<C: CarrierHooks>(
     let mut parked = phone.config.upstream_url.is_none() && settings.handoff.upstream_url.is_none();
     let mut prepared = PreparedEvent::new(&ev, Some((&replay_key, expires))).parked(parked);
     if (incoming || telnyx_call) && preset.is_none() {
-        let answered_by = settings.handoff.answer_deadline + ANSWER_SLACK;
-        prepared = prepared.due_at(now_ms + answered_by.as_millis() as i64);
+        prepared = prepared.due_at(now_ms + crate::handoff::outbox::answer_hold(&state));
     }
     // The writer acknowledges only once the batch holding this event is on disk.
     match state.commit.record(prepared).await {
@@ -181,10 +180,6 @@ pub async fn handle<C: CarrierHooks>(
     let decision = crate::handoff::assistant::decide_and_note(&state, &phone, &ev, preset).await;
     respond::<C>(&phone, Some(&decision), &ev)
 }
-
-/// How long past the answer deadline an incoming call's delivery waits for its answer to be
-/// noted before it goes without one.
-const ANSWER_SLACK: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn respond<C: CarrierHooks>(phone: &PhoneRecord, decision: Option<&Decision>, ev: &EventRecord) -> HttpResponse {
     match decision {

@@ -117,16 +117,45 @@ impl Outbox {
         self.slots().calls.insert(call.to_owned())
     }
 
-    fn release(&self, call: &str) {
-        self.slots().calls.remove(call);
+    /// Takes the call's slot for a redelivery of the event; if it is held, the event is
+    /// redelivered by whoever frees it (false).
+    fn take_or_ask(&self, call: &str, org: &OrgId, id: &EventId) -> bool {
+        let mut slots = self.slots();
+        if slots.calls.insert(call.to_owned()) {
+            return true;
+        }
+        slots.again.entry(call.to_owned()).or_default().push((org.clone(), id.clone()));
+        false
     }
 
-    /// Frees the call's slot once its attempt's outcome is written; the events asked again
-    /// meanwhile.
-    fn finish(&self, call: &str) -> Vec<(OrgId, EventId)> {
+    /// Frees the call's slot; the events asked again while it was held, whose redelivery is
+    /// the caller's to make.
+    #[must_use]
+    fn release(&self, call: &str) -> Vec<(OrgId, EventId)> {
         let mut slots = self.slots();
         slots.calls.remove(call);
         slots.again.remove(call).unwrap_or_default()
+    }
+}
+
+/// How long after it arrived an incoming call's delivery may wait for its answer: the answer
+/// deadline, and time to note the answer.
+pub fn answer_hold(state: &AppState) -> i64 {
+    (state.settings.handoff.answer_deadline + ANSWER_SLACK).as_millis() as i64
+}
+
+const ANSWER_SLACK: Duration = Duration::from_secs(2);
+
+/// Frees the call's slot, and redelivers what was asked while it was held.
+fn free(state: &Arc<AppState>, call: &str) {
+    let again = state.outbox.release(call);
+    if !again.is_empty() {
+        let st = Arc::clone(state);
+        tokio::spawn(async move {
+            if let Err(e) = redeliver(&st, &again).await {
+                tracing::error!(error = %e, "redelivering what was asked while a call was busy failed");
+            }
+        });
     }
 }
 
@@ -134,36 +163,35 @@ impl Outbox {
 /// exist. One whose call has an attempt out is requeued once that attempt's outcome is
 /// written, which would otherwise overwrite the request.
 pub async fn redeliver(state: &AppState, events: &[(OrgId, EventId)]) -> Result<usize, StoreError> {
-    let now = state.clock.now_ms();
-    let (mut found, mut updates, mut held) = (0, Vec::new(), Vec::new());
-    for (org, id) in events {
-        let Some(d) = state.store.delivery_get(org, id)? else { continue };
-        found += 1;
-        let ours = held.contains(&d.call_key);
-        if !ours && !state.outbox.take(&d.call_key) {
-            let mut slots = state.outbox.slots();
-            // The attempt may have finished since: then the slot is free to take.
-            if slots.calls.contains(&d.call_key) {
-                slots.again.entry(d.call_key.clone()).or_default().push((org.clone(), id.clone()));
-                continue;
+    let mut asked = events.to_vec();
+    let mut found = None;
+    // A round frees the slots it took; what was asked of those calls meanwhile is the next.
+    while !asked.is_empty() {
+        let now = state.clock.now_ms();
+        let (mut n, mut updates, mut held) = (0, Vec::new(), Vec::new());
+        for (org, id) in &asked {
+            let Some(d) = state.store.delivery_get(org, id)? else { continue };
+            n += 1;
+            if !held.contains(&d.call_key) {
+                if !state.outbox.take_or_ask(&d.call_key, org, id) {
+                    continue;
+                }
+                held.push(d.call_key.clone());
             }
-            slots.calls.insert(d.call_key.clone());
+            // Read again with the slot held: an attempt that finished just before wrote its
+            // outcome.
+            if let Some(d) = state.store.delivery_get(org, id)? {
+                updates.push(requeued(d, now));
+            }
         }
-        if !ours {
-            held.push(d.call_key.clone());
-        }
-        // Read again with the slot held: an attempt that finished just before wrote its outcome.
-        if let Some(d) = state.store.delivery_get(org, id)? {
-            updates.push(requeued(d, now));
-        }
+        found.get_or_insert(n);
+        // One durable write for the lot.
+        let written = state.commit.put_deliveries(updates).await;
+        asked = held.iter().flat_map(|call| state.outbox.release(call)).collect();
+        state.outbox.poke();
+        written?;
     }
-    // One durable write for the lot.
-    let written = state.commit.put_deliveries(updates).await;
-    for call in &held {
-        state.outbox.release(call);
-    }
-    state.outbox.poke();
-    written.map(|()| found)
+    Ok(found.unwrap_or(0))
 }
 
 fn requeued(mut d: DeliveryRecord, now_ms: i64) -> DeliveryRecord {
@@ -283,7 +311,7 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
     let breakers = &state.outbox.breakers;
     let mut held: Vec<(EventId, PhoneId)> = Vec::new();
     for (ev, d) in due {
-        if state.store.call_head(&d.call_key).ok().flatten().as_ref() != Some(&d.event_id) {
+        if !state.store.is_call_head(&d.event_id) {
             continue;
         }
         // The call's slot first: while its attempt is out, what it finds (backoff and all) is
@@ -294,7 +322,7 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         // With nowhere to go (its number lost its upstream since it was recorded), or an
         // upstream that is held, it waits parked: untried, rewritten never, until that changes.
         let Some(url) = upstream_of(state, &ev.phone_id).filter(|u| !breakers.blocked(u, now)) else {
-            state.outbox.release(&d.call_key);
+            free(state, &d.call_key);
             held.push((ev.id, ev.phone_id));
             continue;
         };
@@ -309,11 +337,11 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
                 fresh
             }
             _ => {
-                state.outbox.release(&d.call_key);
+                free(state, &d.call_key);
                 continue;
             }
         };
-        let release = || state.outbox.release(&d.call_key);
+        let release = || free(state, &d.call_key);
         let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
             release();
             break;
@@ -329,12 +357,7 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         tokio::spawn(async move {
             let key = d.call_key.clone();
             attempt(&st, d, url, how).await;
-            let again = st.outbox.finish(&key);
-            if !again.is_empty() {
-                if let Err(e) = redeliver(&st, &again).await {
-                    tracing::error!(error = %e, "redelivering what was asked during an attempt failed");
-                }
-            }
+            free(&st, &key);
             drop(permit);
             // The call's next event may be due now.
             st.outbox.poke();
@@ -384,6 +407,17 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
             return None;
         }
     };
+    // An incoming call's event waits for its answer, noted on it once decided, up to its hold:
+    // sent before, it would go without it, and a retry with it would carry another body under
+    // the same id. Parked events released, and redeliveries, come here early too.
+    let hold_until = ev.received_at_ms + answer_hold(state);
+    if ev.kind == "call.incoming" && ev.answer.is_none() && now < hold_until {
+        d.next_attempt_ms = hold_until;
+        if let Err(e) = state.commit.put_delivery(d).await {
+            tracing::error!(event = %ev.id, error = %e, "holding a delivery for its answer failed");
+        }
+        return None;
+    }
     let body = serde_json::to_vec(&event_json(&ev, None)).ok()?;
     let ts = state.clock.now_secs();
     let started = Instant::now();
@@ -488,6 +522,21 @@ mod tests {
     const B: &str = "ph_00000000000000000000000000000002";
     const C: &str = "ph_00000000000000000000000000000003";
     const D: &str = "ph_00000000000000000000000000000004";
+
+    #[test]
+    fn a_redelivery_asked_of_a_busy_call_goes_to_whoever_frees_it_whatever_way() {
+        let o = Outbox::new(5);
+        let (org, a, b) = (OrgId::generate(), EventId::generate(), EventId::generate());
+        assert!(o.take("c"), "a pass takes the call");
+        assert!(!o.take_or_ask("c", &org, &a), "busy: asked of whoever frees it");
+        assert!(!o.take_or_ask("c", &org, &b));
+        assert!(o.take_or_ask("d", &org, &a), "another call is free");
+        // Freed by a pass that gave up on the call (stale, held, no worker) as by an attempt.
+        assert_eq!(o.release("c"), vec![(org.clone(), a.clone()), (org.clone(), b)]);
+        assert_eq!(o.release("c"), Vec::new(), "each asked once");
+        assert!(o.take_or_ask("c", &org, &a), "free again");
+        assert_eq!(o.release("d"), Vec::new());
+    }
 
     #[test]
     fn an_upstream_whose_probe_is_due_gets_one_event_whatever_its_numbers() {

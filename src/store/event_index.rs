@@ -311,6 +311,13 @@ impl Index {
         self.calls.range((call, 0)..=(call, u32::MAX)).next().map(|(_, s)| *s)
     }
 
+    /// Whether `seq` is queued and the oldest queued event of its call, by the call its own
+    /// record names: a record made before a change of how call keys are formed still finds
+    /// its call.
+    pub fn is_call_head(&self, seq: u32) -> bool {
+        self.queued.get(&seq).is_some_and(|(_, call)| self.call_head(*call) == Some(seq))
+    }
+
     /// Drops markers whose time is up, oldest first; returns how many.
     pub fn sweep(&mut self, now_ms: i64) -> usize {
         let mut n = 0;

@@ -419,7 +419,8 @@ impl EventLog {
         Ok(out)
     }
 
-    pub fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError> {
+    #[cfg(test)]
+    fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError> {
         let at = {
             let ix = self.read_index();
             let Some(seq) = ix.call_head(call_hash(call_key)) else { return Ok(None) };
@@ -427,6 +428,12 @@ impl EventLog {
         };
         let bytes = self.read(at)?;
         Ok(Some(EventId::from_value(decode_record(&bytes)?.entry.id)))
+    }
+
+    /// Whether the event is queued and first in line of its call.
+    pub fn is_call_head(&self, id: &EventId) -> bool {
+        let ix = self.read_index();
+        seq_of(&ix, id).is_some_and(|(seq, _)| ix.is_call_head(seq))
     }
 
     pub fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError> {
@@ -598,9 +605,16 @@ impl EventLog {
                     let mut ev = self.event_of(&r)?;
                     ev.answer = Some(answer.clone());
                     let event = encode_event(&ev);
-                    // A delivery not yet tried, held for this answer, is due now.
-                    let due_ms =
-                        if r.delivery.is_empty() { r.entry.due_ms.min(ev.received_at_ms) } else { r.entry.due_ms };
+                    // A delivery not yet tried, held for this answer, is due now: it starts again
+                    // as every event's does (due on arrival), the hold it was given dropped.
+                    let untried = r.delivery.is_empty()
+                        || dec::<DeliveryRecord>(r.delivery)
+                            .is_ok_and(|d| d.attempts.is_empty() && d.state == DeliveryState::Pending);
+                    let (due_ms, delivery) = if untried {
+                        (r.entry.due_ms.min(ev.received_at_ms), &[][..])
+                    } else {
+                        (r.entry.due_ms, r.delivery)
+                    };
                     frames.push(buf.len());
                     frame(&mut buf, |b| {
                         encode_record(
@@ -610,7 +624,7 @@ impl EventLog {
                                 event_loc: HERE,
                                 replay_key: r.replay_key,
                                 event: &event,
-                                delivery: r.delivery,
+                                delivery,
                             },
                         )
                     });
@@ -749,6 +763,29 @@ mod tests {
     fn all(log: &EventLog, org: &OrgId) -> Vec<EventId> {
         let f = EventFilter { limit: 1000, ..Default::default() };
         log.event_list(org, &f).unwrap().into_iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn an_event_recorded_under_an_older_form_of_call_key_is_still_first_in_its_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
+        let org = OrgId::generate();
+        // As a build before the organization joined the key recorded it.
+        let mut old = prepared(&org, "c1", b"k1", 1_000, 90_000);
+        old.call_key = "plivo:c1".into();
+        let later = prepared(&org, "c1", b"k2", 2_000, 90_000);
+        let out = log.write(Batch { events: &[old, later], deliveries: &[], answers: &[] }).unwrap();
+        let (a, b) = (new_id(&out[0]), new_id(&out[1]));
+        let due = log.deliveries_due(i64::MAX, 10).unwrap();
+        // Read back, its delivery names the call in today's form, which the index never saw.
+        assert_eq!(due[0].1.call_key, format!("{org}:plivo:c1"));
+        assert!(log.is_call_head(&a), "stuck: no call of today's key holds it");
+        assert!(log.is_call_head(&b), "a call of another key");
+        // Delivered, it leaves its call.
+        let mut d = due[0].1.clone();
+        d.state = DeliveryState::Delivered;
+        log.write(Batch { events: &[], deliveries: &[d], answers: &[] }).unwrap();
+        assert!(!log.is_call_head(&a));
     }
 
     #[test]

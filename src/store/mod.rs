@@ -254,8 +254,9 @@ pub trait Store: Send + Sync + 'static {
     fn event_get(&self, org: &OrgId, id: &EventId) -> Result<Option<EventRecord>, StoreError>;
     fn event_list(&self, org: &OrgId, filter: &EventFilter) -> Result<Vec<EventRecord>, StoreError>;
     fn delivery_get(&self, org: &OrgId, id: &EventId) -> Result<Option<DeliveryRecord>, StoreError>;
-    /// The oldest undelivered event of a call: only it may be delivered next.
-    fn call_head(&self, call_key: &str) -> Result<Option<EventId>, StoreError>;
+    /// Whether the event is the oldest undelivered one of its call: only it may be delivered
+    /// next.
+    fn is_call_head(&self, id: &EventId) -> bool;
     /// Deliveries due at or before `now_ms`, oldest first, each with its event.
     fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError>;
     /// When the earliest queued delivery is due (from memory: cheap enough for every pass).

@@ -651,8 +651,8 @@ impl Store for SledStore {
         self.events.delivery_get(org, id)
     }
 
-    fn call_head(&self, call: &str) -> Result<Option<EventId>, StoreError> {
-        self.events.call_head(call)
+    fn is_call_head(&self, id: &EventId) -> bool {
+        self.events.is_call_head(id)
     }
 
     fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError> {

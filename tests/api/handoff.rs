@@ -1361,6 +1361,42 @@ async fn an_incoming_calls_delivery_waits_for_its_answer_and_retries_send_the_sa
     wait_state(&app, &org, &hits[0].webhook_id(), "delivered").await;
 }
 
+/// An incoming call recorded while its number has no upstream waits parked; given one while
+/// the assistant still decides, the event is released, and still goes only with its answer.
+#[tokio::test]
+async fn a_parked_incoming_call_released_before_its_answer_still_goes_with_it() {
+    let upstream = FakeHttp::start(|_| Reply::status(200)).await;
+    let assistant = FakeHttp::start(|_| {
+        Reply::json(json!({"action": "stream", "stream_url": AI_STREAM})).delayed(Duration::from_millis(1_000))
+    })
+    .await;
+    let app = spawn_with(
+        Options::default()
+            .clock(Clock::pinned(T0))
+            .env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW))
+            .env("CALLGATE_ANSWER_DEADLINE_MS", "3000"),
+    )
+    .await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020001", config(None, Some(&assistant.url("/answer"))));
+    let calling = incoming_request(&app.client, &app.base, &line, "CAPARKED").send();
+    let releasing = async {
+        wait_hits(&assistant, "the assistant asked", |h| !h.is_empty()).await;
+        let body = json!({"config": {"upstream_url": upstream.url("/hook")}});
+        let res = app.patch(&org, &format!("/phone-numbers/{}", line.phone_id)).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        // The outbox looks at what it released while the call is still being decided.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        upstream.hits().len()
+    };
+    let (res, early) = tokio::join!(calling, releasing);
+    assert_eq!(res.unwrap().status(), 200);
+    assert_eq!(early, 0, "delivered before its answer");
+    let hits = wait_hits(&upstream, "the delivery", |h| !h.is_empty()).await;
+    assert_eq!(hits[0].json()["answer"]["source"], "assistant", "{}", hits[0].body);
+    wait_state(&app, &org, &hits[0].webhook_id(), "delivered").await;
+}
+
 /// A call's events wait for each other's delivery, but only within one organization: another
 /// organization's event with the same call id, whose upstream is down, holds up nothing.
 #[tokio::test]
