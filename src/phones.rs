@@ -13,7 +13,7 @@ use crate::domain::{Carrier, OrgId, PhoneCredential, PhoneId, SecretId, E164};
 use crate::error::ApiError;
 use crate::startup::resource;
 use crate::state::AppState;
-use crate::store::{Conflict, PhoneConfig, PhoneRecord, PreviousCredential, SecretRecord};
+use crate::store::{Conflict, Modified, PhoneConfig, PhoneRecord, PreviousCredential, SecretRecord};
 use crate::vault;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -400,9 +400,16 @@ async fn configure_on_carrier(
         p.updated_at_ms = now;
     };
     // Written onto the number as it is now, which a PATCH may have changed meanwhile.
-    *phone = state.store.phone_modify(&phone.org_id, &phone.id, None, &mut change)?.ok_or_else(|| {
-        ApiError::conflict("number_deleted", format!("{} was deleted while it was being configured", phone.number))
-    })?;
+    *phone = match state.store.phone_modify(&phone.org_id, &phone.id, None, &mut change)? {
+        Modified::Written(p) => *p,
+        // It keeps its credential: this change names none.
+        Modified::Gone | Modified::CredentialGone => {
+            return Err(ApiError::conflict(
+                "number_deleted",
+                format!("{} was deleted while it was being configured", phone.number),
+            ))
+        }
+    };
     state.commit.commit().await?;
     Ok(())
 }
@@ -526,10 +533,16 @@ async fn patch(
         }
         p.updated_at_ms = now;
     };
-    let phone = state
-        .store
-        .phone_modify(&auth.org_id, &id, new_secret.as_ref(), &mut change)?
-        .ok_or_else(|| ApiError::not_found("phone number"))?;
+    let phone = match state.store.phone_modify(&auth.org_id, &id, new_secret.as_ref(), &mut change)? {
+        Modified::Written(p) => *p,
+        Modified::Gone => return Err(ApiError::not_found("phone number")),
+        Modified::CredentialGone => {
+            return Err(ApiError::conflict(
+                "credential_changed",
+                format!("the saved {} credential was deleted or replaced meanwhile; try again", phone.provider),
+            ))
+        }
+    };
     state.commit.commit().await?;
     // Events parked for want of an upstream (or held by the old one's breaker) may go now.
     state.outbox.release_soon();

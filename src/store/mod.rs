@@ -34,6 +34,18 @@ pub enum StoreError {
     Io { detail: String },
 }
 
+/// What [`Store::phone_modify`] did.
+#[derive(Debug)]
+pub enum Modified {
+    /// The phone as written.
+    Written(Box<PhoneRecord>),
+    /// The phone is gone; nothing was written.
+    Gone,
+    /// The change moved the phone onto a credential that is gone (a saved one replaced or
+    /// deleted meanwhile); nothing was written.
+    CredentialGone,
+}
+
 /// Why a write that must be unique did not happen.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Conflict {
@@ -231,14 +243,13 @@ pub trait Store: Send + Sync + 'static {
     /// Reads the phone, lets `change` edit it and writes it back (with its new inline secret,
     /// if any), with no other operator write in between: a change another request made after
     /// the caller first read the number is kept, not overwritten with the caller's old copy.
-    /// The phone as written; None if it is gone.
     fn phone_modify(
         &self,
         org: &OrgId,
         id: &PhoneId,
         inline: Option<&SecretRecord>,
         change: &mut dyn FnMut(&mut PhoneRecord),
-    ) -> Result<Option<PhoneRecord>, StoreError>;
+    ) -> Result<Modified, StoreError>;
     fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError>;
 
     /// The durable writer's whole batch in one durable write: new events (event, delivery

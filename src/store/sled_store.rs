@@ -187,7 +187,7 @@ impl SledStore {
         phone: &PhoneRecord,
         inline: Option<&SecretRecord>,
         _writing: &std::sync::MutexGuard<'_, ()>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Modified, StoreError> {
         // A credential of the number's own that the update moves it off is retired until its
         // grace ends (at once if it keeps none) and then swept, as a replaced BYOK credential
         // is; otherwise a second rotation would leave it sealed with nothing naming it.
@@ -211,6 +211,15 @@ impl SledStore {
                     match phones.get(phone.id.as_str())? {
                         Some(raw) => match dec::<PhoneRecord>(PHONES, &raw) {
                             Ok(old) if old.org_id == phone.org_id => {
+                                // A credential it moves onto must still be there: a saved one
+                                // replaced or deleted since the caller read it is not.
+                                let given = inline.is_some_and(|s| s.id == phone.credential);
+                                if old.credential != phone.credential
+                                    && !given
+                                    && secrets.get(phone.credential.as_str())?.is_none()
+                                {
+                                    return Ok(Modified::CredentialGone);
+                                }
                                 if let Some((id, until)) = outgoing.as_ref().filter(|(id, _)| *id == old.credential) {
                                     if let Some(raw) = secrets.get(id.as_str())? {
                                         let mut rec: SecretRecord = match dec(SECRETS, &raw) {
@@ -222,16 +231,16 @@ impl SledStore {
                                     }
                                 }
                             }
-                            Ok(_) => return Ok(false),
+                            Ok(_) => return Ok(Modified::Gone),
                             Err(e) => return abort(e),
                         },
-                        None => return Ok(false),
+                        None => return Ok(Modified::Gone),
                     }
                     if let Some(s) = inline {
                         secrets.insert(s.id.as_str(), encode(s))?;
                     }
                     phones.insert(phone.id.as_str(), encode(phone))?;
-                    Ok(true)
+                    Ok(Modified::Written(Box::new(phone.clone())))
                 })
                 .map_err(tx_err)
         })
@@ -584,7 +593,7 @@ impl Store for SledStore {
 
     fn phone_update(&self, phone: &PhoneRecord, inline: Option<&SecretRecord>) -> Result<bool, StoreError> {
         let writing = self.credential_writes();
-        self.phone_write(phone, inline, &writing)
+        Ok(matches!(self.phone_write(phone, inline, &writing)?, Modified::Written(_)))
     }
 
     fn phone_modify(
@@ -593,19 +602,26 @@ impl Store for SledStore {
         id: &PhoneId,
         inline: Option<&SecretRecord>,
         change: &mut dyn FnMut(&mut PhoneRecord),
-    ) -> Result<Option<PhoneRecord>, StoreError> {
+    ) -> Result<Modified, StoreError> {
         let writing = self.credential_writes();
         // From the tree, not the cache: what the last writer committed.
         let Some(mut phone) = Self::get::<PhoneRecord>(&self.phones, PHONES, id.as_ref())?.filter(|p| &p.org_id == org)
         else {
-            return Ok(None);
+            return Ok(Modified::Gone);
         };
         change(&mut phone);
-        Ok(self.phone_write(&phone, inline, &writing)?.then_some(phone))
+        self.phone_write(&phone, inline, &writing)
     }
 
     fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError> {
-        let Some(phone) = self.phone_get(org, id)? else { return Ok(false) };
+        // Which credentials go with the number is decided from what it holds now: a PATCH
+        // committed between that reading and this commit would leave its new credential
+        // sealed with nothing naming it.
+        let _writing = self.credential_writes();
+        let Some(phone) = Self::get::<PhoneRecord>(&self.phones, PHONES, id.as_ref())?.filter(|p| &p.org_id == org)
+        else {
+            return Ok(false);
+        };
         let drop_current = !self.named_elsewhere(org, &phone.credential, &phone.id)?;
         let drop_previous = match &phone.previous_credential {
             Some(p) => !self.named_elsewhere(org, &p.secret_id, &phone.id)?,

@@ -1429,3 +1429,33 @@ async fn new_inline_credentials_are_checked_with_the_carrier_before_they_replace
     let r = twilio_status(&app, &id, twilio.secret, "CAkept").await;
     assert_eq!(r.status, 200, "the old token still verifies: {}", r.text);
 }
+
+/// A change that moves a number onto a credential that is gone (a saved one replaced or deleted
+/// since the request read it) is refused whole: the number would verify with nothing.
+#[tokio::test]
+async fn a_number_is_never_moved_onto_a_credential_that_is_gone() {
+    use callgate::domain::{OrgId, SecretId};
+    use callgate::store::Modified;
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let a = account(Carrier::Twilio);
+    let cred = credentials(Carrier::Twilio, a.secret);
+    let store = app.state.store.as_ref();
+    let phone =
+        insert_phone(store, &app.state.vault, &org.id, Carrier::Twilio, a.numbers[0], &cred, Default::default(), T0);
+    let org_id = OrgId::parse(&org.id).unwrap();
+    let gone = SecretId::generate();
+    let mut change = |p: &mut callgate::store::PhoneRecord| {
+        p.credential = gone.clone();
+        p.label = Some("moved".into());
+    };
+    let r = store.phone_modify(&org_id, &phone.id, None, &mut change).unwrap();
+    assert!(matches!(r, Modified::CredentialGone), "{r:?}");
+    let now = store.phone_get(&org_id, &phone.id).unwrap().unwrap();
+    assert_eq!((now.credential, now.label), (phone.credential.clone(), None), "nothing was written");
+    // A number that is gone stays gone.
+    assert!(store.phone_delete(&org_id, &phone.id).unwrap());
+    let r = store.phone_modify(&org_id, &phone.id, None, &mut |p| p.label = Some("back".into())).unwrap();
+    assert!(matches!(r, Modified::Gone), "{r:?}");
+    assert!(store.phone_get(&org_id, &phone.id).unwrap().is_none());
+}
