@@ -115,8 +115,10 @@ pub struct ProviderApi {
     listing_deadline: Duration,
 }
 
-/// A listing may take as long as this many requests that each take their whole timeout.
-const LISTING_REQUESTS: u32 = 6;
+/// A listing may take as long as this many requests that each take their whole timeout: an
+/// account of [`MAX_NUMBERS`] at Plivo's 20 a page is 500 requests, which at half a second each
+/// fit in 25 timeouts of 10 s.
+const LISTING_REQUESTS: u32 = 30;
 
 impl std::fmt::Debug for ProviderApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -456,6 +458,9 @@ pub(crate) struct Listing {
     numbers: Vec<ListedNumber>,
     /// The numbers listed so far: a carrier that lists one again is going round in circles.
     listed: HashSet<E164>,
+    /// The same for items skipped as unusable (a short code, a SIP address), by a hash of
+    /// their JSON.
+    unusable: HashSet<u64>,
     seen: usize,
     skipped: usize,
     pages: usize,
@@ -468,7 +473,16 @@ const MAX_PAGES: usize = MAX_NUMBERS / 20;
 
 impl Listing {
     pub(crate) fn new(carrier: Carrier) -> Self {
-        Self { carrier, numbers: Vec::new(), listed: HashSet::new(), seen: 0, skipped: 0, pages: 0, repeated: 0 }
+        Self {
+            carrier,
+            numbers: Vec::new(),
+            listed: HashSet::new(),
+            unusable: HashSet::new(),
+            seen: 0,
+            skipped: 0,
+            pages: 0,
+            repeated: 0,
+        }
     }
 
     /// Adds one page's items; an item that does not parse as `T` or whose number is not
@@ -487,13 +501,19 @@ impl Listing {
                 break;
             }
             self.seen += 1;
-            let parsed = serde_json::from_value::<T>(item).ok().and_then(&parse);
-            match parsed {
+            let text = || {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                item.to_string().hash(&mut h);
+                h.finish()
+            };
+            match T::deserialize(&item).ok().and_then(&parse) {
                 Some(entry) if !self.listed.insert(entry.number.clone()) => self.repeated += 1,
                 Some(entry) => {
                     self.numbers.push(entry);
                     new += 1;
                 }
+                None if !self.unusable.insert(text()) => self.repeated += 1,
                 None => {
                     self.skipped += 1;
                     new += 1;

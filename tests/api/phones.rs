@@ -317,6 +317,18 @@ async fn a_listing_whose_pages_go_round_in_circles_ends_with_each_number_once() 
     let pages: Vec<String> = fake.requests().iter().map(|r| format!("{}?{}", r.path, r.query)).collect();
     assert_eq!(pages.len(), 3, "two pages, then the last one again: {pages:#?}");
     assert_eq!(pages[1], pages[2]);
+
+    // An item that is no phone number (a short code) repeats too, and ends it as well.
+    let sid = "AC0123456789abcdef0123456789abcd99";
+    let cred = json!({"account_sid": sid, "auth_token": "circlingShortCodeToken0001"});
+    fake.add_account(Carrier::Twilio, cred.clone(), ["+14155550990", "12345"]);
+    fake.clear_requests();
+    let r = validate(&app, &org, Carrier::Twilio, cred).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let numbers = r.json()["numbers"].clone();
+    let listed: Vec<&str> = numbers.as_array().unwrap().iter().map(|n| n["number"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["+14155550990"]);
+    assert_eq!(fake.requests().len(), 2, "the one page, then it again");
 }
 
 #[tokio::test]
