@@ -336,3 +336,33 @@ async fn check_refuses_while_a_server_runs_and_makes_no_master_key() {
     assert_eq!(listed_events(&app, &org).await, ids);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn check_opens_every_stored_secret_and_names_one_that_was_altered() {
+    let (dir, _org, _ids) = data_dir_with_events().await;
+    let out = callgate(dir.path(), &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("the master key opens every stored secret (1)"), "{text}");
+
+    // One byte of the sealed credential flipped, as a damaged disk or a hand edit would.
+    let app = spawn_on(dir.path()).await;
+    let mut rec = app.state.store.secrets_all().unwrap().pop().unwrap();
+    rec.sealed.ciphertext[0] ^= 1;
+    let org_id = rec.org_id.clone();
+    let phone = app.state.store.phone_list(&org_id, None, None, 10).unwrap().pop().unwrap();
+    assert!(app.state.store.phone_update(&phone, Some(&rec)).unwrap());
+    let _dir = app.stop().await;
+
+    let out = callgate(dir.path(), &["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        text.trim(),
+        format!(
+            "secret {} (twilio, {org_id}): a secret could not be opened (wrong master key, or the record was altered or moved)",
+            rec.id
+        )
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 problem(s) found"));
+}
