@@ -421,31 +421,39 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
     let body = serde_json::to_vec(&event_json(&ev, None)).ok()?;
     let ts = state.clock.now_secs();
     let started = Instant::now();
-    let result = state
-        .http
-        .post(url)
-        .timeout(state.settings.handoff.delivery_timeout)
-        .header("content-type", "application/json")
-        .header("webhook-id", ev.id.as_str())
-        .header("webhook-timestamp", ts.to_string())
-        .header("webhook-signature", state.signer.sign(ev.id.as_str(), ts, &body))
-        .body(body)
-        .send()
-        .await;
+    // A URL stored before its address was refused is not called either.
+    let allowed = crate::net::outbound::allowed_url(url);
+    let result = match allowed {
+        true => Some(
+            state
+                .http
+                .post(url)
+                .timeout(state.settings.handoff.delivery_timeout)
+                .header("content-type", "application/json")
+                .header("webhook-id", ev.id.as_str())
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", state.signer.sign(ev.id.as_str(), ts, &body))
+                .body(body)
+                .send()
+                .await,
+        ),
+        false => None,
+    };
     let latency_ms = started.elapsed().as_millis() as u64;
     // An upstream that asks for a pause (429 or 503 with `Retry-After` in seconds) gets it, up
     // to the longest backoff step: tried sooner, it would only refuse again.
     let asked_pause_ms = result
         .as_ref()
-        .ok()
+        .and_then(|r| r.as_ref().ok())
         .filter(|r| matches!(r.status().as_u16(), 429 | 503))
         .and_then(|r| r.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok())
         .map(|secs| secs.min(MAX_ASKED_PAUSE_SECS) as i64 * 1000);
     let (status_code, error) = match &result {
-        Ok(r) => (Some(r.status().as_u16()), None),
-        Err(e) if e.is_timeout() => (None, Some("timeout".to_owned())),
-        Err(e) if e.is_connect() => (None, Some("connection failed".to_owned())),
-        Err(_) => (None, Some("request failed".to_owned())),
+        None => (None, Some("address not allowed".to_owned())),
+        Some(Ok(r)) => (Some(r.status().as_u16()), None),
+        Some(Err(e)) if e.is_timeout() => (None, Some("timeout".to_owned())),
+        Some(Err(e)) if e.is_connect() => (None, Some("connection failed".to_owned())),
+        Some(Err(_)) => (None, Some("request failed".to_owned())),
     };
     d.attempts.push(DeliveryAttempt { at_ms: now, status_code, latency_ms, error });
     // Attempts are kept bounded; the first ones and the latest tell the story.

@@ -20,6 +20,17 @@ pub fn forbidden(ip: IpAddr) -> bool {
     }
 }
 
+/// Whether the gateway may call `url`: false for a literal address it may not use (a URL
+/// stored before that address was refused). Host names are checked when resolved.
+pub fn allowed_url(url: &str) -> bool {
+    let ip = match url::Url::parse(url).ok().and_then(|u| u.host().map(|h| h.to_owned())) {
+        Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
+        Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
+        _ => return true,
+    };
+    !forbidden(ip)
+}
+
 /// Resolves host names for the hand-off's client, leaving out the addresses it may not use;
 /// a name with none left fails to resolve.
 pub struct AllowedOnly;
@@ -61,6 +72,16 @@ mod tests {
         }
         for fine in ["127.0.0.1", "10.0.0.5", "203.0.113.7", "::1", "2001:db8::1", "fd00:ec2::253"] {
             assert!(!forbidden(fine.parse().unwrap()), "{fine}");
+        }
+    }
+
+    #[test]
+    fn urls_naming_a_forbidden_address_are_not_called() {
+        for bad in ["http://169.254.169.254/latest", "http://[fd00:ec2::254]/", "https://[::ffff:a9fe:a9fe]:8443/x"] {
+            assert!(!allowed_url(bad), "{bad}");
+        }
+        for fine in ["http://127.0.0.1:9/hook", "https://agent.example.com/hook", "http://[::1]/"] {
+            assert!(allowed_url(fine), "{fine}");
         }
     }
 

@@ -1439,6 +1439,28 @@ async fn a_redelivery_asked_during_an_attempt_is_made_after_it() {
     assert_eq!(upstream.hits().len(), 2, "asked once, sent once more");
 }
 
+/// URLs stored before their address was refused (AWS's IPv6 metadata address was accepted
+/// once) are not called: the delivery fails with the reason, the answer falls back.
+#[tokio::test]
+async fn a_stored_url_naming_a_refused_address_is_not_called() {
+    let upstream = FakeHttp::start(|_| Reply::status(200)).await;
+    let app = upstream_app(&upstream, &[]).await;
+    let org = app.create_org("Acme").await;
+    let mut cfg = config(Some(STATIC_STREAM), Some("http://[fd00:ec2::254]/decide"));
+    cfg.upstream_url = Some("http://[fd00:ec2::254]/latest/meta-data".into());
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020001", cfg);
+    let res = incoming_request(&app.client, &app.base, &line, "CAMETADATA").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let evs = events_of(&app, &org, &line).await;
+    let id = evs[0]["id"].as_str().unwrap().to_owned();
+    let ev = event(&app, &org, &id).await;
+    assert_eq!((&ev["answer"]["source"], &ev["answer"]["reason"]), (&json!("fallback"), &json!("address_not_allowed")));
+    let d = wait_state(&app, &org, &id, "failed").await;
+    assert_eq!(d["attempts"][0]["error"], "address not allowed", "{d}");
+    assert_eq!(d["attempts"][0]["status_code"], Value::Null);
+    assert!(upstream.hits().is_empty());
+}
+
 /// An upstream that answers 429 or 503 with `Retry-After` is not tried again before then
 /// (within the longest backoff step); one without it, or with a date, gets the backoff.
 #[tokio::test]
