@@ -158,6 +158,7 @@ pub struct Journal {
     next_batch: u64,
     /// What an inspection found and left in place.
     torn: Option<TornTail>,
+    access: Access,
 }
 
 /// Read access to every segment, shared with readers so they never wait for the writer. Only
@@ -292,6 +293,7 @@ impl Journal {
             spare: if serve { Spare::new(dir, options.preallocate_bytes) } else { Spare::none(dir) },
             next_batch: last_batch.map_or(0, |n| n + 1),
             torn,
+            access,
         })
     }
 
@@ -310,6 +312,13 @@ impl Journal {
     /// appends (slower, still durable), up to a hard size where it must start a new segment
     /// anyway.
     pub fn place(&mut self, len: usize) -> Result<Loc, StoreError> {
+        // Placing can make a segment: an inspection must leave the journal as it found it.
+        if self.access == Access::Inspect {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the journal is open to inspect only",
+            )));
+        }
         let end = self.active_len + (len + MARKER_FRAME) as u64;
         if end <= self.active_room {
             return Ok(self.end());
@@ -985,7 +994,7 @@ mod tests {
         assert_eq!(inspected.torn_tail(), Some(TornTail { segment: 1, at: 14, bytes: size - 14 }));
         let mut buf = Vec::new();
         frame(&mut buf, |b| b.extend_from_slice(b"refused"));
-        inspected.place(buf.len()).unwrap();
+        assert!(inspected.place(buf.len()).is_err(), "an inspection places nothing");
         assert!(inspected.write_durably(&mut buf).is_err(), "an inspection writes nothing");
         drop(inspected);
         assert_eq!(files(dir.path()), before);
