@@ -36,11 +36,11 @@ const SCAN: usize = 512;
 /// Delays after the 1st, 2nd, … failure; hourly after the last, until the horizon.
 const BACKOFF_SECS: [i64; 5] = [5, 30, 120, 600, 3600];
 
-/// The delay before the next attempt after `failures` failures, with ±10 % jitter so a
-/// recovering upstream is not hit by every retry at once.
 /// The longest pause an upstream's `Retry-After` gets: the longest backoff step.
 const MAX_ASKED_PAUSE_SECS: u64 = 3600;
 
+/// The delay before the next attempt after `failures` failures, with ±10 % jitter so a
+/// recovering upstream is not hit by every retry at once.
 pub fn backoff_ms(failures: usize) -> i64 {
     let base = BACKOFF_SECS.get(failures.saturating_sub(1)).copied().unwrap_or(3600) * 1000;
     let jitter = rand::thread_rng().gen_range(-(base / 10)..=(base / 10));
@@ -422,22 +422,19 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
     let ts = state.clock.now_secs();
     let started = Instant::now();
     // A URL stored before its address was refused is not called either.
-    let allowed = crate::net::outbound::allowed_url(url);
-    let result = match allowed {
-        true => Some(
-            state
-                .http
-                .post(url)
-                .timeout(state.settings.handoff.delivery_timeout)
-                .header("content-type", "application/json")
-                .header("webhook-id", ev.id.as_str())
-                .header("webhook-timestamp", ts.to_string())
-                .header("webhook-signature", state.signer.sign(ev.id.as_str(), ts, &body))
-                .body(body)
-                .send()
-                .await,
-        ),
-        false => None,
+    let result = if crate::net::outbound::allowed_url(url) {
+        let req = state
+            .http
+            .post(url)
+            .timeout(state.settings.handoff.delivery_timeout)
+            .header("content-type", "application/json")
+            .header("webhook-id", ev.id.as_str())
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", state.signer.sign(ev.id.as_str(), ts, &body))
+            .body(body);
+        Some(req.send().await)
+    } else {
+        None
     };
     let latency_ms = started.elapsed().as_millis() as u64;
     // An upstream that asks for a pause (429 or 503 with `Retry-After` in seconds) gets it, up
