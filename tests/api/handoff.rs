@@ -1367,7 +1367,7 @@ async fn an_incoming_calls_delivery_waits_for_its_answer_and_retries_send_the_sa
 async fn a_parked_incoming_call_released_before_its_answer_still_goes_with_it() {
     let upstream = FakeHttp::start(|_| Reply::status(200)).await;
     let assistant = FakeHttp::start(|_| {
-        Reply::json(json!({"action": "stream", "stream_url": AI_STREAM})).delayed(Duration::from_millis(1_000))
+        Reply::json(json!({"action": "stream", "stream_url": AI_STREAM})).delayed(Duration::from_millis(2_000))
     })
     .await;
     let app = spawn_with(
