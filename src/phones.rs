@@ -201,12 +201,7 @@ fn url_field(v: &Value, name: &str, schemes: &[&str]) -> Result<Option<String>, 
 /// network position is all the request would gain. A host name is checked when resolved.
 fn fetched_url_field(v: &Value, name: &str) -> Result<Option<String>, ApiError> {
     let url = url_field(v, name, &["https", "http"])?;
-    let host_ip = url.as_deref().and_then(|u| match url::Url::parse(u).ok()?.host()? {
-        url::Host::Ipv4(ip) => Some(std::net::IpAddr::V4(ip)),
-        url::Host::Ipv6(ip) => Some(ip.to_ipv4_mapped().map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4)),
-        url::Host::Domain(_) => None,
-    });
-    if host_ip.is_some_and(crate::net::outbound::forbidden) {
+    if url.as_deref().is_some_and(|u| !crate::net::outbound::allowed_url(u)) {
         return Err(invalid(format!(
             "config.{name}: must not be a link-local, unspecified, broadcast or metadata address"
         )));

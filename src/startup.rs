@@ -191,11 +191,9 @@ pub fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
     }))
 }
 
-/// A path no route serves is 404; one that a route serves with another method is 405.
-async fn unrouted(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
-    if req.resource_map().has_resource(req.path()) {
-        return Err(ApiError::method_not_allowed());
-    }
+/// A path no route serves is 404. (One that a route serves with another method never comes
+/// here: each URL's [`resource`] answers that with its 405.)
+async fn unrouted() -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found("resource"))
 }
 

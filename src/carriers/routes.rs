@@ -11,6 +11,7 @@ use super::twilio::Twilio;
 use super::vobiz::Vobiz;
 use super::{CarrierHooks, Hook};
 use crate::error::ApiError;
+use crate::startup::resource;
 use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -18,11 +19,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     carrier::<Vobiz>(cfg, "vobiz");
     carrier::<Twilio>(cfg, "twilio");
     carrier::<Exotel>(cfg, "exotel");
-    cfg.service(
-        web::resource("/webhooks/telnyx/voice")
-            .route(web::post().to(telnyx))
-            .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::method_not_allowed_but("POST")) })),
-    );
+    cfg.service(resource("/webhooks/telnyx/voice", "POST").route(web::post().to(telnyx)));
 }
 
 /// `/{name}/incoming/{phone_id}` and `/{name}/status/{phone_id}`, split by hand: actix matches
