@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::auth::OrgAuth;
-use crate::carriers::rest::{ListedNumber, ProviderError, WebhookTargets};
+use crate::carriers::rest::{ListedNumber, ProviderError, Release, WebhookTargets};
 use crate::clock::rfc3339;
 use crate::domain::{Carrier, OrgId, PhoneCredential, PhoneId, SecretId, E164};
 use crate::error::ApiError;
@@ -544,11 +544,59 @@ async fn patch(
     Ok(HttpResponse::Ok().json(phone_json(&state, &phone)))
 }
 
-async fn delete(state: web::Data<AppState>, auth: OrgAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    if !state.store.phone_delete(&auth.org_id, &phone_id(&id)?)? {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    #[serde(default)]
+    release_provider: bool,
+}
+
+async fn delete(
+    state: web::Data<AppState>,
+    auth: OrgAuth,
+    id: web::Path<String>,
+    q: web::Query<DeleteQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let id = phone_id(&id)?;
+    // The carrier first: if it fails, the number stays, so the release can be asked again.
+    let released = if q.release_provider {
+        let phone = state.store.phone_get(&auth.org_id, &id)?.ok_or_else(|| ApiError::not_found("phone number"))?;
+        Some(release_on_carrier(&state, &phone).await?)
+    } else {
+        None
+    };
+    if !state.store.phone_delete(&auth.org_id, &id)? {
         return Err(ApiError::not_found("phone number"));
     }
     state.commit.commit().await?;
     state.credentials.invalidate_all();
-    Ok(HttpResponse::NoContent().finish())
+    Ok(match released {
+        None => HttpResponse::NoContent().finish(),
+        Some(report) => HttpResponse::Ok().json(json!({"id": id, "deleted": true, "provider_release": report})),
+    })
+}
+
+/// Undoes on the carrier's side what `configure_provider` did at import, as far as the
+/// carrier still routes the number the way callgate left it.
+async fn release_on_carrier(state: &AppState, phone: &PhoneRecord) -> Result<Value, ApiError> {
+    let Some(configured) = &phone.provider_configuration else {
+        return Ok(json!({
+            "changed": false,
+            "reason": "the number was imported without configure_provider: callgate changed nothing at the carrier",
+        }));
+    };
+    let rec = state
+        .store
+        .secret_get(&phone.org_id, &phone.credential)?
+        .ok_or_else(|| ApiError::internal(format!("phone {} has no credential record", phone.id)))?;
+    let cred = state.vault.open_phone(&rec).map_err(ApiError::internal)?;
+    state.carrier_limiter.check(&phone.org_id, state.clock.now_ms()).map_err(ApiError::rate_limited)?;
+    let release = Release { number: &phone.number, provider_number_id: &phone.provider_number_id, configured };
+    state.provider_api.release_number(&cred, &release).await.map_err(|e| {
+        let mut api = provider_error(phone.provider, e);
+        api.message.push_str(
+            "; the number was not deleted: ask again, or delete it without release_provider to leave the carrier as it is",
+        );
+        api
+    })
 }

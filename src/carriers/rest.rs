@@ -15,7 +15,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 use reqwest::{Method, RequestBuilder};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::carriers::{exotel, plivo, telnyx, twilio, vobiz};
 use crate::domain::{Carrier, PhoneCredential, Secret, E164};
@@ -74,6 +74,37 @@ pub struct ListedNumber {
     pub provider_number_id: String,
     pub friendly_name: Option<String>,
     pub voice_url: Option<String>,
+    /// Where the carrier routes the number's calls as listed (Plivo and Vobiz application,
+    /// Telnyx connection), so that what configuring replaces can be put back on release.
+    #[serde(skip)]
+    pub routed_to: Option<String>,
+}
+
+impl ListedNumber {
+    pub(crate) fn routed_to(self, route: Option<String>) -> Self {
+        ListedNumber { routed_to: non_empty(route), ..self }
+    }
+}
+
+/// A number whose carrier configuration is to be undone, and what configuring it reported
+/// (`provider_configuration`): what callgate set, and what that replaced.
+pub struct Release<'a> {
+    pub number: &'a E164,
+    pub provider_number_id: &'a str,
+    pub configured: &'a Value,
+}
+
+impl Release<'_> {
+    /// A string field of the configuration report.
+    pub(crate) fn field(&self, name: &str) -> Option<&str> {
+        self.configured.get(name).and_then(Value::as_str).filter(|s| !s.is_empty())
+    }
+}
+
+/// The release report when the configuration report names nothing callgate set up (its
+/// configuring failed, or the record predates what is needed to undo it).
+pub(crate) fn nothing_to_release() -> Value {
+    json!({"changed": false, "reason": "the import's configuration report names nothing callgate set up at the carrier"})
 }
 
 /// Where auto-configuration points a number. For Telnyx both are the single voice URL.
@@ -173,6 +204,18 @@ impl ProviderApi {
             PhoneCredential::Twilio(c) => twilio::rest::configure_number(self, c, number, urls).await,
             PhoneCredential::Telnyx(c) => telnyx::rest::configure_number(self, c, number, urls).await,
             PhoneCredential::Exotel(_) => Ok(exotel::rest::configure_number(number, urls)),
+        }
+    }
+
+    /// Undoes what [`Self::configure_number`] did, where the carrier still routes the number
+    /// as it left it, and describes what changed on the carrier's side.
+    pub async fn release_number(&self, cred: &PhoneCredential, release: &Release<'_>) -> Result<Value, ProviderError> {
+        match cred {
+            PhoneCredential::Plivo(c) => plivo::rest::release_number(self, c, release).await,
+            PhoneCredential::Vobiz(c) => vobiz::rest::release_number(self, c, release).await,
+            PhoneCredential::Twilio(c) => twilio::rest::release_number(self, c, release).await,
+            PhoneCredential::Telnyx(c) => telnyx::rest::release_number(self, c, release).await,
+            PhoneCredential::Exotel(_) => Ok(exotel::rest::release_number(release)),
         }
     }
 
@@ -557,6 +600,7 @@ pub(crate) fn listed(
         provider_number_id,
         friendly_name: non_empty(friendly_name),
         voice_url: non_empty(voice_url),
+        routed_to: None,
     })
 }
 

@@ -643,6 +643,7 @@ async fn configure_of_a_number_the_carrier_does_not_have_is_not_found() {
         provider_number_id: "1293384261075799999".to_owned(),
         friendly_name: None,
         voice_url: None,
+        routed_to: None,
     };
     for carrier in [Carrier::Plivo, Carrier::Vobiz, Carrier::Telnyx] {
         let fake = fake_with(carrier, &NUMBERS).await;

@@ -655,12 +655,17 @@ fn plivo(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: O
                 "GET" => reply(200, plivo_number(&base, num)),
                 "POST" => {
                     let Some(body) = json_body(req) else { return bad_request(Carrier::Plivo, "body must be JSON") };
-                    if let Some(app) = body.get("app_id") {
-                        let app = app.as_str().unwrap_or_default();
-                        if !acct.apps.iter().any(|a| a.id == app) {
-                            return bad_request(Carrier::Plivo, "app_id is not valid");
+                    match body.get("app_id") {
+                        Some(app) => {
+                            let app = app.as_str().unwrap_or_default();
+                            if !acct.apps.iter().any(|a| a.id == app) {
+                                return bad_request(Carrier::Plivo, "app_id is not valid");
+                            }
+                            num.app_id = Some(app.to_owned());
                         }
-                        num.app_id = Some(app.to_owned());
+                        // Plivo: without app_id the account's default number application is
+                        // linked; this account has none.
+                        None => num.app_id = None,
                     }
                     if let Some(alias) = body.get("alias").and_then(Value::as_str) {
                         num.friendly_name = alias.to_owned();
@@ -711,6 +716,14 @@ fn vobiz(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: O
                 })
                 .collect();
             reply(200, json!({"items": items, "page": page, "per_page": size, "total": acct.numbers.len()}))
+        }
+        ("DELETE", ["numbers", number, "application"]) => {
+            let number = decode(number);
+            let Some(num) = acct.numbers.iter_mut().find(|x| x.number == number) else {
+                return not_found(Carrier::Vobiz, req);
+            };
+            num.app_id = None;
+            reply(200, json!({"api_id": api_id(), "message": "Application detached from number", "number": number}))
         }
         ("POST", ["numbers", number, "application"]) => {
             let number = decode(number);
@@ -840,6 +853,15 @@ fn applications(
             let id = app.id.clone();
             acct.apps.push(app);
             reply(201, json!({"api_id": api_id(), "app_id": id, "message": "created"}))
+        }
+        ("DELETE", [id, ""]) => {
+            let Some(i) = acct.apps.iter().position(|a| a.id == *id) else { return not_found(carrier, req) };
+            let gone = acct.apps.remove(i).id;
+            // Numbers linked to a deleted application are left without one.
+            for num in acct.numbers.iter_mut().filter(|x| x.app_id.as_deref() == Some(gone.as_str())) {
+                num.app_id = None;
+            }
+            HttpResponse::NoContent().finish()
         }
         (_, [id, ""]) => {
             let Some(app) = acct.apps.iter_mut().find(|a| a.id == *id) else { return not_found(carrier, req) };
@@ -1053,12 +1075,16 @@ fn telnyx(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: 
                 "GET" => reply(200, json!({"data": telnyx_number(acct, &acct.numbers[i])})),
                 "PATCH" => {
                     let Some(body) = json_body(req) else { return bad_request(Carrier::Telnyx, "body must be JSON") };
-                    if let Some(conn) = body.get("connection_id") {
-                        let conn = conn.as_str().unwrap_or_default().to_owned();
-                        if !acct.apps.iter().any(|a| a.id == conn) {
-                            return bad_request(Carrier::Telnyx, "connection_id does not exist");
+                    match body.get("connection_id") {
+                        Some(Value::Null) => acct.numbers[i].connection_id = None,
+                        Some(conn) => {
+                            let conn = conn.as_str().unwrap_or_default().to_owned();
+                            if !acct.apps.iter().any(|a| a.id == conn) {
+                                return bad_request(Carrier::Telnyx, "connection_id does not exist");
+                            }
+                            acct.numbers[i].connection_id = Some(conn);
                         }
-                        acct.numbers[i].connection_id = Some(conn);
+                        None => {}
                     }
                     reply(200, json!({"data": telnyx_number(acct, &acct.numbers[i])}))
                 }

@@ -619,6 +619,330 @@ async fn import_stores_the_number_with_byok_billing_and_never_shows_the_secret()
     app.assert_not_in_data_dir(EXOTEL_TOKEN);
 }
 
+// --- release_provider --------------------------------------------------------------------
+
+const OLD_VOICE: &str = "https://ivr.example.com/voice";
+const OLD_STATUS: &str = "https://ivr.example.com/status";
+const OLD_TWIML_APP: &str = "AP00112233445566778899aabbccddeeff";
+
+async fn delete_phone(app: &TestApp, org: &Org, id: &str, query: &str) -> Reply {
+    send(app.delete(org, &format!("/phone-numbers/{id}{query}"))).await
+}
+
+/// Routes `a`'s `index`th number, on the carrier's side, to something of the customer's own
+/// before callgate configures it: what a release is to put back. Its application or
+/// connection id (Twilio: the TwiML application).
+fn route_elsewhere(fake: &FakeCarrier, a: &Account, index: usize) -> Option<String> {
+    let c = a.carrier;
+    match c {
+        Carrier::Plivo | Carrier::Vobiz | Carrier::Telnyx => {
+            let own = fake.add_application(c, "customer-ivr", OLD_VOICE, OLD_STATUS);
+            fake.update_number(c, a.numbers[index], |n| match c {
+                Carrier::Telnyx => n.connection_id = Some(own.clone()),
+                _ => n.app_id = Some(own.clone()),
+            });
+            Some(own)
+        }
+        Carrier::Twilio => {
+            fake.update_number(c, a.numbers[index], |n| {
+                n.voice_url = Some(OLD_VOICE.to_owned());
+                n.status_callback = Some(OLD_STATUS.to_owned());
+                n.voice_application_sid = Some(OLD_TWIML_APP.to_owned());
+            });
+            Some(OLD_TWIML_APP.to_owned())
+        }
+        Carrier::Exotel => None,
+    }
+}
+
+fn plivo_family_base(c: Carrier) -> String {
+    match c {
+        Carrier::Plivo => format!("/v1/Account/{PLIVO_ID}/"),
+        _ => format!("/api/v1/Account/{VOBIZ_ID}/"),
+    }
+}
+
+/// A release's requests after the ones that read where the number points now (Vobiz: the
+/// listing, whatever its pages), from `sent`.
+fn after_reads(c: Carrier, sent: &[Recorded]) -> Vec<Recorded> {
+    sent.iter()
+        .filter(|r| !(r.method == "GET" && (c != Carrier::Vobiz || r.path.ends_with("/numbers"))))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn release_provider_puts_each_carrier_back_as_it_was_and_takes_callgates_application_away() {
+    let (fake, app, org) = setup().await;
+    for a in &ACCOUNTS {
+        let c = a.carrier;
+        // Index 0 had a route of the customer's own before; index 1 had none.
+        for (index, previous) in [(0, route_elsewhere(&fake, a, 0)), (1, None)] {
+            let what = format!("{c} #{index}");
+            let (v, _) = import_configured(&fake, &app, &org, a, index).await;
+            let id = str_of(&v, "id").to_owned();
+            let configured = &v["provider_configuration"];
+            let ours = configured["application_id"].as_str().map(str::to_owned);
+            match c {
+                Carrier::Plivo | Carrier::Vobiz => {
+                    assert_eq!(configured["previous_application_id"], json!(previous), "{what}")
+                }
+                Carrier::Telnyx => assert_eq!(configured["previous_connection_id"], json!(previous), "{what}"),
+                Carrier::Twilio => {
+                    assert_eq!(configured["previous_voice_application_sid"], json!(previous), "{what}");
+                    let old = |s: &str| previous.as_ref().map(|_| s.to_owned());
+                    assert_eq!(configured["previous_voice_url"], json!(old(OLD_VOICE)), "{what}");
+                    assert_eq!(configured["previous_status_callback"], json!(old(OLD_STATUS)), "{what}");
+                }
+                Carrier::Exotel => {}
+            }
+
+            fake.clear_requests();
+            let r = delete_phone(&app, &org, &id, "?release_provider=true").await;
+            assert_eq!(r.status, 200, "{what}: {}", r.text);
+            assert!(!r.text.contains(a.secret), "{what}");
+            let sent = fake.requests();
+            for req in &sent {
+                assert_auth(a, req, a.secret);
+            }
+            let on_fake = fake.number(c, a.numbers[index]);
+            let digits = a.numbers[index].trim_start_matches('+');
+            let report = match c {
+                Carrier::Plivo | Carrier::Vobiz => {
+                    let ours = ours.clone().expect("callgate's application");
+                    let base = plivo_family_base(c);
+                    let writes = after_reads(c, &sent);
+                    assert_eq!(writes.len(), 2, "{what}: {sent:#?}");
+                    match (c, &previous) {
+                        (Carrier::Plivo, p) => {
+                            assert_get(a, &sent[0], &format!("{base}Number/{digits}/"), "");
+                            let body = p.as_ref().map_or_else(|| json!({}), |p| json!({"app_id": p}));
+                            assert_json_request(a, &writes[0], "POST", &format!("{base}Number/{digits}/"), body);
+                        }
+                        (_, Some(p)) => {
+                            let path = format!("{base}numbers/%2B{digits}/application");
+                            assert_json_request(a, &writes[0], "POST", &path, json!({"application_id": p}));
+                        }
+                        (_, None) => {
+                            let path = format!("{base}numbers/%2B{digits}/application");
+                            assert_eq!((writes[0].method.as_str(), writes[0].path.as_str()), ("DELETE", path.as_str()));
+                        }
+                    }
+                    let app_path = format!("{base}Application/{ours}/");
+                    assert_eq!((writes[1].method.as_str(), writes[1].path.as_str()), ("DELETE", app_path.as_str()));
+                    assert_eq!(on_fake.app_id, previous, "{what}: linked back");
+                    assert!(
+                        fake.applications(c).iter().all(|x| x.id != ours),
+                        "{what}: callgate's application is gone"
+                    );
+                    json!({
+                        "changed": true,
+                        "application_id": ours,
+                        "linked_application_id": previous,
+                        "actions": [
+                            if previous.is_some() { "linked number to its previous application" } else { "unlinked number from callgate's application" },
+                            "deleted application",
+                        ],
+                    })
+                }
+                Carrier::Twilio => {
+                    let path = format!("/2010-04-01/Accounts/{TWILIO_SID}/IncomingPhoneNumbers/{}.json", on_fake.id);
+                    assert_eq!(sent.len(), 2, "{what}: {sent:#?}");
+                    assert_get(a, &sent[0], &path, "");
+                    assert_eq!((sent[1].method.as_str(), sent[1].path.as_str()), ("POST", path.as_str()), "{what}");
+                    let old = |s: &str| previous.as_ref().map(|_| s.to_owned());
+                    let form: Vec<(String, String)> = [
+                        ("VoiceUrl", old(OLD_VOICE)),
+                        ("StatusCallback", old(OLD_STATUS)),
+                        ("VoiceApplicationSid", previous.clone()),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.unwrap_or_default()))
+                    .collect();
+                    assert_eq!(sent[1].form(), form, "{what}");
+                    assert_eq!(
+                        (
+                            on_fake.voice_url.clone(),
+                            on_fake.status_callback.clone(),
+                            on_fake.voice_application_sid.clone()
+                        ),
+                        (old(OLD_VOICE), old(OLD_STATUS), previous.clone()),
+                        "{what}"
+                    );
+                    let mut actions = vec!["restored voice URL and status callback"];
+                    if previous.is_some() {
+                        actions.push("reattached TwiML application");
+                    }
+                    json!({
+                        "changed": true,
+                        "voice_url": old(OLD_VOICE),
+                        "status_callback": old(OLD_STATUS),
+                        "voice_application_sid": previous,
+                        "actions": actions,
+                    })
+                }
+                Carrier::Telnyx => {
+                    let path = format!("/v2/phone_numbers/{}", on_fake.id);
+                    assert_eq!(sent.len(), 2, "{what}: {sent:#?}");
+                    assert_get(a, &sent[0], &path, "");
+                    assert_json_request(a, &sent[1], "PATCH", &path, json!({"connection_id": previous}));
+                    assert_eq!(on_fake.connection_id, previous, "{what}");
+                    let ours = ours.clone().expect("callgate's application");
+                    assert!(fake.applications(c).iter().any(|x| x.id == ours), "{what}: the shared application stays");
+                    json!({
+                        "changed": true,
+                        "connection_id": previous,
+                        "actions": [if previous.is_some() { "linked number to its previous connection" } else { "cleared number's connection" }],
+                    })
+                }
+                Carrier::Exotel => {
+                    assert!(sent.is_empty(), "{what}: Exotel is configured by hand: {sent:#?}");
+                    let steps = str_of(&r.json()["provider_release"], "manual_steps").to_owned();
+                    for needle in [a.numbers[index], "Passthru", "Voicebot", "status callback"] {
+                        assert!(steps.contains(needle), "{what}: {needle:?} missing from {steps:?}");
+                    }
+                    json!({"changed": false, "manual_steps": steps})
+                }
+            };
+            assert_eq!(r.json(), json!({"id": id, "deleted": true, "provider_release": report}), "{what}");
+            assert_eq!(get_phone(&app, &org, &id).await.status, 404, "{what}: deleted");
+        }
+    }
+}
+
+#[tokio::test]
+async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_repointed_number_as_found() {
+    let (fake, app, org) = setup().await;
+    let plivo = account(Carrier::Plivo);
+    let (v, _) = import_configured(&fake, &app, &org, plivo, 0).await;
+    let id = str_of(&v, "id").to_owned();
+    let ours = str_of(&v["provider_configuration"], "application_id").to_owned();
+
+    // The carrier fails: nothing is deleted, and the answer says so; asking again works.
+    let kept =
+        "; the number was not deleted: ask again, or delete it without release_provider to leave the carrier as it is";
+    for (mode, status, code, message) in [
+        (
+            Mode::ServerError,
+            502,
+            "provider_unavailable",
+            "plivo's API is unavailable or gave an answer callgate cannot read".to_owned(),
+        ),
+        (
+            Mode::WrongShape,
+            502,
+            "provider_unavailable",
+            "plivo's API is unavailable or gave an answer callgate cannot read".to_owned(),
+        ),
+        (
+            Mode::Unauthorized,
+            422,
+            "invalid_provider_credentials",
+            format!("plivo rejected the credentials: {}", carrier_auth_message(Carrier::Plivo)),
+        ),
+    ] {
+        fake.set_mode(mode);
+        let r = delete_phone(&app, &org, &id, "?release_provider=true").await;
+        assert_error(&r, status, code, &format!("{message}{kept}"), &format!("{mode:?}"));
+        assert_eq!(get_phone(&app, &org, &id).await.json(), v, "{mode:?}: the number is kept as it was");
+        assert!(fake.applications(Carrier::Plivo).iter().any(|x| x.id == ours), "{mode:?}");
+    }
+    fake.set_mode(Mode::Ok);
+
+    // Repointed at the carrier since: the number is left as found, callgate's application goes.
+    let own = fake.add_application(Carrier::Plivo, "customer-ivr", OLD_VOICE, OLD_STATUS);
+    fake.update_number(Carrier::Plivo, plivo.numbers[0], |n| n.app_id = Some(own.clone()));
+    fake.clear_requests();
+    let r = delete_phone(&app, &org, &id, "?release_provider=true").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.json()["provider_release"],
+        json!({
+            "changed": true,
+            "application_id": ours,
+            "linked_application_id": null,
+            "actions": ["left number as found: it no longer uses callgate's application", "deleted application"],
+        })
+    );
+    let sent = fake.requests();
+    assert_eq!(sent.iter().map(|r| r.method.as_str()).collect::<Vec<_>>(), ["GET", "DELETE"], "{sent:#?}");
+    assert_eq!(fake.number(Carrier::Plivo, plivo.numbers[0]).app_id, Some(own), "left as found");
+
+    // Twilio repointed since: only read, nothing written.
+    let twilio = account(Carrier::Twilio);
+    let (v, _) = import_configured(&fake, &app, &org, twilio, 0).await;
+    fake.update_number(Carrier::Twilio, twilio.numbers[0], |n| n.voice_url = Some(OLD_VOICE.to_owned()));
+    fake.clear_requests();
+    let r = delete_phone(&app, &org, str_of(&v, "id"), "?release_provider=true").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.json()["provider_release"],
+        json!({"changed": false, "actions": ["left number as found: its voice URL is no longer callgate's"]})
+    );
+    assert_eq!(fake.requests().len(), 1);
+    assert_eq!(fake.number(Carrier::Twilio, twilio.numbers[0]).voice_url.as_deref(), Some(OLD_VOICE));
+
+    // Telnyx: the number is gone from the account.
+    let telnyx = account(Carrier::Telnyx);
+    let (v, _) = import_configured(&fake, &app, &org, telnyx, 0).await;
+    fake.update_number(Carrier::Telnyx, telnyx.numbers[0], |n| n.id = "gone".to_owned());
+    let r = delete_phone(&app, &org, str_of(&v, "id"), "?release_provider=true").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.json()["provider_release"],
+        json!({"changed": false, "actions": ["none: the number is no longer on the account"]})
+    );
+
+    // Imported without configure_provider: nothing to undo, nothing asked of the carrier.
+    let vobiz = account(Carrier::Vobiz);
+    let v = import_inline(&app, &org, vobiz, 0).await;
+    fake.clear_requests();
+    let r = delete_phone(&app, &org, str_of(&v, "id"), "?release_provider=true").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.json()["provider_release"],
+        json!({"changed": false, "reason": "the number was imported without configure_provider: callgate changed nothing at the carrier"})
+    );
+    assert!(fake.requests().is_empty());
+}
+
+#[tokio::test]
+async fn delete_without_release_provider_leaves_the_carrier_alone_and_bad_queries_are_refused() {
+    let (fake, app, org) = setup().await;
+    let plivo = account(Carrier::Plivo);
+    let (v, _) = import_configured(&fake, &app, &org, plivo, 0).await;
+    let id = str_of(&v, "id").to_owned();
+    fake.clear_requests();
+    for (query, message) in [
+        (
+            "?release_provider=yes",
+            "invalid query string: Query deserialize error: provided string was not `true` or `false`",
+        ),
+        (
+            "?release=true",
+            "invalid query string: Query deserialize error: unknown field `release`, expected `release_provider`",
+        ),
+    ] {
+        let r = delete_phone(&app, &org, &id, query).await;
+        assert_error(&r, 400, "invalid_query", message, query);
+    }
+    let r = delete_phone(&app, &org, "ph_00000000000000000000000000000000", "?release_provider=true").await;
+    assert_error(&r, 404, "not_found", "phone number not found", "unknown number");
+    assert!(fake.requests().is_empty(), "{:#?}", fake.requests());
+    assert_eq!(get_phone(&app, &org, &id).await.status, 200);
+
+    let r = delete_phone(&app, &org, &id, "?release_provider=false").await;
+    assert_eq!((r.status, r.text.as_str()), (204, ""));
+    assert!(fake.requests().is_empty(), "a plain delete asks nothing of the carrier");
+    let ours = str_of(&v["provider_configuration"], "application_id");
+    assert_eq!(fake.number(Carrier::Plivo, plivo.numbers[0]).app_id.as_deref(), Some(ours));
+
+    // Imported again, still on callgate's application: that is not a route to put back.
+    let (again, _) = import_configured(&fake, &app, &org, plivo, 0).await;
+    assert_eq!(again["provider_configuration"]["application_id"], json!(ours));
+    assert_eq!(again["provider_configuration"]["previous_application_id"], json!(null));
+}
+
 // --- configure_provider ------------------------------------------------------------------
 
 fn basic(user: &str, secret: &str) -> String {
@@ -756,6 +1080,7 @@ async fn configure_provider_sends_exactly_what_each_carrier_expects() {
                     "changed": true,
                     "application_id": app_id,
                     "application_name": name,
+                    "previous_application_id": null,
                     "answer_url": incoming,
                     "hangup_url": status,
                     "actions": ["created application", "linked number"],
@@ -780,6 +1105,7 @@ async fn configure_provider_sends_exactly_what_each_carrier_expects() {
                     "changed": true,
                     "application_id": app_id,
                     "application_name": "callgate",
+                    "previous_connection_id": null,
                     "webhook_event_url": incoming,
                     "actions": ["created application", "linked number"],
                 })
@@ -821,6 +1147,7 @@ async fn configure_provider_sends_exactly_what_each_carrier_expects() {
             "changed": true,
             "application_id": app_id,
             "application_name": "callgate",
+            "previous_connection_id": null,
             "webhook_event_url": format!("{PUBLIC}/webhooks/telnyx/voice"),
             "actions": ["reused application", "linked number"],
         })

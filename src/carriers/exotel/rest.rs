@@ -7,7 +7,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::carriers::rest::{
-    id_string, listed, non_empty, segment, Auth, ListedNumber, Listing, ProviderApi, ProviderError, WebhookTargets,
+    id_string, listed, non_empty, segment, Auth, ListedNumber, Listing, ProviderApi, ProviderError, Release,
+    WebhookTargets,
 };
 use crate::domain::credentials::ExotelCredential;
 use crate::domain::Carrier;
@@ -75,5 +76,18 @@ pub(crate) fn configure_number(number: &ListedNumber, targets: &WebhookTargets) 
         ),
         "incoming_url": targets.incoming,
         "status_url": targets.status,
+    })
+}
+
+/// Nothing was changed on Exotel's side, so nothing is undone there: the customer takes the
+/// URLs out of the flow.
+pub(crate) fn release_number(release: &Release<'_>) -> Value {
+    json!({
+        "changed": false,
+        "manual_steps": format!(
+            "Exotel routes {} through a flow built in its dashboard: remove callgate's URLs from the \
+             flow's Passthru or Voicebot applet and its call status callback, or assign the number to another flow.",
+            release.number
+        ),
     })
 }

@@ -7,8 +7,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::carriers::rest::{
-    id_string, listed, non_empty, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
-    WebhookTargets, APP_NAME, MAX_NUMBERS,
+    id_string, listed, non_empty, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi,
+    ProviderError, Release, WebhookTargets, APP_NAME, MAX_NUMBERS,
 };
 use crate::domain::credentials::AuthPair;
 use crate::domain::Carrier;
@@ -38,6 +38,14 @@ struct Item {
     number: String,
     #[serde(default)]
     alias: Option<String>,
+    /// The linked application's URI, `/v1/Account/{auth_id}/Application/{app_id}/`.
+    #[serde(default)]
+    application: Option<String>,
+}
+
+/// The `app_id` at the end of an application URI.
+fn app_in(uri: Option<&str>) -> Option<String> {
+    uri?.trim_end_matches('/').rsplit('/').next().filter(|id| !id.is_empty()).map(str::to_owned)
 }
 
 fn exchange<'a>(api: &'a ProviderApi, cred: &'a AuthPair) -> Result<Exchange<'a>, ProviderError> {
@@ -58,8 +66,10 @@ pub(crate) async fn list_numbers(api: &ProviderApi, cred: &AuthPair) -> Result<V
     loop {
         let page: Page = ex.json(OP, req).await?;
         // Plivo lists digits without `+`; they are also the number's id in its paths.
-        let count =
-            listing.add_page(page.objects, |item: Item| listed(&item.number, item.number.clone(), item.alias, None));
+        let count = listing.add_page(page.objects, |item: Item| {
+            let app = app_in(item.application.as_deref());
+            Some(listed(&item.number, item.number.clone(), item.alias, None)?.routed_to(app))
+        });
         match non_empty(page.meta.next) {
             Some(next) if count > 0 && !listing.full() => req = ex.follow(OP, &next)?,
             _ => break,
@@ -84,17 +94,102 @@ pub(crate) async fn configure_number(
         .json(&json!({ "app_id": app_id }));
     ex.send("link number", link).await?;
     actions.push("linked number");
-    Ok(configured(&app_id, &name, targets, actions))
+    Ok(configured(&app_id, &name, targets, actions, previous_app(number, &app_id)))
+}
+
+/// The application a number was linked to before callgate's, to link it back on release.
+pub(crate) fn previous_app<'a>(number: &'a ListedNumber, ours: &str) -> Option<&'a str> {
+    number.routed_to.as_deref().filter(|p| *p != ours)
+}
+
+/// Links the number back to the application it had (or, if it had none, to the account's
+/// default one) where it still uses callgate's, then deletes callgate's application.
+pub(crate) async fn release_number(
+    api: &ProviderApi,
+    cred: &AuthPair,
+    release: &Release<'_>,
+) -> Result<Value, ProviderError> {
+    #[derive(Deserialize)]
+    struct Current {
+        number: String,
+        #[serde(default)]
+        application: Option<String>,
+    }
+
+    let Some(ours) = release.field("application_id") else { return Ok(nothing_to_release()) };
+    let ex = exchange(api, cred)?;
+    let base = account_path(cred)?;
+    let number_path = format!("{base}Number/{}/", segment(release.number.digits())?);
+    let current = match ex.json::<Current>("fetch number", ex.request(Method::GET, &number_path)).await {
+        Ok(c) if c.number == release.number.digits() => Some(app_in(c.application.as_deref())),
+        Ok(c) => return Err(ex.unavailable("fetch number", &format!("answered for {} instead", c.number))),
+        Err(ProviderError::NotFound) => None,
+        Err(e) => return Err(e),
+    };
+    let previous = release.field("previous_application_id");
+    let relink = current.as_ref().is_some_and(|app| app.as_deref() == Some(ours));
+    if relink {
+        // Plivo links the account's default number application when no app_id is given.
+        let body = previous.map_or_else(|| json!({}), |p| json!({ "app_id": p }));
+        ex.send("link number", ex.request(Method::POST, &number_path).json(&body)).await?;
+    }
+    let outcome = Unlinked { on_account: current.is_some(), relinked: relink, previous };
+    delete_application(&ex, &format!("{base}Application/"), ours, outcome).await
+}
+
+/// What releasing did to a Plivo-family number before its application goes.
+pub(crate) struct Unlinked<'a> {
+    /// The carrier still lists the number.
+    pub on_account: bool,
+    /// It used callgate's application, and was linked back.
+    pub relinked: bool,
+    pub previous: Option<&'a str>,
+}
+
+/// Deletes callgate's application for one number (made for it alone, so nothing else uses
+/// it) and reports the release.
+pub(crate) async fn delete_application(
+    ex: &Exchange<'_>,
+    apps_path: &str,
+    ours: &str,
+    done: Unlinked<'_>,
+) -> Result<Value, ProviderError> {
+    let mut actions = vec![match (done.on_account, done.relinked, done.previous) {
+        (false, ..) => "none on the number: it is no longer on the account",
+        (true, false, _) => "left number as found: it no longer uses callgate's application",
+        (true, true, Some(_)) => "linked number to its previous application",
+        (true, true, None) => "unlinked number from callgate's application",
+    }];
+    let req = ex.request(Method::DELETE, &format!("{apps_path}{}/", segment(ours)?));
+    let deleted = match ex.send("delete application", req).await {
+        Ok(_) => true,
+        Err(ProviderError::NotFound) => false,
+        Err(e) => return Err(e),
+    };
+    actions.push(if deleted { "deleted application" } else { "application already gone" });
+    Ok(json!({
+        "changed": done.relinked || deleted,
+        "application_id": ours,
+        "linked_application_id": done.previous.filter(|_| done.relinked),
+        "actions": actions,
+    }))
 }
 
 /// The application that routes `number`: one per number, because the gateway's answer URL
 /// names the phone, and a shared application would route every number to the last one set.
 /// What configuring a Plivo-family number changed, for `provider_configuration`.
-pub(crate) fn configured(app_id: &str, name: &str, targets: &WebhookTargets, actions: Vec<&str>) -> Value {
+pub(crate) fn configured(
+    app_id: &str,
+    name: &str,
+    targets: &WebhookTargets,
+    actions: Vec<&str>,
+    previous: Option<&str>,
+) -> Value {
     json!({
         "changed": true,
         "application_id": app_id,
         "application_name": name,
+        "previous_application_id": previous,
         "answer_url": targets.incoming,
         "hangup_url": targets.status,
         "actions": actions,

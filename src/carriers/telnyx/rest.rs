@@ -6,11 +6,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::carriers::rest::{
-    id_string, listed, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError, WebhookTargets,
-    APP_NAME,
+    id_string, listed, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
+    Release, WebhookTargets, APP_NAME,
 };
 use crate::domain::credentials::TelnyxCredential;
-use crate::domain::{Carrier, Secret};
+use crate::domain::{Carrier, Secret, E164};
 
 const PAGE_SIZE: u64 = 100;
 
@@ -33,6 +33,8 @@ struct Page {
 struct Item {
     id: Value,
     phone_number: String,
+    #[serde(default)]
+    connection_id: Value,
 }
 
 #[derive(Deserialize)]
@@ -68,7 +70,7 @@ pub(crate) async fn list_numbers(
         let page: Page = ex.json("list numbers", req).await?;
         let count = listing.add_page(page.data, |item: Item| {
             let id = id_string(&item.id)?;
-            listed(&item.phone_number, id, None, None)
+            Some(listed(&item.phone_number, id, None, None)?.routed_to(id_string(&item.connection_id)))
         });
         if count == 0 || listing.full() || page_no >= page.meta.total_pages {
             break;
@@ -138,12 +140,59 @@ pub(crate) async fn configure_number(
     let path = format!("/v2/phone_numbers/{}", segment(&number.provider_number_id)?);
     ex.send("link number", ex.request(Method::PATCH, &path).json(&json!({ "connection_id": app_id }))).await?;
     actions.push("linked number");
+    let previous = number.routed_to.as_deref().filter(|p| *p != app_id);
     Ok(json!({
         "changed": true,
         "application_id": app_id,
         "application_name": APP_NAME,
+        "previous_connection_id": previous,
         "webhook_event_url": webhook_url,
         "actions": actions,
+    }))
+}
+
+/// Links the number back to the connection it had (or to none) where it still uses
+/// callgate's application. The application stays: every number callgate configured on the
+/// account shares it.
+pub(crate) async fn release_number(
+    api: &ProviderApi,
+    cred: &TelnyxCredential,
+    release: &Release<'_>,
+) -> Result<Value, ProviderError> {
+    #[derive(Deserialize)]
+    struct One {
+        data: Item,
+    }
+
+    let Some(ours) = release.field("application_id") else { return Ok(nothing_to_release()) };
+    let ex = exchange(api, &cred.api_key)?;
+    let path = format!("/v2/phone_numbers/{}", segment(release.provider_number_id)?);
+    let current = match ex.json::<One>("fetch number", ex.request(Method::GET, &path)).await {
+        Ok(one) => one.data,
+        Err(ProviderError::NotFound) => {
+            return Ok(json!({"changed": false, "actions": ["none: the number is no longer on the account"]}))
+        }
+        Err(e) => return Err(e),
+    };
+    if E164::normalize(&current.phone_number).ok().as_ref() != Some(release.number) {
+        return Err(ProviderError::Refused {
+            message: format!("Telnyx number {} is not {}", release.provider_number_id, release.number),
+        });
+    }
+    if id_string(&current.connection_id).as_deref() != Some(ours) {
+        return Ok(json!({
+            "changed": false,
+            "actions": ["left number as found: it no longer uses callgate's application"],
+        }));
+    }
+    let previous = release.field("previous_connection_id");
+    // A null connection_id leaves the number on no connection.
+    let req = ex.request(Method::PATCH, &path).json(&json!({ "connection_id": previous }));
+    ex.send("link number", req).await?;
+    Ok(json!({
+        "changed": true,
+        "connection_id": previous,
+        "actions": [if previous.is_some() { "linked number to its previous connection" } else { "cleared number's connection" }],
     }))
 }
 

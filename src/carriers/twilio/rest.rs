@@ -6,7 +6,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::carriers::rest::{
-    listed, non_empty, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError, WebhookTargets,
+    listed, non_empty, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
+    Release, WebhookTargets,
 };
 use crate::domain::credentials::TwilioCredential;
 use crate::domain::{Carrier, E164};
@@ -78,6 +79,15 @@ pub(crate) async fn list_numbers(
     Ok(listing.finish())
 }
 
+/// The number as Twilio has it now, refused if its sid has come to name another number.
+async fn fetch(ex: &Exchange<'_>, path: &str, number: &E164, sid: &str) -> Result<Current, ProviderError> {
+    let current: Current = ex.json("fetch number", ex.request(Method::GET, path)).await?;
+    if E164::normalize(&current.phone_number).ok().as_ref() != Some(number) {
+        return Err(ProviderError::Refused { message: format!("Twilio number {sid} is not {number}") });
+    }
+    Ok(current)
+}
+
 pub(crate) async fn configure_number(
     api: &ProviderApi,
     cred: &TwilioCredential,
@@ -88,12 +98,7 @@ pub(crate) async fn configure_number(
     let path = format!("{}IncomingPhoneNumbers/{}.json", account_path(cred)?, segment(&number.provider_number_id)?);
     // Fetched fresh rather than trusted from the listing: the trunk binding may have
     // changed since, and the sid must still be this number.
-    let current: Current = ex.json("fetch number", ex.request(Method::GET, &path)).await?;
-    if E164::normalize(&current.phone_number).ok().as_ref() != Some(&number.number) {
-        return Err(ProviderError::Refused {
-            message: format!("Twilio number {} is not {}", number.provider_number_id, number.number),
-        });
-    }
+    let current = fetch(&ex, &path, &number.number, &number.provider_number_id).await?;
     if let Some(trunk) = non_empty(current.trunk_sid) {
         // Twilio ignores VoiceUrl on a trunked number; unbinding it would cut the trunk.
         return Err(ProviderError::Refused {
@@ -126,6 +131,54 @@ pub(crate) async fn configure_number(
         "previous_voice_url": non_empty(current.voice_url),
         "previous_status_callback": non_empty(current.status_callback),
         "previous_voice_application_sid": previous_app,
+        "actions": actions,
+    }))
+}
+
+/// Puts back the voice URL, status callback and TwiML application the number had before it
+/// was configured, unless its voice URL is no longer callgate's (someone has repointed it since).
+pub(crate) async fn release_number(
+    api: &ProviderApi,
+    cred: &TwilioCredential,
+    release: &Release<'_>,
+) -> Result<Value, ProviderError> {
+    if release.field("number_sid") != Some(release.provider_number_id) {
+        return Ok(nothing_to_release());
+    }
+    let ex = exchange(api, cred)?;
+    let path = format!("{}IncomingPhoneNumbers/{}.json", account_path(cred)?, segment(release.provider_number_id)?);
+    let current = match fetch(&ex, &path, release.number, release.provider_number_id).await {
+        Ok(c) => c,
+        Err(ProviderError::NotFound) => {
+            return Ok(json!({"changed": false, "actions": ["none: the number is no longer on the account"]}))
+        }
+        Err(e) => return Err(e),
+    };
+    // The URL as configured, which a later change of the public URL does not move.
+    if current.voice_url.is_none() || current.voice_url.as_deref() != release.field("voice_url") {
+        return Ok(
+            json!({"changed": false, "actions": ["left number as found: its voice URL is no longer callgate's"]}),
+        );
+    }
+    let voice_url = release.field("previous_voice_url");
+    let status_callback = release.field("previous_status_callback");
+    let app = release.field("previous_voice_application_sid");
+    // Empty values clear what callgate set where the number had nothing before.
+    let form = [
+        ("VoiceUrl", voice_url.unwrap_or_default()),
+        ("StatusCallback", status_callback.unwrap_or_default()),
+        ("VoiceApplicationSid", app.unwrap_or_default()),
+    ];
+    ex.send("update number", ex.request(Method::POST, &path).form(&form)).await?;
+    let mut actions = vec!["restored voice URL and status callback"];
+    if app.is_some() {
+        actions.push("reattached TwiML application");
+    }
+    Ok(json!({
+        "changed": true,
+        "voice_url": voice_url,
+        "status_callback": status_callback,
+        "voice_application_sid": app,
         "actions": actions,
     }))
 }

@@ -5,9 +5,12 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::carriers::plivo::rest::{app_name, configured, ensure_application};
+use crate::carriers::plivo::rest::{
+    app_name, configured, delete_application, ensure_application, previous_app, Unlinked,
+};
 use crate::carriers::rest::{
-    id_string, listed, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError, WebhookTargets,
+    id_string, listed, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
+    Release, WebhookTargets,
 };
 use crate::domain::credentials::AuthPair;
 use crate::domain::Carrier;
@@ -25,6 +28,8 @@ struct Page {
 struct Item {
     id: Value,
     e164: String,
+    #[serde(default)]
+    application_id: Value,
 }
 
 fn exchange<'a>(api: &'a ProviderApi, cred: &'a AuthPair) -> Result<Exchange<'a>, ProviderError> {
@@ -49,7 +54,7 @@ pub(crate) async fn list_numbers(api: &ProviderApi, cred: &AuthPair) -> Result<V
         let page: Page = ex.json("list numbers", req).await?;
         let count = listing.add_page(page.items, |item: Item| {
             let id = id_string(&item.id).unwrap_or_else(|| item.e164.clone());
-            listed(&item.e164, id, None, None)
+            Some(listed(&item.e164, id, None, None)?.routed_to(id_string(&item.application_id)))
         });
         // Counting what was received, not pages, copes with a server that caps per_page.
         if count == 0 || listing.full() || listing.seen() as u64 >= page.total {
@@ -77,5 +82,33 @@ pub(crate) async fn configure_number(
         .json(&json!({ "application_id": app_id }));
     ex.send("attach application", attach).await?;
     actions.push("linked number");
-    Ok(configured(&app_id, &name, targets, actions))
+    Ok(configured(&app_id, &name, targets, actions, previous_app(number, &app_id)))
+}
+
+/// Attaches the number back to the application it had, or detaches callgate's, where it
+/// still uses callgate's; then deletes callgate's application.
+pub(crate) async fn release_number(
+    api: &ProviderApi,
+    cred: &AuthPair,
+    release: &Release<'_>,
+) -> Result<Value, ProviderError> {
+    let Some(ours) = release.field("application_id") else { return Ok(nothing_to_release()) };
+    // Vobiz documents no read of a single number: its listing says where the number points.
+    let current = list_numbers(api, cred).await?.into_iter().find(|n| &n.number == release.number);
+    let ex = exchange(api, cred)?;
+    let base = account_path(cred)?;
+    let previous = release.field("previous_application_id");
+    let relink = current.as_ref().is_some_and(|n| n.routed_to.as_deref() == Some(ours));
+    if relink {
+        let path = format!("{base}numbers/{}/application", segment(release.number.as_str())?);
+        match previous {
+            Some(p) => {
+                let req = ex.request(Method::POST, &path).json(&json!({ "application_id": p }));
+                ex.send("attach application", req).await?
+            }
+            None => ex.send("detach application", ex.request(Method::DELETE, &path)).await?,
+        };
+    }
+    let outcome = Unlinked { on_account: current.is_some(), relinked: relink, previous };
+    delete_application(&ex, &format!("{base}Application/"), ours, outcome).await
 }
