@@ -8,6 +8,7 @@ use crate::auth::OrgAuth;
 use crate::clock::rfc3339;
 use crate::domain::{EventId, PhoneId};
 use crate::error::ApiError;
+use crate::paging;
 use crate::startup::resource;
 use crate::state::AppState;
 use crate::store::{DeliveryRecord, DeliveryState, EventFilter, EventRecord};
@@ -72,7 +73,7 @@ async fn list(state: web::Data<AppState>, auth: OrgAuth, q: web::Query<ListQuery
         kind: q.kind.clone(),
         after: q.after.as_deref().map(|a| EventId::parse(a).map_err(|_| bad("after: not an event id"))).transpose()?,
         delivery: q.delivery.as_deref().map(parse_state).transpose()?,
-        limit: q.limit.unwrap_or(100).clamp(1, 1000),
+        limit: paging::limit(q.limit, 100, 1000).map_err(|m| ApiError::bad_request("invalid_query", m))?,
     };
     let events = state.store.event_list(&auth.org_id, &filter)?;
     let next = (events.len() == filter.limit).then(|| events.last().map(|e| e.id.clone())).flatten();

@@ -14,6 +14,7 @@ pub mod handoff;
 pub mod metrics;
 pub mod net;
 pub mod orgs;
+pub mod paging;
 pub mod phones;
 pub mod rate_limit;
 pub mod settings;

@@ -11,6 +11,7 @@ use crate::carriers::rest::{ListedNumber, ProviderError, Release, WebhookTargets
 use crate::clock::rfc3339;
 use crate::domain::{Carrier, OrgId, PhoneCredential, PhoneId, SecretId, E164};
 use crate::error::ApiError;
+use crate::paging;
 use crate::startup::resource;
 use crate::state::AppState;
 use crate::store::{Conflict, Modified, PhoneConfig, PhoneRecord, PreviousCredential, SecretRecord};
@@ -428,7 +429,7 @@ async fn list(state: web::Data<AppState>, auth: OrgAuth, q: web::Query<ListQuery
         .as_deref()
         .map(|a| PhoneId::parse(a).map_err(|_| ApiError::bad_request("invalid_query", "after: not a phone number id")))
         .transpose()?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let limit = paging::limit(q.limit, 50, 500).map_err(|m| ApiError::bad_request("invalid_query", m))?;
     let items = state.store.phone_list(&auth.org_id, provider, after.as_ref(), limit)?;
     let next = (items.len() == limit).then(|| items.last().map(|p| p.id.clone())).flatten();
     let out: Vec<Value> = items.iter().map(|p| phone_json(&state, p)).collect();

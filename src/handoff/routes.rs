@@ -9,6 +9,7 @@ use crate::domain::{EventId, PhoneId};
 use crate::error::ApiError;
 use crate::events::parse_state;
 use crate::handoff::outbox::redeliver;
+use crate::paging;
 use crate::startup::resource;
 use crate::state::AppState;
 use crate::store::{DeliveryState, EventFilter};
@@ -55,7 +56,7 @@ async fn redeliver_many(
             PhoneId::parse(p).map_err(|_| ApiError::unprocessable("invalid_field", "phone_id: not a phone number id"))
         })
         .transpose()?;
-    let limit = body.limit.unwrap_or(1000).clamp(1, 10_000);
+    let limit = paging::limit(body.limit, 1000, 10_000).map_err(|m| ApiError::unprocessable("invalid_field", m))?;
     let filter = EventFilter { phone_id, kind: None, after: None, delivery: Some(wanted), limit };
     let events = state.store.event_list(&auth.org_id, &filter)?;
     let ids: Vec<_> = events.into_iter().map(|ev| (auth.org_id.clone(), ev.id)).collect();

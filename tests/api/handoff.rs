@@ -1527,6 +1527,15 @@ async fn events_of_one_call_are_delivered_in_order_after_an_outage() {
     assert!(ids_with_delivery(&app, &org, "dead").await.is_empty());
     let res = app.get(&org, "/events?delivery=lost").send().await.unwrap();
     assert_eq!(res.status(), 400);
+    let res = app.get(&org, "/events?limit=0").send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"error": {"code": "invalid_query", "message": "limit: must be at least 1 (at most 1000 are taken at once)"}})
+    );
+    let res = app.get(&org, "/events?limit=1000000").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap()["events"].as_array().unwrap().len(), ids.len());
 
     // The upstream recovers; once the retry is due, the call drains in order.
     upstream.set(|_| Reply::status(200));
@@ -1596,6 +1605,14 @@ async fn gone_is_dead_at_once_and_redelivery_brings_events_back() {
     assert_eq!(res.json::<Value>().await.unwrap()["requeued"], 0);
     let unknown = format!("/events/evt_{}/redeliver", "0".repeat(32));
     assert_eq!(app.post(&org, &unknown).send().await.unwrap().status(), 404);
+    // A limit of none redelivers nothing, rather than one.
+    let res = app.post(&org, "/events/redeliver").json(&json!({"state": "dead", "limit": 0})).send().await.unwrap();
+    assert_eq!(res.status(), 422);
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"error": {"code": "invalid_field", "message": "limit: must be at least 1 (at most 10000 are taken at once)"}})
+    );
+    assert_eq!(ids_with_delivery(&app, &org, "dead").await, [x1.as_str(), &x2, &y1]);
 
     upstream.set(|_| Reply::status(200));
     // One.

@@ -1246,6 +1246,11 @@ async fn list_paginates_and_filters_and_get_patch_delete_manage_one_number() {
     assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_query")), "{}", r.text);
     let r = send(app.get(&org, "/phone-numbers?after=ph_nope")).await;
     assert_error(&r, 400, "invalid_query", "after: not a phone number id", "bad after");
+    // A page of none is refused; more than the most a page holds is served as that most.
+    let r = send(app.get(&org, "/phone-numbers?limit=0")).await;
+    assert_error(&r, 400, "invalid_query", "limit: must be at least 1 (at most 500 are taken at once)", "limit=0");
+    let page = list(&app, &org, "?limit=100000").await;
+    assert_eq!(page, json!({"phone_numbers": phones, "next_after": null}));
     // A parameter the list does not take is refused, not ignored.
     let r = send(app.get(&org, "/phone-numbers?bogus=1")).await;
     assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_query")), "{}", r.text);
