@@ -86,6 +86,40 @@ pub struct SledStore {
 struct Inspection {
     _lock: std::fs::File,
     _copy: tempfile::TempDir,
+    /// Held on the copy's lock file while the copy is in use, so that a later inspection can
+    /// tell a copy whose inspection was killed (its lock gone with it) and remove it.
+    _copy_lock: std::fs::File,
+}
+
+/// The temporary copies inspections make, and the file each holds locked while in use.
+const COPY_PREFIX: &str = "callgate-check-";
+const COPY_LOCK: &str = "inspection.lock";
+
+/// Removes the copies in `tmp` left by inspections that were killed before they could remove
+/// their own. One whose lock file is not there yet may be being made; it goes after an hour.
+fn sweep_stale_copies(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let ours = entry.file_name().to_string_lossy().starts_with(COPY_PREFIX);
+        if !ours || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = entry.path();
+        let stale = match std::fs::File::open(path.join(COPY_LOCK)) {
+            Ok(f) => rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok(),
+            Err(_) => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600)),
+        };
+        if stale {
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove an old inspection's copy");
+            }
+        }
+    }
 }
 
 impl SledStore {
@@ -107,7 +141,15 @@ impl SledStore {
                 io(e.into())
             }
         })?;
-        let copy = tempfile::Builder::new().prefix("callgate-check-").tempdir().map_err(io)?;
+        sweep_stale_copies(&std::env::temp_dir());
+        let copy = tempfile::Builder::new().prefix(COPY_PREFIX).tempdir().map_err(io)?;
+        // Locked under another name and then renamed, so that no sweep ever finds the lock
+        // file there but not yet held.
+        let unheld = copy.path().join("inspection.lock.new");
+        let copy_lock = std::fs::File::create(&unheld).map_err(io)?;
+        rustix::fs::flock(&copy_lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| io(e.into()))?;
+        std::fs::rename(&unheld, copy.path().join(COPY_LOCK)).map_err(io)?;
         copy_files(dir, copy.path(), "events").map_err(io)?;
         let sled_dir = copy.path().to_owned();
         Self::open_with(
@@ -115,7 +157,7 @@ impl SledStore {
             dir,
             JournalOptions::default(),
             Access::Inspect,
-            Some(Inspection { _lock: lock, _copy: copy }),
+            Some(Inspection { _lock: lock, _copy: copy, _copy_lock: copy_lock }),
         )
     }
 
@@ -775,6 +817,36 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sweep_removes_copies_whose_inspection_is_gone_and_keeps_those_in_use_or_being_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let copy = |name: &str, lock_file: bool| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("db"), b"sled").unwrap();
+            if lock_file {
+                std::fs::write(d.join(COPY_LOCK), b"").unwrap();
+            }
+            d
+        };
+        let killed = copy("callgate-check-killed", true);
+        let running = copy("callgate-check-running", true);
+        let being_made = copy("callgate-check-new", false);
+        let other = copy("someone-elses", true);
+        let held = std::fs::File::open(running.join(COPY_LOCK)).unwrap();
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+
+        sweep_stale_copies(tmp.path());
+        assert!(!killed.exists(), "its inspection's lock is gone with it");
+        assert!(running.join("db").exists(), "its inspection holds the lock");
+        assert!(being_made.exists(), "no lock file yet, and not an hour old");
+        assert!(other.exists(), "not an inspection's copy");
+
+        drop(held);
+        sweep_stale_copies(tmp.path());
+        assert!(!running.exists());
+    }
 
     #[test]
     fn closing_flushes_the_configuration_even_when_the_index_snapshot_cannot_be_saved() {

@@ -20,6 +20,34 @@ fn field<'a>(out: &'a str, name: &str) -> &'a str {
     out.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_else(|| panic!("{name} missing in {out}"))
 }
 
+#[test]
+fn check_removes_its_copy_and_the_copies_of_checks_killed_before_they_could() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(callgate(dir.path(), &["org", "create", "Acme"]).status.success());
+    let tmp = tempfile::tempdir().unwrap();
+    // What a check killed midway leaves: a copy of sled's files, its lock file no longer held.
+    let killed = tmp.path().join("callgate-check-AbC123");
+    std::fs::create_dir(&killed).unwrap();
+    std::fs::write(killed.join("inspection.lock"), b"").unwrap();
+    std::fs::write(killed.join("db"), b"a copy of the configuration").unwrap();
+    let unrelated = tmp.path().join("other-tool-dir");
+    std::fs::create_dir(&unrelated).unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_callgate"))
+        .arg("check")
+        .env("CALLGATE_DATA_DIR", dir.path())
+        .env("CALLGATE_LOG", "warn")
+        .env("TMPDIR", tmp.path())
+        .env_remove("CALLGATE_MASTER_KEY")
+        .output()
+        .expect("run callgate");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok:"));
+    let left: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, ["other-tool-dir"], "the killed check's copy and this check's own are gone");
+}
+
 #[tokio::test]
 async fn org_create_and_list_work_on_a_stopped_servers_data_dir_and_the_key_works() {
     let dir = tempfile::tempdir().unwrap();
