@@ -48,6 +48,7 @@ fn provider_error(carrier: Carrier, e: ProviderError) -> ApiError {
             format!("{carrier}'s API did not answer in time"),
         ),
         ProviderError::Refused { message } => ApiError::unprocessable("provider_refused", message),
+        ProviderError::PreviousUnknown { message } => ApiError::conflict("previous_route_unknown", message),
         ProviderError::RateLimited { retry_after_secs } => ApiError::new(
             actix_web::http::StatusCode::TOO_MANY_REQUESTS,
             "provider_rate_limited",
@@ -334,7 +335,8 @@ async fn import(
         previous_credential: None,
         billing_status: "byok".into(),
         monthly_cost_cents: 0,
-        provider_configuration: None,
+        // Until the carrier has answered: a release asked meanwhile would not know what to undo.
+        provider_configuration: body.configure_provider.then(configuring),
         connection_id: None,
         created_at_ms: now,
         updated_at_ms: now,
@@ -357,6 +359,12 @@ async fn import(
         configure_on_carrier(&state, &mut phone, source.credential(), &found).await?;
     }
     Ok(HttpResponse::Created().json(phone_json(&state, &phone)))
+}
+
+/// What a number's `provider_configuration` says while its import is still configuring it at
+/// the carrier.
+fn configuring() -> Value {
+    json!({"changed": false, "configuring": true})
 }
 
 /// Points the number at callgate on the carrier's side. The import stands either way; what
@@ -400,10 +408,27 @@ async fn configure_on_carrier(
         Modified::Written(p) => *p,
         // It keeps its credential: this change names none.
         Modified::Gone | Modified::CredentialGone => {
+            let undone = match report.get("changed") {
+                Some(Value::Bool(true)) => {
+                    let release = Release {
+                        number: &phone.number,
+                        provider_number_id: &phone.provider_number_id,
+                        configured: &report,
+                    };
+                    match state.provider_api.release_number(cred, &release).await {
+                        Ok(_) => "; callgate set the number back at the carrier",
+                        Err(e) => {
+                            tracing::warn!(phone = %phone.id, error = %e, "could not set back a number deleted while it was configured");
+                            "; setting it back at the carrier failed: point it back by hand"
+                        }
+                    }
+                }
+                _ => "",
+            };
             return Err(ApiError::conflict(
                 "number_deleted",
-                format!("{} was deleted while it was being configured", phone.number),
-            ))
+                format!("{} was deleted while it was being configured{undone}", phone.number),
+            ));
         }
     };
     state.commit.commit().await?;
@@ -566,7 +591,9 @@ async fn delete(
     } else {
         None
     };
-    if !state.store.phone_delete(&auth.org_id, &id)? {
+    // A number another request deleted meanwhile is gone all the same: the release's report
+    // is still the answer.
+    if !state.store.phone_delete(&auth.org_id, &id)? && released.is_none() {
         return Err(ApiError::not_found("phone number"));
     }
     state.commit.commit().await?;
@@ -586,6 +613,13 @@ async fn release_on_carrier(state: &AppState, phone: &PhoneRecord) -> Result<Val
             "reason": "the number was imported without configure_provider: callgate changed nothing at the carrier",
         }));
     };
+    if configured.get("configuring") == Some(&Value::Bool(true)) {
+        return Err(ApiError::conflict(
+            "number_configuring",
+            "the import of this number is still configuring it at the carrier (or was stopped while it did): \
+             ask again once the import has answered, or delete the number without release_provider",
+        ));
+    }
     let rec = state
         .store
         .secret_get(&phone.org_id, &phone.credential)?
@@ -595,9 +629,8 @@ async fn release_on_carrier(state: &AppState, phone: &PhoneRecord) -> Result<Val
     let release = Release { number: &phone.number, provider_number_id: &phone.provider_number_id, configured };
     state.provider_api.release_number(&cred, &release).await.map_err(|e| {
         let mut api = provider_error(phone.provider, e);
-        api.message.push_str(
-            "; the number was not deleted: ask again, or delete it without release_provider to leave the carrier as it is",
-        );
+        api.message
+            .push_str("; the number was not deleted (without release_provider it would be, the carrier left as it is)");
         api
     })
 }

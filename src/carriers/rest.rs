@@ -99,6 +99,22 @@ impl Release<'_> {
     pub(crate) fn field(&self, name: &str) -> Option<&str> {
         self.configured.get(name).and_then(Value::as_str).filter(|s| !s.is_empty())
     }
+
+    /// What the configuration replaced, as its report recorded it under `name`: `Err` when the
+    /// report has no such field (configured by a version that did not record it), which is
+    /// not the same as having had nothing.
+    pub(crate) fn previous(&self, name: &str) -> Result<Option<&str>, ProviderError> {
+        match self.configured.get(name) {
+            Some(_) => Ok(self.field(name)),
+            None => Err(ProviderError::PreviousUnknown {
+                message: format!(
+                    "{} was configured by a version of callgate that did not record what it replaced, so it \
+                     cannot be put back: route the number at the carrier by hand",
+                    self.number
+                ),
+            }),
+        }
+    }
 }
 
 /// The release report when the configuration report names nothing callgate set up (its
@@ -135,6 +151,9 @@ pub enum ProviderError {
     /// customer set up (e.g. a Twilio number routed to a SIP trunk).
     #[error("{message}")]
     Refused { message: String },
+    /// Undoing a configuration needs what it replaced, and that was not recorded.
+    #[error("{message}")]
+    PreviousUnknown { message: String },
 }
 
 /// The carriers' REST clients. Cheap to clone: the connection pool and the URLs are shared.

@@ -97,19 +97,24 @@ const COPY_LOCK: &str = "inspection.lock";
 
 /// Removes the copies in `tmp` left by inspections that were killed before they could remove
 /// their own. One whose lock file is not there yet may be being made; it goes after an hour.
+/// Only this user's directories are looked at, and a lock file is opened only if it is a plain
+/// file: the temp dir is shared, and a FIFO or a link put there must not hold the check up.
 fn sweep_stale_copies(tmp: &Path) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    let me = rustix::process::geteuid().as_raw();
     for entry in entries.flatten() {
         let ours = entry.file_name().to_string_lossy().starts_with(COPY_PREFIX);
-        if !ours || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+        // Not followed: a link named like a copy is not one.
+        let Ok(meta) = entry.metadata() else { continue };
+        if !ours || !meta.is_dir() || meta.uid() != me {
             continue;
         }
         let path = entry.path();
-        let stale = match std::fs::File::open(path.join(COPY_LOCK)) {
-            Ok(f) => rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok(),
-            Err(_) => entry
-                .metadata()
-                .and_then(|m| m.modified())
+        let stale = match lock_file_unheld(&path.join(COPY_LOCK)) {
+            Some(unheld) => unheld,
+            None => meta
+                .modified()
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > std::time::Duration::from_secs(3600)),
@@ -120,6 +125,19 @@ fn sweep_stale_copies(tmp: &Path) {
             }
         }
     }
+}
+
+/// Whether the lock file at `path` is free (its inspection gone); `None` if there is no
+/// plain file there to ask.
+fn lock_file_unheld(path: &Path) -> Option<bool> {
+    use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = rustix::fs::open(path, flags, Mode::empty()).ok()?;
+    let stat = rustix::fs::fstat(&fd).ok()?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return None;
+    }
+    Some(rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive).is_ok())
 }
 
 impl SledStore {
@@ -836,12 +854,23 @@ mod tests {
         let other = copy("someone-elses", true);
         let held = std::fs::File::open(running.join(COPY_LOCK)).unwrap();
         rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+        // Planted by someone else: a FIFO, whose open would block, and a link to a file elsewhere.
+        let fifo = copy("callgate-check-fifo", false);
+        rustix::fs::mknodat(rustix::fs::CWD, fifo.join(COPY_LOCK), rustix::fs::FileType::Fifo, 0o600.into(), 0)
+            .unwrap();
+        let linked = copy("callgate-check-link", false);
+        std::fs::write(tmp.path().join("elsewhere"), b"").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("elsewhere"), linked.join(COPY_LOCK)).unwrap();
+        let dir_link = tmp.path().join("callgate-check-dirlink");
+        std::os::unix::fs::symlink(&killed, &dir_link).unwrap();
 
         sweep_stale_copies(tmp.path());
         assert!(!killed.exists(), "its inspection's lock is gone with it");
         assert!(running.join("db").exists(), "its inspection holds the lock");
         assert!(being_made.exists(), "no lock file yet, and not an hour old");
         assert!(other.exists(), "not an inspection's copy");
+        assert!(fifo.join("db").exists() && linked.join("db").exists(), "no plain lock file: left, being young");
+        assert!(dir_link.symlink_metadata().is_ok(), "a link is not a copy");
 
         drop(held);
         sweep_stale_copies(tmp.path());

@@ -690,8 +690,11 @@ fn vobiz(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: O
                 (Err(e), _) | (_, Err(e)) => return bad_request(Carrier::Vobiz, &e),
             };
             let size = cap.map_or(per_page, |c| per_page.min(c));
-            let (start, end, size) = window(acct.numbers.len(), (page - 1).saturating_mul(size), size, None);
-            let items: Vec<Value> = acct.numbers[start..end]
+            // `search` matches part of the number.
+            let search = q.get("search").cloned().unwrap_or_default();
+            let numbers: Vec<&FakeNumber> = acct.numbers.iter().filter(|n| n.number.contains(&search)).collect();
+            let (start, end, size) = window(numbers.len(), (page - 1).saturating_mul(size), size, None);
+            let items: Vec<Value> = numbers[start..end]
                 .iter()
                 .map(|num| {
                     json!({
@@ -715,7 +718,7 @@ fn vobiz(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: O
                     })
                 })
                 .collect();
-            reply(200, json!({"items": items, "page": page, "per_page": size, "total": acct.numbers.len()}))
+            reply(200, json!({"items": items, "page": page, "per_page": size, "total": numbers.len()}))
         }
         ("DELETE", ["numbers", number, "application"]) => {
             let number = decode(number);

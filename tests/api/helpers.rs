@@ -166,6 +166,19 @@ impl TestApp {
         self.handle.stop(true).await;
         drop(self.state);
         let _ = self.task.await;
+        // Tasks that outlive the server (a delivery, an answer) hold the store until they end:
+        // until then the database is still locked, and a command run on it now would be told
+        // a server is running.
+        let db = self.data_dir.join("db").join("db");
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(f) = std::fs::File::open(&db) {
+            if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok()
+                || std::time::Instant::now() > until
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self._dir.take()
     }
 

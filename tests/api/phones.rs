@@ -629,6 +629,13 @@ async fn delete_phone(app: &TestApp, org: &Org, id: &str, query: &str) -> Reply 
     send(app.delete(org, &format!("/phone-numbers/{id}{query}"))).await
 }
 
+/// Deletes the number with `release_provider`, which must answer 200: its `provider_release`.
+async fn release(app: &TestApp, org: &Org, id: &str) -> Value {
+    let r = delete_phone(app, org, id, "?release_provider=true").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.json()["provider_release"].clone()
+}
+
 /// Routes `a`'s `index`th number, on the carrier's side, to something of the customer's own
 /// before callgate configures it: what a release is to put back. Its application or
 /// connection id (Twilio: the TwiML application).
@@ -646,6 +653,7 @@ fn route_elsewhere(fake: &FakeCarrier, a: &Account, index: usize) -> Option<Stri
         Carrier::Twilio => {
             fake.update_number(c, a.numbers[index], |n| {
                 n.voice_url = Some(OLD_VOICE.to_owned());
+                n.voice_method = "GET".to_owned();
                 n.status_callback = Some(OLD_STATUS.to_owned());
                 n.voice_application_sid = Some(OLD_TWIML_APP.to_owned());
             });
@@ -660,15 +668,6 @@ fn plivo_family_base(c: Carrier) -> String {
         Carrier::Plivo => format!("/v1/Account/{PLIVO_ID}/"),
         _ => format!("/api/v1/Account/{VOBIZ_ID}/"),
     }
-}
-
-/// A release's requests after the ones that read where the number points now (Vobiz: the
-/// listing, whatever its pages), from `sent`.
-fn after_reads(c: Carrier, sent: &[Recorded]) -> Vec<Recorded> {
-    sent.iter()
-        .filter(|r| !(r.method == "GET" && (c != Carrier::Vobiz || r.path.ends_with("/numbers"))))
-        .cloned()
-        .collect()
 }
 
 #[tokio::test]
@@ -711,25 +710,31 @@ async fn release_provider_puts_each_carrier_back_as_it_was_and_takes_callgates_a
                 Carrier::Plivo | Carrier::Vobiz => {
                     let ours = ours.clone().expect("callgate's application");
                     let base = plivo_family_base(c);
-                    let writes = after_reads(c, &sent);
-                    assert_eq!(writes.len(), 2, "{what}: {sent:#?}");
+                    assert_eq!(sent.len(), 3, "{what}: {sent:#?}");
                     match (c, &previous) {
                         (Carrier::Plivo, p) => {
                             assert_get(a, &sent[0], &format!("{base}Number/{digits}/"), "");
                             let body = p.as_ref().map_or_else(|| json!({}), |p| json!({"app_id": p}));
-                            assert_json_request(a, &writes[0], "POST", &format!("{base}Number/{digits}/"), body);
+                            assert_json_request(a, &sent[1], "POST", &format!("{base}Number/{digits}/"), body);
                         }
-                        (_, Some(p)) => {
+                        (_, p) => {
+                            let query = format!("page=1&per_page=100&search=%2B{digits}");
+                            assert_get(a, &sent[0], &format!("{base}numbers"), &query);
                             let path = format!("{base}numbers/%2B{digits}/application");
-                            assert_json_request(a, &writes[0], "POST", &path, json!({"application_id": p}));
-                        }
-                        (_, None) => {
-                            let path = format!("{base}numbers/%2B{digits}/application");
-                            assert_eq!((writes[0].method.as_str(), writes[0].path.as_str()), ("DELETE", path.as_str()));
+                            match p {
+                                Some(p) => {
+                                    assert_json_request(a, &sent[1], "POST", &path, json!({"application_id": p}))
+                                }
+                                None => assert_eq!(
+                                    (sent[1].method.as_str(), sent[1].path.as_str()),
+                                    ("DELETE", path.as_str()),
+                                    "{what}"
+                                ),
+                            }
                         }
                     }
                     let app_path = format!("{base}Application/{ours}/");
-                    assert_eq!((writes[1].method.as_str(), writes[1].path.as_str()), ("DELETE", app_path.as_str()));
+                    assert_eq!((sent[2].method.as_str(), sent[2].path.as_str()), ("DELETE", app_path.as_str()));
                     assert_eq!(on_fake.app_id, previous, "{what}: linked back");
                     assert!(
                         fake.applications(c).iter().all(|x| x.id != ours),
@@ -751,49 +756,70 @@ async fn release_provider_puts_each_carrier_back_as_it_was_and_takes_callgates_a
                     assert_get(a, &sent[0], &path, "");
                     assert_eq!((sent[1].method.as_str(), sent[1].path.as_str()), ("POST", path.as_str()), "{what}");
                     let old = |s: &str| previous.as_ref().map(|_| s.to_owned());
+                    // The number's own methods: GET for its old voice URL, POST before callgate's.
+                    let voice_method = if previous.is_some() { "GET" } else { "POST" };
                     let form: Vec<(String, String)> = [
-                        ("VoiceUrl", old(OLD_VOICE)),
-                        ("StatusCallback", old(OLD_STATUS)),
-                        ("VoiceApplicationSid", previous.clone()),
+                        ("VoiceUrl", old(OLD_VOICE).unwrap_or_default()),
+                        ("VoiceMethod", voice_method.to_owned()),
+                        ("VoiceApplicationSid", previous.clone().unwrap_or_default()),
+                        ("StatusCallback", old(OLD_STATUS).unwrap_or_default()),
+                        ("StatusCallbackMethod", "POST".to_owned()),
                     ]
                     .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v.unwrap_or_default()))
+                    .map(|(k, v)| (k.to_owned(), v))
                     .collect();
                     assert_eq!(sent[1].form(), form, "{what}");
                     assert_eq!(
                         (
                             on_fake.voice_url.clone(),
+                            on_fake.voice_method.as_str(),
                             on_fake.status_callback.clone(),
                             on_fake.voice_application_sid.clone()
                         ),
-                        (old(OLD_VOICE), old(OLD_STATUS), previous.clone()),
+                        (old(OLD_VOICE), voice_method, old(OLD_STATUS), previous.clone()),
                         "{what}"
                     );
-                    let mut actions = vec!["restored voice URL and status callback"];
+                    let mut actions = vec!["restored voice URL"];
                     if previous.is_some() {
                         actions.push("reattached TwiML application");
                     }
+                    actions.push("restored status callback");
                     json!({
                         "changed": true,
                         "voice_url": old(OLD_VOICE),
-                        "status_callback": old(OLD_STATUS),
+                        "voice_method": voice_method,
                         "voice_application_sid": previous,
+                        "status_callback": old(OLD_STATUS),
+                        "status_callback_method": "POST",
                         "actions": actions,
                     })
                 }
                 Carrier::Telnyx => {
                     let path = format!("/v2/phone_numbers/{}", on_fake.id);
-                    assert_eq!(sent.len(), 2, "{what}: {sent:#?}");
                     assert_get(a, &sent[0], &path, "");
-                    assert_json_request(a, &sent[1], "PATCH", &path, json!({"connection_id": previous}));
-                    assert_eq!(on_fake.connection_id, previous, "{what}");
                     let ours = ours.clone().expect("callgate's application");
                     assert!(fake.applications(c).iter().any(|x| x.id == ours), "{what}: the shared application stays");
-                    json!({
-                        "changed": true,
-                        "connection_id": previous,
-                        "actions": [if previous.is_some() { "linked number to its previous connection" } else { "cleared number's connection" }],
-                    })
+                    match &previous {
+                        Some(p) => {
+                            assert_eq!(sent.len(), 2, "{what}: {sent:#?}");
+                            assert_json_request(a, &sent[1], "PATCH", &path, json!({"connection_id": p}));
+                            assert_eq!(on_fake.connection_id.as_ref(), Some(p), "{what}");
+                            json!({
+                                "changed": true,
+                                "connection_id": p,
+                                "actions": ["linked number to its previous connection"],
+                            })
+                        }
+                        // Telnyx documents no way to take a connection away: the answer says
+                        // what to do instead.
+                        None => {
+                            assert_eq!(sent.len(), 1, "{what}: {sent:#?}");
+                            assert_eq!(on_fake.connection_id, Some(ours), "{what}");
+                            let steps = str_of(&r.json()["provider_release"], "manual_steps").to_owned();
+                            assert!(steps.contains(a.numbers[index]) && steps.contains("Telnyx portal"), "{steps}");
+                            json!({"changed": false, "manual_steps": steps})
+                        }
+                    }
                 }
                 Carrier::Exotel => {
                     assert!(sent.is_empty(), "{what}: Exotel is configured by hand: {sent:#?}");
@@ -819,8 +845,7 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     let ours = str_of(&v["provider_configuration"], "application_id").to_owned();
 
     // The carrier fails: nothing is deleted, and the answer says so; asking again works.
-    let kept =
-        "; the number was not deleted: ask again, or delete it without release_provider to leave the carrier as it is";
+    let kept = "; the number was not deleted (without release_provider it would be, the carrier left as it is)";
     for (mode, status, code, message) in [
         (
             Mode::ServerError,
@@ -853,10 +878,8 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     let own = fake.add_application(Carrier::Plivo, "customer-ivr", OLD_VOICE, OLD_STATUS);
     fake.update_number(Carrier::Plivo, plivo.numbers[0], |n| n.app_id = Some(own.clone()));
     fake.clear_requests();
-    let r = delete_phone(&app, &org, &id, "?release_provider=true").await;
-    assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(
-        r.json()["provider_release"],
+        release(&app, &org, &id).await,
         json!({
             "changed": true,
             "application_id": ours,
@@ -873,23 +896,106 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     let (v, _) = import_configured(&fake, &app, &org, twilio, 0).await;
     fake.update_number(Carrier::Twilio, twilio.numbers[0], |n| n.voice_url = Some(OLD_VOICE.to_owned()));
     fake.clear_requests();
-    let r = delete_phone(&app, &org, str_of(&v, "id"), "?release_provider=true").await;
-    assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(
-        r.json()["provider_release"],
-        json!({"changed": false, "actions": ["left number as found: its voice URL is no longer callgate's"]})
+        release(&app, &org, str_of(&v, "id")).await,
+        json!({"changed": true, "status_callback": null, "status_callback_method": "POST", "actions": [
+            "left voice routing as found: no longer callgate's",
+            "restored status callback",
+        ]})
     );
-    assert_eq!(fake.requests().len(), 1);
-    assert_eq!(fake.number(Carrier::Twilio, twilio.numbers[0]).voice_url.as_deref(), Some(OLD_VOICE));
+    let sent = fake.requests();
+    assert_eq!(sent.len(), 2, "{sent:#?}");
+    let form = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+    assert_eq!(sent[1].form(), form(&[("StatusCallback", ""), ("StatusCallbackMethod", "POST")]));
+    let now = fake.number(Carrier::Twilio, twilio.numbers[0]);
+    assert_eq!((now.voice_url.as_deref(), now.status_callback), (Some(OLD_VOICE), None));
+
+    // Twilio with a TwiML application attached since (it wins over the voice URL, still
+    // callgate's) and its status callback moved: nothing of callgate's is left to undo.
+    let (v, _) = import_configured(&fake, &app, &org, twilio, 1).await;
+    fake.update_number(Carrier::Twilio, twilio.numbers[1], |n| {
+        n.voice_application_sid = Some(OLD_TWIML_APP.to_owned());
+        n.status_callback = Some(OLD_STATUS.to_owned());
+    });
+    fake.clear_requests();
+    assert_eq!(
+        release(&app, &org, str_of(&v, "id")).await,
+        json!({"changed": false, "actions": ["left number as found: neither its voice URL nor its status callback is callgate's"]})
+    );
+    assert_eq!(fake.requests().len(), 1, "only read");
+    assert_eq!(fake.number(Carrier::Twilio, twilio.numbers[1]).voice_application_sid.as_deref(), Some(OLD_TWIML_APP));
+
+    // Plivo: the number is linked back, then deleting callgate's application fails. The
+    // routing is put back, so the release stands and names what is left.
+    let (v, _) = import_configured(&fake, &app, &org, plivo, 1).await;
+    let ours = str_of(&v["provider_configuration"], "application_id").to_owned();
+    fake.clear_requests();
+    fake.set_mode_after(2, Mode::ServerError);
+    let released = release(&app, &org, str_of(&v, "id")).await;
+    fake.set_mode(Mode::Ok);
+    assert_eq!(
+        released,
+        json!({
+            "changed": true,
+            "application_id": ours,
+            "linked_application_id": null,
+            "actions": ["unlinked number from callgate's application", "application left in place: the carrier failed to delete it"],
+        })
+    );
+    assert_eq!(fake.number(Carrier::Plivo, plivo.numbers[1]).app_id, None);
+    assert_eq!(get_phone(&app, &org, str_of(&v, "id")).await.status, 404);
+
+    // Vobiz: the search does not find the number (gone from the account); callgate's
+    // application, which nothing then uses, goes.
+    let vobiz = account(Carrier::Vobiz);
+    let (v, _) = import_configured(&fake, &app, &org, vobiz, 1).await;
+    let ours = str_of(&v["provider_configuration"], "application_id").to_owned();
+    fake.update_number(Carrier::Vobiz, vobiz.numbers[1], |n| n.number = "+918035559999".to_owned());
+    assert_eq!(
+        release(&app, &org, str_of(&v, "id")).await,
+        json!({
+            "changed": true,
+            "application_id": ours,
+            "linked_application_id": null,
+            "actions": ["none on the number: it is no longer on the account", "deleted application"],
+        })
+    );
+
+    // Telnyx configured by a version that did not record the connection it replaced: the
+    // number is still on callgate's application, and what to put back is not known.
+    let telnyx = account(Carrier::Telnyx);
+    let own = route_elsewhere(&fake, telnyx, 1).unwrap();
+    let (v, _) = import_configured(&fake, &app, &org, telnyx, 1).await;
+    let id = str_of(&v, "id").to_owned();
+    let phone_id = callgate::domain::PhoneId::parse(&id).unwrap();
+    let org_id = callgate::domain::OrgId::parse(&org.id).unwrap();
+    let old_shape = |p: &mut callgate::store::PhoneRecord| {
+        p.provider_configuration.as_mut().unwrap().as_object_mut().unwrap().remove("previous_connection_id");
+    };
+    assert!(matches!(
+        app.state.store.phone_modify(&org_id, &phone_id, None, &mut |p| old_shape(p)).unwrap(),
+        callgate::store::Modified::Written(_)
+    ));
+    let before = get_phone(&app, &org, &id).await.json();
+    fake.clear_requests();
+    let r = delete_phone(&app, &org, &id, "?release_provider=true").await;
+    let msg = format!(
+        "{} was configured by a version of callgate that did not record what it replaced, so it cannot be put back: \
+         route the number at the carrier by hand{kept}",
+        telnyx.numbers[1]
+    );
+    assert_error(&r, 409, "previous_route_unknown", &msg, "old record");
+    assert_eq!(fake.requests().len(), 1, "only read: {:#?}", fake.requests());
+    assert_eq!(get_phone(&app, &org, &id).await.json(), before, "kept");
+    let ours = str_of(&v["provider_configuration"], "application_id");
+    assert_eq!(fake.number(Carrier::Telnyx, telnyx.numbers[1]).connection_id.as_deref(), Some(ours));
+    assert_ne!(ours, own);
 
     // Telnyx: the number is gone from the account.
-    let telnyx = account(Carrier::Telnyx);
     let (v, _) = import_configured(&fake, &app, &org, telnyx, 0).await;
     fake.update_number(Carrier::Telnyx, telnyx.numbers[0], |n| n.id = "gone".to_owned());
-    let r = delete_phone(&app, &org, str_of(&v, "id"), "?release_provider=true").await;
-    assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(
-        r.json()["provider_release"],
+        release(&app, &org, str_of(&v, "id")).await,
         json!({"changed": false, "actions": ["none: the number is no longer on the account"]})
     );
 
@@ -897,13 +1003,67 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     let vobiz = account(Carrier::Vobiz);
     let v = import_inline(&app, &org, vobiz, 0).await;
     fake.clear_requests();
-    let r = delete_phone(&app, &org, str_of(&v, "id"), "?release_provider=true").await;
-    assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(
-        r.json()["provider_release"],
+        release(&app, &org, str_of(&v, "id")).await,
         json!({"changed": false, "reason": "the number was imported without configure_provider: callgate changed nothing at the carrier"})
     );
     assert!(fake.requests().is_empty());
+}
+
+/// The id of the number `number` once an import running alongside has stored it.
+async fn stored_id(app: &TestApp, org: &Org, number: &str) -> String {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = list(app, org, "").await;
+        if let Some(p) = listed["phone_numbers"].as_array().unwrap().iter().find(|p| p["number"] == number) {
+            return str_of(p, "id").to_owned();
+        }
+        assert!(Instant::now() < until, "the import never stored {number}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// While an import configures its number at the carrier, a release cannot know what to undo;
+/// a plain delete then has the import set the carrier back itself.
+#[tokio::test]
+async fn a_number_deleted_while_its_import_configures_it_is_set_back_at_the_carrier() {
+    let (fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let body = |i: usize| json!({"number": twilio.numbers[i], "credentials": credentials(Carrier::Twilio, twilio.secret), "configure_provider": true});
+
+    fake.set_mode(Mode::Slow);
+    let importing = import(&app, &org, Carrier::Twilio, body(0));
+    let releasing = async {
+        let id = stored_id(&app, &org, twilio.numbers[0]).await;
+        let shown = get_phone(&app, &org, &id).await.json()["provider_configuration"].clone();
+        (delete_phone(&app, &org, &id, "?release_provider=true").await, shown)
+    };
+    let (imported, (released, shown)) = tokio::join!(importing, releasing);
+    assert_eq!(shown, json!({"changed": false, "configuring": true}));
+    let msg = "the import of this number is still configuring it at the carrier (or was stopped while it did): \
+               ask again once the import has answered, or delete the number without release_provider";
+    assert_error(&released, 409, "number_configuring", msg, "release while configuring");
+    assert_eq!(imported.status, 201, "{}", imported.text);
+    assert_eq!(imported.json()["provider_configuration"]["changed"], true);
+
+    fake.clear_requests();
+    let importing = import(&app, &org, Carrier::Twilio, body(1));
+    let deleting = async {
+        let id = stored_id(&app, &org, twilio.numbers[1]).await;
+        delete_phone(&app, &org, &id, "").await
+    };
+    let (imported, deleted) = tokio::join!(importing, deleting);
+    fake.set_mode(Mode::Ok);
+    assert_eq!((deleted.status, deleted.text.as_str()), (204, ""));
+    let msg = format!(
+        "{} was deleted while it was being configured; callgate set the number back at the carrier",
+        twilio.numbers[1]
+    );
+    assert_error(&imported, 409, "number_deleted", &msg, "deleted while configuring");
+    let now = fake.number(Carrier::Twilio, twilio.numbers[1]);
+    assert_eq!((now.voice_url, now.status_callback), (None, None), "set back as it was");
+    let sent = fake.requests();
+    assert_eq!(sent.iter().filter(|r| r.method == "POST").count(), 2, "configured, then set back: {sent:#?}");
 }
 
 #[tokio::test]
@@ -1045,7 +1205,9 @@ async fn configure_provider_sends_exactly_what_each_carrier_expects() {
                     "voice_url": incoming,
                     "status_callback": status,
                     "previous_voice_url": null,
+                    "previous_voice_method": "POST",
                     "previous_status_callback": null,
+                    "previous_status_callback_method": "POST",
                     "previous_voice_application_sid": null,
                     "actions": ["set voice URL and status callback"],
                 })

@@ -122,12 +122,16 @@ pub(crate) async fn release_number(
     let number_path = format!("{base}Number/{}/", segment(release.number.digits())?);
     let current = match ex.json::<Current>("fetch number", ex.request(Method::GET, &number_path)).await {
         Ok(c) if c.number == release.number.digits() => Some(app_in(c.application.as_deref())),
-        Ok(c) => return Err(ex.unavailable("fetch number", &format!("answered for {} instead", c.number))),
+        Ok(c) => {
+            return Err(ProviderError::Refused {
+                message: format!("Plivo answered for {} when asked for {}", c.number, release.number),
+            })
+        }
         Err(ProviderError::NotFound) => None,
         Err(e) => return Err(e),
     };
-    let previous = release.field("previous_application_id");
     let relink = current.as_ref().is_some_and(|app| app.as_deref() == Some(ours));
+    let previous = if relink { release.previous("previous_application_id")? } else { None };
     if relink {
         // Plivo links the account's default number application when no app_id is given.
         let body = previous.map_or_else(|| json!({}), |p| json!({ "app_id": p }));
@@ -161,12 +165,20 @@ pub(crate) async fn delete_application(
         (true, true, None) => "unlinked number from callgate's application",
     }];
     let req = ex.request(Method::DELETE, &format!("{apps_path}{}/", segment(ours)?));
-    let deleted = match ex.send("delete application", req).await {
-        Ok(_) => true,
-        Err(ProviderError::NotFound) => false,
+    const DELETED: &str = "deleted application";
+    let outcome = match ex.send("delete application", req).await {
+        Ok(_) => DELETED,
+        Err(ProviderError::NotFound) => "application already gone",
+        // The number's routing is already put back: what is left is only an application
+        // nothing uses, so the release stands and says so.
+        Err(e) if done.relinked => {
+            tracing::warn!(error = %e, application = ours, "could not delete callgate's application after releasing its number");
+            "application left in place: the carrier failed to delete it"
+        }
         Err(e) => return Err(e),
     };
-    actions.push(if deleted { "deleted application" } else { "application already gone" });
+    actions.push(outcome);
+    let deleted = outcome == DELETED;
     Ok(json!({
         "changed": done.relinked || deleted,
         "application_id": ours,

@@ -151,8 +151,8 @@ pub(crate) async fn configure_number(
     }))
 }
 
-/// Links the number back to the connection it had (or to none) where it still uses
-/// callgate's application. The application stays: every number callgate configured on the
+/// Links the number back to the connection it had where it still uses callgate's
+/// application. The application stays: every number callgate configured on the
 /// account shares it.
 pub(crate) async fn release_number(
     api: &ProviderApi,
@@ -185,14 +185,23 @@ pub(crate) async fn release_number(
             "actions": ["left number as found: it no longer uses callgate's application"],
         }));
     }
-    let previous = release.field("previous_connection_id");
-    // A null connection_id leaves the number on no connection.
+    let Some(previous) = release.previous("previous_connection_id")? else {
+        // Telnyx documents setting a connection, not taking one away.
+        return Ok(json!({
+            "changed": false,
+            "manual_steps": format!(
+                "{} had no connection before callgate's Call Control application; assign it to another \
+                 connection in the Telnyx portal, or its calls keep reaching callgate, which no longer has it.",
+                release.number
+            ),
+        }));
+    };
     let req = ex.request(Method::PATCH, &path).json(&json!({ "connection_id": previous }));
     ex.send("link number", req).await?;
     Ok(json!({
         "changed": true,
         "connection_id": previous,
-        "actions": [if previous.is_some() { "linked number to its previous connection" } else { "cleared number's connection" }],
+        "actions": ["linked number to its previous connection"],
     }))
 }
 

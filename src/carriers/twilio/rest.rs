@@ -41,7 +41,11 @@ struct Current {
     #[serde(default)]
     voice_url: Option<String>,
     #[serde(default)]
+    voice_method: Option<String>,
+    #[serde(default)]
     status_callback: Option<String>,
+    #[serde(default)]
+    status_callback_method: Option<String>,
 }
 
 fn exchange<'a>(api: &'a ProviderApi, cred: &'a TwilioCredential) -> Result<Exchange<'a>, ProviderError> {
@@ -129,14 +133,17 @@ pub(crate) async fn configure_number(
         "voice_url": targets.incoming,
         "status_callback": targets.status,
         "previous_voice_url": non_empty(current.voice_url),
+        "previous_voice_method": non_empty(current.voice_method),
         "previous_status_callback": non_empty(current.status_callback),
+        "previous_status_callback_method": non_empty(current.status_callback_method),
         "previous_voice_application_sid": previous_app,
         "actions": actions,
     }))
 }
 
-/// Puts back the voice URL, status callback and TwiML application the number had before it
-/// was configured, unless its voice URL is no longer callgate's (someone has repointed it since).
+/// Puts back the voice routing (URL, method, TwiML application) and the status callback the
+/// number had before it was configured, each only where it is still callgate's: what someone
+/// has changed since is left as found.
 pub(crate) async fn release_number(
     api: &ProviderApi,
     cred: &TwilioCredential,
@@ -154,31 +161,51 @@ pub(crate) async fn release_number(
         }
         Err(e) => return Err(e),
     };
-    // The URL as configured, which a later change of the public URL does not move.
-    if current.voice_url.is_none() || current.voice_url.as_deref() != release.field("voice_url") {
-        return Ok(
-            json!({"changed": false, "actions": ["left number as found: its voice URL is no longer callgate's"]}),
-        );
+    // Compared with the URLs as configured, which a later change of the public URL does not
+    // move. Callgate's voice URL routes the number only while no TwiML application is attached.
+    let still = |now: &Option<String>, set: &str| release.field(set).is_some() && now.as_deref() == release.field(set);
+    let voice = still(&current.voice_url, "voice_url") && non_empty(current.voice_application_sid).is_none();
+    let status = still(&current.status_callback, "status_callback");
+    if !voice && !status {
+        return Ok(json!({
+            "changed": false,
+            "actions": ["left number as found: neither its voice URL nor its status callback is callgate's"],
+        }));
     }
-    let voice_url = release.field("previous_voice_url");
-    let status_callback = release.field("previous_status_callback");
-    let app = release.field("previous_voice_application_sid");
-    // Empty values clear what callgate set where the number had nothing before.
-    let form = [
-        ("VoiceUrl", voice_url.unwrap_or_default()),
-        ("StatusCallback", status_callback.unwrap_or_default()),
-        ("VoiceApplicationSid", app.unwrap_or_default()),
-    ];
+    // Empty values clear what callgate set where the number had nothing before. A method is
+    // put back only where the import recorded it (the first versions did not): else it stays
+    // POST, as callgate set it.
+    let method = |name: &str| release.previous(name).ok().flatten();
+    let mut form: Vec<(&str, &str)> = Vec::new();
+    let mut actions = Vec::new();
+    let mut report = json!({"changed": true});
+    if voice {
+        let url = release.previous("previous_voice_url")?;
+        let app = release.previous("previous_voice_application_sid")?;
+        form.push(("VoiceUrl", url.unwrap_or_default()));
+        form.extend(method("previous_voice_method").map(|m| ("VoiceMethod", m)));
+        form.push(("VoiceApplicationSid", app.unwrap_or_default()));
+        actions.push("restored voice URL");
+        if app.is_some() {
+            actions.push("reattached TwiML application");
+        }
+        report["voice_url"] = json!(url);
+        report["voice_method"] = json!(method("previous_voice_method"));
+        report["voice_application_sid"] = json!(app);
+    } else {
+        actions.push("left voice routing as found: no longer callgate's");
+    }
+    if status {
+        let url = release.previous("previous_status_callback")?;
+        form.push(("StatusCallback", url.unwrap_or_default()));
+        form.extend(method("previous_status_callback_method").map(|m| ("StatusCallbackMethod", m)));
+        actions.push("restored status callback");
+        report["status_callback"] = json!(url);
+        report["status_callback_method"] = json!(method("previous_status_callback_method"));
+    } else {
+        actions.push("left status callback as found: no longer callgate's");
+    }
     ex.send("update number", ex.request(Method::POST, &path).form(&form)).await?;
-    let mut actions = vec!["restored voice URL and status callback"];
-    if app.is_some() {
-        actions.push("reattached TwiML application");
-    }
-    Ok(json!({
-        "changed": true,
-        "voice_url": voice_url,
-        "status_callback": status_callback,
-        "voice_application_sid": app,
-        "actions": actions,
-    }))
+    report["actions"] = json!(actions);
+    Ok(report)
 }

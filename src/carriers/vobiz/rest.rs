@@ -13,7 +13,7 @@ use crate::carriers::rest::{
     Release, WebhookTargets,
 };
 use crate::domain::credentials::AuthPair;
-use crate::domain::Carrier;
+use crate::domain::{Carrier, E164};
 
 /// Vobiz's largest `per_page`.
 const PAGE_SIZE: u64 = 100;
@@ -30,6 +30,11 @@ struct Item {
     e164: String,
     #[serde(default)]
     application_id: Value,
+}
+
+fn to_listed(item: Item) -> Option<ListedNumber> {
+    let id = id_string(&item.id).unwrap_or_else(|| item.e164.clone());
+    Some(listed(&item.e164, id, None, None)?.routed_to(id_string(&item.application_id)))
 }
 
 fn exchange<'a>(api: &'a ProviderApi, cred: &'a AuthPair) -> Result<Exchange<'a>, ProviderError> {
@@ -52,10 +57,7 @@ pub(crate) async fn list_numbers(api: &ProviderApi, cred: &AuthPair) -> Result<V
     loop {
         let req = ex.request(Method::GET, &path).query(&[("page", page_no), ("per_page", PAGE_SIZE)]);
         let page: Page = ex.json("list numbers", req).await?;
-        let count = listing.add_page(page.items, |item: Item| {
-            let id = id_string(&item.id).unwrap_or_else(|| item.e164.clone());
-            Some(listed(&item.e164, id, None, None)?.routed_to(id_string(&item.application_id)))
-        });
+        let count = listing.add_page(page.items, to_listed);
         // Counting what was received, not pages, copes with a server that caps per_page.
         if count == 0 || listing.full() || listing.seen() as u64 >= page.total {
             break;
@@ -85,6 +87,26 @@ pub(crate) async fn configure_number(
     Ok(configured(&app_id, &name, targets, actions, previous_app(number, &app_id)))
 }
 
+/// The number as the account lists it, found with the listing's search. Vobiz documents no
+/// read of a single number; the listing says where it points.
+async fn find_number(ex: &Exchange<'_>, base: &str, number: &E164) -> Result<Option<ListedNumber>, ProviderError> {
+    const OP: &str = "find number";
+    let req = ex.request(Method::GET, &format!("{base}numbers")).query(&[
+        ("page", "1"),
+        ("per_page", &PAGE_SIZE.to_string()),
+        ("search", number.as_str()),
+    ]);
+    let page: Page = ex.json(OP, req).await?;
+    let seen = page.items.len() as u64;
+    let found =
+        page.items.into_iter().filter_map(|v| to_listed(serde_json::from_value(v).ok()?)).find(|n| &n.number == number);
+    // A search for one number that brings more than a page and not it cannot say it is gone.
+    if found.is_none() && page.total > seen {
+        return Err(ex.unavailable(OP, "the search for the number did not bring it on its first page"));
+    }
+    Ok(found)
+}
+
 /// Attaches the number back to the application it had, or detaches callgate's, where it
 /// still uses callgate's; then deletes callgate's application.
 pub(crate) async fn release_number(
@@ -93,12 +115,11 @@ pub(crate) async fn release_number(
     release: &Release<'_>,
 ) -> Result<Value, ProviderError> {
     let Some(ours) = release.field("application_id") else { return Ok(nothing_to_release()) };
-    // Vobiz documents no read of a single number: its listing says where the number points.
-    let current = list_numbers(api, cred).await?.into_iter().find(|n| &n.number == release.number);
     let ex = exchange(api, cred)?;
     let base = account_path(cred)?;
-    let previous = release.field("previous_application_id");
+    let current = find_number(&ex, &base, release.number).await?;
     let relink = current.as_ref().is_some_and(|n| n.routed_to.as_deref() == Some(ours));
+    let previous = if relink { release.previous("previous_application_id")? } else { None };
     if relink {
         let path = format!("{base}numbers/{}/application", segment(release.number.as_str())?);
         match previous {
