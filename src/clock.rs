@@ -35,6 +35,12 @@ impl Clock {
     }
 }
 
+/// The milliseconds an RFC 3339 timestamp (as [`rfc3339`] writes them) stands for.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 /// RFC 3339 with milliseconds, UTC: the one timestamp format of the API.
 ///
 /// Every recorded event carries one, so the usual four-digit years are written digit by digit
@@ -84,6 +90,15 @@ mod tests {
         }
         assert_eq!(rfc3339(i64::MAX), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn reads_back_what_it_writes() {
+        for ms in [0, -1, 1_714_557_600_123, 253_402_300_799_999] {
+            assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms), "{ms}");
+        }
+        assert_eq!(parse_rfc3339("2024-05-01"), None);
+        assert_eq!(parse_rfc3339(""), None);
     }
 
     #[test]

@@ -336,7 +336,7 @@ async fn import(
         billing_status: "byok".into(),
         monthly_cost_cents: 0,
         // Until the carrier has answered: a release asked meanwhile would not know what to undo.
-        provider_configuration: body.configure_provider.then(configuring),
+        provider_configuration: body.configure_provider.then(|| configuring(now)),
         connection_id: None,
         created_at_ms: now,
         updated_at_ms: now,
@@ -356,16 +356,27 @@ async fn import(
     state.commit.commit().await?;
     tracing::info!(org = %auth.org_id, phone = %phone.id, carrier = %carrier, "phone number imported");
     if body.configure_provider {
-        configure_on_carrier(&state, &mut phone, source.credential(), &found).await?;
+        // On a task of its own: a client that hangs up must not stop it between the carrier's
+        // change and the note of what it replaced.
+        let (st, cred) = (state.clone(), source.credential().clone());
+        let configuring = tokio::spawn(async move {
+            let r = configure_on_carrier(&st, &mut phone, &cred, &found).await;
+            r.map(|()| phone)
+        });
+        phone = configuring.await.map_err(ApiError::internal)??;
     }
     Ok(HttpResponse::Created().json(phone_json(&state, &phone)))
 }
 
 /// What a number's `provider_configuration` says while its import is still configuring it at
-/// the carrier.
-fn configuring() -> Value {
-    json!({"changed": false, "configuring": true})
+/// the carrier, since `now_ms`.
+fn configuring(now_ms: i64) -> Value {
+    json!({"changed": false, "configuring": true, "since": rfc3339(now_ms)})
 }
+
+/// An import still configuring its number after this long was stopped midway (configuring
+/// takes a few carrier requests, each bounded by the request timeout).
+const CONFIGURING_STALE_MS: i64 = 30 * 60 * 1000;
 
 /// Points the number at callgate on the carrier's side. The import stands either way; what
 /// happened (or why not) is reported in `provider_configuration`.
@@ -416,14 +427,20 @@ async fn configure_on_carrier(
                         configured: &report,
                     };
                     match state.provider_api.release_number(cred, &release).await {
-                        Ok(_) => "; callgate set the number back at the carrier",
+                        Ok(r) if r.get("changed") == Some(&Value::Bool(true)) => {
+                            "; callgate set the number back at the carrier".to_owned()
+                        }
+                        Ok(r) => match r.get("manual_steps").and_then(Value::as_str) {
+                            Some(steps) => format!("; setting it back at the carrier needs a hand: {steps}"),
+                            None => "; the carrier had changed it since, so it was left as found".to_owned(),
+                        },
                         Err(e) => {
                             tracing::warn!(phone = %phone.id, error = %e, "could not set back a number deleted while it was configured");
-                            "; setting it back at the carrier failed: point it back by hand"
+                            "; setting it back at the carrier failed: point it back by hand".to_owned()
                         }
                     }
                 }
-                _ => "",
+                _ => String::new(),
             };
             return Err(ApiError::conflict(
                 "number_deleted",
@@ -614,10 +631,20 @@ async fn release_on_carrier(state: &AppState, phone: &PhoneRecord) -> Result<Val
         }));
     };
     if configured.get("configuring") == Some(&Value::Bool(true)) {
+        let since = configured.get("since").and_then(Value::as_str).and_then(crate::clock::parse_rfc3339);
+        if since.is_some_and(|t| state.clock.now_ms() - t < CONFIGURING_STALE_MS) {
+            return Err(ApiError::conflict(
+                "number_configuring",
+                "the import of this number is still configuring it at the carrier: ask again once it has answered",
+            ));
+        }
         return Err(ApiError::conflict(
-            "number_configuring",
-            "the import of this number is still configuring it at the carrier (or was stopped while it did): \
-             ask again once the import has answered, or delete the number without release_provider",
+            "previous_route_unknown",
+            format!(
+                "the import of {} stopped before it had recorded what it changed at the carrier, so it cannot be \
+                 put back: route the number at the carrier by hand, then delete it without release_provider",
+                phone.number
+            ),
         ));
     }
     let rec = state

@@ -945,8 +945,8 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     assert_eq!(fake.number(Carrier::Plivo, plivo.numbers[1]).app_id, None);
     assert_eq!(get_phone(&app, &org, str_of(&v, "id")).await.status, 404);
 
-    // Vobiz: the search does not find the number (gone from the account); callgate's
-    // application, which nothing then uses, goes.
+    // Vobiz: the search does not find the number. Unseen is not known to be gone, so
+    // callgate's application, which it may still use, stays.
     let vobiz = account(Carrier::Vobiz);
     let (v, _) = import_configured(&fake, &app, &org, vobiz, 1).await;
     let ours = str_of(&v["provider_configuration"], "application_id").to_owned();
@@ -954,12 +954,31 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     assert_eq!(
         release(&app, &org, str_of(&v, "id")).await,
         json!({
-            "changed": true,
+            "changed": false,
             "application_id": ours,
-            "linked_application_id": null,
-            "actions": ["none on the number: it is no longer on the account", "deleted application"],
+            "actions": ["none: the account's search did not find the number; callgate's application left in place"],
         })
     );
+    assert!(fake.applications(Carrier::Vobiz).iter().any(|x| x.id == ours));
+
+    // Twilio configured before the voice method was recorded: put back as POST, and said so.
+    let (v, _) = import_configured(&fake, &app, &org, twilio, 2).await;
+    let id = str_of(&v, "id").to_owned();
+    let org_id = callgate::domain::OrgId::parse(&org.id).unwrap();
+    let phone_id = callgate::domain::PhoneId::parse(&id).unwrap();
+    let forget = |p: &mut callgate::store::PhoneRecord| {
+        let report = p.provider_configuration.as_mut().unwrap().as_object_mut().unwrap();
+        report.remove("previous_voice_method");
+        report.insert("previous_voice_url".into(), json!(OLD_VOICE));
+    };
+    app.state.store.phone_modify(&org_id, &phone_id, None, &mut |p| forget(p)).unwrap();
+    let released = release(&app, &org, &id).await;
+    assert_eq!(released["voice_url"], OLD_VOICE);
+    assert_eq!(released["voice_method"], json!(null));
+    let steps = str_of(&released, "manual_steps");
+    assert!(steps.contains("it is POST now") && steps.contains("GET"), "{steps}");
+    let now = fake.number(Carrier::Twilio, twilio.numbers[2]);
+    assert_eq!((now.voice_url.as_deref(), now.voice_method.as_str()), (Some(OLD_VOICE), "POST"));
 
     // Telnyx configured by a version that did not record the connection it replaced: the
     // number is still on callgate's application, and what to put back is not known.
@@ -968,7 +987,6 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     let (v, _) = import_configured(&fake, &app, &org, telnyx, 1).await;
     let id = str_of(&v, "id").to_owned();
     let phone_id = callgate::domain::PhoneId::parse(&id).unwrap();
-    let org_id = callgate::domain::OrgId::parse(&org.id).unwrap();
     let old_shape = |p: &mut callgate::store::PhoneRecord| {
         p.provider_configuration.as_mut().unwrap().as_object_mut().unwrap().remove("previous_connection_id");
     };
@@ -1039,9 +1057,8 @@ async fn a_number_deleted_while_its_import_configures_it_is_set_back_at_the_carr
         (delete_phone(&app, &org, &id, "?release_provider=true").await, shown)
     };
     let (imported, (released, shown)) = tokio::join!(importing, releasing);
-    assert_eq!(shown, json!({"changed": false, "configuring": true}));
-    let msg = "the import of this number is still configuring it at the carrier (or was stopped while it did): \
-               ask again once the import has answered, or delete the number without release_provider";
+    assert_eq!(shown, json!({"changed": false, "configuring": true, "since": rfc3339(T0)}));
+    let msg = "the import of this number is still configuring it at the carrier: ask again once it has answered";
     assert_error(&released, 409, "number_configuring", msg, "release while configuring");
     assert_eq!(imported.status, 201, "{}", imported.text);
     assert_eq!(imported.json()["provider_configuration"]["changed"], true);
@@ -1064,6 +1081,57 @@ async fn a_number_deleted_while_its_import_configures_it_is_set_back_at_the_carr
     assert_eq!((now.voice_url, now.status_callback), (None, None), "set back as it was");
     let sent = fake.requests();
     assert_eq!(sent.iter().filter(|r| r.method == "POST").count(), 2, "configured, then set back: {sent:#?}");
+
+    // A Telnyx number with no connection before cannot be set back by API: the answer says what to do.
+    let telnyx = account(Carrier::Telnyx);
+    fake.set_mode(Mode::Slow);
+    let body = json!({"number": telnyx.numbers[0], "credentials": credentials(Carrier::Telnyx, telnyx.secret), "configure_provider": true});
+    let importing = import(&app, &org, Carrier::Telnyx, body);
+    let deleting = async {
+        let id = stored_id(&app, &org, telnyx.numbers[0]).await;
+        delete_phone(&app, &org, &id, "").await
+    };
+    let (imported, deleted) = tokio::join!(importing, deleting);
+    fake.set_mode(Mode::Ok);
+    assert_eq!(deleted.status, 204);
+    let message = str_of(&imported.json()["error"], "message").to_owned();
+    let start = format!(
+        "{} was deleted while it was being configured; setting it back at the carrier needs a hand: ",
+        telnyx.numbers[0]
+    );
+    assert!(message.starts_with(&start) && message.contains("Telnyx portal"), "{message}");
+}
+
+/// An import stopped while it configured its number (killed, say) leaves its marker; once it is
+/// old, a release says what it cannot know rather than waiting for an answer that never comes.
+#[tokio::test]
+async fn a_release_after_an_import_stopped_midway_says_the_route_is_unknown() {
+    let (fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let (v, _) = import_configured(&fake, &app, &org, twilio, 0).await;
+    let id = str_of(&v, "id").to_owned();
+    let (org_id, phone_id) =
+        (callgate::domain::OrgId::parse(&org.id).unwrap(), callgate::domain::PhoneId::parse(&id).unwrap());
+    let marker = json!({"changed": false, "configuring": true, "since": rfc3339(T0)});
+    app.state
+        .store
+        .phone_modify(&org_id, &phone_id, None, &mut |p| p.provider_configuration = Some(marker.clone()))
+        .unwrap();
+    fake.clear_requests();
+
+    app.clock.set_ms(T0 + 29 * 60 * 1000);
+    let r = delete_phone(&app, &org, &id, "?release_provider=true").await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (409, json!("number_configuring")), "{}", r.text);
+    app.clock.set_ms(T0 + 31 * 60 * 1000);
+    let r = delete_phone(&app, &org, &id, "?release_provider=true").await;
+    let msg = format!(
+        "the import of {} stopped before it had recorded what it changed at the carrier, so it cannot be put back: \
+         route the number at the carrier by hand, then delete it without release_provider",
+        twilio.numbers[0]
+    );
+    assert_error(&r, 409, "previous_route_unknown", &msg, "stale marker");
+    assert!(fake.requests().is_empty());
+    assert_eq!(get_phone(&app, &org, &id).await.json()["provider_configuration"], marker, "kept");
 }
 
 #[tokio::test]
@@ -1101,6 +1169,14 @@ async fn delete_without_release_provider_leaves_the_carrier_alone_and_bad_querie
     let (again, _) = import_configured(&fake, &app, &org, plivo, 0).await;
     assert_eq!(again["provider_configuration"]["application_id"], json!(ours));
     assert_eq!(again["provider_configuration"]["previous_application_id"], json!(null));
+    // Nor, for Twilio, are the URLs an earlier import of the number left.
+    let twilio = account(Carrier::Twilio);
+    let (first, _) = import_configured(&fake, &app, &org, twilio, 0).await;
+    assert_eq!(delete_phone(&app, &org, str_of(&first, "id"), "").await.status, 204);
+    let (again, _) = import_configured(&fake, &app, &org, twilio, 0).await;
+    let report = &again["provider_configuration"];
+    assert_eq!((&report["previous_voice_url"], &report["previous_status_callback"]), (&json!(null), &json!(null)));
+    assert_ne!(str_of(report, "voice_url"), str_of(&first["provider_configuration"], "voice_url"));
 }
 
 // --- configure_provider ------------------------------------------------------------------

@@ -92,6 +92,13 @@ async fn fetch(ex: &Exchange<'_>, path: &str, number: &E164, sid: &str) -> Resul
     Ok(current)
 }
 
+/// `url`, unless it is one of callgate's own for this kind of callback (left by an earlier
+/// import of the number, deleted without release): that is no route to go back to.
+fn not_ours(url: Option<String>, target: &str) -> Option<String> {
+    let ours = target.rsplit_once('/').map_or(target, |(dir, _)| dir);
+    non_empty(url).filter(|u| u.rsplit_once('/').map(|(dir, _)| dir) != Some(ours))
+}
+
 pub(crate) async fn configure_number(
     api: &ProviderApi,
     cred: &TwilioCredential,
@@ -132,9 +139,9 @@ pub(crate) async fn configure_number(
         "number_sid": number.provider_number_id,
         "voice_url": targets.incoming,
         "status_callback": targets.status,
-        "previous_voice_url": non_empty(current.voice_url),
+        "previous_voice_url": not_ours(current.voice_url, &targets.incoming),
         "previous_voice_method": non_empty(current.voice_method),
-        "previous_status_callback": non_empty(current.status_callback),
+        "previous_status_callback": not_ours(current.status_callback, &targets.status),
         "previous_status_callback_method": non_empty(current.status_callback_method),
         "previous_voice_application_sid": previous_app,
         "actions": actions,
@@ -192,6 +199,12 @@ pub(crate) async fn release_number(
         report["voice_url"] = json!(url);
         report["voice_method"] = json!(method("previous_voice_method"));
         report["voice_application_sid"] = json!(app);
+        if url.is_some() && release.previous("previous_voice_method").is_err() {
+            report["manual_steps"] = json!(
+                "callgate configured this number before it recorded the voice URL's method: it is POST now; \
+                 set it back in the Twilio console if the URL expects GET"
+            );
+        }
     } else {
         actions.push("left voice routing as found: no longer callgate's");
     }

@@ -98,8 +98,12 @@ async fn find_number(ex: &Exchange<'_>, base: &str, number: &E164) -> Result<Opt
     ]);
     let page: Page = ex.json(OP, req).await?;
     let seen = page.items.len() as u64;
-    let found =
-        page.items.into_iter().filter_map(|v| to_listed(serde_json::from_value(v).ok()?)).find(|n| &n.number == number);
+    let mut found = None;
+    for v in page.items {
+        // An item that cannot be read could be this number: it is not taken as absent.
+        let item = serde_json::from_value::<Item>(v).map_err(|_| ex.unavailable(OP, "a number it could not read"))?;
+        found = found.or(to_listed(item).filter(|n| &n.number == number));
+    }
     // A search for one number that brings more than a page and not it cannot say it is gone.
     if found.is_none() && page.total > seen {
         return Err(ex.unavailable(OP, "the search for the number did not bring it on its first page"));
@@ -117,8 +121,16 @@ pub(crate) async fn release_number(
     let Some(ours) = release.field("application_id") else { return Ok(nothing_to_release()) };
     let ex = exchange(api, cred)?;
     let base = account_path(cred)?;
-    let current = find_number(&ex, &base, release.number).await?;
-    let relink = current.as_ref().is_some_and(|n| n.routed_to.as_deref() == Some(ours));
+    let Some(current) = find_number(&ex, &base, release.number).await? else {
+        // Unseen is not known to be gone (the search may match it otherwise), so callgate's
+        // application, which it may still use, stays.
+        return Ok(json!({
+            "changed": false,
+            "application_id": ours,
+            "actions": ["none: the account's search did not find the number; callgate's application left in place"],
+        }));
+    };
+    let relink = current.routed_to.as_deref() == Some(ours);
     let previous = if relink { release.previous("previous_application_id")? } else { None };
     if relink {
         let path = format!("{base}numbers/{}/application", segment(release.number.as_str())?);
@@ -130,6 +142,6 @@ pub(crate) async fn release_number(
             None => ex.send("detach application", ex.request(Method::DELETE, &path)).await?,
         };
     }
-    let outcome = Unlinked { on_account: current.is_some(), relinked: relink, previous };
+    let outcome = Unlinked { on_account: true, relinked: relink, previous };
     delete_application(&ex, &format!("{base}Application/"), ours, outcome).await
 }
