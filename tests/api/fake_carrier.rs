@@ -321,6 +321,14 @@ impl FakeCarrier {
         f(n);
     }
 
+    /// Deletes an application of `carrier`'s accounts, as the customer might in the console.
+    pub fn remove_application(&self, carrier: Carrier, id: &str) {
+        let mut st = lock(&self.state);
+        for account in st.accounts.iter_mut().filter(|a| a.carrier == carrier) {
+            account.apps.retain(|a| a.id != id);
+        }
+    }
+
     /// Creates an application (Telnyx: Call Control application) in the first account of
     /// `carrier`, as if the customer had made it; returns its id.
     pub fn add_application(&self, carrier: Carrier, name: &str, answer_url: &str, hangup_url: &str) -> String {

@@ -710,6 +710,12 @@ async fn release_provider_puts_each_carrier_back_as_it_was_and_takes_callgates_a
                 Carrier::Plivo | Carrier::Vobiz => {
                     let ours = ours.clone().expect("callgate's application");
                     let base = plivo_family_base(c);
+                    // The read of where the number points, then (with one) of the application
+                    // to go back to, the link, and the delete of callgate's application.
+                    let mut sent = sent.clone();
+                    if let Some(p) = &previous {
+                        assert_get(a, &sent.remove(1), &format!("{base}Application/{p}/"), "");
+                    }
                     assert_eq!(sent.len(), 3, "{what}: {sent:#?}");
                     match (c, &previous) {
                         (Carrier::Plivo, p) => {
@@ -944,6 +950,30 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     );
     assert_eq!(fake.number(Carrier::Plivo, plivo.numbers[1]).app_id, None);
     assert_eq!(get_phone(&app, &org, str_of(&v, "id")).await.status, 404);
+
+    // Plivo: the application the number had before is gone from the account since (the
+    // customer deleted it). There is nothing to go back to, so the account's default applies.
+    let own = route_elsewhere(&fake, plivo, 2).unwrap();
+    let (v, _) = import_configured(&fake, &app, &org, plivo, 2).await;
+    assert_eq!(v["provider_configuration"]["previous_application_id"], json!(own));
+    let ours = str_of(&v["provider_configuration"], "application_id").to_owned();
+    fake.remove_application(Carrier::Plivo, &own);
+    fake.clear_requests();
+    assert_eq!(
+        release(&app, &org, str_of(&v, "id")).await,
+        json!({
+            "changed": true,
+            "application_id": ours,
+            "linked_application_id": null,
+            "actions": [
+                "unlinked number from callgate's application: its previous application no longer exists",
+                "deleted application",
+            ],
+        })
+    );
+    let sent = fake.requests();
+    assert_eq!(sent[2].json(), json!({}), "linked to the account's default: {sent:#?}");
+    assert_eq!(fake.number(Carrier::Plivo, plivo.numbers[2]).app_id, None);
 
     // Vobiz: the search does not find the number. Unseen is not known to be gone, so
     // callgate's application, which it may still use, stays.

@@ -131,14 +131,34 @@ pub(crate) async fn release_number(
         Err(e) => return Err(e),
     };
     let relink = current.as_ref().is_some_and(|app| app.as_deref() == Some(ours));
-    let previous = if relink { release.previous("previous_application_id")? } else { None };
+    let apps_path = format!("{base}Application/");
+    let (previous, previous_gone) = if relink {
+        still_there(&ex, &apps_path, release.previous("previous_application_id")?).await?
+    } else {
+        (None, false)
+    };
     if relink {
         // Plivo links the account's default number application when no app_id is given.
         let body = previous.map_or_else(|| json!({}), |p| json!({ "app_id": p }));
         ex.send("link number", ex.request(Method::POST, &number_path).json(&body)).await?;
     }
-    let outcome = Unlinked { on_account: current.is_some(), relinked: relink, previous };
-    delete_application(&ex, &format!("{base}Application/"), ours, outcome).await
+    let outcome = Unlinked { on_account: current.is_some(), relinked: relink, previous, previous_gone };
+    delete_application(&ex, &apps_path, ours, outcome).await
+}
+
+/// The application to link a number back to, if the carrier still has it; and whether it had
+/// one that is gone since (the customer deleted it), so there is none to go back to.
+pub(crate) async fn still_there<'a>(
+    ex: &Exchange<'_>,
+    apps_path: &str,
+    previous: Option<&'a str>,
+) -> Result<(Option<&'a str>, bool), ProviderError> {
+    let Some(p) = previous else { return Ok((None, false)) };
+    match ex.send("fetch application", ex.request(Method::GET, &format!("{apps_path}{}/", segment(p)?))).await {
+        Ok(_) => Ok((Some(p), false)),
+        Err(ProviderError::NotFound) => Ok((None, true)),
+        Err(e) => Err(e),
+    }
 }
 
 /// What releasing did to a Plivo-family number before its application goes.
@@ -148,6 +168,8 @@ pub(crate) struct Unlinked<'a> {
     /// It used callgate's application, and was linked back.
     pub relinked: bool,
     pub previous: Option<&'a str>,
+    /// It had an application before callgate's that the carrier no longer has.
+    pub previous_gone: bool,
 }
 
 /// Deletes callgate's application for one number (made for it alone, so nothing else uses
@@ -162,6 +184,9 @@ pub(crate) async fn delete_application(
         (false, ..) => "none on the number: it is no longer on the account",
         (true, false, _) => "left number as found: it no longer uses callgate's application",
         (true, true, Some(_)) => "linked number to its previous application",
+        (true, true, None) if done.previous_gone => {
+            "unlinked number from callgate's application: its previous application no longer exists"
+        }
         (true, true, None) => "unlinked number from callgate's application",
     }];
     let req = ex.request(Method::DELETE, &format!("{apps_path}{}/", segment(ours)?));

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::carriers::plivo::rest::{
-    app_name, configured, delete_application, ensure_application, previous_app, Unlinked,
+    app_name, configured, delete_application, ensure_application, previous_app, still_there, Unlinked,
 };
 use crate::carriers::rest::{
     id_string, listed, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
@@ -131,7 +131,12 @@ pub(crate) async fn release_number(
         }));
     };
     let relink = current.routed_to.as_deref() == Some(ours);
-    let previous = if relink { release.previous("previous_application_id")? } else { None };
+    let apps_path = format!("{base}Application/");
+    let (previous, previous_gone) = if relink {
+        still_there(&ex, &apps_path, release.previous("previous_application_id")?).await?
+    } else {
+        (None, false)
+    };
     if relink {
         let path = format!("{base}numbers/{}/application", segment(release.number.as_str())?);
         match previous {
@@ -142,6 +147,6 @@ pub(crate) async fn release_number(
             None => ex.send("detach application", ex.request(Method::DELETE, &path)).await?,
         };
     }
-    let outcome = Unlinked { on_account: true, relinked: relink, previous };
-    delete_application(&ex, &format!("{base}Application/"), ours, outcome).await
+    let outcome = Unlinked { on_account: true, relinked: relink, previous, previous_gone };
+    delete_application(&ex, &apps_path, ours, outcome).await
 }
