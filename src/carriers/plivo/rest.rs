@@ -132,11 +132,7 @@ pub(crate) async fn release_number(
     };
     let relink = current.as_ref().is_some_and(|app| app.as_deref() == Some(ours));
     let apps_path = format!("{base}Application/");
-    let (previous, previous_gone) = if relink {
-        still_there(&ex, &apps_path, release.previous("previous_application_id")?).await?
-    } else {
-        (None, false)
-    };
+    let (previous, previous_gone) = route_back(&ex, &apps_path, release, relink).await?;
     if relink {
         // Plivo links the account's default number application when no app_id is given.
         let body = previous.map_or_else(|| json!({}), |p| json!({ "app_id": p }));
@@ -146,14 +142,19 @@ pub(crate) async fn release_number(
     delete_application(&ex, &apps_path, ours, outcome).await
 }
 
-/// The application to link a number back to, if the carrier still has it; and whether it had
-/// one that is gone since (the customer deleted it), so there is none to go back to.
-pub(crate) async fn still_there<'a>(
+/// The application to link a number that still uses callgate's (`relink`) back to, if it had
+/// one and the carrier still has it; and whether it had one that is gone since (the customer
+/// deleted it), so there is none to go back to.
+pub(crate) async fn route_back<'a>(
     ex: &Exchange<'_>,
     apps_path: &str,
-    previous: Option<&'a str>,
+    release: &'a Release<'_>,
+    relink: bool,
 ) -> Result<(Option<&'a str>, bool), ProviderError> {
-    let Some(p) = previous else { return Ok((None, false)) };
+    if !relink {
+        return Ok((None, false));
+    }
+    let Some(p) = release.previous("previous_application_id")? else { return Ok((None, false)) };
     match ex.send("fetch application", ex.request(Method::GET, &format!("{apps_path}{}/", segment(p)?))).await {
         Ok(_) => Ok((Some(p), false)),
         Err(ProviderError::NotFound) => Ok((None, true)),

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::carriers::plivo::rest::{
-    app_name, configured, delete_application, ensure_application, previous_app, still_there, Unlinked,
+    app_name, configured, delete_application, ensure_application, previous_app, route_back, Unlinked,
 };
 use crate::carriers::rest::{
     id_string, listed, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
@@ -132,11 +132,7 @@ pub(crate) async fn release_number(
     };
     let relink = current.routed_to.as_deref() == Some(ours);
     let apps_path = format!("{base}Application/");
-    let (previous, previous_gone) = if relink {
-        still_there(&ex, &apps_path, release.previous("previous_application_id")?).await?
-    } else {
-        (None, false)
-    };
+    let (previous, previous_gone) = route_back(&ex, &apps_path, release, relink).await?;
     if relink {
         let path = format!("{base}numbers/{}/application", segment(release.number.as_str())?);
         match previous {
