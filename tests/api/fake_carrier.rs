@@ -353,6 +353,7 @@ impl FakeCarrier {
 fn app_id(carrier: Carrier, n: u64) -> String {
     match carrier {
         Carrier::Telnyx => format!("{}", 1_293_384_261_075_732_000u64 + n),
+        Carrier::Twilio => format!("AP{n:032x}"),
         _ => format!("{}", 20_468_599_130_939_000u64 + n),
     }
 }
@@ -961,6 +962,16 @@ fn twilio(
                     "start": start,
                     "uri": format!("{}?{}", req.path, req.query),
                 }),
+            )
+        }
+        // A TwiML application (`add_application` makes them for Twilio too).
+        ("GET", ["Applications", file]) => {
+            let Some(app) = file.strip_suffix(".json").and_then(|s| acct.apps.iter().find(|a| a.id == s)) else {
+                return not_found(Carrier::Twilio, req);
+            };
+            reply(
+                200,
+                json!({"sid": app.id, "account_sid": sid, "friendly_name": app.name, "voice_url": app.answer_url, "voice_method": "POST"}),
             )
         }
         (_, ["IncomingPhoneNumbers", file]) => {

@@ -651,13 +651,14 @@ fn route_elsewhere(fake: &FakeCarrier, a: &Account, index: usize) -> Option<Stri
             Some(own)
         }
         Carrier::Twilio => {
+            let own = fake.add_application(c, "customer-twiml", OLD_VOICE, OLD_STATUS);
             fake.update_number(c, a.numbers[index], |n| {
                 n.voice_url = Some(OLD_VOICE.to_owned());
                 n.voice_method = "GET".to_owned();
                 n.status_callback = Some(OLD_STATUS.to_owned());
-                n.voice_application_sid = Some(OLD_TWIML_APP.to_owned());
+                n.voice_application_sid = Some(own.clone());
             });
-            Some(OLD_TWIML_APP.to_owned())
+            Some(own)
         }
         Carrier::Exotel => None,
     }
@@ -758,6 +759,16 @@ async fn release_provider_puts_each_carrier_back_as_it_was_and_takes_callgates_a
                 }
                 Carrier::Twilio => {
                     let path = format!("/2010-04-01/Accounts/{TWILIO_SID}/IncomingPhoneNumbers/{}.json", on_fake.id);
+                    // With a TwiML application before, it is looked up before it is reattached.
+                    let mut sent = sent.clone();
+                    if let Some(p) = &previous {
+                        assert_get(
+                            a,
+                            &sent.remove(1),
+                            &format!("/2010-04-01/Accounts/{TWILIO_SID}/Applications/{p}.json"),
+                            "",
+                        );
+                    }
                     assert_eq!(sent.len(), 2, "{what}: {sent:#?}");
                     assert_get(a, &sent[0], &path, "");
                     assert_eq!((sent[1].method.as_str(), sent[1].path.as_str()), ("POST", path.as_str()), "{what}");
@@ -974,6 +985,27 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     let sent = fake.requests();
     assert_eq!(sent[2].json(), json!({}), "linked to the account's default: {sent:#?}");
     assert_eq!(fake.number(Carrier::Plivo, plivo.numbers[2]).app_id, None);
+
+    // Twilio: the TwiML application the number had before is gone since; the voice URL and
+    // the rest come back without it.
+    let own = route_elsewhere(&fake, twilio, 2).unwrap();
+    let (v, _) = import_configured(&fake, &app, &org, twilio, 2).await;
+    fake.remove_application(Carrier::Twilio, &own);
+    let released = release(&app, &org, str_of(&v, "id")).await;
+    assert_eq!(
+        (&released["voice_url"], &released["voice_application_sid"], &released["actions"]),
+        (
+            &json!(OLD_VOICE),
+            &json!(null),
+            &json!([
+                "left TwiML application off: it no longer exists",
+                "restored voice URL",
+                "restored status callback"
+            ])
+        )
+    );
+    let now = fake.number(Carrier::Twilio, twilio.numbers[2]);
+    assert_eq!((now.voice_url.as_deref(), now.voice_application_sid), (Some(OLD_VOICE), None));
 
     // Vobiz: the search does not find the number. Unseen is not known to be gone, so
     // callgate's application, which it may still use, stays.

@@ -188,7 +188,20 @@ pub(crate) async fn release_number(
     let mut report = json!({"changed": true});
     if voice {
         let url = release.previous("previous_voice_url")?;
-        let app = release.previous("previous_voice_application_sid")?;
+        let mut app = release.previous("previous_voice_application_sid")?;
+        // A TwiML application the customer deleted since is none to go back to (Twilio would
+        // refuse the whole update for it).
+        if let Some(sid) = app {
+            let req = ex.request(Method::GET, &format!("{}Applications/{}.json", account_path(cred)?, segment(sid)?));
+            match ex.send("fetch application", req).await {
+                Ok(_) => {}
+                Err(ProviderError::NotFound) => {
+                    app = None;
+                    actions.push("left TwiML application off: it no longer exists");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         form.push(("VoiceUrl", url.unwrap_or_default()));
         form.extend(method("previous_voice_method").map(|m| ("VoiceMethod", m)));
         form.push(("VoiceApplicationSid", app.unwrap_or_default()));
