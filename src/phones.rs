@@ -420,26 +420,7 @@ async fn configure_on_carrier(
         // It keeps its credential: this change names none.
         Modified::Gone | Modified::CredentialGone => {
             let undone = match report.get("changed") {
-                Some(Value::Bool(true)) => {
-                    let release = Release {
-                        number: &phone.number,
-                        provider_number_id: &phone.provider_number_id,
-                        configured: &report,
-                    };
-                    match state.provider_api.release_number(cred, &release).await {
-                        Ok(r) if r.get("changed") == Some(&Value::Bool(true)) => {
-                            "; callgate set the number back at the carrier".to_owned()
-                        }
-                        Ok(r) => match r.get("manual_steps").and_then(Value::as_str) {
-                            Some(steps) => format!("; setting it back at the carrier needs a hand: {steps}"),
-                            None => "; the carrier had changed it since, so it was left as found".to_owned(),
-                        },
-                        Err(e) => {
-                            tracing::warn!(phone = %phone.id, error = %e, "could not set back a number deleted while it was configured");
-                            "; setting it back at the carrier failed: point it back by hand".to_owned()
-                        }
-                    }
-                }
+                Some(Value::Bool(true)) => set_back(state, cred, phone, &report).await,
                 _ => String::new(),
             };
             return Err(ApiError::conflict(
@@ -450,6 +431,29 @@ async fn configure_on_carrier(
     };
     state.commit.commit().await?;
     Ok(())
+}
+
+/// Undoes the configuration `report` describes of a number deleted while it was being
+/// configured; what became of it, to end the import's answer with.
+async fn set_back(state: &AppState, cred: &PhoneCredential, phone: &PhoneRecord, report: &Value) -> String {
+    match state.provider_api.release_number(cred, &release_of(phone, report)).await {
+        Ok(r) if r.get("changed") == Some(&Value::Bool(true)) => {
+            "; callgate set the number back at the carrier".to_owned()
+        }
+        Ok(r) => match r.get("manual_steps").and_then(Value::as_str) {
+            Some(steps) => format!("; setting it back at the carrier needs a hand: {steps}"),
+            None => "; the carrier had changed it since, so it was left as found".to_owned(),
+        },
+        Err(e) => {
+            tracing::warn!(phone = %phone.id, error = %e, "could not set back a number deleted while it was configured");
+            "; setting it back at the carrier failed: point it back by hand".to_owned()
+        }
+    }
+}
+
+/// What the carrier is to be asked to undo for `phone`, as `configured` reports it.
+fn release_of<'a>(phone: &'a PhoneRecord, configured: &'a Value) -> Release<'a> {
+    Release { number: &phone.number, provider_number_id: &phone.provider_number_id, configured }
 }
 
 #[derive(Deserialize)]
@@ -653,8 +657,7 @@ async fn release_on_carrier(state: &AppState, phone: &PhoneRecord) -> Result<Val
         .ok_or_else(|| ApiError::internal(format!("phone {} has no credential record", phone.id)))?;
     let cred = state.vault.open_phone(&rec).map_err(ApiError::internal)?;
     state.carrier_limiter.check(&phone.org_id, state.clock.now_ms()).map_err(ApiError::rate_limited)?;
-    let release = Release { number: &phone.number, provider_number_id: &phone.provider_number_id, configured };
-    state.provider_api.release_number(&cred, &release).await.map_err(|e| {
+    state.provider_api.release_number(&cred, &release_of(phone, configured)).await.map_err(|e| {
         let mut api = provider_error(phone.provider, e);
         api.message
             .push_str("; the number was not deleted (without release_provider it would be, the carrier left as it is)");

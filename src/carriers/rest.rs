@@ -118,7 +118,7 @@ impl Release<'_> {
 }
 
 /// The release report when the configuration report names nothing callgate set up (its
-/// configuring failed, or the record predates what is needed to undo it).
+/// configuring failed before the carrier changed anything).
 pub(crate) fn nothing_to_release() -> Value {
     json!({"changed": false, "reason": "the import's configuration report names nothing callgate set up at the carrier"})
 }

@@ -170,7 +170,7 @@ pub(crate) async fn release_number(
     };
     // Compared with the URLs as configured, which a later change of the public URL does not
     // move. Callgate's voice URL routes the number only while no TwiML application is attached.
-    let still = |now: &Option<String>, set: &str| release.field(set).is_some() && now.as_deref() == release.field(set);
+    let still = |now: &Option<String>, set: &str| release.field(set).is_some_and(|s| now.as_deref() == Some(s));
     let voice = still(&current.voice_url, "voice_url") && non_empty(current.voice_application_sid).is_none();
     let status = still(&current.status_callback, "status_callback");
     if !voice && !status {
@@ -182,7 +182,8 @@ pub(crate) async fn release_number(
     // Empty values clear what callgate set where the number had nothing before. A method is
     // put back only where the import recorded it (the first versions did not): else it stays
     // POST, as callgate set it.
-    let method = |name: &str| release.previous(name).ok().flatten();
+    let voice_method = release.previous("previous_voice_method");
+    let status_method = release.previous("previous_status_callback_method").ok().flatten();
     let mut form: Vec<(&str, &str)> = Vec::new();
     let mut actions = Vec::new();
     let mut report = json!({"changed": true});
@@ -203,16 +204,16 @@ pub(crate) async fn release_number(
             }
         }
         form.push(("VoiceUrl", url.unwrap_or_default()));
-        form.extend(method("previous_voice_method").map(|m| ("VoiceMethod", m)));
+        form.extend(voice_method.as_ref().ok().copied().flatten().map(|m| ("VoiceMethod", m)));
         form.push(("VoiceApplicationSid", app.unwrap_or_default()));
         actions.push("restored voice URL");
         if app.is_some() {
             actions.push("reattached TwiML application");
         }
         report["voice_url"] = json!(url);
-        report["voice_method"] = json!(method("previous_voice_method"));
+        report["voice_method"] = json!(voice_method.as_ref().ok().copied().flatten());
         report["voice_application_sid"] = json!(app);
-        if url.is_some() && release.previous("previous_voice_method").is_err() {
+        if url.is_some() && voice_method.is_err() {
             report["manual_steps"] = json!(
                 "callgate configured this number before it recorded the voice URL's method: it is POST now; \
                  set it back in the Twilio console if the URL expects GET"
@@ -224,10 +225,10 @@ pub(crate) async fn release_number(
     if status {
         let url = release.previous("previous_status_callback")?;
         form.push(("StatusCallback", url.unwrap_or_default()));
-        form.extend(method("previous_status_callback_method").map(|m| ("StatusCallbackMethod", m)));
+        form.extend(status_method.map(|m| ("StatusCallbackMethod", m)));
         actions.push("restored status callback");
         report["status_callback"] = json!(url);
-        report["status_callback_method"] = json!(method("previous_status_callback_method"));
+        report["status_callback_method"] = json!(status_method);
     } else {
         actions.push("left status callback as found: no longer callgate's");
     }
