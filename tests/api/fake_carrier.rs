@@ -1158,6 +1158,15 @@ fn telnyx(acct: &mut Account, method: &str, rest: &[&str], req: &Recorded, cap: 
                 _ => not_found(Carrier::Telnyx, req),
             }
         }
+        // Any connection, whatever its type; this fake's only connections are applications.
+        ("GET", ["connections", id]) => match acct.apps.iter().find(|a| a.id == *id) {
+            Some(app) => {
+                let mut data = telnyx_app(app);
+                data["connection_name"] = json!(app.name);
+                reply(200, json!({"data": data}))
+            }
+            None => not_found(Carrier::Telnyx, req),
+        },
         // Call Control commands: answer (with stream fields), reject, transfer.
         ("POST", ["calls", _, "actions", "answer" | "reject" | "transfer"]) => {
             if json_body(req).is_none() {

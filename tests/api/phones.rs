@@ -818,8 +818,9 @@ async fn release_provider_puts_each_carrier_back_as_it_was_and_takes_callgates_a
                     assert!(fake.applications(c).iter().any(|x| x.id == ours), "{what}: the shared application stays");
                     match &previous {
                         Some(p) => {
-                            assert_eq!(sent.len(), 2, "{what}: {sent:#?}");
-                            assert_json_request(a, &sent[1], "PATCH", &path, json!({"connection_id": p}));
+                            assert_eq!(sent.len(), 3, "{what}: {sent:#?}");
+                            assert_get(a, &sent[1], &format!("/v2/connections/{p}"), "");
+                            assert_json_request(a, &sent[2], "PATCH", &path, json!({"connection_id": p}));
                             assert_eq!(on_fake.connection_id.as_ref(), Some(p), "{what}");
                             json!({
                                 "changed": true,
@@ -1006,6 +1007,26 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     );
     let now = fake.number(Carrier::Twilio, twilio.numbers[2]);
     assert_eq!((now.voice_url.as_deref(), now.voice_application_sid), (Some(OLD_VOICE), None));
+
+    // Telnyx: the connection the number had before is gone since. Telnyx would refuse the
+    // link, and a connection cannot be taken away, so the number stays on callgate's
+    // application and the answer says what to do.
+    let telnyx = account(Carrier::Telnyx);
+    let own = route_elsewhere(&fake, telnyx, 2).unwrap();
+    let (v, _) = import_configured(&fake, &app, &org, telnyx, 2).await;
+    let ours = str_of(&v["provider_configuration"], "application_id").to_owned();
+    fake.remove_application(Carrier::Telnyx, &own);
+    fake.clear_requests();
+    let released = release(&app, &org, str_of(&v, "id")).await;
+    let steps = str_of(&released, "manual_steps").to_owned();
+    assert_eq!(released, json!({"changed": false, "manual_steps": steps}));
+    for needle in [telnyx.numbers[2], own.as_str(), "no longer has it", "Telnyx portal"] {
+        assert!(steps.contains(needle), "{needle:?} missing from {steps:?}");
+    }
+    let sent = fake.requests();
+    assert_eq!(sent.len(), 2, "read the number and the connection, changed nothing: {sent:#?}");
+    assert_eq!(fake.number(Carrier::Telnyx, telnyx.numbers[2]).connection_id.as_deref(), Some(ours.as_str()));
+    assert_eq!(get_phone(&app, &org, str_of(&v, "id")).await.status, 404);
 
     // Vobiz: the search does not find the number. Unseen is not known to be gone, so
     // callgate's application, which it may still use, stays.

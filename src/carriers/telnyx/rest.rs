@@ -185,17 +185,32 @@ pub(crate) async fn release_number(
             "actions": ["left number as found: it no longer uses callgate's application"],
         }));
     }
-    let Some(previous) = release.previous("previous_connection_id")? else {
-        // Telnyx documents setting a connection, not taking one away.
-        return Ok(json!({
+    // Telnyx documents setting a connection, not taking one away: with nothing to go back to,
+    // the number stays on callgate's application and the answer says what to do.
+    let manual = |before: &str| {
+        json!({
             "changed": false,
             "manual_steps": format!(
-                "{} had no connection before callgate's Call Control application; assign it to another \
-                 connection in the Telnyx portal, or its calls keep reaching callgate, which no longer has it.",
+                "{} {before}; assign it to another connection in the Telnyx portal, or its calls keep \
+                 reaching callgate, which no longer has it.",
                 release.number
             ),
-        }));
+        })
     };
+    let Some(previous) = release.previous("previous_connection_id")? else {
+        return Ok(manual("had no connection before callgate's Call Control application"));
+    };
+    // A connection the customer has deleted since would make Telnyx refuse the link.
+    let connection = format!("/v2/connections/{}", segment(previous)?);
+    match ex.send("fetch connection", ex.request(Method::GET, &connection)).await {
+        Ok(_) => {}
+        Err(ProviderError::NotFound) => {
+            return Ok(manual(&format!(
+                "was on connection {previous} before callgate's Call Control application, and Telnyx no longer has it"
+            )))
+        }
+        Err(e) => return Err(e),
+    }
     let req = ex.request(Method::PATCH, &path).json(&json!({ "connection_id": previous }));
     ex.send("link number", req).await?;
     Ok(json!({
