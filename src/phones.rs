@@ -389,12 +389,19 @@ async fn configure_on_carrier(
     let targets = webhook_urls(&state.settings.public_url, phone.provider, &phone.id);
     let report = match state.provider_api.configure_number(cred, listed, &targets).await {
         Ok(v) => v,
-        Err(e) => {
-            let api = provider_error(phone.provider, e);
-            json!({"changed": false, "error": {"code": api.code, "message": api.message}})
+        Err(unfinished) => {
+            let api = provider_error(phone.provider, unfinished.error);
+            // What was set up before the failure stays on record, for a release to undo.
+            let mut report = unfinished.left.unwrap_or_else(|| json!({"changed": false}));
+            report["error"] = json!({"code": api.code, "message": api.message});
+            report
         }
     };
-    let connection_id = report.get("application_id").and_then(Value::as_str).map(str::to_owned);
+    // Only a link known to have been made says which application the number's events carry.
+    let connection_id = match report.get("error") {
+        None => report.get("application_id").and_then(Value::as_str).map(str::to_owned),
+        Some(_) => None,
+    };
     let now = state.clock.now_ms();
     let mut change = |p: &mut PhoneRecord| {
         if p.provider == Carrier::Telnyx {

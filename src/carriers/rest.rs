@@ -123,6 +123,47 @@ pub(crate) fn nothing_to_release() -> Value {
     json!({"changed": false, "reason": "the import's configuration report names nothing callgate set up at the carrier"})
 }
 
+/// A configuration that failed after it had set something up at the carrier.
+#[derive(Debug)]
+pub struct Unfinished {
+    pub error: ProviderError,
+    /// What was set up before the failure, as a configuration report (a release reads it):
+    /// a step that failed may still have happened (a timeout), and what it needed stays.
+    pub left: Option<Value>,
+}
+
+impl Unfinished {
+    /// `error` after the steps `report` describes; it says it is not complete.
+    pub(crate) fn after(error: ProviderError, mut report: Value) -> Self {
+        report["complete"] = Value::Bool(false);
+        Self { error, left: Some(report) }
+    }
+}
+
+impl From<ProviderError> for Unfinished {
+    fn from(error: ProviderError) -> Self {
+        Self { error, left: None }
+    }
+}
+
+/// Links the number to callgate's application, the last step of `report`. A link that fails
+/// leaves the report behind, so that a release can still find the application (and the link,
+/// if it went through after all).
+pub(crate) async fn link_to(
+    ex: &Exchange<'_>,
+    op: &'static str,
+    link: RequestBuilder,
+    mut report: Value,
+) -> Result<Value, Unfinished> {
+    if let Err(e) = ex.send(op, link).await {
+        return Err(Unfinished::after(e, report));
+    }
+    if let Some(Value::Array(actions)) = report.get_mut("actions") {
+        actions.push(json!("linked number"));
+    }
+    Ok(report)
+}
+
 /// Where auto-configuration points a number. For Telnyx both are the single voice URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WebhookTargets {
@@ -216,11 +257,11 @@ impl ProviderApi {
         cred: &PhoneCredential,
         number: &ListedNumber,
         urls: &WebhookTargets,
-    ) -> Result<Value, ProviderError> {
+    ) -> Result<Value, Unfinished> {
         match cred {
             PhoneCredential::Plivo(c) => plivo::rest::configure_number(self, c, number, urls).await,
             PhoneCredential::Vobiz(c) => vobiz::rest::configure_number(self, c, number, urls).await,
-            PhoneCredential::Twilio(c) => twilio::rest::configure_number(self, c, number, urls).await,
+            PhoneCredential::Twilio(c) => Ok(twilio::rest::configure_number(self, c, number, urls).await?),
             PhoneCredential::Telnyx(c) => telnyx::rest::configure_number(self, c, number, urls).await,
             PhoneCredential::Exotel(_) => Ok(exotel::rest::configure_number(number, urls)),
         }

@@ -245,7 +245,7 @@ async fn configure_with_wrong_credentials_is_invalid_credentials() {
         let fake = fake_with(carrier, &NUMBERS).await;
         let api = api(&fake);
         let listed = api.list_numbers(&cred(carrier, GOOD)).await.unwrap();
-        let err = api.configure_number(&cred(carrier, WRONG), &listed[0], &targets(carrier)).await.unwrap_err();
+        let err = api.configure_number(&cred(carrier, WRONG), &listed[0], &targets(carrier)).await.unwrap_err().error;
         assert!(matches!(err, ProviderError::InvalidCredentials { message: Some(_) }), "{carrier}: {err:?}");
         assert_no_secret(&err, &[WRONG, GOOD]);
     }
@@ -294,7 +294,8 @@ async fn server_errors_garbage_and_wrong_shapes_are_unavailable() {
             let err = api.list_numbers(&cred(carrier, GOOD)).await.unwrap_err();
             assert_unavailable(carrier, &err);
             if carrier != Carrier::Exotel {
-                let err = api.configure_number(&cred(carrier, GOOD), &listed[0], &targets(carrier)).await.unwrap_err();
+                let err =
+                    api.configure_number(&cred(carrier, GOOD), &listed[0], &targets(carrier)).await.unwrap_err().error;
                 assert_unavailable(carrier, &err);
             }
         }
@@ -539,8 +540,11 @@ async fn twilio_refuses_a_number_on_a_trunk() {
     });
     let api = api(&fake);
     let numbers = listed(&fake, &api, Carrier::Twilio).await;
-    let err =
-        api.configure_number(&cred(Carrier::Twilio, GOOD), &numbers[0], &targets(Carrier::Twilio)).await.unwrap_err();
+    let err = api
+        .configure_number(&cred(Carrier::Twilio, GOOD), &numbers[0], &targets(Carrier::Twilio))
+        .await
+        .unwrap_err()
+        .error;
     match err {
         ProviderError::Refused { message } => {
             assert!(message.contains("TK0123456789abcdef0123456789abcdef"), "{message}")
@@ -558,12 +562,18 @@ async fn twilio_configure_of_an_unknown_or_mismatched_sid_fails() {
     let api = api(&fake);
     let numbers = listed(&fake, &api, Carrier::Twilio).await;
     let unknown = ListedNumber { provider_number_id: "PNdeadbeef".to_owned(), ..numbers[0].clone() };
-    let err =
-        api.configure_number(&cred(Carrier::Twilio, GOOD), &unknown, &targets(Carrier::Twilio)).await.unwrap_err();
+    let err = api
+        .configure_number(&cred(Carrier::Twilio, GOOD), &unknown, &targets(Carrier::Twilio))
+        .await
+        .unwrap_err()
+        .error;
     assert!(matches!(err, ProviderError::NotFound), "{err:?}");
     let swapped = ListedNumber { provider_number_id: numbers[1].provider_number_id.clone(), ..numbers[0].clone() };
-    let err =
-        api.configure_number(&cred(Carrier::Twilio, GOOD), &swapped, &targets(Carrier::Twilio)).await.unwrap_err();
+    let err = api
+        .configure_number(&cred(Carrier::Twilio, GOOD), &swapped, &targets(Carrier::Twilio))
+        .await
+        .unwrap_err()
+        .error;
     assert!(matches!(err, ProviderError::Refused { .. }), "{err:?}");
     assert!(fake.requests().iter().all(|r| r.method == "GET"));
 }
@@ -647,7 +657,7 @@ async fn configure_of_a_number_the_carrier_does_not_have_is_not_found() {
     };
     for carrier in [Carrier::Plivo, Carrier::Vobiz, Carrier::Telnyx] {
         let fake = fake_with(carrier, &NUMBERS).await;
-        let err = api(&fake).configure_number(&cred(carrier, GOOD), &ghost, &targets(carrier)).await.unwrap_err();
+        let err = api(&fake).configure_number(&cred(carrier, GOOD), &ghost, &targets(carrier)).await.unwrap_err().error;
         assert!(matches!(err, ProviderError::NotFound), "{carrier}: {err:?}");
     }
 }

@@ -15,7 +15,7 @@ use callgate::carriers::twilio::signature::{sign, TwilioKey};
 use callgate::clock::{rfc3339, Clock};
 use callgate::domain::Carrier;
 
-use crate::fake_carrier::{FakeCarrier, Mode, Recorded, SLOW};
+use crate::fake_carrier::{FakeCarrier, FakeNumber, Mode, Recorded, SLOW};
 use crate::helpers::*;
 
 /// The test server's CALLGATE_PUBLIC_URL.
@@ -1299,6 +1299,109 @@ fn assert_get(a: &Account, req: &Recorded, path: &str, query: &str) {
     assert_eq!((req.method.as_str(), req.path.as_str(), req.query.as_str()), ("GET", path, query), "{c}: {req:#?}");
     assert_eq!(req.body, "", "{c}");
     assert_auth(a, req, a.secret);
+}
+
+/// An import whose last step, linking the number, failed: what it set up before stays on
+/// record, so a release deletes callgate's application, and links the number back if the link
+/// went through after all (an answer lost on the way, a timeout).
+#[tokio::test]
+async fn an_import_whose_link_failed_keeps_what_it_set_up_for_a_release_to_undo() {
+    let (fake, app, org) = setup().await;
+    for a in [account(Carrier::Plivo), account(Carrier::Vobiz), account(Carrier::Telnyx)] {
+        let c = a.carrier;
+        for index in [0, 1] {
+            let what = format!("{c} #{index}");
+            let own = route_elsewhere(&fake, a, index).unwrap();
+            fake.clear_requests();
+            // Two listing reads, the application search, its creation (Telnyx's shared one
+            // exists from #0 on: an update of nothing, so only the search); then the link.
+            let before_link = if c == Carrier::Telnyx && index == 1 { 3 } else { 4 };
+            fake.set_mode_after(before_link, Mode::ServerError);
+            let body = json!({"number": a.numbers[index], "credentials": credentials(c, a.secret), "configure_provider": true});
+            let r = import(&app, &org, c, body).await;
+            fake.set_mode(Mode::Ok);
+            assert_eq!(r.status, 201, "{what}: {}", r.text);
+            let sent = fake.requests();
+            let link = sent.last().unwrap();
+            assert_eq!(sent.len(), before_link + 1, "{what}: {sent:#?}");
+            assert!(matches!(link.method.as_str(), "POST" | "PATCH"), "{what}: the link failed: {link:?}");
+            assert!(link.path.to_lowercase().contains("number"), "{what}: the link failed: {link:?}");
+            let v = r.json();
+            let id = str_of(&v, "id").to_owned();
+            let report = &v["provider_configuration"];
+            let ours = str_of(report, "application_id").to_owned();
+            let error = json!({
+                "code": "provider_unavailable",
+                "message": format!("{c}'s API is unavailable or gave an answer callgate cannot read"),
+            });
+            let created = if c == Carrier::Telnyx && index == 1 { "reused application" } else { "created application" };
+            let expected = match c {
+                Carrier::Telnyx => json!({
+                    "changed": true,
+                    "complete": false,
+                    "application_id": ours,
+                    "application_name": "callgate",
+                    "previous_connection_id": own,
+                    "webhook_event_url": format!("{PUBLIC}/webhooks/telnyx/voice"),
+                    "actions": [created],
+                    "error": error,
+                }),
+                _ => json!({
+                    "changed": true,
+                    "complete": false,
+                    "application_id": ours,
+                    "application_name": format!("callgate-{}", &a.numbers[index][1..]),
+                    "previous_application_id": own,
+                    "answer_url": report["answer_url"],
+                    "hangup_url": report["hangup_url"],
+                    "actions": [created],
+                    "error": error,
+                }),
+            };
+            assert_eq!(report, &expected, "{what}");
+            assert_eq!(get_phone(&app, &org, &id).await.json()["provider_configuration"], expected, "{what}: stored");
+            let route = |n: &FakeNumber| if c == Carrier::Telnyx { n.connection_id.clone() } else { n.app_id.clone() };
+            assert_eq!(route(&fake.number(c, a.numbers[index])), Some(own.clone()), "{what}: not linked");
+
+            // #1: the link went through after all.
+            if index == 1 {
+                fake.update_number(c, a.numbers[index], |n| match c {
+                    Carrier::Telnyx => n.connection_id = Some(ours.clone()),
+                    _ => n.app_id = Some(ours.clone()),
+                });
+            }
+            let released = release(&app, &org, &id).await;
+            let expected = match (c, index) {
+                (Carrier::Telnyx, 0) => json!({
+                    "changed": false,
+                    "actions": ["left number as found: it no longer uses callgate's application"],
+                }),
+                (Carrier::Telnyx, _) => json!({
+                    "changed": true,
+                    "connection_id": own,
+                    "actions": ["linked number to its previous connection"],
+                }),
+                (_, 0) => json!({
+                    "changed": true,
+                    "application_id": ours,
+                    "linked_application_id": null,
+                    "actions": ["left number as found: it no longer uses callgate's application", "deleted application"],
+                }),
+                _ => json!({
+                    "changed": true,
+                    "application_id": ours,
+                    "linked_application_id": own,
+                    "actions": ["linked number to its previous application", "deleted application"],
+                }),
+            };
+            assert_eq!(released, expected, "{what}");
+            assert_eq!(route(&fake.number(c, a.numbers[index])), Some(own.clone()), "{what}: routed as before");
+            let apps = fake.applications(c);
+            // Telnyx's application is shared by every number callgate configures: it stays.
+            assert_eq!(apps.iter().any(|x| x.id == ours), c == Carrier::Telnyx, "{what}: {apps:#?}");
+            assert_eq!(get_phone(&app, &org, &id).await.status, 404, "{what}");
+        }
+    }
 }
 
 /// Imports `a`'s `index`th number with `configure_provider`; the response body and the

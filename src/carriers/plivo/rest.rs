@@ -7,8 +7,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::carriers::rest::{
-    id_string, listed, non_empty, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi,
-    ProviderError, Release, WebhookTargets, APP_NAME, MAX_NUMBERS,
+    id_string, link_to, listed, non_empty, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing,
+    ProviderApi, ProviderError, Release, Unfinished, WebhookTargets, APP_NAME, MAX_NUMBERS,
 };
 use crate::domain::credentials::AuthPair;
 use crate::domain::Carrier;
@@ -83,7 +83,7 @@ pub(crate) async fn configure_number(
     cred: &AuthPair,
     number: &ListedNumber,
     targets: &WebhookTargets,
-) -> Result<Value, ProviderError> {
+) -> Result<Value, Unfinished> {
     let ex = exchange(api, cred)?;
     let base = account_path(cred)?;
     let mut actions = Vec::new();
@@ -92,9 +92,7 @@ pub(crate) async fn configure_number(
     let link = ex
         .request(Method::POST, &format!("{base}Number/{}/", segment(number.number.digits())?))
         .json(&json!({ "app_id": app_id }));
-    ex.send("link number", link).await?;
-    actions.push("linked number");
-    Ok(configured(&app_id, &name, targets, actions, previous_app(number, &app_id)))
+    link_to(&ex, "link number", link, configured(&app_id, &name, targets, actions, previous_app(number, &app_id))).await
 }
 
 /// The application a number was linked to before callgate's, to link it back on release.

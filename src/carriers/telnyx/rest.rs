@@ -6,8 +6,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::carriers::rest::{
-    id_string, listed, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
-    Release, WebhookTargets, APP_NAME,
+    id_string, link_to, listed, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi,
+    ProviderError, Release, Unfinished, WebhookTargets, APP_NAME,
 };
 use crate::domain::credentials::TelnyxCredential;
 use crate::domain::{Carrier, Secret, E164};
@@ -85,7 +85,7 @@ pub(crate) async fn configure_number(
     cred: &TelnyxCredential,
     number: &ListedNumber,
     targets: &WebhookTargets,
-) -> Result<Value, ProviderError> {
+) -> Result<Value, Unfinished> {
     const LIST: &str = "list applications";
     let ex = exchange(api, &cred.api_key)?;
     let webhook_url = targets.incoming.as_str();
@@ -138,17 +138,17 @@ pub(crate) async fn configure_number(
     };
 
     let path = format!("/v2/phone_numbers/{}", segment(&number.provider_number_id)?);
-    ex.send("link number", ex.request(Method::PATCH, &path).json(&json!({ "connection_id": app_id }))).await?;
-    actions.push("linked number");
+    let link = ex.request(Method::PATCH, &path).json(&json!({ "connection_id": app_id }));
     let previous = number.routed_to.as_deref().filter(|p| *p != app_id);
-    Ok(json!({
+    let report = json!({
         "changed": true,
         "application_id": app_id,
         "application_name": APP_NAME,
         "previous_connection_id": previous,
         "webhook_event_url": webhook_url,
         "actions": actions,
-    }))
+    });
+    link_to(&ex, "link number", link, report).await
 }
 
 /// Links the number back to the connection it had where it still uses callgate's

@@ -9,8 +9,8 @@ use crate::carriers::plivo::rest::{
     app_name, configured, delete_application, ensure_application, previous_app, route_back, Unlinked,
 };
 use crate::carriers::rest::{
-    id_string, listed, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
-    Release, WebhookTargets,
+    id_string, link_to, listed, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi,
+    ProviderError, Release, Unfinished, WebhookTargets,
 };
 use crate::domain::credentials::AuthPair;
 use crate::domain::{Carrier, E164};
@@ -72,7 +72,7 @@ pub(crate) async fn configure_number(
     cred: &AuthPair,
     number: &ListedNumber,
     targets: &WebhookTargets,
-) -> Result<Value, ProviderError> {
+) -> Result<Value, Unfinished> {
     let ex = exchange(api, cred)?;
     let base = account_path(cred)?;
     let mut actions = Vec::new();
@@ -82,9 +82,8 @@ pub(crate) async fn configure_number(
     let attach = ex
         .request(Method::POST, &format!("{base}numbers/{}/application", segment(number.number.as_str())?))
         .json(&json!({ "application_id": app_id }));
-    ex.send("attach application", attach).await?;
-    actions.push("linked number");
-    Ok(configured(&app_id, &name, targets, actions, previous_app(number, &app_id)))
+    let report = configured(&app_id, &name, targets, actions, previous_app(number, &app_id));
+    link_to(&ex, "attach application", attach, report).await
 }
 
 /// The number as the account lists it, found with the listing's search. Vobiz documents no
