@@ -32,6 +32,13 @@ pub enum Command {
     /// Check the data dir (server stopped): every record has its indexes, every event its
     /// delivery record. Exits non-zero if anything is wrong.
     Check,
+    /// Rewrite a damaged event journal (server stopped) from every record that still reads
+    /// back, when start-up refuses it. The damaged journal is kept beside the new one.
+    Salvage {
+        /// Report what would be kept and lost; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// The upstream hand-off (Standard Webhooks signing).
     Upstream {
         #[command(subcommand)]

@@ -172,6 +172,115 @@ pub fn upstream(settings: &Settings, cmd: UpstreamCommand) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Where a salvage writes the new journal before it takes the damaged one's place.
+const SALVAGE_PREFIX: &str = "events.salvage-";
+
+pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
+    use crate::store::salvage::{check, salvage, Salvage};
+    existing_data(settings)?;
+    let db = settings.data_dir.join("db");
+    // Held to the end: no server starts on the journal while it is being replaced.
+    let lock = std::fs::File::open(db.join("db")).context("cannot open the database's lock file")?;
+    if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        return Err(locked_hint(if e == rustix::io::Errno::WOULDBLOCK { StoreError::Locked.into() } else { e.into() }));
+    }
+    let events = db.join("events");
+    if !events.is_dir() {
+        anyhow::bail!("no event journal at {}: nothing to salvage", events.display());
+    }
+    // Beside the database, not in it: `check` copies what is in it. An earlier salvage stopped
+    // midway: which of the two is which is for an operator to see.
+    let beside = &settings.data_dir;
+    for entry in std::fs::read_dir(beside)? {
+        let name = entry?.file_name();
+        if name.to_string_lossy().starts_with(SALVAGE_PREFIX) {
+            anyhow::bail!(
+                "{} is left from a salvage that did not finish: if db/events/{SALVAGE_NOTE} names it, it is the \
+                 damaged journal (rename it to events.damaged-…); otherwise it is an unfinished new one (remove \
+                 it). Then run salvage again",
+                beside.join(name).display()
+            );
+        }
+    }
+    let options = settings.journal;
+    let found = salvage(&events, None, options)?;
+    let report = |f: &Salvage| {
+        for d in &f.damaged {
+            println!("damaged: segment {}, {} bytes from byte {}", d.segment, d.bytes, d.at);
+        }
+        for no in &f.missing_segments {
+            println!("missing: segment {no}");
+        }
+        if let Some(t) = f.torn {
+            println!(
+                "note: segment {} ends in a write torn by a crash, {} bytes from byte {} (never acknowledged)",
+                t.segment, t.bytes, t.at
+            );
+        }
+    };
+    report(&found);
+    if !found.needed() {
+        println!("nothing to salvage: every record of the journal reads back ({} events)", found.events);
+        return Ok(());
+    }
+    let lost = |f: &Salvage| {
+        format!(
+            "{} records kept ({} events); {} unreadable or cut off from their event, {}{} lost in the damage",
+            f.records,
+            f.events,
+            f.dropped,
+            if f.lost_unknown { "at least " } else { "" },
+            f.lost
+        )
+    };
+    if dry_run {
+        println!("would keep: {}", lost(&found));
+        return Ok(());
+    }
+    let stamp = Clock::system().now_ms() / 1000;
+    let fresh = beside.join(format!("{SALVAGE_PREFIX}{stamp}"));
+    let kept = salvage(&events, Some(&fresh), options).and_then(|kept| check(&fresh).map(|()| kept));
+    let kept = match kept {
+        Ok(kept) => kept,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return Err(anyhow::Error::from(e).context("the salvaged journal did not check out; nothing was changed"));
+        }
+    };
+    let damaged = format!("events.damaged-{stamp}");
+    let note = serde_json::json!({
+        "salvaged_at": rfc3339(stamp * 1000),
+        "damaged_journal": damaged,
+        "records_kept": kept.records,
+        "events_kept": kept.events,
+        "records_dropped": kept.dropped,
+        "records_lost": kept.lost,
+        "records_lost_at_least": kept.lost_unknown,
+    });
+    let mut f = std::fs::File::create(fresh.join(SALVAGE_NOTE))?;
+    f.write_all(format!("{note:#}\n").as_bytes())?;
+    f.sync_all()?;
+    // Swapped in one step: a crash leaves either journal in place, never none.
+    let swapped =
+        rustix::fs::renameat_with(rustix::fs::CWD, &fresh, rustix::fs::CWD, &events, rustix::fs::RenameFlags::EXCHANGE);
+    if let Err(e) = swapped {
+        let _ = std::fs::remove_dir_all(&fresh);
+        return Err(anyhow::Error::from(e).context("cannot swap the salvaged journal in; nothing was changed"));
+    }
+    std::fs::rename(&fresh, beside.join(&damaged))?;
+    std::fs::File::open(&db)?.sync_all()?;
+    std::fs::File::open(beside)?.sync_all()?;
+    println!("salvaged: {}", lost(&kept));
+    println!(
+        "the damaged journal is kept at {}; the next start rebuilds the event index from the new one",
+        beside.join(&damaged).display()
+    );
+    Ok(())
+}
+
+/// The note a salvage leaves in the journal it wrote.
+const SALVAGE_NOTE: &str = "SALVAGED.json";
+
 pub fn check(settings: &Settings) -> anyhow::Result<()> {
     existing_data(settings)?;
     let store = SledStore::inspect(&settings.data_dir.join("db")).map_err(|e| locked_hint(e.into()))?;

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         Command::Keys { command } => commands::keys(&settings, command),
         Command::Upstream { command } => commands::upstream(&settings, command),
         Command::Check => commands::check(&settings),
+        Command::Salvage { dry_run } => commands::salvage(&settings, dry_run),
         Command::Fixtures { .. } | Command::Replay(_) => unreachable!("handled before the settings load"),
     };
     exit(result)

@@ -34,11 +34,11 @@ use super::StoreError;
 /// Where a frame starts: segment number in the high half, byte offset in the low half.
 pub type Loc = u64;
 
-const FRAME_HEADER: usize = 8;
+pub(super) const FRAME_HEADER: usize = 8;
 /// Offsets are u32; segments roll well before that.
 const SEGMENT_MAX: u64 = 1 << 30;
 /// No record comes near this; a larger length in a header is damage, not data.
-const FRAME_MAX: u32 = 16 << 20;
+pub(super) const FRAME_MAX: u32 = 16 << 20;
 /// The first byte of a batch marker's payload; records start with their version (1).
 pub const MARKER_TAG: u8 = 0xff;
 /// Tag, batch number (u64), the batch's bytes before its marker (u32), its frames (u32). Start-up
@@ -77,17 +77,20 @@ pub fn frame(buf: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>)) {
 /// What a batch's closing marker says: the batch's number, and how many bytes of frames it
 /// closes (its batch starts that far before the marker).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Marker {
-    no: u64,
+pub(super) struct Marker {
+    pub no: u64,
     bytes: u64,
+    /// The batch's frames, the marker left out.
+    pub frames: u32,
 }
 
 /// The marker a frame's `payload` is, if it is one.
-fn marker_of(payload: &[u8]) -> Option<Marker> {
+pub(super) fn marker_of(payload: &[u8]) -> Option<Marker> {
     match payload {
         [MARKER_TAG, rest @ ..] if payload.len() == MARKER_PAYLOAD => Some(Marker {
             no: u64::from_le_bytes(rest[..8].try_into().ok()?),
             bytes: u64::from(u32::from_le_bytes(rest[8..12].try_into().ok()?)),
+            frames: u32::from_le_bytes(rest[12..16].try_into().ok()?),
         }),
         _ => None,
     }
@@ -189,7 +192,22 @@ impl Slot {
 const OPEN_SEALED: usize = 16;
 
 fn segment_path(dir: &Path, no: u32) -> PathBuf {
-    dir.join(format!("{no:08}.log"))
+    dir.join(segment_file(no))
+}
+
+pub(super) fn segment_file(no: u32) -> String {
+    format!("{no:08}.log")
+}
+
+/// The numbers of the segments in `dir`, in order.
+pub(super) fn segment_numbers(dir: &Path) -> Result<Vec<u32>, StoreError> {
+    let mut numbers: Vec<u32> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+        .collect();
+    numbers.sort_unstable();
+    Ok(numbers)
 }
 
 impl Journal {
@@ -208,12 +226,7 @@ impl Journal {
             std::fs::create_dir_all(dir).map_err(io)?;
             let _ = std::fs::remove_file(dir.join(SPARE_TMP));
         }
-        let mut numbers: Vec<u32> = std::fs::read_dir(dir)
-            .map_err(io)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
-            .collect();
-        numbers.sort_unstable();
+        let mut numbers = segment_numbers(dir)?;
         if numbers.is_empty() && !serve {
             return Err(corrupt(format!("no journal segments in {}", dir.display())));
         }
@@ -476,7 +489,7 @@ fn close_oldest(slots: &mut [Slot]) {
     }
 }
 
-fn parse_header(head: &[u8; FRAME_HEADER]) -> (u32, u32) {
+pub(super) fn parse_header(head: &[u8; FRAME_HEADER]) -> (u32, u32) {
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
     let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     (len, crc)
@@ -938,7 +951,11 @@ mod tests {
         assert_eq!(&bytes[..frames.len()], &frames[..]);
         let marked = frames.len() + MARKER_FRAME;
         let marker = parse_marker_frame(&bytes[frames.len()..marked]);
-        assert_eq!(marker, Some(Marker { no: 1, bytes: frames.len() as u64 }), "the batch's marker follows it");
+        assert_eq!(
+            marker,
+            Some(Marker { no: 1, bytes: frames.len() as u64, frames: 1 }),
+            "the batch's marker follows it"
+        );
         assert!(bytes[marked..].iter().all(|b| *b == 0));
         let next = one(&mut j, b"next");
         assert_eq!(next, loc(1, marked as u64), "the next batch starts after the marker, not the padding");

@@ -8,6 +8,7 @@ mod event_index;
 mod event_log;
 mod journal;
 mod phone_cache;
+pub mod salvage;
 pub use journal::{JournalOptions, TornTail};
 pub mod records;
 mod sled_store;

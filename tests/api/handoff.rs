@@ -1997,6 +1997,123 @@ async fn a_damaged_record_hides_no_other_event_and_holds_up_no_other_delivery() 
     app.stop().await;
 }
 
+/// Runs the binary's `args` on `data_dir`: whether it succeeded, and what it printed.
+fn cli(data_dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callgate"))
+        .args(args)
+        .env_clear()
+        .env("CALLGATE_DATA_DIR", data_dir)
+        .env("CALLGATE_LOG", "warn")
+        .output()
+        .expect("run callgate");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// The numbers in a line of salvage's output, in order.
+fn numbers_in(line: &str) -> Vec<u64> {
+    line.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).map(|w| w.parse().unwrap()).collect()
+}
+
+/// A journal start-up refuses (a damaged record with acknowledged batches after it) is
+/// rewritten by `callgate salvage` from every record that still reads back: the other events
+/// keep their ids, their order and their delivery, and new ones follow them.
+#[tokio::test]
+async fn salvage_rewrites_a_damaged_journal_from_every_record_that_reads_back() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020300", config(None, None));
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(record_status(&app, &org, &line, &format!("CASALVAGE{i}"), "completed", 1).await);
+    }
+    // Delivered on the next start: each event gets later versions that point at its first.
+    let (data_dir, mut env) = (app.data_dir.clone(), app.env.clone());
+    let _dir = app.stop().await;
+    let upstream = FakeHttp::start(|_| Reply::status(200)).await;
+    env.insert("CALLGATE_UPSTREAM_URL".into(), upstream.url("/hook"));
+    let app = spawn_on_with(&data_dir, env.clone()).await;
+    for id in &ids {
+        wait_state(&app, &org, id, "delivered").await;
+    }
+    app.stop().await;
+
+    // One byte of the second event's first version flipped, and the index snapshot gone: a
+    // start must read the journal, and refuses it.
+    let events = data_dir.join("db/events");
+    let segment = events.join("00000000.log");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let at = bytes.windows(10).position(|w| w == b"CASALVAGE1").expect("the call id is in the journal");
+    bytes[at] ^= 0x20;
+    std::fs::write(&segment, &bytes).unwrap();
+    std::fs::remove_file(events.join("index.snapshot")).unwrap();
+    let (ok, out) = cli(&data_dir, &["check"]);
+    assert!(!ok && out.contains("segment 0 is damaged at byte"), "{out}");
+
+    let (ok, out) = cli(&data_dir, &["salvage", "--dry-run"]);
+    assert!(ok, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("damaged: segment 0, "), "{out}");
+    let would = numbers_in(lines[1]);
+    // [records, events, dropped, lost]: the damaged record is lost, and the later versions
+    // of its event, which need it, are dropped; the other three events keep as many.
+    assert_eq!(would.len(), 4, "{out}");
+    let (records, events_kept, dropped, lost) = (would[0], would[1], would[2], would[3]);
+    assert_eq!((events_kept, lost), (3, 1), "{out}");
+    assert!(dropped >= 1 && records == 3 * (1 + dropped), "{out}");
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "a dry run changes nothing");
+
+    let (ok, out) = cli(&data_dir, &["salvage"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("salvaged: {records} records kept (3 events); {dropped} unreadable")), "{out}");
+    let damaged: Vec<_> = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("events.damaged-"))
+        .collect();
+    assert_eq!(damaged.len(), 1, "{damaged:?}");
+    let kept = data_dir.join(&damaged[0]);
+    assert_eq!(std::fs::read(kept.join("00000000.log")).unwrap(), bytes, "the damaged journal is kept as it was");
+    let note: Value = serde_json::from_slice(&std::fs::read(events.join("SALVAGED.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&note["damaged_journal"], &note["events_kept"], &note["records_lost"]),
+        (&json!(damaged[0]), &json!(3), &json!(1))
+    );
+    let (ok, out) = cli(&data_dir, &["check"]);
+    assert!(ok, "{out}");
+
+    let app = spawn_on_with(&data_dir, env.clone()).await;
+    let listed: Value = app.get(&org, "/events").send().await.unwrap().json().await.unwrap();
+    let listed: Vec<&str> = listed["events"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [ids[0].as_str(), ids[2].as_str(), ids[3].as_str()]);
+    for i in [0, 2, 3] {
+        let ev = event(&app, &org, &ids[i]).await;
+        assert_eq!((&ev["call_id"], &ev["delivery"]["state"]), (&json!(format!("CASALVAGE{i}")), &json!("delivered")));
+    }
+    let res = app.get(&org, &format!("/events/{}", ids[1])).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    let later = record_status(&app, &org, &line, "CASALVAGE4", "completed", 1).await;
+    wait_state(&app, &org, &later, "delivered").await;
+    let mut delivered: Vec<String> = upstream.hits_to("/hook").iter().map(Hit::webhook_id).collect();
+    delivered.sort();
+    let mut expected = [ids.clone(), vec![later.clone()]].concat();
+    expected.sort();
+    assert_eq!(delivered, expected, "nothing kept was delivered again");
+    let (ok, out) = cli(&data_dir, &["salvage"]);
+    assert!(!ok && out.contains("locked by a running callgate server"), "{out}");
+    app.stop().await;
+    // What a salvage killed midway leaves beside the database stops the next one, which says
+    // how to tell which journal it is.
+    let stale = data_dir.join("events.salvage-1700000000");
+    std::fs::create_dir(&stale).unwrap();
+    let (ok, out) = cli(&data_dir, &["salvage"]);
+    assert!(!ok && out.contains("events.salvage-1700000000 is left from a salvage that did not finish"), "{out}");
+    std::fs::remove_dir(&stale).unwrap();
+    let (ok, out) = cli(&data_dir, &["salvage"]);
+    assert!(ok && out.starts_with("nothing to salvage: every record of the journal reads back (4 events)"), "{out}");
+}
+
 /// A GET is signed over its URL only: a body sent with it is not the carrier's, so it is
 /// neither recorded nor a way to make a captured URL count as a new event.
 #[tokio::test]
