@@ -188,28 +188,20 @@ pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
     if !events.is_dir() {
         anyhow::bail!("no event journal at {}: nothing to salvage", events.display());
     }
-    // Beside the database, not in it: `check` copies what is in it. An earlier salvage stopped
-    // midway: which of the two is which is for an operator to see.
+    // Beside the database, not in it: `check` copies what is in it.
     let beside = &settings.data_dir;
-    for entry in std::fs::read_dir(beside)? {
-        let name = entry?.file_name();
-        if name.to_string_lossy().starts_with(SALVAGE_PREFIX) {
-            anyhow::bail!(
-                "{} is left from a salvage that did not finish: if db/events/{SALVAGE_NOTE} names it, it is the \
-                 damaged journal (rename it to events.damaged-…); otherwise it is an unfinished new one (remove \
-                 it). Then run salvage again",
-                beside.join(name).display()
-            );
-        }
-    }
+    settle_leftovers(beside, &events)?;
     let options = settings.journal;
     let found = salvage(&events, None, options)?;
     let report = |f: &Salvage| {
         for d in &f.damaged {
             println!("damaged: segment {}, {} bytes from byte {}", d.segment, d.bytes, d.at);
         }
-        for no in &f.missing_segments {
-            println!("missing: segment {no}");
+        for (first, last) in &f.missing_segments {
+            match first == last {
+                true => println!("missing: segment {first}"),
+                false => println!("missing: segments {first} to {last}"),
+            }
         }
         if let Some(t) = f.torn {
             println!(
@@ -224,8 +216,12 @@ pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let lost = |f: &Salvage| {
+        let older = match f.older_json {
+            0 => String::new(),
+            n => format!(" ({n} of them with their event's earlier JSON: a later one was lost)"),
+        };
         format!(
-            "{} records kept ({} events); {} unreadable or cut off from their event, {}{} lost in the damage",
+            "{} records kept{older} ({} events); {} unreadable or cut off from their event, {}{} lost in the damage",
             f.records,
             f.events,
             f.dropped,
@@ -260,6 +256,7 @@ pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
     let mut f = std::fs::File::create(fresh.join(SALVAGE_NOTE))?;
     f.write_all(format!("{note:#}\n").as_bytes())?;
     f.sync_all()?;
+    std::fs::File::open(&fresh)?.sync_all()?;
     // Swapped in one step: a crash leaves either journal in place, never none.
     let swapped =
         rustix::fs::renameat_with(rustix::fs::CWD, &fresh, rustix::fs::CWD, &events, rustix::fs::RenameFlags::EXCHANGE);
@@ -278,8 +275,35 @@ pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The note a salvage leaves in the journal it wrote.
+/// The note a salvage leaves in the journal it wrote, once that journal is complete.
 const SALVAGE_NOTE: &str = "SALVAGED.json";
+
+/// Finishes or undoes what a salvage stopped midway left beside the database. A salvage writes
+/// its journal as `events.salvage-T`, adds the note once it is complete, exchanges it with
+/// `db/events`, then renames what it swapped out `events.damaged-T`. So a leftover with the
+/// note was never swapped in, and goes (the damaged journal is still in place); one without it
+/// is the damaged journal, swapped out, if the journal in place has a note naming it, and else
+/// a new journal left unfinished, which goes.
+fn settle_leftovers(beside: &std::path::Path, events: &std::path::Path) -> anyhow::Result<()> {
+    let in_place: Option<serde_json::Value> =
+        std::fs::read(events.join(SALVAGE_NOTE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    for entry in std::fs::read_dir(beside)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(stamp) = name.strip_prefix(SALVAGE_PREFIX) else { continue };
+        let path = beside.join(&name);
+        let damaged = format!("events.damaged-{stamp}");
+        let named = in_place.as_ref().is_some_and(|n| n["damaged_journal"] == damaged.as_str());
+        if named && !path.join(SALVAGE_NOTE).exists() {
+            std::fs::rename(&path, beside.join(&damaged))?;
+            println!("moved {name}, the damaged journal an earlier salvage swapped out, to {damaged}");
+        } else {
+            std::fs::remove_dir_all(&path)?;
+            println!("removed {name}, a new journal an earlier salvage did not finish");
+        }
+    }
+    std::fs::File::open(beside)?.sync_all()?;
+    Ok(())
+}
 
 pub fn check(settings: &Settings) -> anyhow::Result<()> {
     existing_data(settings)?;

@@ -261,7 +261,7 @@ impl ProviderApi {
         match cred {
             PhoneCredential::Plivo(c) => plivo::rest::configure_number(self, c, number, urls).await,
             PhoneCredential::Vobiz(c) => vobiz::rest::configure_number(self, c, number, urls).await,
-            PhoneCredential::Twilio(c) => Ok(twilio::rest::configure_number(self, c, number, urls).await?),
+            PhoneCredential::Twilio(c) => twilio::rest::configure_number(self, c, number, urls).await,
             PhoneCredential::Telnyx(c) => telnyx::rest::configure_number(self, c, number, urls).await,
             PhoneCredential::Exotel(_) => Ok(exotel::rest::configure_number(number, urls)),
         }

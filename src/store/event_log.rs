@@ -1206,7 +1206,7 @@ mod tests {
         assert!(EventLog::open(&from, SMALL, Access::Inspect).is_err(), "start-up refuses it");
 
         let found = salvage(&from, None, SMALL).unwrap();
-        assert_eq!(found.missing_segments, [2]);
+        assert_eq!(found.missing_segments, [(2, 2)]);
         assert_eq!(found.damaged.iter().map(|d| d.segment).collect::<Vec<_>>(), [1]);
         assert_eq!((found.events, found.records, found.dropped), (79 - gone.len() as u64, 79 - gone.len() as u64, 0));
         assert!(found.lost >= 1 && found.lost_unknown, "{found:?}");
@@ -1226,5 +1226,94 @@ mod tests {
         let later = new_id(&record(&log, &[prepared(&org, "after", &[], 5_000, 0)])[0]);
         assert_eq!(all(&log, &org).last(), Some(&later), "a new event follows the salvaged ones");
         assert!(!salvage(&into, None, SMALL).unwrap().needed());
+    }
+
+    /// The damaged journal of `dir`'s only segment, `at` a byte of the frame to spoil.
+    fn spoil(dir: &Path, needle: &[u8]) {
+        let path = dir.join(super::super::journal::segment_file(0));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+    }
+
+    /// A version that held an event's JSON (an answer) lost, the delivery recorded after it
+    /// still stands: it points at the event's earlier JSON, so the event is not delivered again.
+    #[test]
+    fn salvage_keeps_a_delivery_whose_own_json_was_lost_on_the_earlier_json() {
+        use crate::store::salvage::salvage;
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("events");
+        let org = OrgId::generate();
+        let (a, b);
+        {
+            let log = EventLog::open(&from, JournalOptions { preallocate_bytes: 0 }, Access::Serve).unwrap();
+            let out = record(&log, &[prepared(&org, "c1", b"k1", 1_000, 90_000)]);
+            a = new_id(&out[0]);
+            let answer = serde_json::json!({"source": "spoiled-answer"});
+            log.write(Batch { events: &[], deliveries: &[], answers: &[(a.clone(), answer)] }).unwrap();
+            let mut d = log.delivery_get(&org, &a).unwrap().unwrap();
+            d.state = DeliveryState::Delivered;
+            log.write(Batch { events: &[], deliveries: &[d], answers: &[] }).unwrap();
+            b = new_id(&record(&log, &[prepared(&org, "c2", b"k2", 2_000, 90_000)])[0]);
+        }
+        spoil(&from, b"spoiled-answer");
+        let into = dir.path().join("salvaged");
+        let found = salvage(&from, Some(&into), JournalOptions { preallocate_bytes: 0 }).unwrap();
+        assert_eq!((found.records, found.events, found.older_json, found.dropped, found.lost), (3, 2, 1, 0, 1));
+        let log = EventLog::open(&into, SMALL, Access::Serve).unwrap();
+        assert_eq!(log.delivery_get(&org, &a).unwrap().unwrap().state, DeliveryState::Delivered);
+        assert_eq!(log.event_get(&org, &a).unwrap().unwrap().answer, None, "the answer went with its version");
+        let due: Vec<EventId> =
+            log.deliveries_due(i64::MAX, 10).unwrap().into_iter().map(|(_, d)| d.event_id).collect();
+        assert_eq!(due, vec![b.clone()], "only the event never delivered is due");
+        assert!(log.verify().unwrap().is_empty());
+    }
+
+    /// A write torn in the last batch, whose own marker and last record reached the disk while
+    /// a page before them did not, is what start-up cuts, not damage: nothing in it is kept.
+    #[test]
+    fn salvage_takes_a_torn_last_batch_for_a_torn_write() {
+        use crate::store::salvage::salvage;
+        let dir = tempfile::tempdir().unwrap();
+        let org = OrgId::generate();
+        {
+            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 0 }, Access::Serve).unwrap();
+            record(&log, &[prepared(&org, "kept", &[], 1_000, 0)]);
+            record(&log, &[prepared(&org, "torn-1", &[], 2_000, 0), prepared(&org, "torn-2", &[], 2_000, 0)]);
+        }
+        spoil(dir.path(), b"torn-1");
+        let found = salvage(dir.path(), None, SMALL).unwrap();
+        assert!(!found.needed(), "{found:?}");
+        assert!(found.damaged.is_empty() && found.torn.is_some_and(|t| t.segment == 0), "{found:?}");
+        assert_eq!((found.records, found.events), (1, 1));
+        assert!(EventLog::open(dir.path(), SMALL, Access::Inspect).is_ok(), "start-up cuts it too");
+    }
+
+    /// Zeros at the end of a sealed segment are not prepared space (a segment is cut to its
+    /// last frame when sealed): whole batches went there, and start-up refuses it.
+    #[test]
+    fn salvage_takes_zeros_ending_a_sealed_segment_for_damage() {
+        use crate::store::salvage::salvage;
+        let dir = tempfile::tempdir().unwrap();
+        let org = OrgId::generate();
+        {
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
+            for i in 0..30i64 {
+                record(&log, &[prepared(&org, &format!("c{i}"), &[], 1_000 + i, 0)]);
+            }
+        }
+        let sealed = dir.path().join(super::super::journal::segment_file(0));
+        assert!(dir.path().join(super::super::journal::segment_file(1)).exists());
+        let mut bytes = std::fs::read(&sealed).unwrap();
+        let cut = bytes.len() / 2;
+        bytes[cut..].fill(0);
+        std::fs::write(&sealed, &bytes).unwrap();
+        assert!(EventLog::open(dir.path(), SMALL, Access::Inspect).is_err(), "start-up refuses it");
+        let found = salvage(dir.path(), None, SMALL).unwrap();
+        assert!(found.needed(), "{found:?}");
+        assert_eq!(found.damaged.iter().map(|d| d.segment).collect::<Vec<_>>(), [0], "{found:?}");
+        // The batches went with their markers: how many records is not known.
+        assert!(found.events < 30 && found.lost_unknown, "{found:?}");
     }
 }

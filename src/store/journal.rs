@@ -79,7 +79,7 @@ pub fn frame(buf: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>)) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Marker {
     pub no: u64,
-    bytes: u64,
+    pub bytes: u64,
     /// The batch's frames, the marker left out.
     pub frames: u32,
 }

@@ -12,7 +12,7 @@
 //! cannot be read on its own, and is dropped and counted; so are the records the batch markers
 //! say were written but that no longer read back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::event_log::{decode_record, encode_record, EventLog, Record, HERE, VERSION};
@@ -20,7 +20,8 @@ use super::journal::{
     frame, loc, marker_of, parse_header, segment_numbers, Access, Journal, JournalOptions, Loc, FRAME_HEADER,
     FRAME_MAX, MARKER_TAG,
 };
-use super::StoreError;
+use super::{decode_event, StoreError};
+use crate::domain::OrgId;
 
 /// A stretch of a segment that holds no frame passing its checksum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,18 +34,24 @@ pub struct Stretch {
 /// What a salvage found, and kept or would keep.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Salvage {
-    /// Bad stretches with good frames after them, or at the end of a sealed segment.
+    /// Bad stretches that acknowledged batches follow, or anywhere in a sealed segment (zeros
+    /// at a sealed segment's end too: a segment is cut to its last frame when sealed).
     pub damaged: Vec<Stretch>,
-    /// Segment numbers missing between the first and the last one found.
-    pub missing_segments: Vec<u32>,
-    /// Bytes at the end of the last segment that are not zeros and not frames: a write torn by
-    /// a crash, never acknowledged. Start-up cuts it anyway; it is not damage.
+    /// Runs of segment numbers missing before the last one found, first and last.
+    pub missing_segments: Vec<(u32, u32)>,
+    /// What follows the first bad byte of the last segment when no batch starts after it: a
+    /// write torn by a crash, never acknowledged, which start-up cuts too. Not damage, and
+    /// nothing in it is kept.
     pub torn: Option<Stretch>,
     /// Records kept, and how many of them are events (the rest are later versions).
     pub records: u64,
     pub events: u64,
-    /// Records that passed their checksum but could not be kept: unreadable, or a version
-    /// whose event's first version or JSON was lost.
+    /// Later versions kept whose own event JSON was lost: they point at the event's latest
+    /// JSON kept, so their delivery state stands and what the lost version added (an answer)
+    /// is gone.
+    pub older_json: u64,
+    /// Records that passed their checksum but could not be kept: unreadable, or a version of
+    /// an event whose first version was lost.
     pub dropped: u64,
     /// Records the batch markers account for that did not read back.
     pub lost: u64,
@@ -66,50 +73,73 @@ pub fn salvage(from: &Path, into: Option<&Path>, options: JournalOptions) -> Res
     let numbers = segment_numbers(from)?;
     let mut out = Rebuild::new(into, options)?;
     let mut found = Salvage::default();
-    let mut expected = numbers.first().copied().unwrap_or(0);
     let mut markers = Markers::default();
-    let last = numbers.last().copied();
-    if numbers.first().is_some_and(|first| *first != 0) {
-        found.missing_segments.extend(0..numbers[0]);
-        markers.unknown = true;
-    }
-    for no in numbers.iter().copied() {
+    let mut expected = 0u32;
+    for (i, no) in numbers.iter().copied().enumerate() {
         if no != expected {
-            found.missing_segments.extend(expected..no);
+            found.missing_segments.push((expected, no - 1));
             markers.unknown = true;
         }
-        expected = no + 1;
+        expected = no.saturating_add(1);
+        let last = i + 1 == numbers.len();
         let bytes = std::fs::read(from.join(super::journal::segment_file(no))).map_err(io)?;
-        read_segment(&bytes, |piece| {
-            match piece {
+        let pieces = read_segment(&bytes);
+        // Start-up's rule for the last segment: a bad frame is damage only if a batch starts
+        // after it (written once the bad one was durable); otherwise the write was torn there.
+        let proof = if last { latest_batch_start(&pieces) } else { None };
+        for (k, piece) in pieces.iter().enumerate() {
+            match *piece {
                 Piece::Frame { at, payload } => match marker_of(payload) {
                     Some(m) => markers.close(m.no, m.frames),
                     None => {
                         markers.seen += 1;
-                        if out.take(loc(no, at), payload)? {
-                            found.records += 1;
-                        } else {
-                            found.dropped += 1;
+                        match out.take(loc(no, at), payload)? {
+                            Taken::Kept { older_json } => {
+                                found.records += 1;
+                                found.older_json += u64::from(older_json);
+                            }
+                            Taken::Dropped => found.dropped += 1,
                         }
                     }
                 },
-                Piece::Bad { at, bytes, at_end } => {
-                    let stretch = Stretch { segment: no, at, bytes };
-                    if at_end && Some(no) == last {
-                        found.torn = Some(stretch);
-                    } else {
-                        found.damaged.push(stretch);
+                Piece::Bad { at, zeros_to_end } => {
+                    let torn = last && proof.is_none_or(|p| at >= p);
+                    if torn {
+                        let bytes = bytes.len() as u64 - at;
+                        // Zeros alone are the segment's prepared space.
+                        if !zeros_to_end {
+                            found.torn = Some(Stretch { segment: no, at, bytes });
+                        }
+                        break;
                     }
+                    let end = pieces[k + 1..]
+                        .iter()
+                        .find_map(|p| match p {
+                            Piece::Frame { at, .. } => Some(*at),
+                            Piece::Bad { .. } => None,
+                        })
+                        .unwrap_or(bytes.len() as u64);
+                    found.damaged.push(Stretch { segment: no, at, bytes: end - at });
                 }
             }
-            Ok(())
-        })?;
+        }
     }
     out.finish()?;
     found.events = out.events();
     found.lost = markers.lost;
     found.lost_unknown = markers.unknown && found.needed();
     Ok(found)
+}
+
+/// Where the last batch that a marker closes in `pieces` starts.
+fn latest_batch_start(pieces: &[Piece<'_>]) -> Option<u64> {
+    pieces
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Frame { at, payload } => marker_of(payload).map(|m| at.saturating_sub(m.bytes)),
+            Piece::Bad { .. } => None,
+        })
+        .max()
 }
 
 /// Opens the journal in `dir` as a start would, and reads every record back against the index
@@ -139,15 +169,13 @@ struct Markers {
 impl Markers {
     fn close(&mut self, no: u64, frames: u32) {
         let records = u64::from(frames);
-        match self.last {
-            Some(prev) if no == prev + 1 => self.lost += records.saturating_sub(self.seen),
-            None if no == 0 => self.lost += records.saturating_sub(self.seen),
-            // Batches in between went whole, markers and all.
-            _ => {
-                self.lost += records.saturating_sub(self.seen);
-                self.unknown = true;
-            }
-        }
+        let follows = match self.last {
+            Some(prev) => prev.checked_add(1) == Some(no),
+            None => no == 0,
+        };
+        self.lost += records.saturating_sub(self.seen);
+        // Otherwise batches in between went whole, markers and all.
+        self.unknown |= !follows;
         self.last = Some(no);
         self.seen = 0;
     }
@@ -158,12 +186,11 @@ enum Piece<'a> {
         at: u64,
         payload: &'a [u8],
     },
-    /// No frame starts anywhere in `bytes` bytes from `at`; `at_end`: nothing good follows in
-    /// the segment.
+    /// No frame starts at `at`, nor after it up to the next `Frame`; `zeros_to_end`: zeros
+    /// from `at` to the end of the segment.
     Bad {
         at: u64,
-        bytes: u64,
-        at_end: bool,
+        zeros_to_end: bool,
     },
 }
 
@@ -183,21 +210,27 @@ fn frame_at(buf: &[u8], at: usize) -> Option<&[u8]> {
     Some(payload)
 }
 
-/// Hands the frames of one segment's bytes to `each` in order, and every stretch between them
-/// that holds none. Zeros at the end are prepared space, not a stretch.
-fn read_segment(buf: &[u8], mut each: impl FnMut(Piece<'_>) -> Result<(), StoreError>) -> Result<(), StoreError> {
+/// The frames of one segment's bytes in order, and where each stretch between them that holds
+/// none starts.
+fn read_segment(buf: &[u8]) -> Vec<Piece<'_>> {
+    let mut pieces = Vec::new();
     let mut at = 0;
-    let mut bad: Option<usize> = None;
+    let mut in_bad = false;
     while at < buf.len() {
         if let Some(payload) = frame_at(buf, at) {
-            if let Some(from) = bad.take() {
-                each(Piece::Bad { at: from as u64, bytes: (at - from) as u64, at_end: false })?;
-            }
-            each(Piece::Frame { at: at as u64, payload })?;
+            pieces.push(Piece::Frame { at: at as u64, payload });
+            in_bad = false;
             at += FRAME_HEADER + payload.len();
             continue;
         }
-        bad.get_or_insert(at);
+        if !in_bad {
+            let zeros_to_end = buf[at..].iter().all(|b| *b == 0);
+            pieces.push(Piece::Bad { at: at as u64, zeros_to_end });
+            if zeros_to_end {
+                break;
+            }
+            in_bad = true;
+        }
         // A frame's length has a byte that is not zero among its first four: past a run of
         // zeros, the next frame cannot start earlier than three bytes before its end.
         at = match buf[at..].iter().position(|b| *b != 0) {
@@ -206,12 +239,7 @@ fn read_segment(buf: &[u8], mut each: impl FnMut(Piece<'_>) -> Result<(), StoreE
             None => buf.len(),
         };
     }
-    if let Some(from) = bad {
-        if buf[from..].iter().any(|b| *b != 0) {
-            each(Piece::Bad { at: from as u64, bytes: (buf.len() - from) as u64, at_end: true })?;
-        }
-    }
-    Ok(())
+    pieces
 }
 
 /// A batch is written once its records reach this many bytes.
@@ -220,17 +248,32 @@ const BATCH_BYTES: usize = 1 << 20;
 /// The new journal, and what it needs to renumber the records it takes.
 struct Rebuild {
     journal: Option<Journal>,
-    /// Old sequence number to new, with the event's id.
-    seqs: HashMap<u32, (u32, u128)>,
-    /// Old places of the versions kept that hold their event's JSON.
-    holding: HashSet<Loc>,
-    /// Their new places, once written.
+    /// By old sequence number, each event kept.
+    kept: HashMap<u32, Kept>,
+    /// The old sequence number and id of the last event kept: both ascend.
+    last: Option<(u32, u128)>,
+    /// New places of the versions written that hold their event's JSON, by their old ones.
     moved: HashMap<Loc, Loc>,
-    last_id: Option<u128>,
-    /// Records kept and not yet written: old place, new sequence number, payload.
-    pending: Vec<(Loc, u32, Vec<u8>)>,
+    /// Records kept and not yet written: old place, new sequence number, where its JSON is
+    /// (old place, or `HERE`), payload.
+    pending: Vec<(Loc, u32, Loc, Vec<u8>)>,
     pending_bytes: usize,
     buf: Vec<u8>,
+}
+
+struct Kept {
+    seq: u32,
+    id: u128,
+    /// Old place of its latest version kept that holds its JSON.
+    json: Loc,
+}
+
+enum Taken {
+    /// `older_json`: its own JSON was lost, and it points at the latest kept instead.
+    Kept {
+        older_json: bool,
+    },
+    Dropped,
 }
 
 impl Rebuild {
@@ -244,10 +287,9 @@ impl Rebuild {
         };
         Ok(Self {
             journal,
-            seqs: HashMap::new(),
-            holding: HashSet::new(),
+            kept: HashMap::new(),
+            last: None,
             moved: HashMap::new(),
-            last_id: None,
             pending: Vec::new(),
             pending_bytes: 0,
             buf: Vec::new(),
@@ -255,42 +297,48 @@ impl Rebuild {
     }
 
     fn events(&self) -> u64 {
-        self.seqs.len() as u64
+        self.kept.len() as u64
     }
 
-    /// Takes the record found at `at` if it can be read on its own; false if it is dropped.
-    fn take(&mut self, at: Loc, payload: &[u8]) -> Result<bool, StoreError> {
-        let Ok(r) = decode_record(payload) else { return Ok(false) };
-        let seq = match self.seqs.get(&r.entry.seq) {
-            // A later version: of the same event, and its JSON here or in a version kept.
-            Some(&(seq, id)) => {
-                if id != r.entry.id || (r.event_loc != HERE && !self.holding.contains(&r.event_loc)) {
-                    return Ok(false);
+    /// Takes the record found at `at` if it can be read with what was kept before it.
+    fn take(&mut self, at: Loc, payload: &[u8]) -> Result<Taken, StoreError> {
+        let Ok(r) = decode_record(payload) else { return Ok(Taken::Dropped) };
+        let e = &r.entry;
+        // What the index and the readers would refuse is not carried over: a frame that
+        // passed its checksum by chance inside the damage must not stop what follows.
+        let here = r.event_loc == HERE;
+        if OrgId::parse(e.org).is_err() || (here && decode_event(r.event).is_err()) {
+            return Ok(Taken::Dropped);
+        }
+        let (seq, json, older_json) = match self.kept.get_mut(&e.seq) {
+            Some(k) if k.id == e.id => {
+                let older = !here && r.event_loc != k.json;
+                if here {
+                    k.json = at;
                 }
-                seq
+                (k.seq, if here { HERE } else { k.json }, older)
             }
-            // The first version kept of an event: it must hold its JSON, and ids ascend.
+            Some(_) => return Ok(Taken::Dropped),
+            // The first version kept of an event must hold its JSON, and come after the last.
             None => {
-                if r.event_loc != HERE || self.last_id.is_some_and(|last| last >> 64 >= r.entry.id >> 64) {
-                    return Ok(false);
+                let ascends = self.last.is_none_or(|(seq, id)| e.seq > seq && e.id >> 64 > id >> 64);
+                if !here || !ascends {
+                    return Ok(Taken::Dropped);
                 }
-                let seq = self.seqs.len() as u32;
-                self.seqs.insert(r.entry.seq, (seq, r.entry.id));
-                self.last_id = Some(r.entry.id);
-                seq
+                let seq = self.kept.len() as u32;
+                self.kept.insert(e.seq, Kept { seq, id: e.id, json: at });
+                self.last = Some((e.seq, e.id));
+                (seq, HERE, false)
             }
         };
-        if r.event_loc == HERE {
-            self.holding.insert(at);
-        }
         if self.journal.is_some() {
             self.pending_bytes += FRAME_HEADER + payload.len();
-            self.pending.push((at, seq, payload.to_vec()));
+            self.pending.push((at, seq, json, payload.to_vec()));
             if self.pending_bytes >= BATCH_BYTES {
                 self.write()?;
             }
         }
-        Ok(true)
+        Ok(Taken::Kept { older_json })
     }
 
     /// Writes the pending records as one durable batch.
@@ -302,14 +350,14 @@ impl Rebuild {
         // A record keeps its length when renumbered: the fixed part holds both numbers.
         let base = journal.place(self.pending_bytes)?;
         self.buf.clear();
-        for (old, seq, payload) in self.pending.drain(..) {
+        for (old, seq, json, payload) in self.pending.drain(..) {
             let r = decode_record(&payload)?;
             let new_at = base + self.buf.len() as u64;
-            let event_loc = if r.event_loc == HERE {
+            let event_loc = if json == HERE {
                 self.moved.insert(old, new_at);
                 HERE
             } else {
-                *self.moved.get(&r.event_loc).ok_or_else(|| StoreError::Corrupt {
+                *self.moved.get(&json).ok_or_else(|| StoreError::Corrupt {
                     tree: "journal",
                     detail: "a version kept points at a version not written".into(),
                 })?
@@ -339,37 +387,29 @@ mod tests {
         buf
     }
 
-    fn pieces(buf: &[u8]) -> Vec<(char, u64, u64, bool)> {
-        let mut out = Vec::new();
-        read_segment(buf, |p| {
-            out.push(match p {
-                Piece::Frame { at, payload } => ('F', at, payload.len() as u64, false),
-                Piece::Bad { at, bytes, at_end } => ('B', at, bytes, at_end),
-            });
-            Ok(())
-        })
-        .unwrap();
-        out
+    /// ('F', at, payload length) and ('B', at, zeros to the end).
+    fn pieces(buf: &[u8]) -> Vec<(char, u64, u64)> {
+        read_segment(buf)
+            .into_iter()
+            .map(|p| match p {
+                Piece::Frame { at, payload } => ('F', at, payload.len() as u64),
+                Piece::Bad { at, zeros_to_end } => ('B', at, u64::from(zeros_to_end)),
+            })
+            .collect()
     }
 
     #[test]
-    fn frames_are_found_again_past_damage_and_trailing_zeros_are_no_damage() {
+    fn frames_are_found_again_past_damage() {
         let a: &[u8] = &[VERSION, 1, 2, 3];
         let b: &[u8] = &[VERSION, 0, 0, 0, 0, 9];
         let mut buf = framed(&[a, b, a]);
-        let second = FRAME_HEADER + a.len();
+        let second = (FRAME_HEADER + a.len()) as u64;
         // Damage inside the second frame's payload: it fails its checksum.
-        buf[second + FRAME_HEADER + 2] ^= 0x40;
+        buf[second as usize + FRAME_HEADER + 2] ^= 0x40;
         buf.extend_from_slice(&[0; 100]);
-        let third = second + FRAME_HEADER + b.len();
-        assert_eq!(
-            pieces(&buf),
-            vec![
-                ('F', 0, 4, false),
-                ('B', second as u64, (third - second) as u64, false),
-                ('F', third as u64, 4, false),
-            ]
-        );
+        let third = second + (FRAME_HEADER + b.len()) as u64;
+        let end = third + (FRAME_HEADER + a.len()) as u64;
+        assert_eq!(pieces(&buf), vec![('F', 0, 4), ('B', second, 0), ('F', third, 4), ('B', end, 1)]);
     }
 
     #[test]
@@ -379,16 +419,16 @@ mod tests {
         big.resize(256, 7);
         let mut buf = vec![0u8; 37];
         buf.extend_from_slice(&framed(&[&big]));
-        assert_eq!(pieces(&buf), vec![('B', 0, 37, false), ('F', 37, 256, false)]);
+        assert_eq!(pieces(&buf), vec![('B', 0, 0), ('F', 37, 256)]);
     }
 
     #[test]
-    fn garbage_at_the_end_is_reported_as_ending_the_segment() {
+    fn garbage_at_the_end_is_not_taken_for_prepared_zeros() {
         let a: &[u8] = &[VERSION, 1];
         let mut buf = framed(&[a]);
         buf.extend_from_slice(&[0xde, 0xad, 0, 0, 0, 0, 0, 0, 0xbe, 0xef]);
         buf.extend_from_slice(&[0; 64]);
-        assert_eq!(pieces(&buf), vec![('F', 0, 2, false), ('B', 10, 74, true)]);
+        assert_eq!(pieces(&buf), vec![('F', 0, 2), ('B', 10, 0)]);
     }
 
     #[test]
@@ -403,5 +443,9 @@ mod tests {
         m.seen = 2;
         m.close(3, 2);
         assert_eq!((m.lost, m.unknown), (2, true));
+        // A marker of a hostile number neither overflows nor counts as following.
+        m.close(u64::MAX, 0);
+        m.close(0, 0);
+        assert!(m.unknown);
     }
 }

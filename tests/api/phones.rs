@@ -818,9 +818,8 @@ async fn release_provider_puts_each_carrier_back_as_it_was_and_takes_callgates_a
                     assert!(fake.applications(c).iter().any(|x| x.id == ours), "{what}: the shared application stays");
                     match &previous {
                         Some(p) => {
-                            assert_eq!(sent.len(), 3, "{what}: {sent:#?}");
-                            assert_get(a, &sent[1], &format!("/v2/connections/{p}"), "");
-                            assert_json_request(a, &sent[2], "PATCH", &path, json!({"connection_id": p}));
+                            assert_eq!(sent.len(), 2, "{what}: {sent:#?}");
+                            assert_json_request(a, &sent[1], "PATCH", &path, json!({"connection_id": p}));
                             assert_eq!(on_fake.connection_id.as_ref(), Some(p), "{what}");
                             json!({
                                 "changed": true,
@@ -1008,9 +1007,9 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
     let now = fake.number(Carrier::Twilio, twilio.numbers[2]);
     assert_eq!((now.voice_url.as_deref(), now.voice_application_sid), (Some(OLD_VOICE), None));
 
-    // Telnyx: the connection the number had before is gone since. Telnyx would refuse the
-    // link, and a connection cannot be taken away, so the number stays on callgate's
-    // application and the answer says what to do.
+    // Telnyx: the connection the number had before is gone since. Telnyx refuses the link,
+    // and a connection cannot be taken away, so the number stays on callgate's application
+    // and the answer says what to do.
     let telnyx = account(Carrier::Telnyx);
     let own = route_elsewhere(&fake, telnyx, 2).unwrap();
     let (v, _) = import_configured(&fake, &app, &org, telnyx, 2).await;
@@ -1024,7 +1023,12 @@ async fn release_provider_keeps_the_number_when_the_carrier_fails_and_leaves_a_r
         assert!(steps.contains(needle), "{needle:?} missing from {steps:?}");
     }
     let sent = fake.requests();
-    assert_eq!(sent.len(), 2, "read the number and the connection, changed nothing: {sent:#?}");
+    let kinds: Vec<String> = sent[2..].iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+    assert_eq!(
+        kinds,
+        ["connections", "call_control_applications", "texml_applications"].map(|k| format!("GET /v2/{k}/{own}")),
+        "the refused link is followed by a look for the connection under every kind: {sent:#?}"
+    );
     assert_eq!(fake.number(Carrier::Telnyx, telnyx.numbers[2]).connection_id.as_deref(), Some(ours.as_str()));
     assert_eq!(get_phone(&app, &org, str_of(&v, "id")).await.status, 404);
 
@@ -1402,6 +1406,60 @@ async fn an_import_whose_link_failed_keeps_what_it_set_up_for_a_release_to_undo(
             assert_eq!(get_phone(&app, &org, &id).await.status, 404, "{what}");
         }
     }
+
+    // Twilio's one update: its answer lost after Twilio made it. What it replaced is on record,
+    // and the release puts it back.
+    let twilio = account(Carrier::Twilio);
+    let own = route_elsewhere(&fake, twilio, 0).unwrap();
+    fake.clear_requests();
+    fake.set_mode_after(3, Mode::ServerError);
+    let body = json!({"number": twilio.numbers[0], "credentials": credentials(Carrier::Twilio, twilio.secret), "configure_provider": true});
+    let r = import(&app, &org, Carrier::Twilio, body).await;
+    fake.set_mode(Mode::Ok);
+    assert_eq!(r.status, 201, "{}", r.text);
+    let sent = fake.requests();
+    assert_eq!((sent.len(), sent[3].method.as_str()), (4, "POST"), "the update failed: {sent:#?}");
+    let v = r.json();
+    let report = &v["provider_configuration"];
+    let (voice, status) = (str_of(report, "voice_url").to_owned(), str_of(report, "status_callback").to_owned());
+    assert_eq!(
+        report,
+        &json!({
+            "changed": true,
+            "complete": false,
+            "number_sid": fake.number(Carrier::Twilio, twilio.numbers[0]).id,
+            "voice_url": voice,
+            "status_callback": status,
+            "previous_voice_url": OLD_VOICE,
+            "previous_voice_method": "GET",
+            "previous_status_callback": OLD_STATUS,
+            "previous_status_callback_method": "POST",
+            "previous_voice_application_sid": own,
+            "actions": [],
+            "error": {
+                "code": "provider_unavailable",
+                "message": "twilio's API is unavailable or gave an answer callgate cannot read",
+            },
+        })
+    );
+    fake.update_number(Carrier::Twilio, twilio.numbers[0], |n| {
+        n.voice_url = Some(voice.clone());
+        n.voice_method = "POST".to_owned();
+        n.status_callback = Some(status.clone());
+        n.voice_application_sid = None;
+    });
+    let released = release(&app, &org, str_of(&v, "id")).await;
+    assert_eq!(released["changed"], json!(true), "{released}");
+    let now = fake.number(Carrier::Twilio, twilio.numbers[0]);
+    assert_eq!(
+        (
+            now.voice_url.as_deref(),
+            now.voice_method.as_str(),
+            now.status_callback.as_deref(),
+            now.voice_application_sid
+        ),
+        (Some(OLD_VOICE), "GET", Some(OLD_STATUS), Some(own))
+    );
 }
 
 /// Imports `a`'s `index`th number with `configure_provider`; the response body and the

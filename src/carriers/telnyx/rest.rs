@@ -200,24 +200,35 @@ pub(crate) async fn release_number(
     let Some(previous) = release.previous("previous_connection_id")? else {
         return Ok(manual("had no connection before callgate's Call Control application"));
     };
-    // A connection the customer has deleted since would make Telnyx refuse the link.
-    let connection = format!("/v2/connections/{}", segment(previous)?);
-    match ex.send("fetch connection", ex.request(Method::GET, &connection)).await {
-        Ok(_) => {}
-        Err(ProviderError::NotFound) => {
+    let req = ex.request(Method::PATCH, &path).json(&json!({ "connection_id": previous }));
+    if let Err(e) = ex.send("link number", req).await {
+        // Refused, perhaps because the customer has deleted that connection since: then there
+        // is nothing to go back to. Anything else is the error it was.
+        if connection_gone(&ex, previous).await {
             return Ok(manual(&format!(
                 "was on connection {previous} before callgate's Call Control application, and Telnyx no longer has it"
-            )))
+            )));
         }
-        Err(e) => return Err(e),
+        return Err(e);
     }
-    let req = ex.request(Method::PATCH, &path).json(&json!({ "connection_id": previous }));
-    ex.send("link number", req).await?;
     Ok(json!({
         "changed": true,
         "connection_id": previous,
         "actions": ["linked number to its previous connection"],
     }))
+}
+
+/// Whether Telnyx says it has no connection `id` of any kind: each place one can be read
+/// answers 404. Any other answer (it is there, an error) is not taken as gone.
+async fn connection_gone(ex: &Exchange<'_>, id: &str) -> bool {
+    let Ok(id) = segment(id) else { return false };
+    for kind in ["connections", "call_control_applications", "texml_applications"] {
+        match ex.send("fetch connection", ex.request(Method::GET, &format!("/v2/{kind}/{id}"))).await {
+            Err(ProviderError::NotFound) => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// A Call Control command (`answer`, `reject`, `transfer`, ...) on one call.

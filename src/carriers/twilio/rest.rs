@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::carriers::rest::{
     listed, non_empty, nothing_to_release, segment, Auth, Exchange, ListedNumber, Listing, ProviderApi, ProviderError,
-    Release, WebhookTargets,
+    Release, Unfinished, WebhookTargets,
 };
 use crate::domain::credentials::TwilioCredential;
 use crate::domain::{Carrier, E164};
@@ -104,7 +104,7 @@ pub(crate) async fn configure_number(
     cred: &TwilioCredential,
     number: &ListedNumber,
     targets: &WebhookTargets,
-) -> Result<Value, ProviderError> {
+) -> Result<Value, Unfinished> {
     let ex = exchange(api, cred)?;
     let path = format!("{}IncomingPhoneNumbers/{}.json", account_path(cred)?, segment(&number.provider_number_id)?);
     // Fetched fresh rather than trusted from the listing: the trunk binding may have
@@ -117,7 +117,8 @@ pub(crate) async fn configure_number(
                 "{} is routed to the Elastic SIP Trunk {trunk}; remove it from the trunk in the Twilio console first",
                 number.number
             ),
-        });
+        }
+        .into());
     }
     // An empty VoiceApplicationSid detaches a TwiML app, which would otherwise win over VoiceUrl.
     let form = [
@@ -127,14 +128,9 @@ pub(crate) async fn configure_number(
         ("StatusCallbackMethod", "POST"),
         ("VoiceApplicationSid", ""),
     ];
-    ex.send("update number", ex.request(Method::POST, &path).form(&form)).await?;
+    let update = ex.request(Method::POST, &path).form(&form);
     let previous_app = non_empty(current.voice_application_sid);
-    let mut actions = Vec::new();
-    if previous_app.is_some() {
-        actions.push("detached TwiML application");
-    }
-    actions.push("set voice URL and status callback");
-    Ok(json!({
+    let mut report = json!({
         "changed": true,
         "number_sid": number.provider_number_id,
         "voice_url": targets.incoming,
@@ -144,8 +140,19 @@ pub(crate) async fn configure_number(
         "previous_status_callback": not_ours(current.status_callback, &targets.status),
         "previous_status_callback_method": non_empty(current.status_callback_method),
         "previous_voice_application_sid": previous_app,
-        "actions": actions,
-    }))
+        "actions": [],
+    });
+    // An update whose answer was lost may have been made: what it replaced stays on record,
+    // and a release puts back only what is callgate's when it looks.
+    if let Err(e) = ex.send("update number", update).await {
+        return Err(Unfinished::after(e, report));
+    }
+    if previous_app.is_some() {
+        report["actions"] = json!(["detached TwiML application", "set voice URL and status callback"]);
+    } else {
+        report["actions"] = json!(["set voice URL and status callback"]);
+    }
+    Ok(report)
 }
 
 /// Puts back the voice routing (URL, method, TwiML application) and the status callback the
