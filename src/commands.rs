@@ -233,7 +233,7 @@ pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
         println!("would keep: {}", lost(&found));
         return Ok(());
     }
-    let stamp = Clock::system().now_ms() / 1000;
+    let stamp = Clock::system().now_ms();
     let fresh = beside.join(format!("{SALVAGE_PREFIX}{stamp}"));
     let kept = salvage(&events, Some(&fresh), options).and_then(|kept| check(&fresh).map(|()| kept));
     let kept = match kept {
@@ -245,7 +245,7 @@ pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
     };
     let damaged = format!("events.damaged-{stamp}");
     let note = serde_json::json!({
-        "salvaged_at": rfc3339(stamp * 1000),
+        "salvaged_at": rfc3339(stamp),
         "damaged_journal": damaged,
         "records_kept": kept.records,
         "events_kept": kept.events,
@@ -279,11 +279,11 @@ pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
 const SALVAGE_NOTE: &str = "SALVAGED.json";
 
 /// Finishes or undoes what a salvage stopped midway left beside the database. A salvage writes
-/// its journal as `events.salvage-T`, adds the note once it is complete, exchanges it with
-/// `db/events`, then renames what it swapped out `events.damaged-T`. So a leftover with the
-/// note was never swapped in, and goes (the damaged journal is still in place); one without it
-/// is the damaged journal, swapped out, if the journal in place has a note naming it, and else
-/// a new journal left unfinished, which goes.
+/// its journal as `events.salvage-T`, adds the note naming `events.damaged-T` once it is
+/// complete, exchanges it with `db/events`, then renames what it swapped out `events.damaged-T`.
+/// So a leftover is the damaged journal, swapped out, if the journal in place has the note
+/// naming it; otherwise the swap never happened, the damaged journal is still in place, and the
+/// leftover is a new journal, finished or not, which goes.
 fn settle_leftovers(beside: &std::path::Path, events: &std::path::Path) -> anyhow::Result<()> {
     let in_place: Option<serde_json::Value> =
         std::fs::read(events.join(SALVAGE_NOTE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
@@ -292,8 +292,9 @@ fn settle_leftovers(beside: &std::path::Path, events: &std::path::Path) -> anyho
         let Some(stamp) = name.strip_prefix(SALVAGE_PREFIX) else { continue };
         let path = beside.join(&name);
         let damaged = format!("events.damaged-{stamp}");
-        let named = in_place.as_ref().is_some_and(|n| n["damaged_journal"] == damaged.as_str());
-        if named && !path.join(SALVAGE_NOTE).exists() {
+        // Only the swap brings a note naming this run into place (a journal swapped out may
+        // carry the note of an earlier salvage, naming another).
+        if in_place.as_ref().is_some_and(|n| n["damaged_journal"] == damaged.as_str()) {
             std::fs::rename(&path, beside.join(&damaged))?;
             println!("moved {name}, the damaged journal an earlier salvage swapped out, to {damaged}");
         } else {

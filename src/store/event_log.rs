@@ -158,6 +158,11 @@ fn dec_event(bytes: &[u8]) -> Result<EventRecord, StoreError> {
     decode_event(bytes).map_err(corrupt)
 }
 
+/// Whether a record's delivery part reads back (empty: made from the event when read).
+pub(super) fn delivery_readable(bytes: &[u8]) -> bool {
+    bytes.is_empty() || dec::<DeliveryRecord>(bytes).is_ok()
+}
+
 fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
         Some((&SCHEMA, rest)) => serde_json::from_slice(rest).map_err(|e| corrupt(e.to_string())),
@@ -1203,6 +1208,8 @@ mod tests {
         let gone: Vec<usize> = (0..80).filter(|k| in_seg(&format!("c{}-{}", k / 2, k % 2)) == Some(2)).collect();
         assert!(!gone.is_empty());
         std::fs::remove_file(segment(2)).unwrap();
+        // A stray copy under a name the journal does not give is no second segment 0.
+        std::fs::copy(segment(0), from.join("0.log")).unwrap();
         assert!(EventLog::open(&from, SMALL, Access::Inspect).is_err(), "start-up refuses it");
 
         let found = salvage(&from, None, SMALL).unwrap();
@@ -1315,5 +1322,24 @@ mod tests {
         assert_eq!(found.damaged.iter().map(|d| d.segment).collect::<Vec<_>>(), [0], "{found:?}");
         // The batches went with their markers: how many records is not known.
         assert!(found.events < 30 && found.lost_unknown, "{found:?}");
+    }
+
+    /// Damage in the last batch that the index snapshot covers was acknowledged: it is damage,
+    /// not a torn write, and the records after it in that batch are kept.
+    #[test]
+    fn salvage_takes_damage_the_snapshot_covers_for_damage() {
+        use crate::store::salvage::salvage;
+        let dir = tempfile::tempdir().unwrap();
+        let org = OrgId::generate();
+        {
+            let log = EventLog::open(dir.path(), JournalOptions { preallocate_bytes: 0 }, Access::Serve).unwrap();
+            record(&log, &[prepared(&org, "kept", &[], 1_000, 0)]);
+            record(&log, &[prepared(&org, "spoiled", &[], 2_000, 0), prepared(&org, "after", &[], 2_000, 0)]);
+            log.save_snapshot().unwrap();
+        }
+        spoil(dir.path(), b"spoiled");
+        let found = salvage(dir.path(), None, SMALL).unwrap();
+        assert!(found.needed() && found.torn.is_none() && found.damaged.len() == 1, "{found:?}");
+        assert_eq!((found.records, found.events, found.lost), (2, 2, 1));
     }
 }

@@ -199,12 +199,18 @@ pub(super) fn segment_file(no: u32) -> String {
     format!("{no:08}.log")
 }
 
-/// The numbers of the segments in `dir`, in order.
+/// The numbers of the segments in `dir`, in order. Only names the journal gives count: `0.log`
+/// beside `00000000.log` is not a second segment 0.
 pub(super) fn segment_numbers(dir: &Path) -> Result<Vec<u32>, StoreError> {
     let mut numbers: Vec<u32> = std::fs::read_dir(dir)
         .map_err(io)?
         .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+        .filter_map(|e| {
+            let name = e.file_name();
+            let name = name.to_str()?;
+            let no: u32 = name.strip_suffix(".log")?.parse().ok()?;
+            (segment_file(no) == name).then_some(no)
+        })
         .collect();
     numbers.sort_unstable();
     Ok(numbers)

@@ -15,7 +15,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::event_log::{decode_record, encode_record, EventLog, Record, HERE, VERSION};
+use super::event_index::Index;
+use super::event_log::{decode_record, delivery_readable, encode_record, EventLog, Record, HERE, VERSION};
 use super::journal::{
     frame, loc, marker_of, parse_header, segment_numbers, Access, Journal, JournalOptions, Loc, FRAME_HEADER,
     FRAME_MAX, MARKER_TAG,
@@ -71,6 +72,7 @@ impl Salvage {
 /// read.
 pub fn salvage(from: &Path, into: Option<&Path>, options: JournalOptions) -> Result<Salvage, StoreError> {
     let numbers = segment_numbers(from)?;
+    let covered = Index::load(&from.join("index.snapshot")).ok().flatten().map(|ix| ix.covered);
     let mut out = Rebuild::new(into, options)?;
     let mut found = Salvage::default();
     let mut markers = Markers::default();
@@ -87,6 +89,8 @@ pub fn salvage(from: &Path, into: Option<&Path>, options: JournalOptions) -> Res
         // Start-up's rule for the last segment: a bad frame is damage only if a batch starts
         // after it (written once the bad one was durable); otherwise the write was torn there.
         let proof = if last { latest_batch_start(&pieces) } else { None };
+        // What the index snapshot covers was durable and acknowledged: never a torn write.
+        let proof = proof.max(covered.filter(|c| c >> 32 == u64::from(no)).map(|c| c & 0xffff_ffff));
         for (k, piece) in pieces.iter().enumerate() {
             match *piece {
                 Piece::Frame { at, payload } => match marker_of(payload) {
@@ -307,7 +311,7 @@ impl Rebuild {
         // What the index and the readers would refuse is not carried over: a frame that
         // passed its checksum by chance inside the damage must not stop what follows.
         let here = r.event_loc == HERE;
-        if OrgId::parse(e.org).is_err() || (here && decode_event(r.event).is_err()) {
+        if OrgId::parse(e.org).is_err() || (here && decode_event(r.event).is_err()) || !delivery_readable(r.delivery) {
             return Ok(Taken::Dropped);
         }
         let (seq, json, older_json) = match self.kept.get_mut(&e.seq) {

@@ -2108,11 +2108,13 @@ async fn salvage_rewrites_a_damaged_journal_from_every_record_that_reads_back() 
     // renamed, and new journals never swapped in go.
     let midway = data_dir.join(damaged[0].replace("damaged", "salvage"));
     std::fs::rename(&kept, &midway).unwrap();
+    // As if it had come from an earlier salvage itself, with that one's note.
+    std::fs::write(midway.join("SALVAGED.json"), br#"{"damaged_journal": "events.damaged-1"}"#).unwrap();
     let unfinished = data_dir.join("events.salvage-1700000000");
     std::fs::create_dir(&unfinished).unwrap();
     let not_swapped = data_dir.join("events.salvage-1700000001");
     std::fs::create_dir(&not_swapped).unwrap();
-    std::fs::write(not_swapped.join("SALVAGED.json"), b"{}").unwrap();
+    std::fs::write(not_swapped.join("SALVAGED.json"), br#"{"damaged_journal": "events.damaged-1700000001"}"#).unwrap();
     let (ok, out) = cli(&data_dir, &["salvage"]);
     assert!(ok, "{out}");
     assert!(kept.is_dir() && !midway.exists() && !unfinished.exists() && !not_swapped.exists(), "{out}");
