@@ -51,7 +51,7 @@ pub fn loc(segment: u32, offset: u64) -> Loc {
     (u64::from(segment) << 32) | offset
 }
 
-fn split(l: Loc) -> (u32, u64) {
+pub(super) fn split(l: Loc) -> (u32, u64) {
     ((l >> 32) as u32, l & 0xffff_ffff)
 }
 

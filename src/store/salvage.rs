@@ -18,7 +18,7 @@ use std::path::Path;
 use super::event_index::Index;
 use super::event_log::{decode_record, delivery_readable, encode_record, EventLog, Record, HERE, VERSION};
 use super::journal::{
-    frame, loc, marker_of, parse_header, segment_numbers, Access, Journal, JournalOptions, Loc, FRAME_HEADER,
+    frame, loc, marker_of, parse_header, segment_numbers, split, Access, Journal, JournalOptions, Loc, FRAME_HEADER,
     FRAME_MAX, MARKER_TAG,
 };
 use super::{decode_event, StoreError};
@@ -90,7 +90,7 @@ pub fn salvage(from: &Path, into: Option<&Path>, options: JournalOptions) -> Res
         // after it (written once the bad one was durable); otherwise the write was torn there.
         let proof = if last { latest_batch_start(&pieces) } else { None };
         // What the index snapshot covers was durable and acknowledged: never a torn write.
-        let proof = proof.max(covered.filter(|c| c >> 32 == u64::from(no)).map(|c| c & 0xffff_ffff));
+        let proof = proof.max(covered.map(split).filter(|(seg, _)| *seg == no).map(|(_, off)| off));
         for (k, piece) in pieces.iter().enumerate() {
             match *piece {
                 Piece::Frame { at, payload } => match marker_of(payload) {
