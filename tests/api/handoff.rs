@@ -2041,20 +2041,30 @@ async fn salvage_rewrites_a_damaged_journal_from_every_record_that_reads_back() 
     // One byte of the second event's first version flipped, and the index snapshot gone: a
     // start must read the journal, and refuses it.
     let events = data_dir.join("db/events");
-    let segment = events.join("00000000.log");
-    let mut bytes = std::fs::read(&segment).unwrap();
-    let at = bytes.windows(10).position(|w| w == b"CASALVAGE1").expect("the call id is in the journal");
+    // Whichever segment holds it: the first may have rolled over before the events came.
+    let (name, mut bytes, at) = std::fs::read_dir(&events)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".log"))
+        .find_map(|n| {
+            let bytes = std::fs::read(events.join(&n)).unwrap();
+            let at = bytes.windows(10).position(|w| w == b"CASALVAGE1")?;
+            Some((n, bytes, at))
+        })
+        .expect("the call id is in the journal");
+    let segment = events.join(&name);
+    let no: u32 = name.trim_end_matches(".log").parse().unwrap();
     bytes[at] ^= 0x20;
     std::fs::write(&segment, &bytes).unwrap();
     std::fs::remove_file(events.join("index.snapshot")).unwrap();
     let (ok, out) = cli(&data_dir, &["check"]);
-    assert!(!ok && out.contains("segment 0 is damaged at byte"), "{out}");
+    assert!(!ok && out.contains(&format!("segment {no} is damaged at byte")), "{out}");
 
     let (ok, out) = cli(&data_dir, &["salvage", "--dry-run"]);
     assert!(ok, "{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
-    assert!(lines[0].starts_with("damaged: segment 0, "), "{out}");
+    assert!(lines[0].starts_with(&format!("damaged: segment {no}, ")), "{out}");
     let would = numbers_in(lines[1]);
     // [records, events, dropped, lost]: the damaged record is lost, and the later versions
     // of its event, which need it, are dropped; the other three events keep as many.
@@ -2074,7 +2084,7 @@ async fn salvage_rewrites_a_damaged_journal_from_every_record_that_reads_back() 
         .collect();
     assert_eq!(damaged.len(), 1, "{damaged:?}");
     let kept = data_dir.join(&damaged[0]);
-    assert_eq!(std::fs::read(kept.join("00000000.log")).unwrap(), bytes, "the damaged journal is kept as it was");
+    assert_eq!(std::fs::read(kept.join(&name)).unwrap(), bytes, "the damaged journal is kept as it was");
     let note: Value = serde_json::from_slice(&std::fs::read(events.join("SALVAGED.json")).unwrap()).unwrap();
     assert_eq!(
         (&note["damaged_journal"], &note["events_kept"], &note["records_lost"]),
@@ -2118,7 +2128,7 @@ async fn salvage_rewrites_a_damaged_journal_from_every_record_that_reads_back() 
     let (ok, out) = cli(&data_dir, &["salvage"]);
     assert!(ok, "{out}");
     assert!(kept.is_dir() && !midway.exists() && !unfinished.exists() && !not_swapped.exists(), "{out}");
-    assert_eq!(std::fs::read(kept.join("00000000.log")).unwrap(), bytes, "{out}");
+    assert_eq!(std::fs::read(kept.join(&name)).unwrap(), bytes, "{out}");
     assert!(out.contains(&format!("to {}", damaged[0])) && out.contains("events.salvage-1700000000"), "{out}");
     assert!(out.ends_with("nothing to salvage: every record of the journal reads back (4 events)\n"), "{out}");
 }
