@@ -180,10 +180,8 @@ pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
     existing_data(settings)?;
     let db = settings.data_dir.join("db");
     // Held to the end: no server starts on the journal while it is being replaced.
-    let lock = std::fs::File::open(db.join("db")).context("cannot open the database's lock file")?;
-    if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        return Err(locked_hint(if e == rustix::io::Errno::WOULDBLOCK { StoreError::Locked.into() } else { e.into() }));
-    }
+    let _lock = SledStore::hold_stopped(&db, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|e| locked_hint(e.into()))?;
     let events = db.join("events");
     if !events.is_dir() {
         anyhow::bail!("no event journal at {}: nothing to salvage", events.display());
@@ -193,24 +191,21 @@ pub fn salvage(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
     settle_leftovers(beside, &events)?;
     let options = settings.journal;
     let found = salvage(&events, None, options)?;
-    let report = |f: &Salvage| {
-        for d in &f.damaged {
-            println!("damaged: segment {}, {} bytes from byte {}", d.segment, d.bytes, d.at);
+    for d in &found.damaged {
+        println!("damaged: segment {}, {} bytes from byte {}", d.segment, d.bytes, d.at);
+    }
+    for (first, last) in &found.missing_segments {
+        match first == last {
+            true => println!("missing: segment {first}"),
+            false => println!("missing: segments {first} to {last}"),
         }
-        for (first, last) in &f.missing_segments {
-            match first == last {
-                true => println!("missing: segment {first}"),
-                false => println!("missing: segments {first} to {last}"),
-            }
-        }
-        if let Some(t) = f.torn {
-            println!(
-                "note: segment {} ends in a write torn by a crash, {} bytes from byte {} (never acknowledged)",
-                t.segment, t.bytes, t.at
-            );
-        }
-    };
-    report(&found);
+    }
+    if let Some(t) = found.torn {
+        println!(
+            "note: segment {} ends in a write torn by a crash, {} bytes from byte {} (never acknowledged)",
+            t.segment, t.bytes, t.at
+        );
+    }
     if !found.needed() {
         println!("nothing to salvage: every record of the journal reads back ({} events)", found.events);
         return Ok(());

@@ -151,14 +151,7 @@ impl SledStore {
     /// written fails, and a change to the configuration lands in the copy and is dropped with it.
     pub fn inspect(dir: &Path) -> Result<Self, StoreError> {
         let io = |e: std::io::Error| StoreError::Io { detail: e.to_string() };
-        let lock = std::fs::File::open(dir.join("db")).map_err(io)?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockShared).map_err(|e| {
-            if e == rustix::io::Errno::WOULDBLOCK {
-                StoreError::Locked
-            } else {
-                io(e.into())
-            }
-        })?;
+        let lock = Self::hold_stopped(dir, rustix::fs::FlockOperation::NonBlockingLockShared)?;
         sweep_stale_copies(&std::env::temp_dir());
         let copy = tempfile::Builder::new().prefix(COPY_PREFIX).tempdir().map_err(io)?;
         // Locked under another name and then renamed, so that no sweep ever finds the lock
@@ -177,6 +170,19 @@ impl SledStore {
             Access::Inspect,
             Some(Inspection { _lock: lock, _copy: copy, _copy_lock: copy_lock }),
         )
+    }
+
+    /// Locks sled's own lock file in `dir` (`how`: shared to read, exclusive to replace
+    /// files), so that no server starts on the data while the lock is held. `Locked` while a
+    /// server runs on it.
+    pub fn hold_stopped(dir: &Path, how: rustix::fs::FlockOperation) -> Result<std::fs::File, StoreError> {
+        let io = |e: std::io::Error| StoreError::Io { detail: e.to_string() };
+        let lock = std::fs::File::open(dir.join("db")).map_err(io)?;
+        rustix::fs::flock(&lock, how).map_err(|e| match e {
+            rustix::io::Errno::WOULDBLOCK => StoreError::Locked,
+            e => io(e.into()),
+        })?;
+        Ok(lock)
     }
 
     fn open_with(

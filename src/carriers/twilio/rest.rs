@@ -147,11 +147,8 @@ pub(crate) async fn configure_number(
     if let Err(e) = ex.send("update number", update).await {
         return Err(Unfinished::after(e, report));
     }
-    if previous_app.is_some() {
-        report["actions"] = json!(["detached TwiML application", "set voice URL and status callback"]);
-    } else {
-        report["actions"] = json!(["set voice URL and status callback"]);
-    }
+    let detached = previous_app.map(|_| "detached TwiML application");
+    report["actions"] = json!(detached.into_iter().chain(["set voice URL and status callback"]).collect::<Vec<_>>());
     Ok(report)
 }
 
