@@ -12,7 +12,7 @@
 //! cannot be read on its own, and is dropped and counted; so are the records the batch markers
 //! say were written but that no longer read back.
 
-use std::collections::HashMap;
+use std::io::Read;
 use std::path::Path;
 
 use super::event_index::Index;
@@ -84,15 +84,16 @@ pub fn salvage(from: &Path, into: Option<&Path>, options: JournalOptions) -> Res
         }
         expected = no.saturating_add(1);
         let last = i + 1 == numbers.len();
-        let bytes = std::fs::read(from.join(super::journal::segment_file(no))).map_err(io)?;
-        let pieces = read_segment(&bytes);
+        let path = from.join(super::journal::segment_file(no));
         // Start-up's rule for the last segment: a bad frame is damage only if a batch starts
         // after it (written once the bad one was durable); otherwise the write was torn there.
-        let proof = if last { latest_batch_start(&pieces) } else { None };
+        let proof = if last { latest_batch_start(&path)? } else { None };
         // What the index snapshot covers was durable and acknowledged: never a torn write.
         let proof = proof.max(covered.map(split).filter(|(seg, _)| *seg == no).map(|(_, off)| off));
-        for (k, piece) in pieces.iter().enumerate() {
-            match *piece {
+        let file = std::fs::File::open(&path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        scan_segment(file, CHUNK, |piece| {
+            match piece {
                 Piece::Frame { at, payload } => match marker_of(payload) {
                     Some(m) => markers.close(m.no, m.frames),
                     None => {
@@ -106,27 +107,19 @@ pub fn salvage(from: &Path, into: Option<&Path>, options: JournalOptions) -> Res
                         }
                     }
                 },
-                Piece::Bad { at, zeros_to_end } => {
-                    let torn = last && proof.is_none_or(|p| at >= p);
-                    if torn {
-                        let bytes = bytes.len() as u64 - at;
+                Piece::Bad { at, end, zeros_to_end } => {
+                    if last && proof.is_none_or(|p| at >= p) {
                         // Zeros alone are the segment's prepared space.
                         if !zeros_to_end {
-                            found.torn = Some(Stretch { segment: no, at, bytes });
+                            found.torn = Some(Stretch { segment: no, at, bytes: len.saturating_sub(at) });
                         }
-                        break;
+                        return Ok(false);
                     }
-                    let end = pieces[k + 1..]
-                        .iter()
-                        .find_map(|p| match p {
-                            Piece::Frame { at, .. } => Some(*at),
-                            Piece::Bad { .. } => None,
-                        })
-                        .unwrap_or(bytes.len() as u64);
                     found.damaged.push(Stretch { segment: no, at, bytes: end - at });
                 }
             }
-        }
+            Ok(true)
+        })?;
     }
     out.finish()?;
     found.events = out.events();
@@ -135,15 +128,16 @@ pub fn salvage(from: &Path, into: Option<&Path>, options: JournalOptions) -> Res
     Ok(found)
 }
 
-/// Where the last batch that a marker closes in `pieces` starts.
-fn latest_batch_start(pieces: &[Piece<'_>]) -> Option<u64> {
-    pieces
-        .iter()
-        .filter_map(|p| match p {
-            Piece::Frame { at, payload } => marker_of(payload).map(|m| at.saturating_sub(m.bytes)),
-            Piece::Bad { .. } => None,
-        })
-        .max()
+/// Where the last batch that a marker closes in the segment at `path` starts.
+fn latest_batch_start(path: &Path) -> Result<Option<u64>, StoreError> {
+    let mut latest = None;
+    scan_segment(std::fs::File::open(path).map_err(io)?, CHUNK, |piece| {
+        if let Piece::Frame { at, payload } = piece {
+            latest = latest.max(marker_of(payload).map(|m| at.saturating_sub(m.bytes)));
+        }
+        Ok(true)
+    })?;
+    Ok(latest)
 }
 
 /// Opens the journal in `dir` as a start would, and reads every record back against the index
@@ -190,60 +184,137 @@ enum Piece<'a> {
         at: u64,
         payload: &'a [u8],
     },
-    /// No frame starts at `at`, nor after it up to the next `Frame`; `zeros_to_end`: zeros
-    /// from `at` to the end of the segment.
+    /// No frame starts from `at` up to `end` (the next frame, or the end of the segment);
+    /// `zeros_to_end`: nothing but zeros from `at` to the end of the segment.
     Bad {
         at: u64,
+        end: u64,
         zeros_to_end: bool,
     },
 }
 
-/// The payload of a frame at `at` that passes its checksum and starts as a record or a marker.
-fn frame_at(buf: &[u8], at: usize) -> Option<&[u8]> {
-    let head: &[u8; FRAME_HEADER] = buf.get(at..at + FRAME_HEADER)?.try_into().ok()?;
-    let (len, crc) = parse_header(head);
-    if len == 0 || len > FRAME_MAX {
-        return None;
-    }
-    let payload = buf.get(at + FRAME_HEADER..at + FRAME_HEADER + len as usize)?;
-    // The first byte first: past damage most places are no frame, and this is cheaper than a
-    // checksum over up to `FRAME_MAX` bytes.
-    if !matches!(payload[0], VERSION | MARKER_TAG) || crc32fast::hash(payload) != crc {
-        return None;
-    }
-    Some(payload)
+/// How much of a segment is read at a time. A segment is read through a window rather than
+/// whole, so a salvage holds about this much of it (more only for a frame longer than this),
+/// not the tens of megabytes of a segment.
+const CHUNK: usize = 1 << 20;
+
+/// How far back the scan may step from the last place it asked for: a frame can start three
+/// bytes before the first byte that is not zero.
+const LOOKBEHIND: u64 = 3;
+
+/// The bytes of a segment from `lo` on, read from `src` as they are needed.
+struct Window<R> {
+    src: R,
+    buf: Vec<u8>,
+    lo: u64,
+    chunk: usize,
+    eof: bool,
 }
 
-/// The frames of one segment's bytes in order, and where each stretch between them that holds
-/// none starts.
-fn read_segment(buf: &[u8]) -> Vec<Piece<'_>> {
-    let mut pieces = Vec::new();
-    let mut at = 0;
-    let mut in_bad = false;
-    while at < buf.len() {
-        if let Some(payload) = frame_at(buf, at) {
-            pieces.push(Piece::Frame { at: at as u64, payload });
-            in_bad = false;
-            at += FRAME_HEADER + payload.len();
+impl<R: Read> Window<R> {
+    fn hi(&self) -> u64 {
+        self.lo + self.buf.len() as u64
+    }
+
+    /// Whether the segment has `need` bytes from `at`, reading them in if not yet read. What
+    /// lies more than `LOOKBEHIND` bytes before `at` is let go: no later `at` may be earlier.
+    fn has(&mut self, at: u64, need: usize) -> Result<bool, StoreError> {
+        let end = at + need as u64;
+        if end <= self.hi() {
+            return Ok(true);
+        }
+        if self.eof {
+            return Ok(false);
+        }
+        let behind = (at.saturating_sub(LOOKBEHIND).clamp(self.lo, self.hi()) - self.lo) as usize;
+        self.buf.drain(..behind);
+        self.lo += behind as u64;
+        while self.hi() < end && !self.eof {
+            let want = (end - self.hi()).max(self.chunk as u64);
+            let n = self.src.by_ref().take(want).read_to_end(&mut self.buf).map_err(io)?;
+            self.eof = (n as u64) < want;
+        }
+        Ok(end <= self.hi())
+    }
+
+    fn bytes(&self, at: u64, len: usize) -> &[u8] {
+        let from = (at - self.lo) as usize;
+        &self.buf[from..from + len]
+    }
+
+    /// The length of the payload of a frame at `at` that passes its checksum and starts as a
+    /// record or a marker.
+    fn frame_at(&mut self, at: u64) -> Result<Option<usize>, StoreError> {
+        if !self.has(at, FRAME_HEADER + 1)? {
+            return Ok(None);
+        }
+        let head: &[u8; FRAME_HEADER] = self.bytes(at, FRAME_HEADER).try_into().expect("a header's length");
+        let (len, crc) = parse_header(head);
+        // The first byte first: past damage most places are no frame, and this is cheaper
+        // than reading in and checking up to `FRAME_MAX` bytes.
+        if len == 0 || len > FRAME_MAX || !matches!(self.bytes(at + FRAME_HEADER as u64, 1)[0], VERSION | MARKER_TAG) {
+            return Ok(None);
+        }
+        let len = len as usize;
+        if !self.has(at, FRAME_HEADER + len)? || crc32fast::hash(self.bytes(at + FRAME_HEADER as u64, len)) != crc {
+            return Ok(None);
+        }
+        Ok(Some(len))
+    }
+
+    /// The first byte from `at` on that is not zero, if any.
+    fn next_nonzero(&mut self, mut at: u64) -> Result<Option<u64>, StoreError> {
+        while self.has(at, 1)? {
+            let from = (at - self.lo) as usize;
+            if let Some(n) = self.buf[from..].iter().position(|b| *b != 0) {
+                return Ok(Some(at + n as u64));
+            }
+            at = self.hi();
+        }
+        Ok(None)
+    }
+}
+
+/// Hands `visit` the frames of one segment in order, and each stretch between them that holds
+/// none once its end is known, reading the segment `chunk` bytes at a time. `visit` returns
+/// whether to go on.
+fn scan_segment(
+    src: impl Read,
+    chunk: usize,
+    mut visit: impl FnMut(Piece<'_>) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let mut w = Window { src, buf: Vec::new(), lo: 0, chunk, eof: false };
+    let mut at = 0u64;
+    // Where the stretch being passed over started, and whether a byte in it was not zero.
+    let mut bad: Option<(u64, bool)> = None;
+    while w.has(at, 1)? {
+        if let Some(len) = w.frame_at(at)? {
+            if let Some((start, _)) = bad.take() {
+                if !visit(Piece::Bad { at: start, end: at, zeros_to_end: false })? {
+                    return Ok(());
+                }
+            }
+            if !visit(Piece::Frame { at, payload: w.bytes(at + FRAME_HEADER as u64, len) })? {
+                return Ok(());
+            }
+            at += (FRAME_HEADER + len) as u64;
             continue;
         }
-        if !in_bad {
-            let zeros_to_end = buf[at..].iter().all(|b| *b == 0);
-            pieces.push(Piece::Bad { at: at as u64, zeros_to_end });
-            if zeros_to_end {
-                break;
-            }
-            in_bad = true;
-        }
+        let (_, nonzero) = bad.get_or_insert((at, false));
         // A frame's length has a byte that is not zero among its first four: past a run of
         // zeros, the next frame cannot start earlier than three bytes before its end.
-        at = match buf[at..].iter().position(|b| *b != 0) {
-            Some(0) => at + 1,
-            Some(n) => (at + n).saturating_sub(3).max(at + 1),
-            None => buf.len(),
+        at = match w.next_nonzero(at)? {
+            Some(n) => {
+                *nonzero = true;
+                n.saturating_sub(3).max(at + 1)
+            }
+            None => w.hi(),
         };
     }
-    pieces
+    if let Some((start, nonzero)) = bad {
+        visit(Piece::Bad { at: start, end: w.hi(), zeros_to_end: !nonzero })?;
+    }
+    Ok(())
 }
 
 /// A batch is written once its records reach this many bytes.
@@ -252,25 +323,36 @@ const BATCH_BYTES: usize = 1 << 20;
 /// The new journal, and what it needs to renumber the records it takes.
 struct Rebuild {
     journal: Option<Journal>,
-    /// By old sequence number, each event kept.
-    kept: HashMap<u32, Kept>,
-    /// The old sequence number and id of the last event kept: both ascend.
-    last: Option<(u32, u128)>,
-    /// New places of the versions written that hold their event's JSON, by their old ones.
-    moved: HashMap<Loc, Loc>,
-    /// Records kept and not yet written: old place, new sequence number, where its JSON is
-    /// (old place, or `HERE`), payload.
-    pending: Vec<(Loc, u32, Loc, Vec<u8>)>,
+    /// Each event kept, by its new sequence number. Their old sequence numbers ascend too (the
+    /// first version of each is kept only after the last), so a later version finds its event
+    /// by binary search: a few tens of bytes an event, where maps keyed by the old numbers and
+    /// places took four times as much at a million events.
+    kept: Vec<Kept>,
+    /// Records kept and not yet written: new sequence number, whether it holds its event's JSON,
+    /// payload.
+    pending: Vec<(u32, bool, Vec<u8>)>,
     pending_bytes: usize,
     buf: Vec<u8>,
 }
 
 struct Kept {
-    seq: u32,
-    id: u128,
+    old_seq: u32,
+    /// Bytes, not `u128`, so that an entry is aligned to 8 and takes 40 bytes, not 48.
+    id: [u8; 16],
     /// Old place of its latest version kept that holds its JSON.
     json: Loc,
+    /// New place of its latest version written that holds its JSON (`NOT_WRITTEN` before the
+    /// first). Records are written in the order they are taken, so a later version is written
+    /// after the version it points at, and this is that version's new place when the later one
+    /// is written.
+    written: Loc,
 }
+
+/// No place a frame can start: offsets stay below `SEGMENT_MAX`.
+const NOT_WRITTEN: Loc = Loc::MAX;
+
+// What a million events cost while salvaging: keep it so.
+const _: () = assert!(std::mem::size_of::<Kept>() == 40);
 
 enum Taken {
     /// `older_json`: its own JSON was lost, and it points at the latest kept instead.
@@ -289,15 +371,7 @@ impl Rebuild {
             }
             None => None,
         };
-        Ok(Self {
-            journal,
-            kept: HashMap::new(),
-            last: None,
-            moved: HashMap::new(),
-            pending: Vec::new(),
-            pending_bytes: 0,
-            buf: Vec::new(),
-        })
+        Ok(Self { journal, kept: Vec::new(), pending: Vec::new(), pending_bytes: 0, buf: Vec::new() })
     }
 
     fn events(&self) -> u64 {
@@ -314,30 +388,31 @@ impl Rebuild {
         if OrgId::parse(e.org).is_err() || (here && decode_event(r.event).is_err()) || !delivery_readable(r.delivery) {
             return Ok(Taken::Dropped);
         }
-        let (seq, json, older_json) = match self.kept.get_mut(&e.seq) {
-            Some(k) if k.id == e.id => {
+        let id = e.id.to_le_bytes();
+        let (seq, older_json) = match self.kept.binary_search_by_key(&e.seq, |k| k.old_seq) {
+            Ok(i) if self.kept[i].id == id => {
+                let k = &mut self.kept[i];
                 let older = !here && r.event_loc != k.json;
                 if here {
                     k.json = at;
                 }
-                (k.seq, if here { HERE } else { k.json }, older)
+                (i as u32, older)
             }
-            Some(_) => return Ok(Taken::Dropped),
+            Ok(_) => return Ok(Taken::Dropped),
             // The first version kept of an event must hold its JSON, and come after the last.
-            None => {
-                let ascends = self.last.is_none_or(|(seq, id)| e.seq > seq && e.id >> 64 > id >> 64);
+            Err(_) => {
+                let ascends =
+                    self.kept.last().is_none_or(|k| e.seq > k.old_seq && e.id >> 64 > u128::from_le_bytes(k.id) >> 64);
                 if !here || !ascends {
                     return Ok(Taken::Dropped);
                 }
-                let seq = self.kept.len() as u32;
-                self.kept.insert(e.seq, Kept { seq, id: e.id, json: at });
-                self.last = Some((e.seq, e.id));
-                (seq, HERE, false)
+                self.kept.push(Kept { old_seq: e.seq, id, json: at, written: NOT_WRITTEN });
+                (self.kept.len() as u32 - 1, false)
             }
         };
         if self.journal.is_some() {
             self.pending_bytes += FRAME_HEADER + payload.len();
-            self.pending.push((at, seq, json, payload.to_vec()));
+            self.pending.push((seq, here, payload.to_vec()));
             if self.pending_bytes >= BATCH_BYTES {
                 self.write()?;
             }
@@ -354,17 +429,20 @@ impl Rebuild {
         // A record keeps its length when renumbered: the fixed part holds both numbers.
         let base = journal.place(self.pending_bytes)?;
         self.buf.clear();
-        for (old, seq, json, payload) in self.pending.drain(..) {
+        for (seq, here, payload) in self.pending.drain(..) {
             let r = decode_record(&payload)?;
             let new_at = base + self.buf.len() as u64;
-            let event_loc = if json == HERE {
-                self.moved.insert(old, new_at);
+            let k = &mut self.kept[seq as usize];
+            let event_loc = if here {
+                k.written = new_at;
                 HERE
-            } else {
-                *self.moved.get(&json).ok_or_else(|| StoreError::Corrupt {
+            } else if k.written == NOT_WRITTEN {
+                return Err(StoreError::Corrupt {
                     tree: "journal",
                     detail: "a version kept points at a version not written".into(),
-                })?
+                });
+            } else {
+                k.written
             };
             let renumbered = Record { entry: super::event_index::Entry { seq, ..r.entry }, event_loc, ..r };
             frame(&mut self.buf, |b| encode_record(b, &renumbered));
@@ -391,15 +469,29 @@ mod tests {
         buf
     }
 
-    /// ('F', at, payload length) and ('B', at, zeros to the end).
-    fn pieces(buf: &[u8]) -> Vec<(char, u64, u64)> {
-        read_segment(buf)
-            .into_iter()
-            .map(|p| match p {
-                Piece::Frame { at, payload } => ('F', at, payload.len() as u64),
-                Piece::Bad { at, zeros_to_end } => ('B', at, u64::from(zeros_to_end)),
-            })
-            .collect()
+    /// ('F', at, payload length, 0) and ('B', at, end, zeros to the end), read `chunk` bytes
+    /// at a time.
+    fn pieces_by(buf: &[u8], chunk: usize) -> Vec<(char, u64, u64, u64)> {
+        let mut out = Vec::new();
+        scan_segment(buf, chunk, |p| {
+            out.push(match p {
+                Piece::Frame { at, payload } => ('F', at, payload.len() as u64, 0),
+                Piece::Bad { at, end, zeros_to_end } => ('B', at, end, u64::from(zeros_to_end)),
+            });
+            Ok(true)
+        })
+        .unwrap();
+        out
+    }
+
+    /// The same, read whole and then a few bytes at a time: where the reads end must not
+    /// change what is found.
+    fn pieces(buf: &[u8]) -> Vec<(char, u64, u64, u64)> {
+        let whole = pieces_by(buf, buf.len().max(1));
+        for chunk in [1, 2, 3, 5, 8, 13] {
+            assert_eq!(pieces_by(buf, chunk), whole, "read {chunk} bytes at a time");
+        }
+        whole
     }
 
     #[test]
@@ -413,7 +505,10 @@ mod tests {
         buf.extend_from_slice(&[0; 100]);
         let third = second + (FRAME_HEADER + b.len()) as u64;
         let end = third + (FRAME_HEADER + a.len()) as u64;
-        assert_eq!(pieces(&buf), vec![('F', 0, 4), ('B', second, 0), ('F', third, 4), ('B', end, 1)]);
+        assert_eq!(
+            pieces(&buf),
+            vec![('F', 0, 4, 0), ('B', second, third, 0), ('F', third, 4, 0), ('B', end, end + 100, 1)]
+        );
     }
 
     #[test]
@@ -423,7 +518,7 @@ mod tests {
         big.resize(256, 7);
         let mut buf = vec![0u8; 37];
         buf.extend_from_slice(&framed(&[&big]));
-        assert_eq!(pieces(&buf), vec![('B', 0, 0), ('F', 37, 256)]);
+        assert_eq!(pieces(&buf), vec![('B', 0, 37, 0), ('F', 37, 256, 0)]);
     }
 
     #[test]
@@ -432,7 +527,42 @@ mod tests {
         let mut buf = framed(&[a]);
         buf.extend_from_slice(&[0xde, 0xad, 0, 0, 0, 0, 0, 0, 0xbe, 0xef]);
         buf.extend_from_slice(&[0; 64]);
-        assert_eq!(pieces(&buf), vec![('F', 0, 2), ('B', 10, 0)]);
+        assert_eq!(pieces(&buf), vec![('F', 0, 2, 0), ('B', 10, buf.len() as u64, 0)]);
+    }
+
+    proptest::proptest! {
+        /// Frames, damage and zeros in any mix read the same however the segment is split
+        /// into reads, and every frame laid down that no damage touched is found.
+        #[test]
+        fn reads_of_any_size_find_the_same(
+            payloads in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..40), 0..12),
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), 1u8..=255), 0..4),
+            zeros in 0usize..40,
+        ) {
+            let payloads: Vec<Vec<u8>> = payloads.into_iter().map(|mut p| { p[0] = VERSION; p }).collect();
+            let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            let mut buf = framed(&refs);
+            let framed_len = buf.len();
+            buf.extend(std::iter::repeat_n(0, zeros));
+            let mut touched = Vec::new();
+            for (at, bits) in &flips {
+                if !buf.is_empty() {
+                    let at = at % buf.len();
+                    buf[at] ^= bits;
+                    touched.push(at);
+                }
+            }
+            let found = pieces(&buf);
+            let mut start = 0;
+            for p in &payloads {
+                let end = start + FRAME_HEADER + p.len();
+                if !touched.iter().any(|t| (start..end).contains(t)) {
+                    proptest::prop_assert!(found.contains(&('F', start as u64, p.len() as u64, 0)), "frame at {start}");
+                }
+                start = end;
+            }
+            proptest::prop_assert_eq!(start, framed_len);
+        }
     }
 
     #[test]
