@@ -32,7 +32,12 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 }
 
 fn bearer(req: &HttpRequest) -> Option<&str> {
-    let v = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let mut given = req.headers().get_all(AUTHORIZATION);
+    let v = given.next()?.to_str().ok()?;
+    // Two credentials in one request are ambiguous: neither is taken.
+    if given.next().is_some() {
+        return None;
+    }
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }

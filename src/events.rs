@@ -9,13 +9,13 @@ use crate::clock::rfc3339;
 use crate::domain::{EventId, PhoneId};
 use crate::error::ApiError;
 use crate::paging;
-use crate::startup::resource;
+use crate::startup::{get_or_head, resource};
 use crate::state::AppState;
 use crate::store::{DeliveryRecord, DeliveryState, EventFilter, EventRecord};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/events", "GET").route(web::get().to(list)))
-        .service(resource("/events/{id}", "GET").route(web::get().to(get)));
+    cfg.service(resource("/events", "GET, HEAD").route(get_or_head().to(list)))
+        .service(resource("/events/{id}", "GET, HEAD").route(get_or_head().to(get)));
 }
 
 #[derive(Deserialize)]

@@ -8,7 +8,7 @@ use crate::auth::{new_api_key, AdminAuth};
 use crate::clock::rfc3339;
 use crate::domain::{ApiKeyId, OrgId};
 use crate::error::ApiError;
-use crate::startup::resource;
+use crate::startup::{admin_resource, get_or_head};
 use crate::state::AppState;
 use crate::store::{ApiKeyRecord, OrgRecord, Store, StoreError};
 
@@ -39,9 +39,13 @@ pub fn create(store: &dyn Store, name: String, now_ms: i64) -> Result<Created, S
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/admin/orgs", "GET, POST").route(web::post().to(create_org)).route(web::get().to(list_orgs)))
-        .service(resource("/admin/orgs/{org_id}/api-keys", "POST").route(web::post().to(add_key)))
-        .service(resource("/admin/api-keys/{key_id}", "DELETE").route(web::delete().to(revoke_key)));
+    cfg.service(
+        admin_resource("/admin/orgs", "GET, HEAD, POST")
+            .route(web::post().to(create_org))
+            .route(get_or_head().to(list_orgs)),
+    )
+    .service(admin_resource("/admin/orgs/{org_id}/api-keys", "POST").route(web::post().to(add_key)))
+    .service(admin_resource("/admin/api-keys/{key_id}", "DELETE").route(web::delete().to(revoke_key)));
 }
 
 #[derive(Deserialize)]

@@ -12,7 +12,7 @@ use crate::clock::rfc3339;
 use crate::domain::{Carrier, OrgId, PhoneCredential, PhoneId, SecretId, E164};
 use crate::error::ApiError;
 use crate::paging;
-use crate::startup::resource;
+use crate::startup::{get_or_head, resource};
 use crate::state::AppState;
 use crate::store::{Conflict, Modified, PhoneConfig, PhoneRecord, PreviousCredential, SecretRecord};
 use crate::vault;
@@ -20,10 +20,10 @@ use crate::vault;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/voice/{provider}/byok/validate", "POST").route(web::post().to(validate)))
         .service(resource("/voice/{provider}/byok/import", "POST").route(web::post().to(import)))
-        .service(resource("/phone-numbers", "GET").route(web::get().to(list)))
+        .service(resource("/phone-numbers", "GET, HEAD").route(get_or_head().to(list)))
         .service(
-            resource("/phone-numbers/{id}", "GET, PATCH, DELETE")
-                .route(web::get().to(get))
+            resource("/phone-numbers/{id}", "GET, HEAD, PATCH, DELETE")
+                .route(get_or_head().to(get))
                 .route(web::patch().to(patch))
                 .route(web::delete().to(delete)),
         );

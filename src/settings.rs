@@ -342,7 +342,9 @@ impl Settings {
             .filter(|s| !s.trim().is_empty())
             .map(|s| MasterKeyInput::parse_base64("CALLGATE_MASTER_KEY", &s))
             .transpose()?;
-        let admin_token = match raw.admin_token.filter(|s| !s.is_empty()) {
+        // Presented tokens are trimmed, and a token read from a secrets file ends in a newline:
+        // untrimmed here, it could never match.
+        let admin_token = match raw.admin_token.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()) {
             Some(t) if t.len() < 16 => return Err(bad("CALLGATE_ADMIN_TOKEN", "must be at least 16 characters")),
             other => other.map(Secret::new),
         };
@@ -376,6 +378,14 @@ impl Settings {
             if secs > MAX_WINDOW_SECS {
                 return Err(bad(name, format!("must be at most {MAX_WINDOW_SECS} (100 years)")));
             }
+        }
+        // Telnyx accepts a timestamp up to 300 s either side of now, so one signed request stays
+        // fresh for 600 s: a shorter memory would take it for new again within its freshness.
+        if raw.replay_window_secs < 2 * crate::carriers::telnyx::signature::TOLERANCE_SECS {
+            return Err(bad(
+                "CALLGATE_REPLAY_WINDOW_SECS",
+                "must be at least 600 (a Telnyx signature is fresh for 600 s)",
+            ));
         }
         if raw.commit_linger_us > 100_000 {
             return Err(bad("CALLGATE_COMMIT_LINGER_US", "must be at most 100000 (0.1 s)"));
@@ -517,6 +527,9 @@ mod tests {
             ("CALLGATE_PUBLIC_URL", "ftp://x"),
             ("CALLGATE_PLIVO_API_URL", "nope"),
             ("CALLGATE_ADMIN_TOKEN", "short"),
+            ("CALLGATE_ADMIN_TOKEN", "  0123456789abcde\n"),
+            ("CALLGATE_REPLAY_WINDOW_SECS", "0"),
+            ("CALLGATE_REPLAY_WINDOW_SECS", "599"),
         ];
         for (name, value) in cases {
             let err = Settings::load(None, &env(&[(name, value)])).unwrap_err();
@@ -549,6 +562,14 @@ mod tests {
         ] {
             assert_eq!(Settings::load(None, &env(&[(name, value)])).unwrap_err().name, name);
         }
+    }
+
+    #[test]
+    fn an_admin_token_from_a_secrets_file_loses_its_newline() {
+        let s = Settings::load(None, &env(&[("CALLGATE_ADMIN_TOKEN", " admin-token-0123456789\n")])).unwrap();
+        assert_eq!(s.admin_token.unwrap().expose(), "admin-token-0123456789");
+        let s = Settings::load(None, &env(&[("CALLGATE_REPLAY_WINDOW_SECS", "600")])).unwrap();
+        assert_eq!(s.replay_window, Duration::from_secs(600));
     }
 
     #[test]

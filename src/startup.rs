@@ -191,6 +191,23 @@ pub fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
     }))
 }
 
+/// A GET route that answers HEAD too, as HTTP asks of whatever answers GET (load balancers
+/// check health so). actix leaves the body out of an answer to HEAD, keeping its length.
+pub fn get_or_head() -> actix_web::Route {
+    web::route().guard(actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()))
+}
+
+/// An admin URL: like [`resource`], except that while the admin API is off (no admin token)
+/// every method is 404, so that a 405 does not tell it exists.
+pub fn admin_resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move |state: web::Data<AppState>| async move {
+        Err::<HttpResponse, _>(match state.settings.admin_token {
+            None => ApiError::not_found("resource"),
+            Some(_) => ApiError::method_not_allowed_but(allow),
+        })
+    }))
+}
+
 /// A path no route serves is 404. (One that a route serves with another method never comes
 /// here: each URL's [`resource`] answers that with its 405.)
 async fn unrouted() -> Result<HttpResponse, ApiError> {
@@ -200,9 +217,9 @@ async fn unrouted() -> Result<HttpResponse, ApiError> {
 fn routes(cfg: &mut web::ServiceConfig) {
     // The carriers' webhooks first: they are the hot path, and actix tries routes in order.
     cfg.configure(crate::carriers::routes::configure)
-        .service(resource("/health", "GET").route(web::get().to(health)))
-        .service(resource("/ready", "GET").route(web::get().to(ready)))
-        .service(resource("/metrics", "GET").route(web::get().to(metrics)))
+        .service(resource("/health", "GET, HEAD").route(get_or_head().to(health)))
+        .service(resource("/ready", "GET, HEAD").route(get_or_head().to(ready)))
+        .service(resource("/metrics", "GET, HEAD").route(get_or_head().to(metrics)))
         .configure(crate::orgs::configure)
         .configure(crate::vault::routes::configure)
         .configure(crate::phones::configure)

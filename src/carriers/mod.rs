@@ -23,15 +23,16 @@ use crate::net::form::Pair;
 use crate::store::{EventRecord, PhoneRecord};
 pub use keys::Prepared;
 
-/// Which of a carrier's callbacks this is.
+/// Which of a carrier's callbacks this is. The numbers are part of replay keys already stored:
+/// they are fixed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     /// The answer URL: the carrier waits for instructions.
-    Incoming,
+    Incoming = 0,
     /// Status and hangup callbacks: acknowledged with an empty 200.
-    Status,
+    Status = 1,
     /// Telnyx's single events URL.
-    Events,
+    Events = 2,
 }
 
 /// A request as the carrier sent it, with the URL it signed. Only the pipeline builds it.

@@ -123,7 +123,7 @@ pub async fn handle<C: CarrierHooks>(
     };
 
     let parsed = C::parse(&mut inbound, hook);
-    let replay_key = replay_key(carrier, &phone, &parsed, &inbound);
+    let replay_key = replay_key(carrier, &phone, hook, &parsed, &inbound);
     let expires = now_ms + settings.replay_window.as_millis() as i64;
     let mut ev = event(&phone, parsed, verified_by, now_ms);
     let incoming = hook == Hook::Incoming;
@@ -154,12 +154,11 @@ pub async fn handle<C: CarrierHooks>(
                 return HttpResponse::Ok().finish();
             }
             // A carrier retrying its answer URL gets the answer the first request got.
-            let first = first.and_then(|id| state.store.event_get(&phone.org_id, &id).ok().flatten());
-            let decision = first
-                .as_ref()
-                .and_then(|f| f.answer.as_ref())
-                .and_then(|a| serde_json::from_value::<Decision>(a["decision"].clone()).ok())
-                .unwrap_or_else(|| Decision::fallback(&phone));
+            let (first, decision) = match first {
+                Some(id) => first_answer(&state, &phone, &id).await,
+                None => (None, None),
+            };
+            let decision = decision.unwrap_or_else(|| Decision::fallback(&phone));
             return respond::<C>(&phone, Some(&decision), first.as_ref().unwrap_or(&ev));
         }
         Err(e) => return ApiError::from(e).into_response(),
@@ -185,6 +184,31 @@ fn respond<C: CarrierHooks>(phone: &PhoneRecord, decision: Option<&Decision>, ev
     match decision {
         Some(d) => C::answer(phone, d, ev),
         None => HttpResponse::Ok().finish(),
+    }
+}
+
+/// The first request's event and the answer noted on it. While that request may still be
+/// asking the assistant (until the answer deadline, and a little more for noting it), a retry
+/// waits for it: answered with the fallback instead, the carrier would act on an answer the
+/// event does not record. Retries are few, so they wait by looking again, not by a
+/// registry of answers in flight that every incoming call would pay for.
+async fn first_answer(state: &AppState, phone: &PhoneRecord, id: &EventId) -> (Option<EventRecord>, Option<Decision>) {
+    const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(20);
+    let wait = state.settings.handoff.answer_deadline + std::time::Duration::from_millis(500);
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        let first = state.store.event_get(&phone.org_id, id).ok().flatten();
+        let decision = first
+            .as_ref()
+            .and_then(|f| f.answer.as_ref())
+            .and_then(|a| serde_json::from_value::<Decision>(a["decision"].clone()).ok());
+        // Past its own deadline the first request has answered (a restart since may have lost
+        // what it noted), so there is nothing more to wait for.
+        let answered_by_now = |f: &EventRecord| state.clock.now_ms() > f.received_at_ms + wait.as_millis() as i64;
+        if decision.is_some() || first.as_ref().is_none_or(answered_by_now) || tokio::time::Instant::now() >= until {
+            return (first, decision);
+        }
+        tokio::time::sleep(LOOK_AGAIN).await;
     }
 }
 
@@ -214,7 +238,13 @@ pub fn event(phone: &PhoneRecord, p: Parsed, verified_by: VerifiedBy, now_ms: i6
 /// carrier's to make unique, not a sender's, and one signed event of another number (or
 /// organization) that repeats it must not pass for a replay and go unrecorded. Else what makes
 /// this callback itself unique (call, status, and a hash of everything signed).
-fn replay_key(carrier: crate::domain::Carrier, phone: &PhoneRecord, p: &Parsed, req: &Inbound<'_>) -> Vec<u8> {
+fn replay_key(
+    carrier: crate::domain::Carrier,
+    phone: &PhoneRecord,
+    hook: Hook,
+    p: &Parsed,
+    req: &Inbound<'_>,
+) -> Vec<u8> {
     use sha2::{Digest, Sha256};
     let mut key = Vec::with_capacity(64);
     key.extend_from_slice(carrier.as_str().as_bytes());
@@ -233,6 +263,9 @@ fn replay_key(carrier: crate::domain::Carrier, phone: &PhoneRecord, p: &Parsed, 
             h.update([0]);
             h.update(p.status.as_deref().unwrap_or(""));
             h.update([0]);
+            // The hook is in the URL the carrier signed: a status callback and an answer request
+            // that carry the same fields are two callbacks, not one sent twice.
+            h.update([hook as u8]);
             // What the signature covers, in the form it covers it: bytes that differ only where
             // it does not look (a form's field order, its escapes, a repeated pair; a Telnyx
             // URL's query) would make a replay count as a new event.

@@ -9,22 +9,22 @@ use super::{catalog, validate};
 use crate::auth::OrgAuth;
 use crate::clock::rfc3339;
 use crate::error::ApiError;
-use crate::startup::resource;
+use crate::startup::{get_or_head, resource};
 use crate::state::AppState;
 use crate::store::{AuditRecord, Conflict, SecretRecord};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/byok/providers", "GET").route(web::get().to(providers)))
-        .service(resource("/byok/config", "GET").route(web::get().to(config)))
+    cfg.service(resource("/byok/providers", "GET, HEAD").route(get_or_head().to(providers)))
+        .service(resource("/byok/config", "GET, HEAD").route(get_or_head().to(config)))
         .service(
-            resource("/byok", "GET, POST, DELETE")
-                .route(web::get().to(list))
+            resource("/byok", "GET, HEAD, POST, DELETE")
+                .route(get_or_head().to(list))
                 .route(web::post().to(set))
                 .route(web::delete().to(delete_body)),
         )
         .service(resource("/byok/set", "POST").route(web::post().to(set_alias)))
         .service(resource("/byok/{provider}", "DELETE").route(web::delete().to(delete_path)))
-        .service(resource("/audit", "GET").route(web::get().to(audit)));
+        .service(resource("/audit", "GET, HEAD").route(get_or_head().to(audit)));
 }
 
 async fn providers() -> HttpResponse {

@@ -314,7 +314,12 @@ const PUBLIC_URL: &str = "https://gw.example.com";
 
 /// The carrier's answer-URL request for a new inbound call, signed as the carrier signs it.
 fn incoming_request(client: &reqwest::Client, base: &str, line: &Line, call_id: &str) -> reqwest::RequestBuilder {
-    let hook = format!("/{}/incoming/{}", line.carrier, line.phone_id);
+    request_to(client, base, line, call_id, "incoming")
+}
+
+/// The same fields sent to the number's `hook` (`incoming` or `status`), signed for it.
+fn request_to(client: &reqwest::Client, base: &str, line: &Line, call_id: &str, hook: &str) -> reqwest::RequestBuilder {
+    let hook = format!("/{}/{hook}/{}", line.carrier, line.phone_id);
     let signed_url = format!("{PUBLIC_URL}{hook}");
     let caller = "+14155550111".to_owned();
     match line.carrier {
@@ -1867,6 +1872,64 @@ async fn a_repeated_answer_request_gets_the_first_answer_without_asking_again() 
     assert_eq!(second, first);
     assert_eq!(assistant.hits().len(), 1);
     assert_eq!(events_of(&app, &org, &line).await.len(), 1);
+}
+
+/// A carrier retrying its answer URL while the first request still waits on the assistant gets
+/// the assistant's answer too: before, it got the number's fallback at once, so the carrier
+/// could act on an answer the event does not record.
+#[tokio::test]
+async fn a_retry_while_the_assistant_decides_gets_the_assistants_answer() {
+    let assistant = FakeHttp::start(|_| {
+        Reply::json(json!({"action": "transfer", "to": TRANSFER_TO})).delayed(Duration::from_millis(400))
+    })
+    .await;
+    let app = spawn_with(answer_env(&assistant).await).await;
+    let org = app.create_org("Acme").await;
+    for (i, carrier) in [Carrier::Plivo, Carrier::Twilio, Carrier::Exotel].into_iter().enumerate() {
+        let line = add_line(
+            &app,
+            &org,
+            carrier,
+            &number_for(carrier, i),
+            config(Some(STATIC_STREAM), Some(&assistant.url("/answer"))),
+        );
+        let asked = assistant.hits().len();
+        let request = incoming_request(&app.client, &app.base, &line, &format!("call-retried-{i}"));
+        let retry = request.try_clone().unwrap();
+        let first = tokio::spawn(async move { request.send().await.unwrap().text().await.unwrap() });
+        wait_hits(&assistant, "the assistant asked", |h| h.len() > asked).await;
+        let res = retry.send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let second = res.text().await.unwrap();
+        let first = first.await.unwrap();
+        assert!(first.contains(TRANSFER_TO), "{carrier}: {first}");
+        assert_eq!(second, first, "{carrier}");
+        assert_eq!(assistant.hits().len(), asked + 1, "{carrier}: the assistant asked again");
+        let events = events_of(&app, &org, &line).await;
+        assert_eq!(events.len(), 1, "{carrier}");
+        assert_eq!(events[0]["answer"]["source"], "assistant", "{carrier}");
+    }
+}
+
+/// A status callback carrying the same fields as the answer request is a callback of its own:
+/// the hook is in the URL the carrier signed. Exotel signs nothing and Twilio's request here
+/// has no idempotency token, so only the hook tells them apart.
+#[tokio::test]
+async fn a_status_callback_with_the_answer_requests_fields_is_not_taken_for_its_replay() {
+    let assistant = fake_assistant().await;
+    let app = spawn_with(answer_env(&assistant).await).await;
+    let org = app.create_org("Acme").await;
+    for (i, carrier) in [Carrier::Exotel, Carrier::Twilio].into_iter().enumerate() {
+        let line = add_line(&app, &org, carrier, &number_for(carrier, i), config(Some(STATIC_STREAM), None));
+        for hook in ["status", "incoming", "status", "incoming"] {
+            let res = request_to(&app.client, &app.base, &line, "call-both", hook).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{carrier} {hook}");
+        }
+        let mut kinds: Vec<String> =
+            events_of(&app, &org, &line).await.iter().map(|e| e["kind"].as_str().unwrap().to_owned()).collect();
+        kinds.sort();
+        assert_eq!(kinds, ["call.incoming", "call.status"], "{carrier}");
+    }
 }
 
 #[tokio::test]

@@ -78,6 +78,20 @@ async fn missing_or_unknown_keys_get_401_with_www_authenticate() {
         assert_eq!(res.headers()["www-authenticate"], "Bearer");
         assert_eq!(error_code(res).await, "unauthorized");
     }
+    // Two credentials, even two good ones or the same twice, are ambiguous: neither is taken.
+    let (one, other) = (app.create_org("One").await, app.create_org("Other").await);
+    for (first, second) in [(&one.key, &other.key), (&other.key, &other.key)] {
+        let res = app
+            .client
+            .get(app.url("/byok"))
+            .header("Authorization", format!("Bearer {first}"))
+            .header("Authorization", format!("Bearer {second}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+        assert_eq!(error_code(res).await, "unauthorized");
+    }
 }
 
 #[tokio::test]
@@ -104,6 +118,37 @@ async fn admin_api_needs_the_admin_token_and_is_absent_without_one() {
     let res = app.admin_post("/admin/orgs", json!({"name": "x"})).await;
     assert_eq!(res.status(), 404);
     assert_eq!(error_code(res).await, "not_found");
+    // Nor does a method the admin API would refuse with 405 tell that it exists.
+    for (method, path) in
+        [("PUT", "/admin/orgs"), ("GET", "/admin/api-keys/key_x"), ("PATCH", "/admin/orgs/org_x/api-keys")]
+    {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let res = app.client.request(m, app.url(path)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        assert_eq!(res.status(), 404, "{method} {path}");
+        assert_eq!(error_code(res).await, "not_found", "{method} {path}");
+    }
+}
+
+/// HEAD is answered wherever GET is, with GET's headers and no body (load balancers check
+/// health so); a webhook URL is not among them.
+#[tokio::test]
+async fn head_is_answered_like_get_without_a_body() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    for path in ["/health", "/ready", "/phone-numbers", "/events"] {
+        let got = app.client.get(app.url(path)).bearer_auth(&org.key).send().await.unwrap();
+        assert_eq!(got.status(), 200, "{path}");
+        let length = got.headers()["content-length"].clone();
+        assert_ne!(got.bytes().await.unwrap().len(), 0, "{path}");
+        let head = app.client.head(app.url(path)).bearer_auth(&org.key).send().await.unwrap();
+        assert_eq!(head.status(), 200, "{path}");
+        assert_eq!(head.headers()["content-length"], length, "{path}");
+        assert_eq!(head.bytes().await.unwrap().len(), 0, "{path}");
+    }
+    let res = app.client.head(app.url("/phone-numbers")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    let res = app.client.head(app.url("/exotel/incoming/ph_00000000000000000000000000000000")).send().await.unwrap();
+    assert_eq!(res.status(), 405);
 }
 
 #[tokio::test]
@@ -158,29 +203,29 @@ async fn bad_requests_get_the_json_error_shape() {
     // A URL that exists, with a method it does not take.
     // Every URL of the API, with the methods it takes: any other is a 405 that names them.
     for (path, allow) in [
-        ("/health", "GET"),
-        ("/ready", "GET"),
-        ("/metrics", "GET"),
-        ("/admin/orgs", "GET, POST"),
+        ("/health", "GET, HEAD"),
+        ("/ready", "GET, HEAD"),
+        ("/metrics", "GET, HEAD"),
+        ("/admin/orgs", "GET, HEAD, POST"),
         ("/admin/orgs/org_x/api-keys", "POST"),
         ("/admin/api-keys/key_x", "DELETE"),
-        ("/byok/providers", "GET"),
-        ("/byok/config", "GET"),
-        ("/byok", "GET, POST, DELETE"),
+        ("/byok/providers", "GET, HEAD"),
+        ("/byok/config", "GET, HEAD"),
+        ("/byok", "GET, HEAD, POST, DELETE"),
         ("/byok/set", "POST"),
         ("/byok/openai", "DELETE"),
-        ("/audit", "GET"),
+        ("/audit", "GET, HEAD"),
         ("/voice/twilio/byok/validate", "POST"),
         ("/voice/twilio/byok/import", "POST"),
-        ("/phone-numbers", "GET"),
-        ("/phone-numbers/ph_x", "GET, PATCH, DELETE"),
-        ("/events", "GET"),
-        ("/events/evt_x", "GET"),
+        ("/phone-numbers", "GET, HEAD"),
+        ("/phone-numbers/ph_x", "GET, HEAD, PATCH, DELETE"),
+        ("/events", "GET, HEAD"),
+        ("/events/evt_x", "GET, HEAD"),
         ("/events/redeliver", "POST"),
         ("/events/evt_x/redeliver", "POST"),
     ] {
         let taken: Vec<&str> = allow.split(", ").collect();
-        for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+        for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"] {
             let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
             let res = app.client.request(m, app.url(path)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
             if taken.contains(&method) {
@@ -189,7 +234,9 @@ async fn bad_requests_get_the_json_error_shape() {
             }
             assert_eq!(res.status(), 405, "{method} {path}");
             assert_eq!(res.headers()["allow"], allow, "{method} {path}");
-            assert_eq!(error_code(res).await, "method_not_allowed", "{method} {path}");
+            if method != "HEAD" {
+                assert_eq!(error_code(res).await, "method_not_allowed", "{method} {path}");
+            }
         }
     }
 }
