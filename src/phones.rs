@@ -140,6 +140,34 @@ async fn on_account(
     })
 }
 
+/// Whether the carrier lists every one of `numbers` on the account `cred` opens; 422 naming
+/// those it does not (the first few), as [`on_account`] does for one.
+pub(crate) async fn all_on_account(
+    state: &AppState,
+    org: &OrgId,
+    carrier: Carrier,
+    cred: &PhoneCredential,
+    numbers: &[&E164],
+) -> Result<(), ApiError> {
+    const NAMED: usize = 5;
+    let listed = listed_numbers(state, org, carrier, cred).await?;
+    let missing: Vec<&E164> = numbers.iter().copied().filter(|n| !listed.iter().any(|l| &l.number == *n)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut named = missing.iter().take(NAMED).map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    if missing.len() > NAMED {
+        named.push_str(&format!(" and {} more", missing.len() - NAMED));
+    }
+    Err(ApiError::unprocessable(
+        "number_not_on_account",
+        format!(
+            "{} number(s) verifying their webhooks with the saved {carrier} credential are not on this account: {named}",
+            missing.len()
+        ),
+    ))
+}
+
 async fn validate(
     state: web::Data<AppState>,
     auth: OrgAuth,

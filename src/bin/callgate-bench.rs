@@ -309,7 +309,12 @@ fn provision(data_dir: &Path, public_url: &str, numbers: usize) -> anyhow::Resul
             provider: carrier.as_str().into(),
             at_ms: now,
         };
-        store.byok_put(&rec, &audit, now)?;
+        if store.byok_put(&rec, &audit, now, &[])?.is_err() {
+            bail!(
+                "{} already has numbers on a saved {carrier} credential: provision a fresh data dir",
+                data_dir.display()
+            );
+        }
         let mut phones = Vec::with_capacity(numbers);
         for i in 0..numbers {
             let phone = phone_record(&org.org.id, carrier, &rec.id, number_for(carrier, i)?, i, now);

@@ -196,12 +196,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets the organization's credential for `provider`. The replaced secret is deleted, or, if
     /// phone numbers verify with it, kept until `grace_until_ms` as their previous credential.
+    /// `checked` are the numbers the caller made sure the new credential serves: if the
+    /// replaced one has another user (imported meanwhile), nothing is written
+    /// (`Conflict::CredentialChanged`).
     fn byok_put(
         &self,
         rec: &SecretRecord,
         audit: &AuditRecord,
         grace_until_ms: i64,
-    ) -> Result<Option<SecretId>, StoreError>;
+        checked: &[PhoneId],
+    ) -> Result<Result<Option<SecretId>, Conflict>, StoreError>;
+    /// The organization's numbers that verify their webhooks with `secret`.
+    fn phones_using(&self, org: &OrgId, secret: &SecretId) -> Result<Vec<PhoneRecord>, StoreError>;
     fn byok_delete(
         &self,
         org: &OrgId,

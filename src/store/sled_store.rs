@@ -316,10 +316,6 @@ impl SledStore {
         self.credential_writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn phones_using(&self, org: &OrgId, secret: &SecretId) -> Result<Vec<PhoneRecord>, StoreError> {
-        self.phones_where(org, |p| &p.credential == secret)
-    }
-
     /// The organization's numbers for which `keep` holds.
     fn phones_where(&self, org: &OrgId, keep: impl Fn(&PhoneRecord) -> bool) -> Result<Vec<PhoneRecord>, StoreError> {
         let mut out = Vec::new();
@@ -422,7 +418,8 @@ impl Store for SledStore {
         rec: &SecretRecord,
         audit: &AuditRecord,
         grace_until_ms: i64,
-    ) -> Result<Option<SecretId>, StoreError> {
+        checked: &[PhoneId],
+    ) -> Result<Result<Option<SecretId>, Conflict>, StoreError> {
         let _writing = self.credential_writes();
         let slot = scoped(&rec.org_id, rec.provider.as_bytes());
         let old_id = match self.byok.get(&slot)? {
@@ -436,6 +433,9 @@ impl Store for SledStore {
             Some(old) => self.phones_using(&rec.org_id, old)?,
             None => Vec::new(),
         };
+        if users.iter().any(|p| !checked.contains(&p.id)) {
+            return Ok(Err(Conflict::CredentialChanged));
+        }
         let audit_key = scoped(&rec.org_id, uuid::Uuid::now_v7().as_bytes());
         self.phone_cache.around(|| {
             (&self.secrets, &self.byok, &self.audit, &self.phones)
@@ -469,7 +469,11 @@ impl Store for SledStore {
                 })
                 .map_err(tx_err)
         })?;
-        Ok(old_id)
+        Ok(Ok(old_id))
+    }
+
+    fn phones_using(&self, org: &OrgId, secret: &SecretId) -> Result<Vec<PhoneRecord>, StoreError> {
+        self.phones_where(org, |p| &p.credential == secret)
     }
 
     fn byok_delete(

@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 use super::{catalog, validate};
 use crate::auth::OrgAuth;
 use crate::clock::rfc3339;
+use crate::domain::{Carrier, PhoneCredential, PhoneId, E164};
 use crate::error::ApiError;
 use crate::startup::{get_or_head, resource};
 use crate::state::AppState;
@@ -131,7 +132,9 @@ async fn store_secret(
                 "label: must be a string of at most 200 printable characters, without invisible formatting characters",
             )),
         };
-    let new = validate(provider, field(body, key_field)?)?;
+    let value = field(body, key_field)?;
+    let new = validate(provider, value)?;
+    let checked = numbers_kept_on_the_account(state, auth, &new.provider.provider, value).await?;
     let rec = state.vault.seal(&auth.org_id, &new, label, now);
     let audit = AuditRecord {
         org_id: auth.org_id.clone(),
@@ -141,13 +144,45 @@ async fn store_secret(
         at_ms: now,
     };
     let grace_until = now + state.settings.credential_grace.as_millis() as i64;
-    let replaced = state.store.byok_put(&rec, &audit, grace_until)?;
+    let replaced = match state.store.byok_put(&rec, &audit, grace_until, &checked)? {
+        Ok(replaced) => replaced,
+        Err(_) => {
+            return Err(ApiError::conflict(
+                "credential_changed",
+                format!("a number was imported with the saved {} credential meanwhile; try again", rec.provider),
+            ))
+        }
+    };
     state.commit.commit().await?;
     state.credentials.invalidate_all();
     tracing::info!(org = %auth.org_id, provider = %rec.provider, replaced = replaced.is_some(), "byok credential set");
     let recs = state.store.byok_list(&auth.org_id)?;
     Ok(HttpResponse::Ok()
         .json(json!({"success": true, "byok_keys": byok_keys(&recs), "credential": credential_json(&rec)})))
+}
+
+/// The numbers that verify their webhooks with the saved credential of carrier `provider`,
+/// once the carrier has shown each of them on the account of `value`, the credential that
+/// replaces it. Replacing moves them all to the new one and keeps only the replaced one as
+/// their previous: taken on trust, a mistyped token set twice would leave them none their
+/// carrier signs with. So it is checked as a number's own new credential is.
+async fn numbers_kept_on_the_account(
+    state: &AppState,
+    auth: &OrgAuth,
+    provider: &str,
+    value: &Value,
+) -> Result<Vec<PhoneId>, ApiError> {
+    let Ok(carrier) = provider.parse::<Carrier>() else { return Ok(Vec::new()) };
+    let Some(saved) = state.store.byok_get(&auth.org_id, provider)? else { return Ok(Vec::new()) };
+    let users = state.store.phones_using(&auth.org_id, &saved.id)?;
+    if users.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cred = PhoneCredential::parse(carrier, value)
+        .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
+    let numbers: Vec<&E164> = users.iter().map(|p| &p.number).collect();
+    crate::phones::all_on_account(state, &auth.org_id, carrier, &cred, &numbers).await?;
+    Ok(users.into_iter().map(|p| p.id).collect())
 }
 
 #[derive(Deserialize)]

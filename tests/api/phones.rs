@@ -2105,6 +2105,111 @@ async fn deleting_one_number_keeps_a_replaced_byok_credential_for_the_others() {
     assert_grace(&app, &org, &ids[1], old, new, valid_until, Vec::new()).await;
 }
 
+/// Replacing the saved credential moves every number on it to the new one, keeping only the
+/// replaced one as previous: a token mistyped twice would leave the numbers none their carrier
+/// signs with. So the carrier must list every such number on the new credential's account
+/// first, as for a number's own new credential; refused, nothing changes.
+#[tokio::test]
+async fn a_saved_credential_numbers_use_is_replaced_only_by_one_whose_account_lists_them() {
+    let (fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let old_id = save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
+    let mut ids = Vec::new();
+    for number in &twilio.numbers[..2] {
+        let r = import(&app, &org, Carrier::Twilio, json!({"number": number})).await;
+        assert_eq!(r.status, 201, "{number}: {}", r.text);
+        ids.push(str_of(&r.json(), "id").to_owned());
+    }
+    let mut before = Vec::new();
+    for id in &ids {
+        before.push(get_phone(&app, &org, id).await.json());
+    }
+    // Another account that has only the first number (it moved there), and one with neither.
+    let moved = json!({"account_sid": "AC99887766554433221100ffeeddccbbaa", "auth_token": "twilioSECRETmoved000888"});
+    fake.add_account(Carrier::Twilio, moved.clone(), [twilio.numbers[0]]);
+    let stranger =
+        json!({"account_sid": "ACaabbccddeeff00112233445566778899", "auth_token": "twilioSECRETother000999"});
+    fake.add_account(Carrier::Twilio, stranger.clone(), ["+14155550299"]);
+
+    let rejected = format!("twilio rejected the credentials: {}", carrier_auth_message(Carrier::Twilio));
+    for _ in 0..2 {
+        let body = json!({"provider": "twilio", "api_key": credentials(Carrier::Twilio, WRONG)});
+        let r = send(app.post(&org, "/byok").json(&body)).await;
+        assert_error(&r, 422, "invalid_provider_credentials", &rejected, "a mistyped token");
+    }
+    let r = send(app.post(&org, "/byok").json(&json!({"provider": "twilio", "api_key": moved}))).await;
+    let missing = format!(
+        "1 number(s) verifying their webhooks with the saved twilio credential are not on this account: {}",
+        twilio.numbers[1]
+    );
+    assert_error(&r, 422, "number_not_on_account", &missing, "one number is not there");
+    let r = send(app.post(&org, "/byok").json(&json!({"provider": "twilio", "api_key": stranger}))).await;
+    let missing = format!(
+        "2 number(s) verifying their webhooks with the saved twilio credential are not on this account: {}, {}",
+        twilio.numbers[0], twilio.numbers[1]
+    );
+    assert_error(&r, 422, "number_not_on_account", &missing, "neither is there");
+    fake.set_mode(Mode::ServerError);
+    let body = json!({"provider": "twilio", "api_key": credentials(Carrier::Twilio, TWILIO_ROTATED)});
+    let r = send(app.post(&org, "/byok").json(&body)).await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (502, json!("provider_unavailable")), "{}", r.text);
+    fake.set_mode(Mode::Ok);
+
+    for (id, was) in ids.iter().zip(&before) {
+        assert_eq!(&get_phone(&app, &org, id).await.json(), was, "nothing changed");
+        let r = twilio_status(&app, id, twilio.secret, &format!("CAkept{id}")).await;
+        assert_eq!(r.status, 200, "the saved token still verifies: {}", r.text);
+    }
+    let r = send(app.get(&org, "/byok")).await;
+    assert!(r.text.contains(&old_id), "{}", r.text);
+
+    // The same account's new token is taken, and moves both numbers.
+    let new_id = save_byok(&app, &org, Carrier::Twilio, TWILIO_ROTATED).await;
+    for id in &ids {
+        let v = get_phone(&app, &org, id).await.json();
+        assert_eq!(v["credential_secret_id"], json!(new_id));
+        assert_eq!(v["previous_credential"]["secret_id"], json!(old_id));
+    }
+    // A saved credential no number uses is taken as given: nothing to check it against.
+    let r = send(
+        app.post(&org, "/byok").json(&json!({"provider": "plivo", "api_key": credentials(Carrier::Plivo, WRONG)})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+/// A number imported with the saved credential while its replacement was being checked with
+/// the carrier is not moved unchecked: the replacement is refused whole.
+#[tokio::test]
+async fn a_saved_credential_is_not_replaced_over_a_number_its_check_did_not_see() {
+    use callgate::domain::{OrgId, PhoneId, SecretId};
+    use callgate::store::{AuditRecord, Conflict};
+    let (_fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let old_id = save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
+    let r = import(&app, &org, Carrier::Twilio, json!({"number": twilio.numbers[0]})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let id = PhoneId::parse(str_of(&r.json(), "id")).unwrap();
+    let org_id = OrgId::parse(&org.id).unwrap();
+    let new = callgate::vault::validate("twilio", &credentials(Carrier::Twilio, TWILIO_ROTATED)).unwrap();
+    let rec = app.state.vault.seal(&org_id, &new, None, T0);
+    let audit = AuditRecord {
+        org_id: org_id.clone(),
+        key_id: None,
+        action: "set".into(),
+        provider: "twilio".into(),
+        at_ms: T0,
+    };
+    let store = app.state.store.as_ref();
+    assert_eq!(store.byok_put(&rec, &audit, T0 + GRACE_MS, &[]).unwrap(), Err(Conflict::CredentialChanged));
+    let phone = store.phone_get(&org_id, &id).unwrap().unwrap();
+    assert_eq!((phone.credential.as_str(), phone.previous_credential), (old_id.as_str(), None), "the number was moved");
+    assert_eq!(store.byok_get(&org_id, "twilio").unwrap().unwrap().id.as_str(), old_id);
+    let old = SecretId::parse(&old_id).unwrap();
+    assert_eq!(store.byok_put(&rec, &audit, T0 + GRACE_MS, &[id.clone()]).unwrap(), Ok(Some(old)));
+    assert_eq!(store.phone_get(&org_id, &id).unwrap().unwrap().credential, rec.id);
+}
+
 /// An import reads the saved credential, then waits on the carrier; a delete or a replacement
 /// of that credential meanwhile must not leave the number on a secret that is gone.
 #[tokio::test]
