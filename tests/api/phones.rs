@@ -2206,7 +2206,7 @@ async fn a_saved_credential_is_not_replaced_over_a_number_its_check_did_not_see(
     assert_eq!((phone.credential.as_str(), phone.previous_credential), (old_id.as_str(), None), "the number was moved");
     assert_eq!(store.byok_get(&org_id, "twilio").unwrap().unwrap().id.as_str(), old_id);
     let old = SecretId::parse(&old_id).unwrap();
-    assert_eq!(store.byok_put(&rec, &audit, T0 + GRACE_MS, &[id.clone()]).unwrap(), Ok(Some(old)));
+    assert_eq!(store.byok_put(&rec, &audit, T0 + GRACE_MS, std::slice::from_ref(&id)).unwrap(), Ok(Some(old)));
     assert_eq!(store.phone_get(&org_id, &id).unwrap().unwrap().credential, rec.id);
 }
 
