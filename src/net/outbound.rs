@@ -1,23 +1,47 @@
 //! Where the gateway's own requests may go. Organizations name the upstream and the assistant
 //! of their numbers by URL, and those requests leave from the gateway's network position: not
-//! to link-local addresses (cloud metadata services answer there), unspecified or broadcast
-//! ones. A literal address is refused when the URL is set; a host name is checked each time
+//! to link-local addresses (cloud metadata services answer there) and the few metadata
+//! addresses outside that range, unspecified or broadcast ones, nor to any of these written as
+//! IPv6. A literal address is refused when the URL is set; a host name is checked each time
 //! it is resolved, since it can resolve to anything.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// AWS's instance metadata service over IPv6, which is not link-local.
 const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 
+/// Cloud services for instances that answer outside the link-local range: Alibaba Cloud's
+/// metadata, Oracle Cloud's older metadata address, and Azure's host endpoint (WireServer).
+const METADATA_V4: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(100, 100, 100, 200), Ipv4Addr::new(192, 0, 0, 192), Ipv4Addr::new(168, 63, 129, 16)];
+
+/// NAT64's well-known prefix (64:ff9b::/96): a NAT64 gateway sends such an address on to the
+/// IPv4 address in its last 32 bits.
+const NAT64: [u16; 6] = [0x64, 0xff9b, 0, 0, 0, 0];
+
 /// Whether the gateway's own requests may not go to `ip`.
 pub fn forbidden(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || METADATA_V4.contains(&v4),
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => forbidden(IpAddr::V4(v4)),
             None => v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == AWS_METADATA_V6,
         },
     }
+}
+
+/// The IPv4 address an IPv6 one leads to: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d, which
+/// systems still route as IPv4), or behind NAT64. `::` and `::1` are IPv6's own.
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    if v6.is_unspecified() || v6.is_loopback() {
+        return None;
+    }
+    let s = v6.segments();
+    if s[..6] == NAT64 {
+        let o = v6.octets();
+        return Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    }
+    v6.to_ipv4()
 }
 
 /// Whether the gateway may call `url`: false for a literal address it may not use (a URL
@@ -67,10 +91,28 @@ mod tests {
             "fe80::1",
             "fd00:ec2::254",
             "::ffff:169.254.169.254",
+            "::169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::169.254.169.254",
+            "100.100.100.200",
+            "192.0.0.192",
+            "168.63.129.16",
+            "::ffff:100.100.100.200",
+            "64:ff9b::100.100.100.200",
         ] {
             assert!(forbidden(bad.parse().unwrap()), "{bad}");
         }
-        for fine in ["127.0.0.1", "10.0.0.5", "203.0.113.7", "::1", "2001:db8::1", "fd00:ec2::253"] {
+        for fine in [
+            "127.0.0.1",
+            "10.0.0.5",
+            "203.0.113.7",
+            "100.100.100.201",
+            "::1",
+            "2001:db8::1",
+            "fd00:ec2::253",
+            "64:ff9b::203.0.113.7",
+            "::ffff:10.0.0.5",
+        ] {
             assert!(!forbidden(fine.parse().unwrap()), "{fine}");
         }
     }

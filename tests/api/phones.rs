@@ -574,6 +574,9 @@ async fn import_stores_the_number_with_byok_billing_and_never_shows_the_secret()
             ("assistant_url", "http://[::ffff:169.254.169.254]/"),
             ("upstream_url", "http://[fd00:ec2::254]/latest/meta-data"),
             ("upstream_url", "http://255.255.255.255/"),
+            ("upstream_url", "http://100.100.100.200/latest/meta-data"),
+            ("assistant_url", "http://[64:ff9b::a9fe:a9fe]/"),
+            ("upstream_url", "http://[::169.254.169.254]/"),
         ] {
             cases.push((
                 json!({"number": fresh, "config": { name: url }}),
