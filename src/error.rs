@@ -148,7 +148,7 @@ pub mod extractors {
             )
             .into(),
             JsonPayloadError::Deserialize(e) if e.is_data() => {
-                ApiError::unprocessable("invalid_field", format!("invalid request body: {}", e)).into()
+                ApiError::unprocessable("invalid_field", bounded(format!("invalid request body: {e}"))).into()
             }
             JsonPayloadError::Payload(PayloadError::Overflow) => too_large(),
             _ => ApiError::bad_request("malformed_json", "the request body is not valid JSON").into(),
@@ -156,7 +156,18 @@ pub mod extractors {
     }
 
     pub fn query(err: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
-        ApiError::bad_request("invalid_query", format!("invalid query string: {err}")).into()
+        ApiError::bad_request("invalid_query", bounded(format!("invalid query string: {err}"))).into()
+    }
+
+    /// serde's messages quote what the client sent (an unknown field's name): a client may send
+    /// kilobytes of it, and gets back only enough to know which.
+    fn bounded(mut message: String) -> String {
+        const MOST: usize = 300;
+        if let Some((cut, _)) = message.char_indices().nth(MOST) {
+            message.truncate(cut);
+            message.push('…');
+        }
+        message
     }
 
     pub fn path(_: PathError, _: &HttpRequest) -> actix_web::Error {

@@ -108,7 +108,7 @@ fn credential_source(
 /// Credentials given with the request: checked, ready to seal, and usable with the carrier.
 fn inline_credential(carrier: Carrier, v: &Value) -> Result<(vault::NewSecret, PhoneCredential), ApiError> {
     let new = vault::validate(carrier.as_str(), v)?;
-    let cred = PhoneCredential::parse(carrier, v)
+    let cred = PhoneCredential::parse_given(carrier, v)
         .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
     Ok((new, cred))
 }

@@ -658,7 +658,8 @@ pub(crate) fn listed(
     Some(ListedNumber {
         number: E164::normalize(raw).ok()?,
         provider_number_id,
-        friendly_name: non_empty(friendly_name),
+        // The carrier's text, shown by callgate as its own: nothing in it may hide or reorder.
+        friendly_name: non_empty(friendly_name.map(|n| crate::domain::text::shown(&n, 200))),
         voice_url: non_empty(voice_url),
         routed_to: None,
     })
@@ -669,6 +670,14 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_listed_name_keeps_nothing_that_hides_or_reorders_text() {
+        let n = |name: &str| listed("+14155550100", "PN1".into(), Some(name.into()), None).unwrap().friendly_name;
+        assert_eq!(n("\u{202E}\u{0}evil"), Some("evil".into()));
+        assert_eq!(n("Front desk"), Some("Front desk".into()));
+        assert_eq!(n("\u{200B}\u{FEFF}"), None);
+    }
 
     #[test]
     fn carrier_messages_are_found_in_each_shape() {

@@ -76,6 +76,34 @@ fn is_hex(s: &str) -> bool {
 pub const EXOTEL_DEFAULT_SUBDOMAIN: &str = "api.exotel.com";
 
 impl PhoneCredential {
+    /// [`parse`](Self::parse) for a credential a client gives, which may hold only the
+    /// carrier's fields: one misspelt (`authToken`) or meant for another carrier would be
+    /// dropped without a word. What the vault opens is parsed as sealed.
+    pub fn parse_given(carrier: Carrier, value: &Value) -> Result<Self, CredentialError> {
+        let (known, only): (&[&str], &'static str) = match carrier {
+            Carrier::Plivo | Carrier::Vobiz => (&["auth_id", "auth_token"], "takes only auth_id and auth_token"),
+            Carrier::Twilio => (&["account_sid", "auth_token"], "takes only account_sid and auth_token"),
+            Carrier::Exotel => (
+                &["api_key", "api_token", "account_sid", "subdomain"],
+                "takes only api_key, api_token, account_sid and subdomain",
+            ),
+            Carrier::Telnyx => (&["api_key", "public_key"], "takes only api_key and public_key"),
+        };
+        let owned;
+        let obj = match value {
+            Value::String(s) => {
+                owned = serde_json::from_str::<Value>(s).ok();
+                owned.as_ref().and_then(Value::as_object)
+            }
+            other => other.as_object(),
+        };
+        if obj.into_iter().flat_map(|o| o.keys()).any(|k| !known.contains(&k.as_str())) {
+            // Not named: it is the client's text, and may be a secret pasted in the wrong place.
+            return Err(err("credentials", only));
+        }
+        Self::parse(carrier, value)
+    }
+
     /// Accepts the credential object, or the same object serialized in a JSON string (the
     /// shape `POST /byok {"api_key": "{...}"}` carries).
     pub fn parse(carrier: Carrier, value: &Value) -> Result<Self, CredentialError> {
@@ -214,6 +242,27 @@ impl PhoneCredential {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_given_credential_holds_only_its_carriers_fields() {
+        let tw = json!({"account_sid": format!("AC{}", "0".repeat(32)), "auth_token": "t0ken-0123456789"});
+        assert!(PhoneCredential::parse_given(Carrier::Twilio, &tw).is_ok());
+        let mut extra = tw.clone();
+        extra["authToken"] = json!("pasted-secret-here");
+        let e = PhoneCredential::parse_given(Carrier::Twilio, &extra).unwrap_err();
+        assert_eq!(e.to_string(), "credentials: takes only account_sid and auth_token");
+        let as_text = json!(extra.to_string());
+        assert!(PhoneCredential::parse_given(Carrier::Twilio, &as_text).is_err(), "the same, as a JSON string");
+        // What the vault sealed before is opened as it is.
+        assert!(PhoneCredential::parse(Carrier::Twilio, &extra).is_ok());
+        let ex = json!({"api_key": "k", "api_token": "t", "account_sid": "acme", "subdomain": "api.in.exotel.com"});
+        assert!(PhoneCredential::parse_given(Carrier::Exotel, &ex).is_ok());
+        let plivo = json!({"auth_id": "MAXXXX", "auth_token": "t", "public_key": "x"});
+        assert_eq!(
+            PhoneCredential::parse_given(Carrier::Plivo, &plivo).unwrap_err().to_string(),
+            "credentials: takes only auth_id and auth_token"
+        );
+    }
 
     #[test]
     fn each_shape_parses_and_names_the_bad_field() {

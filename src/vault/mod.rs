@@ -27,7 +27,7 @@ pub fn validate(provider: &str, value: &Value) -> Result<NewSecret, ApiError> {
         ApiError::unprocessable("unknown_provider", format!("unknown provider; accepted: {}", catalog::accepted_list()))
     })?;
     if let Ok(carrier) = provider.parse::<Carrier>() {
-        let cred = PhoneCredential::parse(carrier, value)
+        let cred = PhoneCredential::parse_given(carrier, value)
             .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
         return Ok(NewSecret {
             provider: entry,
@@ -44,8 +44,13 @@ pub fn validate(provider: &str, value: &Value) -> Result<NewSecret, ApiError> {
     if key.len() > 4096 {
         return Err(ApiError::unprocessable("invalid_field", "api_key: is too long"));
     }
-    if key.chars().any(char::is_control) {
-        return Err(ApiError::unprocessable("invalid_field", "api_key: must not contain control characters"));
+    // A key is sent in a header as given: a zero-width space pasted along with it would fail
+    // at the provider, long after this answer, and show in no hint.
+    if key.chars().any(|c| c.is_control() || crate::domain::text::invisible(c)) {
+        return Err(ApiError::unprocessable(
+            "invalid_field",
+            "api_key: must not contain control or invisible formatting characters",
+        ));
     }
     if let Some(prefix) = &entry.key_prefix {
         if !key.starts_with(prefix.as_str()) {

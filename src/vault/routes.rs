@@ -178,7 +178,7 @@ async fn numbers_kept_on_the_account(
     if users.is_empty() {
         return Ok(Vec::new());
     }
-    let cred = PhoneCredential::parse(carrier, value)
+    let cred = PhoneCredential::parse_given(carrier, value)
         .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
     let numbers: Vec<&E164> = users.iter().map(|p| &p.number).collect();
     crate::phones::all_on_account(state, &auth.org_id, carrier, &cred, &numbers).await?;

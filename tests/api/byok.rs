@@ -191,6 +191,18 @@ async fn bad_credentials_get_422_naming_the_field() {
             "invalid_credentials",
             "auth_token: must not contain control characters",
         ),
+        (
+            json!({"provider": "openai", "api_key": format!("{OPENAI_KEY}\u{200B}")}),
+            "invalid_field",
+            "api_key: must not contain control or invisible formatting characters",
+        ),
+        (
+            // A field of the carrier's misspelt: dropped, the credential would lack the real one.
+            json!({"provider": "twilio", "api_key": {"account_sid": "AC0123456789abcdef0123456789abcdef",
+                   "auth_token": "twilioSECRETtoken000111", "authToken": "pasted-again"}}),
+            "invalid_credentials",
+            "credentials: takes only account_sid and auth_token",
+        ),
     ];
     for (body, code, mention) in cases {
         let res = app.post(&org, "/byok").json(&body).send().await.unwrap();
@@ -198,9 +210,19 @@ async fn bad_credentials_get_422_naming_the_field() {
         let v: Value = res.json().await.unwrap();
         assert_eq!(v["error"]["code"], code, "{body}");
         assert!(v["error"]["message"].as_str().unwrap().contains(mention), "{body}: {v}");
+        assert!(!v.to_string().contains("pasted-again"), "{v}");
     }
     let v: Value = app.get(&org, "/byok").send().await.unwrap().json().await.unwrap();
     assert!(v["credentials"].as_array().unwrap().is_empty());
+    // serde's message quotes the client's field name: a long one comes back cut.
+    let long = "a".repeat(20_000);
+    let res = app.get(&org, &format!("/phone-numbers?{long}=1")).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_query");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("invalid query string: ") && message.ends_with('…'), "{message}");
+    assert_eq!(message.chars().count(), 301, "{message}");
 }
 
 #[tokio::test]
