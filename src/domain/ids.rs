@@ -76,6 +76,18 @@ prefixed_id!(ApiKeyId, "key_", "api key");
 prefixed_id!(SecretId, "sec_", "secret");
 prefixed_id!(PhoneId, "ph_", "phone number");
 prefixed_id!(EventId, "evt_", "event");
+prefixed_id!(AuditId, "aud_", "audit entry");
+
+impl AuditId {
+    /// The entry's UUIDv7, which its store key ends with.
+    pub fn uuid(&self) -> uuid::Uuid {
+        uuid::Uuid::try_parse(&self.0[Self::PREFIX.len()..]).expect("parsed as 32 hex digits")
+    }
+
+    pub fn of(uuid: uuid::Uuid) -> Self {
+        Self(format!("{}{}", Self::PREFIX, uuid.simple()))
+    }
+}
 
 impl EventId {
     /// The id of an event not yet recorded: the store gives out the real one.

@@ -9,6 +9,6 @@ pub mod text;
 
 pub use credentials::PhoneCredential;
 pub use e164::E164;
-pub use ids::{ApiKeyId, EventId, OrgId, PhoneId, SecretId};
+pub use ids::{ApiKeyId, AuditId, EventId, OrgId, PhoneId, SecretId};
 pub use provider::Carrier;
 pub use secret::Secret;

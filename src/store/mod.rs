@@ -19,7 +19,7 @@ pub use sled_store::SledStore;
 
 use std::sync::Arc;
 
-use crate::domain::{ApiKeyId, Carrier, EventId, OrgId, PhoneId, SecretId, E164};
+use crate::domain::{ApiKeyId, AuditId, Carrier, EventId, OrgId, PhoneId, SecretId, E164};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -217,7 +217,14 @@ pub trait Store: Send + Sync + 'static {
     fn byok_get(&self, org: &OrgId, provider: &str) -> Result<Option<SecretRecord>, StoreError>;
     fn byok_list(&self, org: &OrgId) -> Result<Vec<SecretRecord>, StoreError>;
     fn secret_get(&self, org: &OrgId, id: &SecretId) -> Result<Option<SecretRecord>, StoreError>;
-    fn audit_list(&self, org: &OrgId, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The organization's newest `limit` audit entries (before `before`, when given), oldest
+    /// first.
+    fn audit_list(
+        &self,
+        org: &OrgId,
+        before: Option<&AuditId>,
+        limit: usize,
+    ) -> Result<Vec<(AuditId, AuditRecord)>, StoreError>;
     fn secrets_all(&self) -> Result<Vec<SecretRecord>, StoreError>;
     /// Replaces every given record at once (master key rotation).
     fn secrets_rewrite(&self, recs: &[SecretRecord]) -> Result<(), StoreError>;

@@ -533,10 +533,25 @@ impl Store for SledStore {
         Ok(Self::get::<SecretRecord>(&self.secrets, SECRETS, id.as_ref())?.filter(|s| &s.org_id == org))
     }
 
-    fn audit_list(&self, org: &OrgId, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut out: Vec<AuditRecord> = Vec::new();
-        for item in self.audit.scan_prefix(prefix(org)).rev().take(limit) {
-            out.push(dec(AUDIT, &item?.1)?);
+    fn audit_list(
+        &self,
+        org: &OrgId,
+        before: Option<&AuditId>,
+        limit: usize,
+    ) -> Result<Vec<(AuditId, AuditRecord)>, StoreError> {
+        let entries = match before {
+            Some(b) => self.audit.range(prefix(org)..scoped(org, b.uuid().as_bytes())),
+            None => self.audit.scan_prefix(prefix(org)),
+        };
+        let mut out = Vec::new();
+        for item in entries.rev().take(limit) {
+            let (key, value) = item?;
+            let uuid = key
+                .len()
+                .checked_sub(16)
+                .and_then(|at| uuid::Uuid::from_slice(&key[at..]).ok())
+                .ok_or_else(|| StoreError::Corrupt { tree: AUDIT, detail: "bad audit key".into() })?;
+            out.push((AuditId::of(uuid), dec(AUDIT, &value)?));
         }
         out.reverse();
         Ok(out)

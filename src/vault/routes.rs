@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use super::{catalog, validate};
 use crate::auth::OrgAuth;
 use crate::clock::rfc3339;
-use crate::domain::{Carrier, PhoneCredential, PhoneId, E164};
+use crate::domain::{AuditId, Carrier, PhoneCredential, PhoneId, E164};
 use crate::error::ApiError;
 use crate::startup::{get_or_head, resource};
 use crate::state::AppState;
@@ -239,17 +239,27 @@ async fn remove(state: &AppState, auth: &OrgAuth, provider: &str) -> Result<Http
 #[serde(deny_unknown_fields)]
 struct AuditQuery {
     limit: Option<usize>,
+    /// The `next_before` of the page before: the entries older than it.
+    before: Option<String>,
 }
 
 async fn audit(state: web::Data<AppState>, auth: OrgAuth, q: web::Query<AuditQuery>) -> Result<HttpResponse, ApiError> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let items: Vec<Value> = state
-        .store
-        .audit_list(&auth.org_id, limit)?
+    let limit = crate::paging::limit(q.limit, 100, 1000).map_err(|m| ApiError::bad_request("invalid_query", m))?;
+    let before = q
+        .before
+        .as_deref()
+        .map(|b| AuditId::parse(b).map_err(|_| ApiError::bad_request("invalid_query", "before: not an audit entry id")))
+        .transpose()?;
+    let entries = state.store.audit_list(&auth.org_id, before.as_ref(), limit)?;
+    // A full page may have older entries behind it; its oldest is where the next page ends.
+    let next_before = entries.first().filter(|_| entries.len() == limit).map(|(id, _)| id.to_string());
+    let items: Vec<Value> = entries
         .into_iter()
-        .map(|a| json!({"key_id": a.key_id, "action": a.action, "provider": a.provider, "at": rfc3339(a.at_ms)}))
+        .map(|(id, a)| {
+            json!({"id": id, "key_id": a.key_id, "action": a.action, "provider": a.provider, "at": rfc3339(a.at_ms)})
+        })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({"audit": items})))
+    Ok(HttpResponse::Ok().json(json!({"audit": items, "next_before": next_before})))
 }
 
 #[cfg(test)]

@@ -30,6 +30,46 @@ fn phone_credentials() -> Vec<(&'static str, Value, &'static str)> {
     ]
 }
 
+/// The audit log pages back from the newest entry: `next_before` leads to the older ones, a
+/// page holds them oldest first, and a limit of 0 or a cursor that is no entry's is refused.
+#[tokio::test]
+async fn the_audit_log_pages_back_through_every_entry() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let providers = ["openai", "groq", "deepgram", "elevenlabs", "cartesia"];
+    for p in providers {
+        let key = match p {
+            "openai" => OPENAI_KEY.to_owned(),
+            "groq" => "gsk_UNIQUEgroqSECRETvalue0001".to_owned(),
+            _ => format!("{p}-UNIQUE-SECRET-value-0001"),
+        };
+        let res = app.post(&org, "/byok").json(&json!({"provider": p, "api_key": key})).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{p}: {}", res.text().await.unwrap());
+    }
+    let mut seen = Vec::new();
+    let mut query = "/audit?limit=2".to_owned();
+    let mut pages = 0;
+    loop {
+        let v: Value = app.get(&org, &query).send().await.unwrap().json().await.unwrap();
+        let page: Vec<String> =
+            v["audit"].as_array().unwrap().iter().map(|a| a["provider"].as_str().unwrap().to_owned()).collect();
+        assert!(page.len() <= 2);
+        seen.splice(0..0, page);
+        pages += 1;
+        match v["next_before"].as_str() {
+            Some(b) => query = format!("/audit?limit=2&before={b}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, providers, "every entry once, in order");
+    assert_eq!(pages, 3);
+    for bad in ["/audit?limit=0", "/audit?before=aud_nope", "/audit?before=evt_0123456789abcdef0123456789abcdef"] {
+        let res = app.get(&org, bad).send().await.unwrap();
+        assert_eq!(res.status(), 400, "{bad}");
+        assert_eq!(error_code(res).await, "invalid_query", "{bad}");
+    }
+}
+
 #[tokio::test]
 async fn catalog_lists_every_provider_without_auth() {
     let app = spawn_app().await;
