@@ -239,6 +239,15 @@ fn fetched_url_field(v: &Value, name: &str) -> Result<Option<String>, ApiError> 
     Ok(url)
 }
 
+/// A label may come as `label` or as `config.label`; given both, which one was meant cannot be
+/// known (import and PATCH used to pick differently), so neither is taken.
+fn both_labels(top: bool, config: Option<&Map<String, Value>>) -> Result<(), ApiError> {
+    if top && config.is_some_and(|c| c.contains_key("label")) {
+        return Err(invalid("label: give label or config.label, not both"));
+    }
+    Ok(())
+}
+
 /// Applies a `config` object onto `cfg`; keys set to null are cleared. Returns a label found
 /// inside it, since the issue allows `config.label` as well as top-level `label`.
 fn apply_config(cfg: &mut PhoneConfig, given: &Map<String, Value>) -> Result<Option<Option<String>>, ApiError> {
@@ -323,6 +332,7 @@ async fn import(
     let carrier = carrier(&path)?;
     let body = body.into_inner();
     let number = E164::parse(&body.number).map_err(|e| invalid(format!("number: {e}")))?;
+    both_labels(body.label.is_some(), body.config.as_ref())?;
     let mut config = PhoneConfig::default();
     let mut lbl = label(body.label.as_deref())?;
     if let Some(c) = &body.config {
@@ -567,6 +577,7 @@ async fn patch(
         }
         Ok(())
     };
+    both_labels(body.label.is_some(), body.config.as_ref())?;
     let mut checked = phone.clone();
     edit(&mut checked)?;
     if checked.config.exotel_webhook_token_sha256.is_some() && phone.provider != Carrier::Exotel {

@@ -565,6 +565,10 @@ async fn import_stores_the_number_with_byok_billing_and_never_shows_the_secret()
             ),
             (json!({"number": fresh, "config": {"stream_url": 7}}), "config.stream_url: must be a string".to_owned()),
             (json!({"number": fresh, "config": {"voice": "alloy"}}), "config.voice: unknown setting".to_owned()),
+            (
+                json!({"number": fresh, "label": "top", "config": {"label": "inner"}}),
+                "label: give label or config.label, not both".to_owned(),
+            ),
         ];
         // URLs the gateway calls itself, aimed where cloud metadata lives or nowhere.
         for (name, url) in [
@@ -1791,6 +1795,16 @@ async fn list_paginates_and_filters_and_get_patch_delete_manage_one_number() {
             "config.exotel_webhook_token: only Exotel numbers take a webhook token",
         ),
         (json!({"config": {"voice": "alloy"}}), "invalid_field", "config.voice: unknown setting"),
+        (
+            json!({"label": "top", "config": {"label": "inner"}}),
+            "invalid_field",
+            "label: give label or config.label, not both",
+        ),
+        (
+            json!({"label": "top", "config": {"label": null}}),
+            "invalid_field",
+            "label: give label or config.label, not both",
+        ),
         (json!({"credential": "saved"}), "invalid_field", "credential: the only accepted value is \"byok\""),
         (
             json!({"credential": "byok", "credentials": credentials(Carrier::Twilio, TWILIO_ROTATED)}),
