@@ -85,9 +85,20 @@ pub enum Reject {
     IpNotAllowed,
     InvalidToken,
     CredentialUnavailable,
+    /// A Telnyx body that is not JSON: no number to take a key from, so nothing to verify.
+    MalformedBody,
 }
 
 impl Reject {
+    /// 403 for a request that failed to prove itself; 400 for one whose body is malformed
+    /// before any proof can be looked at.
+    pub fn status(self) -> actix_web::http::StatusCode {
+        match self {
+            Reject::MalformedBody => actix_web::http::StatusCode::BAD_REQUEST,
+            _ => actix_web::http::StatusCode::FORBIDDEN,
+        }
+    }
+
     pub fn code(self) -> &'static str {
         match self {
             Reject::InvalidSignature => "invalid_signature",
@@ -96,6 +107,7 @@ impl Reject {
             Reject::IpNotAllowed => "ip_not_allowed",
             Reject::InvalidToken => "invalid_token",
             Reject::CredentialUnavailable => "credential_unavailable",
+            Reject::MalformedBody => "malformed_body",
         }
     }
 
@@ -107,6 +119,7 @@ impl Reject {
             Reject::IpNotAllowed => "the request comes from an address that is not allowed",
             Reject::InvalidToken => "the request token is missing or not valid",
             Reject::CredentialUnavailable => "no credential is available to verify this request",
+            Reject::MalformedBody => "the body is not a Telnyx event (JSON)",
         }
     }
 }

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use actix_web::http::header::CONTENT_TYPE;
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
@@ -27,7 +26,7 @@ fn rejected(
 ) -> HttpResponse {
     state.metrics.rejected(carrier, why.code());
     tracing::warn!(carrier = %carrier, phone = ?phone, client_ip = %ip, reason = why.code(), "webhook rejected");
-    HttpResponse::build(StatusCode::FORBIDDEN).json(json!({"error": {"code": why.code(), "message": why.message()}}))
+    HttpResponse::build(why.status()).json(json!({"error": {"code": why.code(), "message": why.message()}}))
 }
 
 fn not_found(carrier: crate::domain::Carrier, state: &AppState, ip: std::net::IpAddr) -> HttpResponse {

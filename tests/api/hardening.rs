@@ -119,7 +119,16 @@ async fn webhook_bad_input_matrix_gets_clear_4xx() {
                 .header("telnyx-signature-ed25519", "AAAA")
                 .header("telnyx-timestamp", "1")
                 .body(format!("{}{}", "[".repeat(20_000), "]".repeat(20_000))),
-            403,
+            400,
+        ),
+        (
+            "telnyx body not JSON",
+            app.client
+                .post(app.url("/webhooks/telnyx/voice"))
+                .header("telnyx-signature-ed25519", "AAAA")
+                .header("telnyx-timestamp", "1")
+                .body("data=1"),
+            400,
         ),
     ];
     // Duplicate form keys and a duplicated signature header are still just a bad signature.

@@ -31,7 +31,7 @@ pub fn locate(
     if req.header(SIGNATURE).is_none_or(str::is_empty) || req.header(TIMESTAMP).is_none_or(str::is_empty) {
         return Err(Reject::MissingSignature);
     }
-    let envelope = req.envelope.insert(Envelope::read(req.body).ok_or(Reject::InvalidSignature)?);
+    let envelope = req.envelope.insert(Envelope::read(req.body).ok_or(Reject::MalformedBody)?);
     let payload = &envelope.data.payload;
     let connection = payload.connection_id.as_deref();
     let telnyx_number = |n: &Option<String>| -> Result<Option<std::sync::Arc<PhoneRecord>>, crate::store::StoreError> {
