@@ -2094,17 +2094,24 @@ async fn a_replaced_byok_credential_verifies_webhooks_until_the_grace_ends() {
     }
 }
 
+/// The saved Twilio credential's id, and the ids of two numbers imported with it.
+async fn two_numbers_on_saved_twilio(app: &TestApp, org: &Org) -> (String, Vec<String>) {
+    let twilio = account(Carrier::Twilio);
+    let saved = save_byok(app, org, Carrier::Twilio, twilio.secret).await;
+    let mut ids = Vec::new();
+    for number in &twilio.numbers[..2] {
+        let r = import(app, org, Carrier::Twilio, json!({"number": number})).await;
+        assert_eq!(r.status, 201, "{number}: {}", r.text);
+        ids.push(str_of(&r.json(), "id").to_owned());
+    }
+    (saved, ids)
+}
+
 #[tokio::test]
 async fn deleting_one_number_keeps_a_replaced_byok_credential_for_the_others() {
     let (_fake, app, org) = setup().await;
     let twilio = account(Carrier::Twilio);
-    let old_id = save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
-    let mut ids = Vec::new();
-    for number in &twilio.numbers[..2] {
-        let r = import(&app, &org, Carrier::Twilio, json!({"number": number})).await;
-        assert_eq!(r.status, 201, "{number}: {}", r.text);
-        ids.push(str_of(&r.json(), "id").to_owned());
-    }
+    let (old_id, ids) = two_numbers_on_saved_twilio(&app, &org).await;
     let replaced_at = T0 + 1_000;
     app.clock.set_ms(replaced_at);
     let new_id = save_byok(&app, &org, Carrier::Twilio, TWILIO_ROTATED).await;
@@ -2130,13 +2137,7 @@ async fn deleting_one_number_keeps_a_replaced_byok_credential_for_the_others() {
 async fn a_saved_credential_numbers_use_is_replaced_only_by_one_whose_account_lists_them() {
     let (fake, app, org) = setup().await;
     let twilio = account(Carrier::Twilio);
-    let old_id = save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
-    let mut ids = Vec::new();
-    for number in &twilio.numbers[..2] {
-        let r = import(&app, &org, Carrier::Twilio, json!({"number": number})).await;
-        assert_eq!(r.status, 201, "{number}: {}", r.text);
-        ids.push(str_of(&r.json(), "id").to_owned());
-    }
+    let (old_id, ids) = two_numbers_on_saved_twilio(&app, &org).await;
     let mut before = Vec::new();
     for id in &ids {
         before.push(get_phone(&app, &org, id).await.json());
