@@ -1911,6 +1911,67 @@ async fn a_retry_while_the_assistant_decides_gets_the_assistants_answer() {
     }
 }
 
+/// An assistant whose reply never ends: a body past 64 KiB is given up on there, as a
+/// malformed reply, instead of being read (into memory) until the deadline. A second assistant
+/// announces a body of a gigabyte, which is refused before any of it is read.
+#[tokio::test]
+async fn an_assistant_reply_past_64_kib_is_given_up_on_at_once() {
+    async fn endless(announce: Option<u64>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/answer", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 8192];
+                    let _ = conn.read(&mut request).await;
+                    let head = match announce {
+                        Some(n) => {
+                            format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {n}\r\n\r\n")
+                        }
+                        None => {
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                                .into()
+                        }
+                    };
+                    let chunk = format!("4000\r\n{}\r\n", " ".repeat(0x4000));
+                    if conn.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    while conn.write_all(chunk.as_bytes()).await.is_ok() {}
+                });
+            }
+        });
+        url
+    }
+    let app = spawn_with(
+        Options::default()
+            .env("CALLGATE_ANSWER_DEADLINE_MS", "3000")
+            .env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW)),
+    )
+    .await;
+    let org = app.create_org("Acme").await;
+    for (i, announce) in [None, Some(1u64 << 30)].into_iter().enumerate() {
+        let url = endless(announce).await;
+        let line = add_line(
+            &app,
+            &org,
+            Carrier::Plivo,
+            &number_for(Carrier::Plivo, i),
+            config(Some(STATIC_STREAM), Some(&url)),
+        );
+        let started = Instant::now();
+        let res = incoming_request(&app.client, &app.base, &line, &format!("call-endless-{i}")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let body = res.text().await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(2_000), "{announce:?}: took {:?}", started.elapsed());
+        assert!(body.contains("static.example.com"), "{announce:?}: the number's stream answers: {body}");
+        let events = events_of(&app, &org, &line).await;
+        assert_eq!(events[0]["answer"]["source"], "fallback", "{announce:?}");
+        assert_eq!(events[0]["answer"]["reason"], "malformed_reply", "{announce:?}");
+    }
+}
+
 /// A status callback carrying the same fields as the answer request is a callback of its own:
 /// the hook is in the URL the carrier signed. Exotel signs nothing and Twilio's request here
 /// has no idempotency token, so only the hook tells them apart.
