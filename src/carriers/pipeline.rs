@@ -153,11 +153,18 @@ pub async fn handle<C: CarrierHooks>(
                 return HttpResponse::Ok().finish();
             }
             // A carrier retrying its answer URL gets the answer the first request got.
-            let (first, decision) = match first {
+            let (first, noted) = match first {
                 Some(id) => first_answer(&state, &phone, &id).await,
-                None => (None, None),
+                None => (None, Noted::Unknown),
             };
-            let decision = decision.unwrap_or_else(|| Decision::fallback(&phone));
+            let decision = match (noted, &first) {
+                (Noted::Answer(d), _) => d,
+                // The first request is over and noted nothing: a crash took its answer with it,
+                // so the carrier got none. This one is answered as the first would have been,
+                // and its answer noted, so that the event records what the carrier acts on.
+                (Noted::Lost, Some(f)) => crate::handoff::assistant::decide_and_note(&state, &phone, f, None).await,
+                _ => Decision::fallback(&phone),
+            };
             return respond::<C>(&phone, Some(&decision), first.as_ref().unwrap_or(&ev));
         }
         Err(e) => return ApiError::from(e).into_response(),
@@ -186,26 +193,38 @@ fn respond<C: CarrierHooks>(phone: &PhoneRecord, decision: Option<&Decision>, ev
     }
 }
 
+/// What the first request of a repeated answer request noted.
+enum Noted {
+    Answer(Decision),
+    /// Nothing, and its own deadline has passed: it will note nothing now.
+    Lost,
+    /// Nothing yet, and no longer waited for.
+    Unknown,
+}
+
 /// The first request's event and the answer noted on it. While that request may still be
 /// asking the assistant (until the answer deadline, and a little more for noting it), a retry
 /// waits for it: answered with the fallback instead, the carrier would act on an answer the
 /// event does not record. Retries are few, so they wait by looking again, not by a
 /// registry of answers in flight that every incoming call would pay for.
-async fn first_answer(state: &AppState, phone: &PhoneRecord, id: &EventId) -> (Option<EventRecord>, Option<Decision>) {
+async fn first_answer(state: &AppState, phone: &PhoneRecord, id: &EventId) -> (Option<EventRecord>, Noted) {
     const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(20);
     let wait = state.settings.handoff.answer_deadline + std::time::Duration::from_millis(500);
     let until = tokio::time::Instant::now() + wait;
     loop {
-        let first = state.store.event_get(&phone.org_id, id).ok().flatten();
-        let decision = first
-            .as_ref()
-            .and_then(|f| f.answer.as_ref())
-            .and_then(|a| serde_json::from_value::<Decision>(a["decision"].clone()).ok());
-        // Past its own deadline the first request has answered (a restart since may have lost
-        // what it noted), so there is nothing more to wait for.
-        let answered_by_now = |f: &EventRecord| state.clock.now_ms() > f.received_at_ms + wait.as_millis() as i64;
-        if decision.is_some() || first.as_ref().is_none_or(answered_by_now) || tokio::time::Instant::now() >= until {
-            return (first, decision);
+        let Some(first) = state.store.event_get(&phone.org_id, id).ok().flatten() else {
+            return (None, Noted::Unknown);
+        };
+        let decision =
+            first.answer.as_ref().and_then(|a| serde_json::from_value::<Decision>(a["decision"].clone()).ok());
+        if let Some(d) = decision {
+            return (Some(first), Noted::Answer(d));
+        }
+        if state.clock.now_ms() > first.received_at_ms + wait.as_millis() as i64 {
+            return (Some(first), Noted::Lost);
+        }
+        if tokio::time::Instant::now() >= until {
+            return (Some(first), Noted::Unknown);
         }
         tokio::time::sleep(LOOK_AGAIN).await;
     }

@@ -1911,6 +1911,72 @@ async fn a_retry_while_the_assistant_decides_gets_the_assistants_answer() {
     }
 }
 
+/// A carrier's retry of an answer request whose first request a crash cut off (the assistant
+/// still deciding) is answered as that first one would have been, and the answer is noted on
+/// the event: before, the retry got the number's fallback and the event kept no answer.
+#[tokio::test]
+async fn a_retry_after_a_crash_took_the_first_answer_is_decided_and_noted() {
+    let assistant = FakeHttp::start(|_| {
+        Reply::json(json!({"action": "transfer", "to": TRANSFER_TO})).delayed(Duration::from_secs(30))
+    })
+    .await;
+    let fake = FakeCarrier::start().await;
+    let number = "+918045550177";
+    let cred = credential(Carrier::Exotel, "exotelSECRETcrash0001");
+    fake.add_account(Carrier::Exotel, cred.clone(), [number]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let env = [
+        ("CALLGATE_EXOTEL_API_URL", fake.base_url()),
+        ("EXOTEL_ALLOWED_IPS", "127.0.0.1".to_owned()),
+        ("CALLGATE_ANSWER_DEADLINE_MS", "1500".to_owned()),
+        ("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW)),
+    ];
+    let client = client_builder().build().unwrap();
+    let server = BinaryServer::start(&data, &env, None).await;
+    let res = client.post(server.url("/admin/orgs")).bearer_auth(ADMIN_TOKEN).json(&json!({"name": "Acme"})).send();
+    let key = res.await.unwrap().json::<Value>().await.unwrap()["api_key"].as_str().unwrap().to_owned();
+    let body = json!({"number": number, "credentials": cred,
+                      "config": {"stream_url": STATIC_STREAM, "assistant_url": assistant.url("/answer")}});
+    let res = client.post(server.url("/voice/exotel/byok/import")).bearer_auth(&key).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let phone_id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let query = form_body(&[
+        ("CallSid", "CACRASHED".into()),
+        ("CallFrom", "04155550111".into()),
+        ("CallTo", number.into()),
+        ("Direction", "incoming".into()),
+    ]);
+    let path = format!("/exotel/incoming/{phone_id}?{query}");
+    let first = tokio::spawn(client.get(server.url(&path)).send());
+    wait_hits(&assistant, "the assistant asked", |h| !h.is_empty()).await;
+    drop(server);
+    assert!(first.await.unwrap().is_err(), "the first request was cut off");
+
+    assistant.set(|_| Reply::json(json!({"action": "transfer", "to": TRANSFER_TO})));
+    let server = BinaryServer::start(&data, &env, None).await;
+    // Past the first request's deadline and the half second a retry waits beyond it.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let res = client.get(server.url(&path)).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let answer = res.text().await.unwrap();
+    assert!(answer.contains(&TRANSFER_TO[1..]), "the assistant's answer: {answer}");
+    assert_eq!(assistant.hits().len(), 2, "asked again");
+    let v: Value = client
+        .get(server.url(&format!("/events?phone_id={phone_id}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = v["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{v}");
+    assert_eq!(events[0]["answer"]["source"], "assistant", "{v}");
+    assert_eq!(events[0]["answer"]["decision"], json!({"action": "transfer", "to": TRANSFER_TO}), "{v}");
+}
+
 /// An assistant whose reply never ends: a body past 64 KiB is given up on there, as a
 /// malformed reply, instead of being read (into memory) until the deadline. A second assistant
 /// announces a body of a gigabyte, which is refused before any of it is read.
