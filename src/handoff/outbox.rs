@@ -198,6 +198,7 @@ fn requeued(mut d: DeliveryRecord, now_ms: i64) -> DeliveryRecord {
     d.state = DeliveryState::Pending;
     d.next_attempt_ms = now_ms;
     d.created_at_ms = now_ms;
+    d.first_tried_ms = None;
     d
 }
 
@@ -461,10 +462,17 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
         Some(200..=299) => d.state = DeliveryState::Delivered,
         Some(410) => d.state = DeliveryState::Dead,
         _ => {
-            let next = now + backoff_ms(d.attempts.len()).max(asked_pause_ms.unwrap_or(0));
+            // Backoff and horizon run from this round's first attempt: an operator's redelivery
+            // starts a round, and an event that waited untried starts its own when first tried.
+            let created = d.created_at_ms;
+            let round = d.attempts.iter().filter(|a| a.at_ms >= created).count();
+            let since = *d
+                .first_tried_ms
+                .get_or_insert_with(|| d.attempts.iter().map(|a| a.at_ms).find(|at| *at >= created).unwrap_or(now));
+            let next = now + backoff_ms(round).max(asked_pause_ms.unwrap_or(0));
             // The last attempt is at the horizon, not at the last step of the backoff before it
             // (which left the last 47 minutes of a day untried).
-            let horizon_at = d.created_at_ms + state.settings.handoff.delivery_horizon.as_millis() as i64;
+            let horizon_at = since + state.settings.handoff.delivery_horizon.as_millis() as i64;
             if now >= horizon_at {
                 d.state = DeliveryState::Dead;
             } else {

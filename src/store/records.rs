@@ -165,7 +165,13 @@ pub struct DeliveryRecord {
     pub state: DeliveryState,
     pub attempts: Vec<DeliveryAttempt>,
     pub next_attempt_ms: i64,
+    /// When the event was recorded, or last queued again by an operator.
     pub created_at_ms: i64,
+    /// When the first attempt since `created_at_ms` was made: the horizon counts from it, so
+    /// an event that waited untried (behind its call's earlier events, parked, held by the
+    /// breaker) still gets every retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_tried_ms: Option<i64>,
 }
 
 impl DeliveryRecord {
@@ -193,6 +199,7 @@ impl DeliveryRecord {
             attempts: Vec::new(),
             next_attempt_ms: ev.received_at_ms,
             created_at_ms: ev.received_at_ms,
+            first_tried_ms: None,
         }
     }
 }

@@ -1131,6 +1131,67 @@ async fn failed_deliveries_back_off_on_schedule_and_die_at_the_horizon() {
     assert_eq!(upstream.hits().len(), 8);
 }
 
+/// The horizon and the backoff run from an event's first attempt, not from when it was
+/// recorded: one that waited untried past the horizon (parked with no upstream, here) gets its
+/// retries, where it used to die at its first failure. An operator's redelivery starts the
+/// schedule again too (it went on from the attempts before).
+#[tokio::test]
+async fn an_event_that_waited_past_the_horizon_still_gets_its_retries() {
+    let upstream = FakeHttp::start(|_| Reply::status(503)).await;
+    let app = spawn_with(
+        Options::default()
+            .clock(Clock::pinned(T0))
+            .env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW))
+            .env("CALLGATE_DELIVERY_HORIZON_SECS", "600"),
+    )
+    .await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020031", config(None, None));
+    let id = record_status(&app, &org, &line, "CAWAITED", "completed", 1).await;
+    let later = T0 + 3_600_000;
+    app.clock.set_ms(later);
+    let res = app
+        .patch(&org, &format!("/phone-numbers/{}", line.phone_id))
+        .json(&json!({"config": {"upstream_url": upstream.url("/own")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let d = wait_attempts(&app, &org, &id, 1).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    let next = ms(d["next_attempt_at"].as_str().unwrap());
+    assert!((later + 4_500..=later + 5_500).contains(&next), "{d}");
+
+    // Two more failures, then a redelivery: its failure waits 5 s again, not 2 min.
+    let mut at = next;
+    for n in 2..=3 {
+        app.clock.set_ms(at);
+        let d = wait_attempts(&app, &org, &id, n).await;
+        at = ms(d["next_attempt_at"].as_str().unwrap());
+    }
+    let asked = at - 1_000;
+    app.clock.set_ms(asked);
+    let res = app.post(&org, &format!("/events/{id}/redeliver")).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let d = wait_attempts(&app, &org, &id, 4).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    let next = ms(d["next_attempt_at"].as_str().unwrap());
+    assert!((asked + 4_500..=asked + 5_500).contains(&next), "after a redelivery: {d}");
+
+    // And the horizon runs from the redelivery's first attempt: the last try is at it.
+    let mut n = 4;
+    loop {
+        let d = event(&app, &org, &id).await["delivery"].clone();
+        if d["state"] == "dead" {
+            assert_eq!(ms(d["attempts"][n - 1]["at"].as_str().unwrap()), asked + 600_000, "{d}");
+            break;
+        }
+        app.clock.set_ms(ms(d["next_attempt_at"].as_str().unwrap()));
+        n += 1;
+        wait_attempts(&app, &org, &id, n).await;
+    }
+}
+
 #[tokio::test]
 async fn an_upstream_that_is_down_then_slow_then_up_gets_the_event() {
     let port = closed_port();
