@@ -72,7 +72,11 @@ impl Salvage {
 /// read.
 pub fn salvage(from: &Path, into: Option<&Path>, options: JournalOptions) -> Result<Salvage, StoreError> {
     let numbers = segment_numbers(from)?;
-    let covered = Index::load(&from.join("index.snapshot")).ok().flatten().map(|ix| ix.covered);
+    let snapshot = Index::load(&from.join("index.snapshot")).ok().flatten();
+    let covered = snapshot.as_ref().map(|ix| ix.covered);
+    // The events the snapshot knew of, numbered from 0: those not kept are lost, whatever the
+    // markers could tell (a segment or a journal's end gone whole takes its markers with it).
+    let known = snapshot.map_or(0, |ix| ix.len());
     let mut out = Rebuild::new(into, options)?;
     let mut found = Salvage::default();
     let mut markers = Markers::default();
@@ -123,7 +127,8 @@ pub fn salvage(from: &Path, into: Option<&Path>, options: JournalOptions) -> Res
     }
     out.finish()?;
     found.events = out.events();
-    found.lost = markers.lost;
+    let kept_known = out.kept.partition_point(|k| k.old_seq < known);
+    found.lost = markers.lost.max(u64::from(known) - kept_known as u64);
     found.lost_unknown = markers.unknown && found.needed();
     Ok(found)
 }

@@ -22,6 +22,9 @@ const PHONES: &str = "phones";
 const PHONE_NUMBERS: &str = "phone_numbers";
 const ORG_PHONES: &str = "org_phones";
 
+/// In sled's default tree once the data dir has an event journal.
+const JOURNAL_MADE: &[u8] = b"journal made";
+
 fn dec<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
         Some((&SCHEMA, rest)) => {
@@ -199,6 +202,26 @@ impl SledStore {
             other => StoreError::Sled(other),
         })?;
         let t = |name: &str| db.open_tree(name);
+        let events_dir = dir.join("events");
+        // sled notes that this data dir has a journal: one gone whole (deleted, a volume that
+        // did not mount) leaves no snapshot to tell, and a start would begin an empty one.
+        let had_journal = db.get(JOURNAL_MADE)?.is_some();
+        if had_journal && super::journal::segment_numbers(&events_dir).map_or(true, |n| n.is_empty()) {
+            return Err(StoreError::Corrupt {
+                tree: "journal",
+                detail: format!(
+                    "the event journal ({}) is missing, though this data dir had one: every event is gone \
+                     from it. Nothing was changed; restore it from a backup (to go on without the events, \
+                     create it with one empty segment, 00000000.log)",
+                    events_dir.display()
+                ),
+            });
+        }
+        let events = EventLog::open(&events_dir, journal, access)?;
+        if !had_journal && access == Access::Serve {
+            db.insert(JOURNAL_MADE, &[1u8])?;
+            db.flush()?;
+        }
         Ok(Self {
             orgs: t(ORGS)?,
             api_keys: t(API_KEYS)?,
@@ -210,7 +233,7 @@ impl SledStore {
             phone_numbers: t(PHONE_NUMBERS)?,
             org_phones: t(ORG_PHONES)?,
             phone_cache: PhoneCache::default(),
-            events: EventLog::open(&dir.join("events"), journal, access)?,
+            events,
             credential_writes: std::sync::Mutex::default(),
             db,
             _inspection: inspection,
@@ -900,6 +923,39 @@ mod tests {
         drop(held);
         sweep_stale_copies(tmp.path());
         assert!(!running.exists());
+    }
+
+    /// sled's flusher thread lets go of the file lock a moment after the last handle.
+    fn reopen(dir: &Path) -> Result<SledStore, StoreError> {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir, JournalOptions { preallocate_bytes: 0 }) {
+                Err(StoreError::Locked) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A data dir whose journal is gone whole (and its snapshot with it) is refused, not
+    /// started on a new, empty one; one empty segment, made on purpose, starts it again.
+    #[test]
+    fn a_data_dir_whose_journal_is_gone_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = reopen(dir.path()).unwrap();
+        store.close().unwrap();
+        drop(store);
+        let events = dir.path().join("events");
+        std::fs::remove_dir_all(&events).unwrap();
+        let msg = reopen(dir.path()).err().expect("refused").to_string();
+        assert!(msg.contains("the event journal") && msg.contains("is missing"), "{msg}");
+        assert!(!events.exists(), "nothing was made");
+        std::fs::create_dir(&events).unwrap();
+        let msg = reopen(dir.path()).err().expect("refused").to_string();
+        assert!(msg.contains("is missing"), "an empty directory is no journal: {msg}");
+        std::fs::File::create(events.join("00000000.log")).unwrap();
+        reopen(dir.path()).unwrap().close().unwrap();
     }
 
     #[test]
