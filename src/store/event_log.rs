@@ -242,15 +242,22 @@ pub(super) fn short_of(dir: &Path, index: &Index) -> Result<Option<String>, Stor
     let numbers = super::journal::segment_numbers(dir)?;
     // The least length each segment must have: past the snapshot's end, and past the header
     // of every latest version the index holds.
-    let mut needs: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+    let mut needs: Vec<u64> = Vec::new();
+    let mut need = |seg: u32, len: u64| {
+        let seg = seg as usize;
+        if needs.len() <= seg {
+            needs.resize(seg + 1, 0);
+        }
+        needs[seg] = needs[seg].max(len);
+    };
     let (seg, off) = super::journal::split(index.covered);
-    needs.insert(seg, off);
+    need(seg, off);
     for at in index.locs.iter() {
         let (seg, off) = super::journal::split(*at);
-        let need = needs.entry(seg).or_insert(0);
-        *need = (*need).max(off + super::journal::FRAME_HEADER as u64);
+        need(seg, off + super::journal::FRAME_HEADER as u64);
     }
-    for (seg, need) in needs {
+    for (seg, need) in needs.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+        let seg = seg as u32;
         if numbers.binary_search(&seg).is_err() {
             return Ok(Some(format!("journal segment {seg} is missing, and the index snapshot holds events in it")));
         }
