@@ -14,7 +14,18 @@ use crate::vault::crypto::{generate_key, write_key_file, Keyring, Owner, KEY_FIL
 
 fn locked_hint(e: anyhow::Error) -> anyhow::Error {
     if e.downcast_ref::<StoreError>().is_some_and(|s| matches!(s, StoreError::Locked)) {
-        anyhow::anyhow!("the database is locked by a running callgate server; stop it first, or use the HTTP admin API")
+        anyhow::anyhow!("the database is locked by a running callgate server; stop it first")
+    } else {
+        e
+    }
+}
+
+/// Organizations can be made while the server runs, through it.
+fn org_locked_hint(e: anyhow::Error) -> anyhow::Error {
+    if e.downcast_ref::<StoreError>().is_some_and(|s| matches!(s, StoreError::Locked)) {
+        anyhow::anyhow!(
+            "the database is locked by a running callgate server; stop it first, or use its admin API (/admin/orgs)"
+        )
     } else {
         e
     }
@@ -33,7 +44,7 @@ pub fn org(settings: &Settings, cmd: OrgCommand) -> anyhow::Result<()> {
     if matches!(cmd, OrgCommand::List) {
         existing_data(settings)?;
     }
-    let (store, _) = open_data(settings).map_err(locked_hint)?;
+    let (store, _) = open_data(settings).map_err(org_locked_hint)?;
     match cmd {
         OrgCommand::Create { name } => {
             let name = crate::orgs::validate_name(&name).map_err(|e| anyhow::anyhow!(e.message))?;
@@ -163,7 +174,14 @@ pub fn replay(a: ReplayArgs) -> anyhow::Result<()> {
 /// Works while the server runs: the secret file is only read (or created once).
 pub fn upstream(settings: &Settings, cmd: UpstreamCommand) -> anyhow::Result<()> {
     let UpstreamCommand::Secret = cmd;
-    std::fs::create_dir_all(&settings.data_dir)?;
+    // Made in a mistyped data dir, a secret would be one the server never signs with.
+    if settings.handoff.upstream_secret.is_none() && !settings.data_dir.join("db").is_dir() {
+        anyhow::bail!(
+            "no callgate data at {} (CALLGATE_DATA_DIR): start the gateway there first (it makes the secret), \
+             or set CALLGATE_UPSTREAM_SECRET",
+            settings.data_dir.display()
+        );
+    }
     let (secret, generated) = crate::handoff::load_or_create_secret(settings)?;
     if generated {
         eprintln!("generated a new upstream signing secret in {}", settings.data_dir.display());

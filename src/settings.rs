@@ -337,11 +337,12 @@ impl Settings {
         if url::Url::parse(&public_url).map(|u| u.path() != "/").unwrap_or(true) {
             return Err(bad("CALLGATE_PUBLIC_URL", "must be scheme://host[:port] with no path"));
         }
-        let master_key = raw
-            .master_key
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| MasterKeyInput::parse_base64("CALLGATE_MASTER_KEY", &s))
-            .transpose()?;
+        // Set but empty is a secret that did not arrive (an unfilled template, a missing
+        // secret mount): taken for unset, it would have a new key made and used unnoticed.
+        if raw.master_key.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            return Err(bad("CALLGATE_MASTER_KEY", "is set but empty (unset it to use the key file in the data dir)"));
+        }
+        let master_key = raw.master_key.map(|s| MasterKeyInput::parse_base64("CALLGATE_MASTER_KEY", &s)).transpose()?;
         // Presented tokens are trimmed, and a token read from a secrets file ends in a newline:
         // untrimmed here, it could never match.
         let admin_token = match raw.admin_token.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()) {
@@ -530,11 +531,13 @@ mod tests {
             ("CALLGATE_ADMIN_TOKEN", "  0123456789abcde\n"),
             ("CALLGATE_REPLAY_WINDOW_SECS", "0"),
             ("CALLGATE_REPLAY_WINDOW_SECS", "599"),
+            ("CALLGATE_MASTER_KEY", ""),
+            ("CALLGATE_MASTER_KEY", "  "),
         ];
         for (name, value) in cases {
             let err = Settings::load(None, &env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{value}");
-            assert!(!err.to_string().contains(value) || name != "CALLGATE_MASTER_KEY");
+            assert!(name != "CALLGATE_MASTER_KEY" || value.trim().is_empty() || !err.to_string().contains(value));
         }
     }
 

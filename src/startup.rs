@@ -15,7 +15,7 @@ use crate::error::{extractors, ApiError};
 use crate::rate_limit::RateLimiter;
 use crate::settings::Settings;
 use crate::state::AppState;
-use crate::store::{GroupCommit, SledStore, Store};
+use crate::store::{GroupCommit, SledStore, Store, StoreError};
 use crate::vault::{Keyring, Vault};
 
 pub struct Application {
@@ -33,7 +33,16 @@ pub fn open_data(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Keyring
     std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot create the data dir {} (CALLGATE_DATA_DIR): {e}", settings.data_dir.display())
     })?;
-    let store = SledStore::open(&settings.data_dir.join("db"), settings.journal)?;
+    let store = SledStore::open(&settings.data_dir.join("db"), settings.journal).map_err(|e| match e {
+        // Damage found in the journal as it opened: said where it is, and what to do.
+        StoreError::Corrupt { tree: "journal", ref detail } if !detail.contains("Nothing was changed") => {
+            anyhow::anyhow!(
+                "{e}. Nothing was changed: restore db/events/ from a backup, or see what `callgate salvage --dry-run` \
+             would keep and then run `callgate salvage`"
+            )
+        }
+        e => e.into(),
+    })?;
     let keyring = keyring_for(settings, &store)?;
     Ok((Arc::new(store), keyring))
 }

@@ -241,8 +241,11 @@ impl Journal {
             sync_dir(dir).map_err(io)?;
             numbers.push(0);
         }
-        if numbers.iter().enumerate().any(|(i, n)| *n as usize != i) {
-            return Err(corrupt("journal segments are not numbered 0, 1, 2, ... without gaps"));
+        if let Some((missing, _)) = numbers.iter().enumerate().find(|(i, n)| **n as usize != *i) {
+            return Err(corrupt(format!(
+                "journal segment {missing} ({}) is missing: segments are numbered 0, 1, 2, ... without gaps",
+                segment_file(missing as u32)
+            )));
         }
         let last = *numbers.last().unwrap_or(&0);
         let (from_seg, from_off) = split(from);

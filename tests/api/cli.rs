@@ -243,6 +243,15 @@ async fn upstream_secret_is_generated_once_and_shown() {
         .unwrap();
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), given);
     app.stop().await;
+
+    // A mistyped data dir gets no secret of its own, which the server would never sign with.
+    let nowhere = tempfile::tempdir().unwrap().path().join("none");
+    let out = callgate(&nowhere, &["upstream", "secret"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("no callgate data at") && err.contains("CALLGATE_UPSTREAM_SECRET"), "{err}");
+    assert!(!nowhere.exists(), "nothing was made");
 }
 
 /// Every file under `dir` with its size and SHA-256, to tell whether anything changed.

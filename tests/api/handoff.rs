@@ -2310,6 +2310,10 @@ async fn salvage_rewrites_a_damaged_journal_from_every_record_that_reads_back() 
     std::fs::remove_file(events.join("index.snapshot")).unwrap();
     let (ok, out) = cli(&data_dir, &["check"]);
     assert!(!ok && out.contains(&format!("segment {no} is damaged at byte")), "{out}");
+    // What opens the data as a start does (`org list` here) says where the damage is, and what to do.
+    let (ok, out) = cli(&data_dir, &["org", "list"]);
+    assert!(!ok && out.contains(&format!("segment {no} is damaged at byte")), "{out}");
+    assert!(out.contains("Nothing was changed") && out.contains("callgate salvage --dry-run"), "{out}");
 
     let (ok, out) = cli(&data_dir, &["salvage", "--dry-run"]);
     assert!(ok, "{out}");
