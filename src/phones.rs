@@ -215,7 +215,7 @@ fn url_field(v: &Value, name: &str, schemes: &[&str]) -> Result<Option<String>, 
     match v {
         Value::Null => Ok(None),
         Value::String(s) => {
-            let ok = url::Url::parse(s).is_ok_and(|u| schemes.contains(&u.scheme()) && u.host_str().is_some());
+            let ok = crate::net::outbound::well_formed(s, schemes);
             if ok && s.len() <= 2048 {
                 Ok(Some(s.clone()))
             } else {

@@ -400,8 +400,14 @@ impl Settings {
                 None => Ok(None),
                 Some(s) => {
                     let u = url::Url::parse(&s).map_err(|_| bad(name, "is not a URL"))?;
-                    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                    if !matches!(u.scheme(), "http" | "https")
+                        || !crate::net::outbound::well_formed(&s, &["http", "https"])
+                    {
                         return Err(bad(name, "must be an http:// or https:// URL"));
+                    }
+                    // The hand-off would refuse to call it, each time; better said once, now.
+                    if !crate::net::outbound::allowed_url(&s) {
+                        return Err(bad(name, "must not be a link-local, unspecified, broadcast or metadata address"));
                     }
                     Ok(Some(s))
                 }
@@ -412,6 +418,15 @@ impl Settings {
         }
         if !(1..=256).contains(&h.delivery_workers) {
             return Err(bad("CALLGATE_DELIVERY_WORKERS", "must be between 1 and 256"));
+        }
+        if h.delivery_timeout_ms == 0 {
+            return Err(bad("CALLGATE_DELIVERY_TIMEOUT_MS", "must be at least 1"));
+        }
+        if h.delivery_horizon_secs == 0 {
+            return Err(bad(
+                "CALLGATE_DELIVERY_HORIZON_SECS",
+                "must be at least 1 (the last try is this long after the first)",
+            ));
         }
         if h.delivery_breaker_after > 1_000 {
             return Err(bad("CALLGATE_DELIVERY_BREAKER_AFTER", "must be between 0 (never) and 1000"));
@@ -431,7 +446,7 @@ impl Settings {
                 .map(|s| check_whsec("CALLGATE_UPSTREAM_PREVIOUS_SECRET", &s))
                 .transpose()?,
             delivery_workers: h.delivery_workers,
-            delivery_timeout: Duration::from_millis(h.delivery_timeout_ms.max(1)),
+            delivery_timeout: Duration::from_millis(h.delivery_timeout_ms),
             delivery_horizon: Duration::from_secs(h.delivery_horizon_secs),
             delivery_breaker_after: h.delivery_breaker_after as u32,
         };
@@ -531,6 +546,11 @@ mod tests {
             ("CALLGATE_ADMIN_TOKEN", "  0123456789abcde\n"),
             ("CALLGATE_REPLAY_WINDOW_SECS", "0"),
             ("CALLGATE_REPLAY_WINDOW_SECS", "599"),
+            ("CALLGATE_UPSTREAM_URL", "http://169.254.169.254/latest"),
+            ("CALLGATE_ASSISTANT_URL", "http://[64:ff9b::a9fe:a9fe]/"),
+            ("CALLGATE_UPSTREAM_URL", "https:///hook"),
+            ("CALLGATE_DELIVERY_TIMEOUT_MS", "0"),
+            ("CALLGATE_DELIVERY_HORIZON_SECS", "0"),
             ("CALLGATE_MASTER_KEY", ""),
             ("CALLGATE_MASTER_KEY", "  "),
         ];

@@ -22,9 +22,7 @@ pub struct Decided {
 
 fn valid(d: &Decision) -> bool {
     match d {
-        Decision::Stream { stream_url } => {
-            url::Url::parse(stream_url).is_ok_and(|u| matches!(u.scheme(), "wss" | "ws") && u.host_str().is_some())
-        }
+        Decision::Stream { stream_url } => crate::net::outbound::well_formed(stream_url, &["wss", "ws"]),
         Decision::Hangup { message } => message.as_ref().is_none_or(|m| m.len() <= 1000),
         Decision::Transfer { to } => E164::parse(to).is_ok(),
     }

@@ -18,6 +18,8 @@ const METADATA_V4: [Ipv4Addr; 3] =
 /// NAT64's well-known prefix (64:ff9b::/96): a NAT64 gateway sends such an address on to the
 /// IPv4 address in its last 32 bits.
 const NAT64: [u16; 6] = [0x64, 0xff9b, 0, 0, 0, 0];
+/// SIIT's IPv4-translated addresses (::ffff:0:a.b.c.d), the IPv4 address in the last 32 bits.
+const TRANSLATED: [u16; 6] = [0, 0, 0, 0, 0xffff, 0];
 
 /// Whether the gateway's own requests may not go to `ip`.
 pub fn forbidden(ip: IpAddr) -> bool {
@@ -31,17 +33,34 @@ pub fn forbidden(ip: IpAddr) -> bool {
 }
 
 /// The IPv4 address an IPv6 one leads to: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d, which
-/// systems still route as IPv4), or behind NAT64. `::` and `::1` are IPv6's own.
+/// systems still route as IPv4), translated (SIIT), behind NAT64, or through 6to4. `::` and `::1` are IPv6's own.
 fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     if v6.is_unspecified() || v6.is_loopback() {
         return None;
     }
-    let s = v6.segments();
-    if s[..6] == NAT64 {
-        let o = v6.octets();
+    let (s, o) = (v6.segments(), v6.octets());
+    if s[..6] == NAT64 || s[..6] == TRANSLATED {
         return Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
     }
+    // NAT64's local-use prefix 64:ff9b:1::/48, the IPv4 address around the reserved octet 8
+    // (RFC 6052's /48 layout).
+    if s[..3] == [0x64, 0xff9b, 1] {
+        return Some(Ipv4Addr::new(o[6], o[7], o[9], o[10]));
+    }
+    // 6to4 (2002::/16), the IPv4 address in bits 16 to 48.
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
     v6.to_ipv4()
+}
+
+/// Whether `s` is an absolute URL of one of `schemes` with a host, written as it will be read.
+/// For the web's schemes the URL parser forgives what other readers do not (`wss:///ws` is host
+/// `ws` to it, and a backslash is a slash), and the text is passed on as given, to a carrier
+/// among others: such text is refused, not read one way here and another there.
+pub fn well_formed(s: &str, schemes: &[&str]) -> bool {
+    let plain = s.split_once("://").is_some_and(|(_, rest)| !rest.starts_with('/')) && !s.contains('\\');
+    plain && url::Url::parse(s).is_ok_and(|u| schemes.contains(&u.scheme()) && u.host_str().is_some())
 }
 
 /// Whether the gateway may call `url`: false for a literal address it may not use (a URL
@@ -99,6 +118,9 @@ mod tests {
             "168.63.129.16",
             "::ffff:100.100.100.200",
             "64:ff9b::100.100.100.200",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b:1:a9fe:a9:fe00::",
+            "2002:a9fe:a9fe::1",
         ] {
             assert!(forbidden(bad.parse().unwrap()), "{bad}");
         }
@@ -112,8 +134,22 @@ mod tests {
             "fd00:ec2::253",
             "64:ff9b::203.0.113.7",
             "::ffff:10.0.0.5",
+            "2002:cb00:7107::1",
+            "64:ff9b:1:cb00:71:700::",
         ] {
             assert!(!forbidden(fine.parse().unwrap()), "{fine}");
+        }
+    }
+
+    #[test]
+    fn a_url_is_well_formed_only_as_every_reader_reads_it() {
+        for fine in ["wss://agent.example.com/ws", "ws://10.0.0.5:8080/x?y=z", "https://Agent.example.com"] {
+            assert!(well_formed(fine, &["wss", "ws", "https"]), "{fine}");
+        }
+        for bad in
+            ["wss:///ws", "wss:////agent.example.com", "wss://agent.example.com\\ws", "wss:ws", "wss://", "https://x"]
+        {
+            assert!(!well_formed(bad, &["wss", "ws"]), "{bad}");
         }
     }
 
