@@ -61,6 +61,10 @@ pub struct Outbox {
 #[derive(Default)]
 struct Slots {
     calls: HashSet<String>,
+    /// Attempts out, by upstream URL. An upstream gets at most half the workers: one that is
+    /// slow, but answers, trips no breaker, and with every worker waiting on it the events of
+    /// every other upstream (other organizations') would wait behind its backlog.
+    upstreams: HashMap<String, usize>,
     /// Events asked to be delivered again while their call's attempt was out, by call: the
     /// attempt's outcome would overwrite the request, so they are requeued once it is written.
     again: HashMap<String, Vec<(OrgId, EventId)>>,
@@ -126,6 +130,27 @@ impl Outbox {
         }
         slots.again.entry(call.to_owned()).or_default().push((org.clone(), id.clone()));
         false
+    }
+
+    /// Counts an attempt to `url` out, unless `most` are.
+    fn claim(&self, url: &str, most: usize) -> bool {
+        let mut slots = self.slots();
+        let out = slots.upstreams.entry(url.to_owned()).or_default();
+        if *out >= most {
+            return false;
+        }
+        *out += 1;
+        true
+    }
+
+    fn unclaim(&self, url: &str) {
+        let mut slots = self.slots();
+        if let Some(out) = slots.upstreams.get_mut(url) {
+            *out -= 1;
+            if *out == 0 {
+                slots.upstreams.remove(url);
+            }
+        }
     }
 
     /// Frees the call's slot; the events asked again while it was held, whose redelivery is
@@ -310,6 +335,7 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         Err(_) => return pass,
     };
     let breakers = &state.outbox.breakers;
+    let per_upstream = state.settings.handoff.delivery_workers.div_ceil(2).max(1);
     let mut held: Vec<(EventId, PhoneId)> = Vec::new();
     for (ev, d) in due {
         if !state.store.is_call_head(&d.event_id) {
@@ -342,7 +368,15 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
                 continue;
             }
         };
-        let release = || free(state, &d.call_key);
+        // Its upstream has its share of the workers out: it stays due, for a later pass.
+        if !state.outbox.claim(&url, per_upstream) {
+            free(state, &d.call_key);
+            continue;
+        }
+        let release = || {
+            state.outbox.unclaim(&url);
+            free(state, &d.call_key);
+        };
         let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
             release();
             break;
@@ -357,7 +391,8 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         pass.started += 1;
         tokio::spawn(async move {
             let key = d.call_key.clone();
-            attempt(&st, d, url, how).await;
+            attempt(&st, d, url.clone(), how).await;
+            st.outbox.unclaim(&url);
             free(&st, &key);
             drop(permit);
             // The call's next event may be due now.

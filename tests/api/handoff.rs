@@ -975,6 +975,31 @@ async fn upstream_app(upstream: &FakeHttp, extra: &[(&str, &str)]) -> TestApp {
     spawn_with(opts).await
 }
 
+/// An upstream that is slow, but answers (so no breaker holds it), gets at most half the
+/// delivery workers: another organization's events, recorded behind its backlog, go at once
+/// instead of waiting for it to drain.
+#[tokio::test]
+async fn a_slow_upstream_takes_half_the_workers_and_others_go_meanwhile() {
+    let slow = FakeHttp::start(|_| Reply::status(200).delayed(Duration::from_millis(1_500))).await;
+    let fast = FakeHttp::start(|_| Reply::status(200)).await;
+    let app = upstream_app(&fast, &[("CALLGATE_DELIVERY_WORKERS", "4")]).await;
+    let (tenant, other) = (app.create_org("Slow").await, app.create_org("Other").await);
+    let mut cfg = config(None, None);
+    cfg.upstream_url = Some(slow.url("/slow"));
+    let slow_line = add_line(&app, &tenant, Carrier::Twilio, "+16282020041", cfg);
+    let line = add_line(&app, &other, Carrier::Twilio, "+16282020042", config(None, None));
+    for i in 0..12 {
+        record_status(&app, &tenant, &slow_line, &format!("CASLOW{i}"), "completed", 1).await;
+    }
+    wait_hits(&slow, "the slow upstream busy", |h| h.len() >= 2).await;
+    let started = Instant::now();
+    let id = record_status(&app, &other, &line, "CAOTHER", "completed", 1).await;
+    wait_state(&app, &other, &id, "delivered").await;
+    // Before, all 4 workers waited on the slow upstream, 1.5 s at a time, 12 events deep.
+    assert!(started.elapsed() < Duration::from_millis(1_000), "took {:?}", started.elapsed());
+    assert!(slow.hits().len() <= 2, "{} attempts went to the slow upstream at once", slow.hits().len());
+}
+
 #[tokio::test]
 async fn deliveries_are_signed_with_both_secrets_during_rotation_and_carry_the_event() {
     let upstream = FakeHttp::start(|_| Reply::status(200)).await;
