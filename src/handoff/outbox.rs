@@ -346,14 +346,7 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         if !state.outbox.take(&d.call_key) {
             continue;
         }
-        // With nowhere to go (its number lost its upstream since it was recorded), or an
-        // upstream that is held, it waits parked: untried, rewritten never, until that changes.
-        let Some(url) = upstream_of(state, &ev.phone_id).filter(|u| !breakers.blocked(u, now)) else {
-            free(state, &d.call_key);
-            held.push((ev.id, ev.phone_id));
-            continue;
-        };
-        // The scan may be stale: an attempt of this call that finished since then has already
+        // The scan may be stale (passes do not wait for the attempts they start): an attempt of this call that finished since then has already
         // moved the record on (delivered, or failed with its next attempt later). With the
         // call's slot held, the record read now is the one to act on.
         let d = match state.store.delivery_get(&d.org_id, &d.event_id) {
@@ -367,6 +360,14 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
                 free(state, &d.call_key);
                 continue;
             }
+        };
+        // With nowhere to go (its number lost its upstream since it was recorded), or an
+        // upstream that is held, it waits parked: untried, rewritten never, until that changes.
+        // Only what is due now: one whose attempt just failed waits for its retry on the queue.
+        let Some(url) = upstream_of(state, &ev.phone_id).filter(|u| !breakers.blocked(u, now)) else {
+            free(state, &d.call_key);
+            held.push((ev.id, ev.phone_id));
+            continue;
         };
         // Its upstream has its share of the workers out: it stays due, for a later pass.
         if !state.outbox.claim(&url, per_upstream) {
