@@ -965,14 +965,18 @@ async fn telnyx_is_acknowledged_at_once_and_answered_by_call_control() {
 // The delivery path.
 
 async fn upstream_app(upstream: &FakeHttp, extra: &[(&str, &str)]) -> TestApp {
-    let mut opts = Options::default()
-        .clock(Clock::pinned(T0))
-        .env("CALLGATE_UPSTREAM_URL", upstream.url("/hook"))
-        .env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW));
+    spawn_with(pinned(extra).env("CALLGATE_UPSTREAM_URL", upstream.url("/hook"))).await
+}
+
+/// The clock pinned at `T0`, deliveries signed with `UPSTREAM_SECRET_RAW`, no upstream of the
+/// gateway's own, and `extra`.
+fn pinned(extra: &[(&str, &str)]) -> Options {
+    let mut opts =
+        Options::default().clock(Clock::pinned(T0)).env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW));
     for (k, v) in extra {
         opts = opts.env(k, *v);
     }
-    spawn_with(opts).await
+    opts
 }
 
 /// An upstream that is slow, but answers (so no breaker holds it), gets at most half the
@@ -1163,13 +1167,7 @@ async fn failed_deliveries_back_off_on_schedule_and_die_at_the_horizon() {
 #[tokio::test]
 async fn an_event_that_waited_past_the_horizon_still_gets_its_retries() {
     let upstream = FakeHttp::start(|_| Reply::status(503)).await;
-    let app = spawn_with(
-        Options::default()
-            .clock(Clock::pinned(T0))
-            .env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW))
-            .env("CALLGATE_DELIVERY_HORIZON_SECS", "600"),
-    )
-    .await;
+    let app = spawn_with(pinned(&[("CALLGATE_DELIVERY_HORIZON_SECS", "600")])).await;
     let org = app.create_org("Acme").await;
     let line = add_line(&app, &org, Carrier::Twilio, "+16282020031", config(None, None));
     let id = record_status(&app, &org, &line, "CAWAITED", "completed", 1).await;
@@ -1461,13 +1459,7 @@ async fn a_parked_incoming_call_released_before_its_answer_still_goes_with_it() 
         Reply::json(json!({"action": "stream", "stream_url": AI_STREAM})).delayed(Duration::from_millis(2_000))
     })
     .await;
-    let app = spawn_with(
-        Options::default()
-            .clock(Clock::pinned(T0))
-            .env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW))
-            .env("CALLGATE_ANSWER_DEADLINE_MS", "3000"),
-    )
-    .await;
+    let app = spawn_with(pinned(&[("CALLGATE_ANSWER_DEADLINE_MS", "3000")])).await;
     let org = app.create_org("Acme").await;
     let line = add_line(&app, &org, Carrier::Twilio, "+16282020001", config(None, Some(&assistant.url("/answer"))));
     let calling = incoming_request(&app.client, &app.base, &line, "CAPARKED").send();
@@ -2149,10 +2141,7 @@ async fn a_status_callback_with_the_answer_requests_fields_is_not_taken_for_its_
 async fn events_recorded_with_no_upstream_wait_and_are_delivered_once_their_number_gets_one() {
     let upstream = FakeHttp::start(|_| Reply::status(200)).await;
     // No gateway-wide upstream: nothing can take the events yet.
-    let app = spawn_with(
-        Options::default().clock(Clock::pinned(T0)).env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW)),
-    )
-    .await;
+    let app = spawn_with(pinned(&[])).await;
     let org = app.create_org("Acme").await;
     let line = add_line(&app, &org, Carrier::Twilio, "+16282020009", config(None, None));
     let first = record_status(&app, &org, &line, "CA09", "ringing", 1).await;
@@ -2190,10 +2179,7 @@ async fn an_event_whose_number_loses_its_upstream_waits_parked_untouched_until_i
     let first = FakeHttp::start(|_| Reply::status(503)).await;
     let second = FakeHttp::start(|_| Reply::status(200)).await;
     // No gateway-wide upstream: the number's own is all there is.
-    let app = spawn_with(
-        Options::default().clock(Clock::pinned(T0)).env("CALLGATE_UPSTREAM_SECRET", whsec(&UPSTREAM_SECRET_RAW)),
-    )
-    .await;
+    let app = spawn_with(pinned(&[])).await;
     let org = app.create_org("Acme").await;
     let mut cfg = config(None, None);
     cfg.upstream_url = Some(first.url("/a"));
