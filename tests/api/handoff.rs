@@ -968,6 +968,12 @@ async fn upstream_app(upstream: &FakeHttp, extra: &[(&str, &str)]) -> TestApp {
     spawn_with(pinned(extra).env("CALLGATE_UPSTREAM_URL", upstream.url("/hook"))).await
 }
 
+/// Sets the number's own upstream (`None`: takes it away) through the API.
+async fn set_upstream(app: &TestApp, org: &Org, line: &Line, url: Option<&str>) -> reqwest::Response {
+    let body = json!({"config": {"upstream_url": url}});
+    app.patch(org, &format!("/phone-numbers/{}", line.phone_id)).json(&body).send().await.unwrap()
+}
+
 /// The clock pinned at `T0`, deliveries signed with `UPSTREAM_SECRET_RAW`, no upstream of the
 /// gateway's own, and `extra`.
 fn pinned(extra: &[(&str, &str)]) -> Options {
@@ -1173,12 +1179,7 @@ async fn an_event_that_waited_past_the_horizon_still_gets_its_retries() {
     let id = record_status(&app, &org, &line, "CAWAITED", "completed", 1).await;
     let later = T0 + 3_600_000;
     app.clock.set_ms(later);
-    let res = app
-        .patch(&org, &format!("/phone-numbers/{}", line.phone_id))
-        .json(&json!({"config": {"upstream_url": upstream.url("/own")}}))
-        .send()
-        .await
-        .unwrap();
+    let res = set_upstream(&app, &org, &line, Some(&upstream.url("/own"))).await;
     assert_eq!(res.status(), 200);
     let d = wait_attempts(&app, &org, &id, 1).await;
     assert_eq!(d["state"], "failed", "{d}");
@@ -1465,8 +1466,7 @@ async fn a_parked_incoming_call_released_before_its_answer_still_goes_with_it() 
     let calling = incoming_request(&app.client, &app.base, &line, "CAPARKED").send();
     let releasing = async {
         wait_hits(&assistant, "the assistant asked", |h| !h.is_empty()).await;
-        let body = json!({"config": {"upstream_url": upstream.url("/hook")}});
-        let res = app.patch(&org, &format!("/phone-numbers/{}", line.phone_id)).json(&body).send().await.unwrap();
+        let res = set_upstream(&app, &org, &line, Some(&upstream.url("/hook"))).await;
         assert_eq!(res.status(), 200);
         // The outbox looks at what it released while the call is still being decided.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -2161,12 +2161,7 @@ async fn events_recorded_with_no_upstream_wait_and_are_delivered_once_their_numb
     assert_eq!(event(&app, &org, &first).await["delivery"]["state"], "pending");
 
     // ...and go, in order, once the number has an upstream.
-    let res = app
-        .patch(&org, &format!("/phone-numbers/{}", line.phone_id))
-        .json(&json!({"config": {"upstream_url": upstream.url("/own")}}))
-        .send()
-        .await
-        .unwrap();
+    let res = set_upstream(&app, &org, &line, Some(&upstream.url("/own"))).await;
     assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
     wait_state(&app, &org, &second, "delivered").await;
     let ids: Vec<String> = upstream.hits_to("/own").iter().map(|h| h.webhook_id()).collect();
