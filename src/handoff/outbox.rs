@@ -346,9 +346,10 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         if !state.outbox.take(&d.call_key) {
             continue;
         }
-        // The scan may be stale (passes do not wait for the attempts they start): an attempt of this call that finished since then has already
-        // moved the record on (delivered, or failed with its next attempt later). With the
-        // call's slot held, the record read now is the one to act on.
+        // The scan may be stale (passes do not wait for the attempts they start): an attempt of
+        // this call that finished since then has already moved the record on (delivered, or
+        // failed with its next attempt later). With the call's slot held, the record read now
+        // is the one to act on.
         let d = match state.store.delivery_get(&d.org_id, &d.event_id) {
             Ok(Some(fresh))
                 if matches!(fresh.state, DeliveryState::Pending | DeliveryState::Failed)
