@@ -13,19 +13,13 @@ use crate::store::{SledStore, Store, StoreError};
 use crate::vault::crypto::{generate_key, write_key_file, Keyring, Owner, KEY_FILE, NEXT_KEY_FILE};
 
 fn locked_hint(e: anyhow::Error) -> anyhow::Error {
-    if e.downcast_ref::<StoreError>().is_some_and(|s| matches!(s, StoreError::Locked)) {
-        anyhow::anyhow!("the database is locked by a running callgate server; stop it first")
-    } else {
-        e
-    }
+    locked_then(e, "")
 }
 
-/// Organizations can be made while the server runs, through it.
-fn org_locked_hint(e: anyhow::Error) -> anyhow::Error {
+/// `e`, or for a database a running server holds, what to do: stop it first, and `or` else.
+fn locked_then(e: anyhow::Error, or: &str) -> anyhow::Error {
     if e.downcast_ref::<StoreError>().is_some_and(|s| matches!(s, StoreError::Locked)) {
-        anyhow::anyhow!(
-            "the database is locked by a running callgate server; stop it first, or use its admin API (/admin/orgs)"
-        )
+        anyhow::anyhow!("the database is locked by a running callgate server; stop it first{or}")
     } else {
         e
     }
@@ -44,7 +38,8 @@ pub fn org(settings: &Settings, cmd: OrgCommand) -> anyhow::Result<()> {
     if matches!(cmd, OrgCommand::List) {
         existing_data(settings)?;
     }
-    let (store, _) = open_data(settings).map_err(org_locked_hint)?;
+    // Organizations can be made while the server runs, through it.
+    let (store, _) = open_data(settings).map_err(|e| locked_then(e, ", or use its admin API (/admin/orgs)"))?;
     match cmd {
         OrgCommand::Create { name } => {
             let name = crate::orgs::validate_name(&name).map_err(|e| anyhow::anyhow!(e.message))?;

@@ -69,7 +69,7 @@ fn provider_error(carrier: Carrier, e: ProviderError) -> ApiError {
 /// The credential to talk to the carrier with: given inline (validated, to be sealed), or the
 /// organization's saved BYOK credential.
 enum Source {
-    Inline(vault::NewSecret, PhoneCredential),
+    Inline(Box<vault::NewSecret>, PhoneCredential),
     Saved(Box<SecretRecord>, PhoneCredential),
 }
 
@@ -90,7 +90,7 @@ fn credential_source(
     match given {
         Some(v) if !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty()) => {
             let (new, cred) = inline_credential(carrier, v)?;
-            Ok(Source::Inline(new, cred))
+            Ok(Source::Inline(Box::new(new), cred))
         }
         _ => {
             let rec = state.store.byok_get(&auth.org_id, carrier.as_str())?.ok_or_else(|| {
@@ -107,9 +107,8 @@ fn credential_source(
 
 /// Credentials given with the request: checked, ready to seal, and usable with the carrier.
 fn inline_credential(carrier: Carrier, v: &Value) -> Result<(vault::NewSecret, PhoneCredential), ApiError> {
-    let new = vault::validate(carrier.as_str(), v)?;
-    let cred = PhoneCredential::parse_given(carrier, v)
-        .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
+    let mut new = vault::validate(carrier.as_str(), v)?;
+    let cred = new.carrier.take().ok_or_else(|| ApiError::internal("a carrier's credential was not parsed as one"))?;
     Ok((new, cred))
 }
 

@@ -399,10 +399,8 @@ impl Settings {
             match v.filter(|s| !s.trim().is_empty()) {
                 None => Ok(None),
                 Some(s) => {
-                    let u = url::Url::parse(&s).map_err(|_| bad(name, "is not a URL"))?;
-                    if !matches!(u.scheme(), "http" | "https")
-                        || !crate::net::outbound::well_formed(&s, &["http", "https"])
-                    {
+                    url::Url::parse(&s).map_err(|_| bad(name, "is not a URL"))?;
+                    if !crate::net::outbound::well_formed(&s, &["http", "https"]) {
                         return Err(bad(name, "must be an http:// or https:// URL"));
                     }
                     // The hand-off would refuse to call it, each time; better said once, now.

@@ -427,7 +427,7 @@ impl<'a> Exchange<'a> {
 
     /// Sends, and returns the body of a 2xx answer; every other outcome is a `ProviderError`.
     pub(crate) async fn send(&self, op: &'static str, req: RequestBuilder) -> Result<Vec<u8>, ProviderError> {
-        let mut resp = req.send().await.map_err(|e| self.transport(op, e))?;
+        let resp = req.send().await.map_err(|e| self.transport(op, e))?;
         let status = resp.status();
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             let retry_after_secs = resp
@@ -438,16 +438,10 @@ impl<'a> Exchange<'a> {
                 .map(|s| s.clamp(1, 3_600));
             return Err(ProviderError::RateLimited { retry_after_secs });
         }
-        if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        let Some(body) = crate::net::outbound::body_within(resp, MAX_BODY).await.map_err(|e| self.transport(op, e))?
+        else {
             return Err(self.unavailable(op, "response body too large"));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(op, e))? {
-            if body.len() + chunk.len() > MAX_BODY {
-                return Err(self.unavailable(op, "response body too large"));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        };
         if status.is_success() {
             return Ok(body);
         }

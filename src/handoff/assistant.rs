@@ -105,7 +105,7 @@ async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) 
     }
     // The body shares the deadline with the headers.
     let remaining = deadline.saturating_sub(started.elapsed());
-    let bytes = match tokio::time::timeout(remaining, reply_body(res)).await {
+    let bytes = match tokio::time::timeout(remaining, crate::net::outbound::body_within(res, REPLY_MAX)).await {
         Ok(Ok(Some(b))) => b,
         Ok(Ok(None)) => return Err("malformed_reply".into()),
         _ => return Err("timeout".into()),
@@ -113,25 +113,9 @@ async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) 
     serde_json::from_slice::<Decision>(&bytes).map_err(|_| "malformed_reply".into())
 }
 
-/// A reply holds a few hundred bytes; more than this is no reply.
+/// A reply holds a few hundred bytes; more than this is no reply. The assistant is the
+/// organization's to point anywhere.
 const REPLY_MAX: usize = 64 * 1024;
-
-/// The reply's body, or `None` once it runs past [`REPLY_MAX`]: read a chunk at a time and
-/// given up on there, since the assistant is the organization's to point anywhere, and a body
-/// taken whole before its size is looked at could hold the gateway's memory.
-async fn reply_body(mut res: reqwest::Response) -> reqwest::Result<Option<Vec<u8>>> {
-    if res.content_length().is_some_and(|n| n > REPLY_MAX as u64) {
-        return Ok(None);
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = res.chunk().await? {
-        if body.len() + chunk.len() > REPLY_MAX {
-            return Ok(None);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Some(body))
-}
 
 /// Telnyx takes no instructions in the webhook response: the call is answered (or rejected,
 /// or transferred) by a Call Control command afterwards, with the number's API key, retried on

@@ -63,6 +63,24 @@ pub fn well_formed(s: &str, schemes: &[&str]) -> bool {
     plain && url::Url::parse(s).is_ok_and(|u| schemes.contains(&u.scheme()) && u.host_str().is_some())
 }
 
+/// The body of an answer to one of the gateway's own requests, or `None` once it runs past
+/// `most` bytes (or announces more): read a chunk at a time and given up on there, since who
+/// answers is not the gateway's to trust, and a body taken whole before its size is looked at
+/// could hold the gateway's memory.
+pub async fn body_within(mut res: reqwest::Response, most: usize) -> reqwest::Result<Option<Vec<u8>>> {
+    if res.content_length().is_some_and(|n| n > most as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await? {
+        if body.len() + chunk.len() > most {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
 /// Whether the gateway may call `url`: false for a literal address it may not use (a URL
 /// stored before that address was refused). Host names are checked when resolved.
 pub fn allowed_url(url: &str) -> bool {

@@ -18,6 +18,8 @@ pub struct NewSecret {
     pub plaintext: Secret,
     pub hint: Option<String>,
     pub identifier: Option<String>,
+    /// A phone carrier's credential as parsed, to use with the carrier before it is sealed.
+    pub carrier: Option<PhoneCredential>,
 }
 
 /// Checks a credential for `provider`: a phone carrier's JSON shape, or an API key's prefix.
@@ -34,6 +36,7 @@ pub fn validate(provider: &str, value: &Value) -> Result<NewSecret, ApiError> {
             plaintext: cred.to_sealed_json(),
             hint: None,
             identifier: cred.identifier().map(str::to_owned),
+            carrier: Some(cred),
         });
     }
     let key = match value {
@@ -66,6 +69,7 @@ pub fn validate(provider: &str, value: &Value) -> Result<NewSecret, ApiError> {
         hint: plaintext.hint_after(entry.key_prefix.as_deref()),
         plaintext,
         identifier: None,
+        carrier: None,
     })
 }
 

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use super::{catalog, validate};
 use crate::auth::OrgAuth;
 use crate::clock::rfc3339;
-use crate::domain::{AuditId, Carrier, PhoneCredential, PhoneId, E164};
+use crate::domain::{AuditId, PhoneCredential, PhoneId, E164};
 use crate::error::ApiError;
 use crate::startup::{get_or_head, resource};
 use crate::state::AppState;
@@ -132,9 +132,11 @@ async fn store_secret(
                 "label: must be a string of at most 200 printable characters, without invisible formatting characters",
             )),
         };
-    let value = field(body, key_field)?;
-    let new = validate(provider, value)?;
-    let checked = numbers_kept_on_the_account(state, auth, &new.provider.provider, value).await?;
+    let new = validate(provider, field(body, key_field)?)?;
+    let checked = match &new.carrier {
+        Some(cred) => numbers_kept_on_the_account(state, auth, cred).await?,
+        None => Vec::new(),
+    };
     let rec = state.vault.seal(&auth.org_id, &new, label, now);
     let audit = AuditRecord {
         org_id: auth.org_id.clone(),
@@ -161,27 +163,24 @@ async fn store_secret(
         .json(json!({"success": true, "byok_keys": byok_keys(&recs), "credential": credential_json(&rec)})))
 }
 
-/// The numbers that verify their webhooks with the saved credential of carrier `provider`,
-/// once the carrier has shown each of them on the account of `value`, the credential that
-/// replaces it. Replacing moves them all to the new one and keeps only the replaced one as
+/// The numbers that verify their webhooks with the organization's saved credential of `cred`'s
+/// carrier, once the carrier has shown each of them on the account of `cred`, the credential
+/// that replaces it. Replacing moves them all to the new one and keeps only the replaced one as
 /// their previous: taken on trust, a mistyped token set twice would leave them none their
 /// carrier signs with. So it is checked as a number's own new credential is.
 async fn numbers_kept_on_the_account(
     state: &AppState,
     auth: &OrgAuth,
-    provider: &str,
-    value: &Value,
+    cred: &PhoneCredential,
 ) -> Result<Vec<PhoneId>, ApiError> {
-    let Ok(carrier) = provider.parse::<Carrier>() else { return Ok(Vec::new()) };
-    let Some(saved) = state.store.byok_get(&auth.org_id, provider)? else { return Ok(Vec::new()) };
+    let carrier = cred.carrier();
+    let Some(saved) = state.store.byok_get(&auth.org_id, carrier.as_str())? else { return Ok(Vec::new()) };
     let users = state.store.phones_using(&auth.org_id, &saved.id)?;
     if users.is_empty() {
         return Ok(Vec::new());
     }
-    let cred = PhoneCredential::parse_given(carrier, value)
-        .map_err(|e| ApiError::unprocessable("invalid_credentials", e.to_string()))?;
     let numbers: Vec<&E164> = users.iter().map(|p| &p.number).collect();
-    crate::phones::all_on_account(state, &auth.org_id, carrier, &cred, &numbers).await?;
+    crate::phones::all_on_account(state, &auth.org_id, carrier, cred, &numbers).await?;
     Ok(users.into_iter().map(|p| p.id).collect())
 }
 
