@@ -2,7 +2,11 @@
 //! in the store (written with the event), so a crash loses nothing: on restart every event not
 //! yet delivered is simply due. Events of one call go in order, one at a time; different calls
 //! go in parallel, up to `delivery_workers`. An upstream that keeps failing is held behind its
-//! circuit breaker (see `breaker`) and probed, instead of being tried with every event.
+//! circuit breaker (see `breaker`) and probed, instead of being tried with every event. One
+//! that is slow but answers gets at most half the workers, and each pass reads the due calls
+//! of every organization in turn (see `event_index::Index::due`), so a tenant's backlog, however
+//! deep, holds back no other tenant's deliveries. Within a tenant it can still delay the
+//! events of its other numbers: the queue knows an event's organization, not its number.
 //!
 //! What is queued is bounded: events whose upstream is held are parked off the queue with their
 //! number (4 bytes each in memory, against about 95 queued), and parked events are released a

@@ -4,7 +4,7 @@
 //!
 //! Per event this is 29 bytes in the columns and 5 to 10 in the marker table, plus 4 while it
 //! is parked (1,000,000 events: ~40 MB), so it is sized for the ids and offsets, not the
-//! events. Queued deliveries cost more (three ordered sets, about 95 bytes) but are few: the
+//! events. Queued deliveries cost more (ordered sets, about 95 bytes at most) but are few: the
 //! outbox releases parked events a bounded number at a time, and parks those whose upstream
 //! is held, so a long outage costs 4 bytes an event. It is rebuilt from the journal, or loaded
 //! from the snapshot written at shutdown and brought up to date from the journal's tail.
@@ -80,9 +80,16 @@ pub struct Index {
     markers: HashTable<u32>,
     /// Markers below this sequence number have been swept.
     marker_floor: u32,
-    queue: BTreeSet<(i64, u32)>,
+    /// Every queued event, with when it is due and its call.
     queued: HashMap<u32, (i64, u64)>,
     calls: BTreeSet<(u64, u32)>,
+    /// The queued events that head their calls (the only ones an attempt can be made of), by
+    /// organization, in due order. Kept apart so that a pass takes the organizations in turn:
+    /// one tenant's backlog, however deep, cannot fill every pass's read of the queue while
+    /// another's events wait behind it, and a call's later events never take a head's place.
+    heads: HashMap<u32, BTreeSet<(i64, u32)>>,
+    /// Each organization's earliest head: (due, organization).
+    firsts: BTreeSet<(i64, u32)>,
     /// Events waiting off the queue, by phone, in ascending order: their number has no
     /// upstream, or its upstream is held by its breaker. Sequence numbers only (the call is
     /// read back from the journal when they are released): there can be millions.
@@ -228,9 +235,9 @@ impl Index {
         seqs.len()
     }
 
-    /// When the earliest queued event is due.
+    /// When the earliest queued call head is due.
     pub fn next_due(&self) -> Option<i64> {
-        self.queue.first().map(|(due, _)| *due)
+        self.firsts.first().map(|(due, _)| *due)
     }
 
     /// How many events are on the queue (due or not).
@@ -260,15 +267,65 @@ impl Index {
     }
 
     fn enqueue(&mut self, seq: u32, due: i64, call: u64) {
-        self.queue.insert((due, seq));
+        let head = self.call_head(call);
         self.calls.insert((call, seq));
         self.queued.insert(seq, (due, call));
+        match head {
+            Some(h) if h < seq => {}
+            _ => {
+                // An older event of the call (one released from parking) takes the head's place.
+                if let Some(h) = head {
+                    self.set_head(h, false);
+                }
+                self.set_head(seq, true);
+            }
+        }
     }
 
     fn unqueue(&mut self, seq: u32) {
-        if let Some((due, call)) = self.queued.remove(&seq) {
-            self.queue.remove(&(due, seq));
+        let was_head = self.queued.get(&seq).is_some_and(|(_, call)| self.call_head(*call) == Some(seq));
+        if was_head {
+            self.set_head(seq, false);
+        }
+        if let Some((_, call)) = self.queued.remove(&seq) {
             self.calls.remove(&(call, seq));
+            if let Some(next) = self.call_head(call).filter(|_| was_head) {
+                self.set_head(next, true);
+            }
+        }
+    }
+
+    /// Puts a queued event among the heads (`head: true`) or takes it out, keeping its
+    /// organization's earliest in `firsts`.
+    fn set_head(&mut self, seq: u32, head: bool) {
+        let (Some(org), Some((due, _))) =
+            ((seq < self.len()).then(|| self.orgs[seq as usize]), self.queued.get(&seq).copied())
+        else {
+            return;
+        };
+        let set = self.heads.entry(org).or_default();
+        let before = set.first().map(|(d, _)| *d);
+        if head {
+            set.insert((due, seq));
+        } else {
+            set.remove(&(due, seq));
+        }
+        let after = set.first().map(|(d, _)| *d);
+        if set.is_empty() {
+            self.heads.remove(&org);
+        }
+        self.first_moved(org, before, after);
+    }
+
+    fn first_moved(&mut self, org: u32, before: Option<i64>, after: Option<i64>) {
+        if before == after {
+            return;
+        }
+        if let Some(d) = before {
+            self.firsts.remove(&(d, org));
+        }
+        if let Some(d) = after {
+            self.firsts.insert((d, org));
         }
     }
 
@@ -302,8 +359,28 @@ impl Index {
         n
     }
 
+    /// Up to `limit` call heads due by `now_ms`: a turn of each organization that has one, the
+    /// organization with the earliest first, then another turn, and so on, each organization's
+    /// in due order.
     pub fn due(&self, now_ms: i64, limit: usize) -> Vec<u32> {
-        self.queue.range(..=(now_ms, u32::MAX)).take(limit).map(|(_, s)| *s).collect()
+        let by = (now_ms, u32::MAX);
+        let mut turns: Vec<_> = self
+            .firsts
+            .range(..=by)
+            .take(limit)
+            .filter_map(|(_, org)| Some(self.heads.get(org)?.range(..=by)))
+            .collect();
+        let mut out = Vec::with_capacity(limit.min(self.queued.len()));
+        while out.len() < limit && !turns.is_empty() {
+            turns.retain_mut(|t| match t.next() {
+                Some((_, seq)) if out.len() < limit => {
+                    out.push(*seq);
+                    true
+                }
+                _ => false,
+            });
+        }
+        out
     }
 
     /// The oldest queued event of a call.
@@ -795,13 +872,13 @@ mod tests {
         // was queued can be held.
         assert_eq!(ix.hold(2, "ph_a"), 2);
         assert_eq!((ix.hold(0, "ph_a"), ix.hold(99, "ph_a")), (0, 0));
-        assert_eq!(ix.due(i64::MAX, 10), [1, 3]);
+        assert_eq!((ix.due(i64::MAX, 10), ix.queued()), (vec![1], 2), "3 waits behind 1, its call's first");
         assert_eq!(ix.call_head(1), None, "call 1 waits whole off the queue");
         // The number's next event parks behind them though its record says queued (else it
         // could overtake event 2 of its call); another number's event is queued.
         ix.apply(4 * 64, &pending(4, org, "ph_a", call(4))).unwrap();
         ix.apply(5 * 64, &pending(5, org, "ph_b", 9)).unwrap();
-        assert_eq!(ix.due(i64::MAX, 10), [1, 3, 5]);
+        assert_eq!((ix.due(i64::MAX, 10), ix.queued()), (vec![1, 5], 3));
         assert_eq!((ix.parked_len(), ix.parked_phones()), (3, vec!["ph_a".to_owned()]));
         // A later version of a parked event (an answer noted on it) leaves it parked, once.
         ix.apply(6 * 64, &Entry { parked: true, ..pending(2, org, "ph_a", call(2)) }).unwrap();
@@ -810,7 +887,7 @@ mod tests {
         // Released oldest first, two at a time, due at once, each under its call again.
         assert_eq!(ix.release("ph_b", 5, call_at), 0);
         assert_eq!(ix.release("ph_a", 2, call_at), 2);
-        assert_eq!(ix.due(i64::MAX, 10), [0, 2, 1, 3, 5]);
+        assert_eq!((ix.due(i64::MAX, 10), ix.queued()), (vec![0, 1, 5], 5));
         assert_eq!((ix.call_head(1), ix.parked_len()), (Some(0), 1));
         // Event 4 is delivered while parked (a redelivery's record): the release skips it, and
         // the number, with nothing left parked, queues its new events again.
@@ -818,7 +895,7 @@ mod tests {
         assert_eq!(ix.release("ph_a", 5, call_at), 0);
         assert!(ix.parked_phones().is_empty());
         ix.apply(8 * 64, &pending(6, org, "ph_a", call(6))).unwrap();
-        assert_eq!(ix.due(i64::MAX, 10), [0, 2, 1, 3, 5, 6]);
+        assert_eq!((ix.due(i64::MAX, 10), ix.queued()), (vec![0, 1, 5], 6));
 
         // Events whose records cannot be read stay parked, in order.
         assert_eq!((ix.hold(6, "ph_a"), ix.hold(5, "ph_b")), (3, 1), "6 takes call 1's 0 and 2 with it");
@@ -826,7 +903,41 @@ mod tests {
         // Each with where its latest version is (event 2's answer was noted at 6 * 64).
         assert_eq!(ix.parked_head("ph_a", 5), [(0, 0), (2, 6 * 64), (6, 8 * 64)]);
         assert_eq!(ix.release("ph_a", 5, call_at), 3);
-        assert_eq!(ix.due(i64::MAX, 10), [0, 2, 6, 1, 3]);
+        assert_eq!((ix.due(i64::MAX, 10), ix.queued()), (vec![0, 1], 5));
+        assert_eq!((ix.call_head(1), ix.call_head(2)), (Some(0), Some(1)));
+    }
+
+    #[test]
+    fn a_pass_takes_the_organizations_due_heads_in_turn_however_deep_ones_backlog() {
+        let (deep, other, third) = (OrgId::generate(), OrgId::generate(), OrgId::generate());
+        let mut ix = Index::default();
+        // One organization's 600 calls, due first (0..600), then two calls of another (600,
+        // 601, due then) and a third organization's call with a second event behind its first.
+        for seq in 0..600 {
+            ix.apply(u64::from(seq) * 64, &pending(seq, deep.as_str(), "ph_a", u64::from(seq))).unwrap();
+        }
+        for (seq, org, call) in [(600, &other, 1_000), (601, &other, 1_001), (602, &third, 2_000), (603, &third, 2_000)]
+        {
+            ix.apply(u64::from(seq) * 64, &pending(seq, org.as_str(), "ph_b", call)).unwrap();
+        }
+        // Before, the first 512 of the queue were all the deep one's.
+        assert_eq!(ix.due(i64::MAX, 5), [0, 600, 602, 1, 601]);
+        let most = ix.due(i64::MAX, 512);
+        assert_eq!(most.len(), 512);
+        assert!([600, 601, 602].iter().all(|s| most.contains(s)) && !most.contains(&603));
+        // Only what is due by then: the third organization's call is not yet.
+        assert_eq!(ix.due(601, 10), [0, 600, 1, 601, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(ix.next_due(), Some(0));
+        // The third's first delivered: its second event heads the call, due when it was.
+        ix.apply(700 * 64, &Entry { state: DeliveryState::Delivered, ..pending(602, third.as_str(), "ph_b", 2_000) })
+            .unwrap();
+        assert_eq!(ix.due(i64::MAX, 4), [0, 600, 603, 1]);
+        // The deep one's backlog delivered, the next due is another's.
+        for seq in 0..600 {
+            let done = Entry { state: DeliveryState::Delivered, ..pending(seq, deep.as_str(), "ph_a", u64::from(seq)) };
+            ix.apply(u64::from(701 + seq) * 64, &done).unwrap();
+        }
+        assert_eq!((ix.next_due(), ix.due(i64::MAX, 10)), (Some(600), vec![600, 603, 601]));
     }
 
     /// What the index holds, column by column and in its queues, for comparing two.
@@ -923,7 +1034,8 @@ mod tests {
     /// phone, its call and its state.
     struct Sim<'a> {
         ix: Index,
-        org: &'a str,
+        /// The organization of each phone's events (by the phone's place in `PHONES`).
+        orgs: [&'a str; 2],
         model: Vec<(usize, u64, DeliveryState)>,
         seq_at: HashMap<Loc, u32>,
         at: Loc,
@@ -936,7 +1048,7 @@ mod tests {
         fn put(&mut self, seq: u32, state: DeliveryState, parked: bool, due_ms: i64) {
             let (p, call, _) = self.model[seq as usize];
             self.at += 64;
-            let e = Entry { state, parked, due_ms, ..pending(seq, self.org, PHONES[p], call) };
+            let e = Entry { state, parked, due_ms, ..pending(seq, self.orgs[p % 2], PHONES[p], call) };
             self.ix.apply(self.at, &e).unwrap();
             self.seq_at.insert(self.at, seq);
             self.model[seq as usize].2 = state;
@@ -944,8 +1056,7 @@ mod tests {
 
         /// The due events that head their calls: what the outbox would try.
         fn heads(&self) -> Vec<u32> {
-            let due = self.ix.due(i64::MAX, usize::MAX);
-            due.into_iter().filter(|s| self.ix.call_head(self.model[*s as usize].1) == Some(*s)).collect()
+            self.ix.due(i64::MAX, usize::MAX)
         }
 
         fn pending(&self) -> Vec<u32> {
@@ -961,13 +1072,13 @@ mod tests {
     fn no_pending_event_is_lost_or_overtaken_whatever_the_order_of_steps() {
         use rand::{Rng, SeedableRng};
         use std::collections::HashSet;
-        let org = OrgId::generate();
+        let orgs = [OrgId::generate(), OrgId::generate()];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.snapshot");
         for seed in 0..24 {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let mut sim =
-                Sim { ix: Index::default(), org: org.as_str(), model: Vec::new(), seq_at: HashMap::new(), at: 0 };
+            let orgs = [orgs[0].as_str(), orgs[1].as_str()];
+            let mut sim = Sim { ix: Index::default(), orgs, model: Vec::new(), seq_at: HashMap::new(), at: 0 };
             for step in 0..400i64 {
                 let pick = |rng: &mut rand::rngs::StdRng, from: Vec<u32>| {
                     from.get(rng.gen_range(0..from.len().max(1))).copied()
@@ -1041,13 +1152,25 @@ mod tests {
                         assert!(!q, "seed {seed} step {step}: finished event {seq} is queued");
                     }
                 }
+                let mut first_queued: HashMap<u64, u32> = HashMap::new();
                 for seq in &queued {
                     let call = sim.model[*seq as usize].1;
                     assert!(
                         first_parked.get(&call).is_none_or(|first| seq < first),
                         "seed {seed} step {step}: event {seq} is queued behind a parked earlier one of call {call}"
                     );
+                    let first = first_queued.entry(call).or_insert(*seq);
+                    *first = (*first).min(*seq);
                 }
+                // What a pass is offered is each call's first queued event, and no other; the
+                // earliest of those is when the next is due.
+                let mut heads = sim.heads();
+                heads.sort_unstable();
+                let mut want: Vec<u32> = first_queued.into_values().collect();
+                want.sort_unstable();
+                assert_eq!(heads, want, "seed {seed} step {step}");
+                let earliest = want.iter().map(|s| ix.queued[s].0).min();
+                assert_eq!(ix.next_due(), earliest, "seed {seed} step {step}");
             }
         }
     }
