@@ -62,7 +62,8 @@ pub enum Command {
     /// that carry their `signing_seed`. A signed request can be accepted once; sending it
     /// again is a replay (acknowledged, not recorded). Status, error code and answer text are
     /// checked, not the recorded events. Prints `PASS name` or `FAIL name expected X got Y`
-    /// per fixture and exits non-zero if any failed.
+    /// per fixture and exits non-zero if any failed; if nothing answers at the target, it
+    /// stops at the first fixture and says so.
     Replay(ReplayArgs),
 }
 
@@ -129,12 +130,22 @@ pub struct ReplayArgs {
     /// A fixture file or a directory of them (searched recursively; `vectors/` is skipped).
     pub dir: std::path::PathBuf,
     /// The callgate to send them to, e.g. http://127.0.0.1:8080.
-    #[arg(long)]
+    #[arg(long, value_parser = http_target)]
     pub target: String,
     /// Re-sign Telnyx fixtures that carry their `signing_seed` with a timestamp as far from
     /// now as the original was from the fixture's `now`, so they pass the ±300 s window.
     #[arg(long)]
     pub fresh_timestamps: bool,
+}
+
+/// A base URL that fixtures' paths can be put after: one mistyped is said once, not once a
+/// fixture.
+fn http_target(s: &str) -> Result<String, String> {
+    let base = url::Url::parse(s).ok().filter(|u| u.query().is_none() && u.fragment().is_none());
+    if !crate::net::outbound::well_formed(s, &["http", "https"]) || base.is_none() {
+        return Err("must be an http:// or https:// URL with a host and no query, e.g. http://127.0.0.1:8080".into());
+    }
+    Ok(s.to_owned())
 }
 
 #[derive(Subcommand, Debug)]

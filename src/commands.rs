@@ -159,6 +159,9 @@ pub fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     for v in &verdicts {
         writeln!(out, "{v}")?;
     }
+    if verdicts.last().is_some_and(|v| v.unreachable) {
+        anyhow::bail!("nothing answers at {}: is callgate running there? No other fixture was sent", a.target);
+    }
     let failed = verdicts.iter().filter(|v| !v.passed).count();
     if failed > 0 {
         anyhow::bail!("{failed} of {} fixtures failed", verdicts.len());

@@ -555,6 +555,8 @@ pub struct Verdict {
     pub passed: bool,
     pub expected: String,
     pub got: String,
+    /// Nothing answered at the target's address (the replay stops there).
+    pub unreachable: bool,
 }
 
 impl fmt::Display for Verdict {
@@ -585,15 +587,26 @@ pub async fn replay(fixtures: &[(String, Fixture)], target: &str, opts: ReplayOp
         .expect("an HTTP client with rustls builds");
     let mut out = Vec::with_capacity(fixtures.len());
     for (name, f) in fixtures {
-        out.push(replay_one(&client, target, name, f, opts).await);
+        let v = replay_one(&client, target, name, f, opts).await;
+        // Nothing listens there: every other fixture would fail the same way.
+        let unreachable = v.unreachable;
+        out.push(v);
+        if unreachable {
+            break;
+        }
     }
     out
 }
 
 async fn replay_one(client: &reqwest::Client, target: &str, name: &str, f: &Fixture, opts: ReplayOptions) -> Verdict {
     let expected = describe(f.expect.status, f.expect.error_code.as_deref());
-    let verdict =
-        |passed: bool, expected: String, got: String| Verdict { name: name.to_owned(), passed, expected, got };
+    let verdict = |passed: bool, expected: String, got: String| Verdict {
+        name: name.to_owned(),
+        passed,
+        expected,
+        got,
+        unreachable: false,
+    };
     let f = if opts.fresh_timestamps {
         match with_fresh_timestamp(f, opts.now.unwrap_or_else(system_now)) {
             Ok(f) => f,
@@ -605,7 +618,10 @@ async fn replay_one(client: &reqwest::Client, target: &str, name: &str, f: &Fixt
     for i in 0..f.repeat.max(1) {
         let outcome = match send(client, target, &f).await {
             Ok(o) => o,
-            Err(e) => return verdict(false, expected, format!("no answer: {e:#}")),
+            Err(e) => {
+                let unreachable = e.downcast_ref::<reqwest::Error>().is_some_and(reqwest::Error::is_connect);
+                return Verdict { unreachable, ..verdict(false, expected, format!("no answer: {e:#}")) };
+            }
         };
         if let Err((want, have)) = check(&f.expect, &outcome) {
             let have = if f.repeat > 1 { format!("{have} (send {} of {})", i + 1, f.repeat) } else { have };

@@ -344,7 +344,28 @@ async fn the_cli_signs_a_fixture_and_replays_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 2 fixtures failed"));
     // The same signed request twice: the second is a replay, still 200, still one event.
     assert_eq!(events(&app, &org).await.len(), 1);
+    let base = app.base.clone();
     app.stop().await;
+
+    // Nothing listens there any more: said once, after the first fixture, not once a fixture.
+    let replay =
+        |target: &str| vec!["replay".to_owned(), cases.display().to_string(), "--target".into(), target.into()];
+    let out = run_cli(replay(&base));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.starts_with("FAIL a_signed expected 200 got no answer: ") && stdout.lines().count() == 1,
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("nothing answers at {base}")), "{stderr}");
+    assert_eq!(out.status.code(), Some(1));
+    // A target that is no base URL is a usage error, before anything is sent.
+    for target in ["garbage", "ftp://127.0.0.1:1", "http:///x", "http://127.0.0.1:1/?a=b"] {
+        let out = run_cli(replay(target));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("invalid value '{target}' for '--target")), "{stderr}");
+        assert_eq!((out.status.code(), out.stdout.len()), (Some(2), 0), "{target}");
+    }
 
     let out = run_cli(vec!["fixtures".into(), "sign".into(), "--carrier".into(), "plivo".into()]);
     assert!(!out.status.success());
