@@ -23,8 +23,10 @@ use crate::domain::{ApiKeyId, AuditId, Carrier, EventId, OrgId, PhoneId, SecretI
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Not a `source`: the message already holds sled's, and a report of the error's chain
+    /// would say it twice.
     #[error("storage error: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(sled::Error),
     #[error("corrupt record in {tree}: {detail}")]
     Corrupt { tree: &'static str, detail: String },
     #[error("the database is in use by another callgate process (is the server running?)")]
@@ -33,6 +35,12 @@ pub enum StoreError {
     /// stored is intact, and the same request may succeed later.
     #[error("storage i/o failed: {detail}")]
     Io { detail: String },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Sled(e)
+    }
 }
 
 /// What [`Store::phone_modify`] did.

@@ -199,6 +199,7 @@ impl SledStore {
         let db = sled::Config::new().path(sled_dir).cache_capacity(CACHE_BYTES).open().map_err(|e| match e {
             sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked,
             sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
+            sled::Error::Io(io) => StoreError::Io { detail: format!("cannot open {}: {io}", sled_dir.display()) },
             other => StoreError::Sled(other),
         })?;
         let t = |name: &str| db.open_tree(name);
