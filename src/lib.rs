@@ -16,6 +16,7 @@ pub mod net;
 pub mod orgs;
 pub mod paging;
 pub mod phones;
+pub mod private_file;
 pub mod rate_limit;
 pub mod settings;
 pub mod startup;

@@ -7,7 +7,7 @@ pub mod outbox;
 pub mod routes;
 pub mod signing;
 
-use std::path::Path;
+use anyhow::Context;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -26,30 +26,12 @@ pub fn load_or_create_secret(settings: &Settings) -> anyhow::Result<(Secret, boo
     }
     let path = settings.data_dir.join(SECRET_FILE);
     if path.exists() {
-        let text = std::fs::read_to_string(&path)?;
+        let text = crate::private_file::read(&path).with_context(|| format!("reading {}", path.display()))?;
         return Ok((check_whsec(&path.display().to_string(), &text).map_err(|e| anyhow::anyhow!("{e}"))?, false));
     }
     let mut raw = zeroize::Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(raw.as_mut_slice());
     let secret = Secret::new(format!("whsec_{}", B64.encode(raw.as_slice())));
-    write_private(&path, secret.expose())?;
+    crate::private_file::write(&path, secret.expose()).with_context(|| format!("writing {}", path.display()))?;
     Ok((secret, true))
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -14,6 +13,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::domain::{OrgId, SecretId};
@@ -78,28 +78,33 @@ fn key_err(path: &Path, e: impl std::fmt::Display) -> VaultError {
 }
 
 pub fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, VaultError> {
-    let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| key_err(path, e))?);
+    let text = crate::private_file::read(path).map_err(|e| key_err(path, e))?;
     MasterKeyInput::parse_base64("master key file", &text).map(|k| k.0).map_err(|e| key_err(path, e.problem))
 }
 
-/// Writes atomically with mode 0600: a temp file, fsync, rename.
 pub fn write_key_file(path: &Path, key: &[u8; 32]) -> Result<(), VaultError> {
-    let tmp = path.with_extension("tmp");
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp).map_err(|e| key_err(&tmp, e))?;
     let text = Zeroizing::new(B64.encode(key));
-    f.write_all(text.as_bytes())
-        .and_then(|_| f.write_all(b"\n"))
-        .and_then(|_| f.sync_all())
-        .map_err(|e| key_err(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| key_err(path, e))?;
-    Ok(())
+    crate::private_file::write(path, &text).map_err(|e| key_err(path, e))
+}
+
+/// Under `CALLGATE_MASTER_KEY` the data dir's key file is not read for the key. One that holds
+/// another key (the one generated at a first start, or the one a rotation under the variable
+/// replaced) is said at every start: without the variable it would be the key, and it opens
+/// none of the secrets sealed since.
+fn stale_key_file(data_dir: &Path, given: &[u8; 32]) {
+    let path = data_dir.join(KEY_FILE);
+    if !path.exists() {
+        return;
+    }
+    let same = read_key_file(&path).is_ok_and(|k| bool::from(k.as_slice().ct_eq(given.as_slice())));
+    if !same {
+        tracing::warn!(
+            path = %path.display(),
+            "CALLGATE_MASTER_KEY is set and this master key file holds another key: it is not used, and \
+             without the variable it would be, opening none of the secrets sealed under the variable's key. \
+             Remove it, or keep it only where a backup taken under it is kept"
+        );
+    }
 }
 
 impl Keyring {
@@ -109,7 +114,10 @@ impl Keyring {
     pub fn load(data_dir: &Path, given: Option<&MasterKeyInput>, sealed: usize) -> Result<(Keyring, bool), VaultError> {
         let mut generated = false;
         let current = match given {
-            Some(k) => MasterKey::new(k.0.clone()),
+            Some(k) => {
+                stale_key_file(data_dir, &k.0);
+                MasterKey::new(k.0.clone())
+            }
             None => {
                 let path = data_dir.join(KEY_FILE);
                 if path.exists() {

@@ -218,6 +218,48 @@ async fn keys_rotate_rewraps_every_secret_without_changing_it() {
     app.stop().await;
 }
 
+#[cfg(unix)]
+#[test]
+fn a_key_file_others_may_read_is_made_private_and_a_key_file_the_variable_overrides_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path();
+    let out = callgate(data_dir, &["org", "create", "Acme"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key_file = data_dir.join("master.key");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key_file), 0o600);
+
+    // A restore under a loose umask: the key is still used, the file made private, and said.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = callgate(data_dir, &["org", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Acme"), "{stderr}");
+    assert!(stderr.contains("other users could read this key file") && stderr.contains("master.key"), "{stderr}");
+    assert!(!stderr.contains(std::fs::read_to_string(&key_file).unwrap().trim()), "the key itself is never shown");
+    assert_eq!(mode(&key_file), 0o600);
+    let out = callgate(data_dir, &["org", "list"]);
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Under CALLGATE_MASTER_KEY the file is not the key: one that holds another is named.
+    let with_key = |key: &str| {
+        Command::new(env!("CARGO_BIN_EXE_callgate"))
+            .args(["org", "list"])
+            .env("CALLGATE_DATA_DIR", data_dir)
+            .env("CALLGATE_LOG", "warn")
+            .env("CALLGATE_MASTER_KEY", key)
+            .output()
+            .unwrap()
+    };
+    let same = std::fs::read_to_string(&key_file).unwrap();
+    let out = with_key(same.trim());
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = with_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("this master key file holds another key: it is not used"), "{stderr}");
+}
+
 #[tokio::test]
 async fn upstream_secret_is_generated_once_and_shown() {
     let app = spawn_app().await;

@@ -1,0 +1,82 @@
+//! The files that hold a key (the master key, the upstream signing secret): written whole or
+//! not at all, and readable by their owner alone.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+
+use zeroize::Zeroizing;
+
+/// Writes `text` and a newline through a temporary file (mode 0600), synced, then renamed into
+/// place: a crash leaves the old file or the new one, never half of one.
+pub fn write(path: &Path, text: &str) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+/// The file's text. One that other users may read (a restore or a copy under a loose umask)
+/// is made private first, with a warning, since whoever could read it had the key; one that
+/// cannot be made private is refused.
+pub fn read(path: &Path) -> io::Result<Zeroizing<String>> {
+    let text = Zeroizing::new(fs::read_to_string(path)?);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            let private = fs::Permissions::from_mode(mode & 0o700);
+            if let Err(e) = fs::set_permissions(path, private) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "other users may read it (mode {mode:o}) and it could not be made private ({e}): chmod 600 it"
+                    ),
+                ));
+            }
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "other users could read this key file: it is now readable by its owner alone; whoever read it \
+                 has the key, so rotate it if that may have happened"
+            );
+        }
+    }
+    Ok(text)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_key_file_is_written_private_and_one_others_may_read_is_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        write(&path, "k1").unwrap();
+        assert_eq!((mode(&path), fs::read_to_string(&path).unwrap()), (0o600, "k1\n".to_owned()));
+        assert!(!path.with_extension("tmp").exists());
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(read(&path).unwrap().as_str(), "k1\n");
+        assert_eq!(mode(&path), 0o600);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        read(&path).unwrap();
+        assert_eq!(mode(&path), 0o400, "a private file is left as it is");
+    }
+}
