@@ -323,6 +323,13 @@ pub trait Store: Send + Sync + 'static {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_storage_error_is_said_once_in_a_report_of_its_chain() {
+        let io = std::io::Error::new(std::io::ErrorKind::Other, "Read-only file system (os error 30)");
+        let report = format!("{:#}", anyhow::Error::from(StoreError::from(sled::Error::Io(io))));
+        assert_eq!(report, "storage error: IO error: Read-only file system (os error 30)");
+    }
+
     fn event(form: Option<&str>) -> EventRecord {
         EventRecord {
             id: EventId::from_value(7),
