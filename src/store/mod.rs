@@ -325,7 +325,7 @@ mod tests {
 
     #[test]
     fn a_storage_error_is_said_once_in_a_report_of_its_chain() {
-        let io = std::io::Error::new(std::io::ErrorKind::Other, "Read-only file system (os error 30)");
+        let io = std::io::Error::other("Read-only file system (os error 30)");
         let report = format!("{:#}", anyhow::Error::from(StoreError::from(sled::Error::Io(io))));
         assert_eq!(report, "storage error: IO error: Read-only file system (os error 30)");
     }
