@@ -24,10 +24,28 @@ const MAX_WINDOW_SECS: u64 = 100 * 365 * 24 * 3600;
 
 /// One bad setting, named, so the start-up failure is a single clear line.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid setting {name}: {problem}")]
+#[error("invalid setting {name}{}: {problem}", file_key(name).map(|k| format!(" (`{k}` in a config file)")).unwrap_or_default())]
 pub struct SettingsError {
     pub name: String,
     pub problem: String,
+}
+
+/// The config file's key for a setting's variable: a value may have come from either, and the
+/// check that refuses it runs after they are layered.
+fn file_key(var: &str) -> Option<String> {
+    let key = var.strip_prefix("CALLGATE_")?.to_ascii_lowercase();
+    let section = if key.ends_with("_api_url") {
+        "carriers."
+    } else if key.starts_with("delivery_")
+        || key.starts_with("upstream_")
+        || key.starts_with("assistant_")
+        || key == "answer_deadline_ms"
+    {
+        "handoff."
+    } else {
+        ""
+    };
+    Some(format!("{section}{key}"))
 }
 
 fn bad(name: &str, problem: impl Into<String>) -> SettingsError {
@@ -184,6 +202,52 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
+/// Where in the operator's file the value the settings refuse is, and why: the merged table
+/// has lost the file's positions, so each of the file's values is tried alone over the
+/// defaults until one fails, then its key is looked up in the file for its line.
+fn config_problem(path: &Path, text: &str, defaults: &toml::Table, over: &toml::Table, merged: &str) -> String {
+    let mut leaves = Vec::new();
+    leaves_of(over, &mut Vec::new(), &mut leaves);
+    for (keys, value) in leaves {
+        let alone = keys.iter().rev().fold(value, |v, k| toml::Value::Table(toml::Table::from_iter([(k.clone(), v)])));
+        let mut table = defaults.clone();
+        if let toml::Value::Table(alone) = alone {
+            merge(&mut table, alone);
+        }
+        if let Err(e) = toml::Value::Table(table).try_into::<Raw>() {
+            let at = key_offset(text, &keys).map(|o| format!(", line {}", line_of(text, o))).unwrap_or_default();
+            return format!("{}{at}: {}: {}", path.display(), keys.join("."), e.message());
+        }
+    }
+    format!("{}: {merged}", path.display())
+}
+
+fn leaves_of(table: &toml::Table, keys: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
+    for (k, v) in table {
+        keys.push(k.clone());
+        match v {
+            toml::Value::Table(t) if !t.is_empty() => leaves_of(t, keys, out),
+            v => out.push((keys.clone(), v.clone())),
+        }
+        keys.pop();
+    }
+}
+
+/// Where the last of `keys` is written in the file.
+fn key_offset(text: &str, keys: &[String]) -> Option<usize> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let (last, path) = keys.split_last()?;
+    for k in path {
+        table = table.get(k)?.as_table_like()?;
+    }
+    table.get_key_value(last)?.0.span().map(|s| s.start)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+}
+
 fn cidr_list(name: &str, items: &[String]) -> Result<Vec<IpNet>, SettingsError> {
     items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).map(|s| parse_net(name, s)).collect()
 }
@@ -215,9 +279,15 @@ impl Settings {
         if let Some(path) = config_file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| bad("--config", format!("cannot read {}: {e}", path.display())))?;
-            let over: toml::Table =
-                text.parse().map_err(|e: toml::de::Error| bad("--config", e.message().to_owned()))?;
-            merge(&mut table, over);
+            let over: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                let at = e.span().map(|s| format!(", line {}", line_of(&text, s.start))).unwrap_or_default();
+                bad("--config", format!("{}{at}: {}", path.display(), e.message()))
+            })?;
+            let defaults = table.clone();
+            merge(&mut table, over.clone());
+            if let Err(e) = toml::Value::Table(table.clone()).try_into::<Raw>() {
+                return Err(bad("--config", config_problem(path, &text, &defaults, &over, e.message())));
+            }
         }
         let mut raw: Raw = toml::Value::Table(table)
             .try_into()
@@ -604,6 +674,83 @@ mod tests {
             let longest = s.replay_window.max(s.credential_grace).max(s.handoff.delivery_horizon);
             assert_eq!(longest.as_secs(), MAX_WINDOW_SECS);
             assert!(4_102_444_800_000_i64.checked_add(longest.as_millis() as i64).is_some());
+        }
+    }
+
+    #[test]
+    fn a_config_files_error_names_its_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let problem = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let e = Settings::load(Some(&path), &env(&[])).unwrap_err();
+            assert_eq!(e.name, "--config");
+            e.problem.strip_prefix(&format!("{}, ", path.display())).unwrap_or(&e.problem).to_owned()
+        };
+        assert_eq!(
+            problem("# settings\nlog = \"info\"\n[handoff]\n\ndelivery_workers = \"many\"\n"),
+            "line 5: handoff.delivery_workers: invalid type: string \"many\", expected usize"
+        );
+        assert_eq!(
+            problem("log = \"info\"\ncarriers = { twilio_api_url = 5 }\n"),
+            "line 2: carriers.twilio_api_url: invalid type: integer `5`, expected a string"
+        );
+        assert!(problem("log = \"info\"\n\n[handoff]\nworkers = 1\n")
+            .starts_with("line 4: handoff.workers: unknown field `workers`"));
+        assert_eq!(problem("log = \"info\"\nlisten = \"x\n"), "line 2: invalid basic string");
+        // A value checked after the file and the variables are layered names both.
+        let e = bad("CALLGATE_DELIVERY_WORKERS", "must be at least 1").to_string();
+        assert_eq!(e, "invalid setting CALLGATE_DELIVERY_WORKERS (`handoff.delivery_workers` in a config file): must be at least 1");
+    }
+
+    /// Every variable's check, failing on a value from the file, names the file's key too: it
+    /// must be the key the file spells.
+    #[test]
+    fn each_variable_names_its_config_file_key() {
+        let vars = [
+            "ADMIN_TOKEN",
+            "ANSWER_DEADLINE_MS",
+            "ASSISTANT_URL",
+            "BODY_LIMIT_BYTES",
+            "BYOK_RATE_LIMIT_PER_MINUTE",
+            "CARRIER_RATE_LIMIT_PER_MINUTE",
+            "COMMIT_LINGER_US",
+            "CREDENTIAL_GRACE_SECS",
+            "DATA_DIR",
+            "DELIVERY_BREAKER_AFTER",
+            "DELIVERY_HORIZON_SECS",
+            "DELIVERY_TIMEOUT_MS",
+            "DELIVERY_WORKERS",
+            "EXOTEL_API_URL",
+            "JOURNAL_PREALLOCATE_MB",
+            "LISTEN",
+            "LOG",
+            "MASTER_KEY",
+            "PLIVO_API_URL",
+            "PROVIDER_TIMEOUT_MS",
+            "PUBLIC_URL",
+            "REPLAY_WINDOW_SECS",
+            "TELNYX_API_URL",
+            "TRUSTED_PROXIES",
+            "TWILIO_API_URL",
+            "UPSTREAM_PREVIOUS_SECRET",
+            "UPSTREAM_SECRET",
+            "UPSTREAM_URL",
+            "VOBIZ_API_URL",
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        for var in vars {
+            let key = file_key(&format!("CALLGATE_{var}")).unwrap();
+            // A boolean, which no setting takes: a type error if the key is known, else unknown.
+            let (section, name) = key.rsplit_once('.').map_or((None, key.as_str()), |(s, n)| (Some(s), n));
+            let text = match section {
+                Some(s) => format!("[{s}]\n{name} = true\n"),
+                None => format!("{name} = true\n"),
+            };
+            std::fs::write(&path, text).unwrap();
+            let e = Settings::load(Some(&path), &env(&[])).unwrap_err();
+            assert!(e.problem.contains(&format!("{key}: invalid type")), "{var}: {}", e.problem);
         }
     }
 
