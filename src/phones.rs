@@ -11,6 +11,7 @@ use crate::carriers::rest::{ListedNumber, ProviderError, Release, WebhookTargets
 use crate::clock::rfc3339;
 use crate::domain::{Carrier, OrgId, PhoneCredential, PhoneId, SecretId, E164};
 use crate::error::ApiError;
+use crate::net::strict_json::{self, Strict};
 use crate::paging;
 use crate::startup::{get_or_head, resource};
 use crate::state::AppState;
@@ -171,7 +172,7 @@ async fn validate(
     state: web::Data<AppState>,
     auth: OrgAuth,
     path: web::Path<String>,
-    body: web::Json<Value>,
+    body: web::Json<Strict>,
 ) -> Result<HttpResponse, ApiError> {
     let carrier = carrier(&path)?;
     let obj =
@@ -190,8 +191,10 @@ async fn validate(
 #[serde(deny_unknown_fields)]
 struct ImportBody {
     number: String,
+    #[serde(default, deserialize_with = "strict_json::option")]
     credentials: Option<Value>,
     label: Option<String>,
+    #[serde(default, deserialize_with = "strict_json::option_object")]
     config: Option<Map<String, Value>>,
     #[serde(default)]
     configure_provider: bool,
@@ -541,8 +544,10 @@ async fn get(state: web::Data<AppState>, auth: OrgAuth, id: web::Path<String>) -
 struct PatchBody {
     #[serde(default, deserialize_with = "double_option")]
     label: Option<Option<String>>,
+    #[serde(default, deserialize_with = "strict_json::option_object")]
     config: Option<Map<String, Value>>,
     /// A new credential for this number alone; the old one keeps verifying during the grace.
+    #[serde(default, deserialize_with = "strict_json::option")]
     credentials: Option<Value>,
     /// `"byok"`: verify with the organization's saved credential for the carrier.
     credential: Option<String>,

@@ -7,3 +7,4 @@ pub mod client;
 pub mod fds;
 pub mod form;
 pub mod outbound;
+pub mod strict_json;

@@ -10,6 +10,7 @@ use crate::auth::OrgAuth;
 use crate::clock::rfc3339;
 use crate::domain::{AuditId, PhoneCredential, PhoneId, E164};
 use crate::error::ApiError;
+use crate::net::strict_json::Strict;
 use crate::startup::{get_or_head, resource};
 use crate::state::AppState;
 use crate::store::{AuditRecord, Conflict, SecretRecord};
@@ -91,14 +92,14 @@ fn provider_of(body: &Value) -> Result<&str, ApiError> {
         .ok_or_else(|| ApiError::unprocessable("invalid_field", "provider: must be a string"))
 }
 
-async fn set(state: web::Data<AppState>, auth: OrgAuth, body: web::Json<Value>) -> Result<HttpResponse, ApiError> {
+async fn set(state: web::Data<AppState>, auth: OrgAuth, body: web::Json<Strict>) -> Result<HttpResponse, ApiError> {
     store_secret(&state, &auth, &body, "api_key").await
 }
 
 async fn set_alias(
     state: web::Data<AppState>,
     auth: OrgAuth,
-    body: web::Json<Value>,
+    body: web::Json<Strict>,
 ) -> Result<HttpResponse, ApiError> {
     store_secret(&state, &auth, &body, "key").await
 }

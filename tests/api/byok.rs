@@ -186,6 +186,51 @@ async fn every_phone_credential_shape_is_stored_and_shows_its_identifier() {
     }
 }
 
+/// serde_json keeps the last of a repeated key: what a proxy or a log that reads the first
+/// saw would not be what was stored.
+#[tokio::test]
+async fn a_body_that_repeats_a_key_is_refused_and_nothing_is_stored() {
+    let app = spawn_app().await;
+    let org = app.create_org("Acme").await;
+    let twilio = r#"{"account_sid": "AC0123456789abcdef0123456789abcdef", "auth_token": "twilioSECRETtoken000111""#;
+    let cases = [
+        ("/byok", format!(r#"{{"provider": "openai", "api_key": "{OPENAI_KEY}", "api_key": "sk-other"}}"#), "api_key"),
+        ("/byok", format!(r#"{{"provider": "twilio", "api_key": {twilio}, "auth_token": "x"}}}}"#), "auth_token"),
+        (
+            "/byok/set",
+            format!(r#"{{"provider": "openai", "provider": "anthropic", "key": "{OPENAI_KEY}"}}"#),
+            "provider",
+        ),
+        ("/voice/twilio/byok/validate", format!(r#"{{"credentials": {twilio}, "auth_token": "x"}}}}"#), "auth_token"),
+        (
+            "/voice/twilio/byok/import",
+            format!(r#"{{"number": "+14155550100", "credentials": {twilio}, "auth_token": "x"}}}}"#),
+            "auth_token",
+        ),
+        (
+            "/voice/twilio/byok/import",
+            format!(
+                r#"{{"number": "+14155550100", "credentials": {twilio}}}, "config": {{"label": "a", "label": "b"}}}}"#
+            ),
+            "label",
+        ),
+    ];
+    for (path, body, key) in cases {
+        let res =
+            app.post(&org, path).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+        assert_eq!(res.status(), 422, "{path} {body}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_field", "{body}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with(&format!("invalid request body: duplicate field `{key}`")), "{body}: {message}");
+        assert!(!message.contains("SECRET"), "{message}");
+    }
+    let v: Value = app.get(&org, "/byok").send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["credentials"], json!([]));
+    let v: Value = app.get(&org, "/phone-numbers").send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["phone_numbers"], json!([]), "{v}");
+}
+
 #[tokio::test]
 async fn bad_credentials_get_422_naming_the_field() {
     let app = spawn_app().await;
