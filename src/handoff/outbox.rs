@@ -37,6 +37,11 @@ const RELEASE_EVERY: Duration = Duration::from_millis(250);
 /// Deliveries read from the queue per pass.
 const SCAN: usize = 512;
 
+/// How long a pass waits for an upstream that has its share of the workers out to free one.
+/// One that answers within it (any healthy upstream) is fed from the pass's read of the queue
+/// at its share's full pace; one that does not is passed over for the rest of the pass.
+const SHARE_WAIT: Duration = Duration::from_millis(50);
+
 /// Delays after the 1st, 2nd, … failure; hourly after the last, until the horizon.
 const BACKOFF_SECS: [i64; 5] = [5, 30, 120, 600, 3600];
 
@@ -53,6 +58,8 @@ pub fn backoff_ms(failures: usize) -> i64 {
 
 pub struct Outbox {
     wake: Arc<Notify>,
+    /// An upstream's attempt ended, so it may take another.
+    freed: Notify,
     in_flight: Mutex<Slots>,
     breakers: Breakers,
     /// When parked events were last looked at; `None`: look on the next pass.
@@ -87,6 +94,7 @@ impl Outbox {
     pub fn new(breaker_after: u32) -> Self {
         Outbox {
             wake: Arc::default(),
+            freed: Notify::new(),
             in_flight: Mutex::default(),
             breakers: Breakers::new(breaker_after),
             released: Mutex::default(),
@@ -155,6 +163,8 @@ impl Outbox {
                 slots.upstreams.remove(url);
             }
         }
+        drop(slots);
+        self.freed.notify_waiters();
     }
 
     /// Frees the call's slot; the events asked again while it was held, whose redelivery is
@@ -341,6 +351,8 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
     let breakers = &state.outbox.breakers;
     let per_upstream = state.settings.handoff.delivery_workers.div_ceil(2).max(1);
     let mut held: Vec<(EventId, PhoneId)> = Vec::new();
+    // Upstreams whose share stayed out for SHARE_WAIT this pass.
+    let mut slow: HashSet<String> = HashSet::new();
     for (ev, d) in due {
         if !state.store.is_call_head(&d.event_id) {
             continue;
@@ -374,8 +386,10 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
             held.push((ev.id, ev.phone_id));
             continue;
         };
-        // Its upstream has its share of the workers out: it stays due, for a later pass.
-        if !state.outbox.claim(&url, per_upstream) {
+        // Its upstream has its share of the workers out: it waits a moment for one of them, and
+        // else stays due, for a later pass. Skipped at once, a drain to a single upstream read
+        // the whole queue window for each few attempts it could start.
+        if !claim_within(state, &url, per_upstream, &mut slow).await {
             free(state, &d.call_key);
             continue;
         }
@@ -409,6 +423,32 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         pass.held = state.store.hold(&held);
     }
     pass
+}
+
+/// Takes one of the upstream's share of the workers, waiting up to [`SHARE_WAIT`] for one to
+/// free, unless it already failed to free one in time this pass (`slow`).
+async fn claim_within(state: &AppState, url: &str, most: usize, slow: &mut HashSet<String>) -> bool {
+    let outbox = &state.outbox;
+    if outbox.claim(url, most) {
+        return true;
+    }
+    if slow.contains(url) {
+        return false;
+    }
+    let until = tokio::time::Instant::now() + SHARE_WAIT;
+    loop {
+        // Listening before looking again, so that a slot freed in between is not missed.
+        let freed = outbox.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if outbox.claim(url, most) {
+            return true;
+        }
+        if tokio::time::timeout_at(until, freed).await.is_err() {
+            slow.insert(url.to_owned());
+            return false;
+        }
+    }
 }
 
 /// One delivery attempt; its outcome tells the upstream's breaker, which admitted it.
