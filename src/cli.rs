@@ -141,8 +141,8 @@ pub struct ReplayArgs {
 /// A base URL that fixtures' paths can be put after: one mistyped is said once, not once a
 /// fixture.
 fn http_target(s: &str) -> Result<String, String> {
-    let base = url::Url::parse(s).ok().filter(|u| u.query().is_none() && u.fragment().is_none());
-    if !crate::net::outbound::well_formed(s, &["http", "https"]) || base.is_none() {
+    let base = url::Url::parse(s).is_ok_and(|u| u.query().is_none() && u.fragment().is_none());
+    if !base || !crate::net::outbound::well_formed(s, &["http", "https"]) {
         return Err("must be an http:// or https:// URL with a host and no query, e.g. http://127.0.0.1:8080".into());
     }
     Ok(s.to_owned())

@@ -275,23 +275,23 @@ fn origin(name: &str, s: &str) -> Result<String, SettingsError> {
 
 impl Settings {
     pub fn load(config_file: Option<&Path>, env: &dyn Env) -> Result<Settings, SettingsError> {
-        let mut table: toml::Table = DEFAULT_TOML.parse().expect("the compiled-in default.toml parses");
-        if let Some(path) = config_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| bad("--config", format!("cannot read {}: {e}", path.display())))?;
-            let over: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-                let at = e.span().map(|s| format!(", line {}", line_of(&text, s.start))).unwrap_or_default();
-                bad("--config", format!("{}{at}: {}", path.display(), e.message()))
-            })?;
-            let defaults = table.clone();
-            merge(&mut table, over.clone());
-            if let Err(e) = toml::Value::Table(table.clone()).try_into::<Raw>() {
-                return Err(bad("--config", config_problem(path, &text, &defaults, &over, e.message())));
+        let defaults: toml::Table = DEFAULT_TOML.parse().expect("the compiled-in default.toml parses");
+        let mut raw: Raw = match config_file {
+            None => toml::Value::Table(defaults).try_into().expect("the compiled-in default.toml sets every setting"),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| bad("--config", format!("cannot read {}: {e}", path.display())))?;
+                let over: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                    let at = e.span().map(|s| format!(", line {}", line_of(&text, s.start))).unwrap_or_default();
+                    bad("--config", format!("{}{at}: {}", path.display(), e.message()))
+                })?;
+                let mut table = defaults.clone();
+                merge(&mut table, over.clone());
+                toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+                    bad("--config", config_problem(path, &text, &defaults, &over, e.message()))
+                })?
             }
-        }
-        let mut raw: Raw = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| bad("--config", e.message().to_owned()))?;
+        };
 
         let num = |name: &str, v: Option<String>| -> Result<Option<u64>, SettingsError> {
             v.map(|s| s.trim().parse::<u64>().map_err(|_| bad(name, "must be a whole number"))).transpose()
