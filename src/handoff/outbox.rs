@@ -4,9 +4,9 @@
 //! go in parallel, up to `delivery_workers`. An upstream that keeps failing is held behind its
 //! circuit breaker (see `breaker`) and probed, instead of being tried with every event. One
 //! that is slow but answers gets at most half the workers, and each pass reads the due calls
-//! of every organization in turn (see `event_index::Index::due`), so a tenant's backlog, however
-//! deep, holds back no other tenant's deliveries. Within a tenant it can still delay the
-//! events of its other numbers: the queue knows an event's organization, not its number.
+//! of every organization in turn, and of each organization's numbers in turn (see
+//! `event_index::Index::due`), so a number's backlog, however deep, holds back no other
+//! number's deliveries, of its tenant or another.
 //!
 //! What is queued is bounded: events whose upstream is held are parked off the queue with their
 //! number (4 bytes each in memory, against about 95 queued), and parked events are released a

@@ -4,7 +4,7 @@
 //!
 //! Per event this is 29 bytes in the columns and 5 to 10 in the marker table, plus 4 while it
 //! is parked (1,000,000 events: ~40 MB), so it is sized for the ids and offsets, not the
-//! events. Queued deliveries cost more (ordered sets, about 95 bytes at most) but are few: the
+//! events. Queued deliveries cost more (ordered sets, about 100 bytes at most) but are few: the
 //! outbox releases parked events a bounded number at a time, and parks those whose upstream
 //! is held, so a long outage costs 4 bytes an event. It is rebuilt from the journal, or loaded
 //! from the snapshot written at shutdown and brought up to date from the journal's tail.
@@ -62,6 +62,96 @@ fn undelivered(s: u8) -> bool {
     matches!(state_from(s), Some(DeliveryState::Pending | DeliveryState::Failed))
 }
 
+/// A queued event: when it is due, its call, and its number (its key in `Index::phones`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Queued {
+    due: i64,
+    call: u64,
+    phone: u32,
+}
+
+/// What a group of queued call heads must tell the group it is in.
+trait Earliest {
+    fn earliest(&self) -> Option<i64>;
+    fn is_empty(&self) -> bool;
+}
+
+impl Earliest for BTreeSet<(i64, u32)> {
+    fn earliest(&self) -> Option<i64> {
+        self.first().map(|(due, _)| *due)
+    }
+
+    fn is_empty(&self) -> bool {
+        BTreeSet::is_empty(self)
+    }
+}
+
+/// Groups of call heads by a key (an organization, a number), with each group's earliest due
+/// kept in order, so that a pass can offer the groups in turn, the earliest first.
+#[derive(Default)]
+struct Turns<G> {
+    groups: HashMap<u32, G>,
+    /// (the group's earliest due, its key).
+    firsts: BTreeSet<(i64, u32)>,
+}
+
+impl<G> Earliest for Turns<G> {
+    fn earliest(&self) -> Option<i64> {
+        self.firsts.first().map(|(due, _)| *due)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+}
+
+impl<G: Earliest + Default> Turns<G> {
+    /// Changes the group `key`, keeping its place among the firsts.
+    fn change(&mut self, key: u32, f: impl FnOnce(&mut G)) {
+        let group = self.groups.entry(key).or_default();
+        let before = group.earliest();
+        f(group);
+        let after = group.earliest();
+        if group.is_empty() {
+            self.groups.remove(&key);
+        }
+        if before != after {
+            if let Some(due) = before {
+                self.firsts.remove(&(due, key));
+            }
+            if let Some(due) = after {
+                self.firsts.insert((due, key));
+            }
+        }
+    }
+
+    /// Up to `limit` groups with something due by `by`, the earliest first.
+    fn due(&self, by: (i64, u32), limit: usize) -> impl Iterator<Item = &G> {
+        self.firsts.range(..=by).take(limit).filter_map(|(_, key)| self.groups.get(key))
+    }
+}
+
+/// Takes one item of each iterator in turn, dropping those that run out.
+struct InTurn<I>(VecDeque<I>);
+
+impl<I: Iterator> Iterator for InTurn<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        loop {
+            let mut it = self.0.pop_front()?;
+            if let Some(item) = it.next() {
+                self.0.push_back(it);
+                return Some(item);
+            }
+        }
+    }
+}
+
+fn in_turn<I: Iterator>(its: impl Iterator<Item = I>) -> InTurn<I> {
+    InTurn(its.collect())
+}
+
 #[derive(Default)]
 pub struct Index {
     /// High 64 bits of each event id (time, then a counter): unique and ascending.
@@ -80,16 +170,17 @@ pub struct Index {
     markers: HashTable<u32>,
     /// Markers below this sequence number have been swept.
     marker_floor: u32,
-    /// Every queued event, with when it is due and its call.
-    queued: HashMap<u32, (i64, u64)>,
+    /// Every queued event.
+    queued: HashMap<u32, Queued>,
     calls: BTreeSet<(u64, u32)>,
     /// The queued events that head their calls (the only ones an attempt can be made of), by
-    /// organization, in due order. Kept apart so that a pass takes the organizations in turn:
-    /// one tenant's backlog, however deep, cannot fill every pass's read of the queue while
-    /// another's events wait behind it, and a call's later events never take a head's place.
-    heads: HashMap<u32, BTreeSet<(i64, u32)>>,
-    /// Each organization's earliest head: (due, organization).
-    firsts: BTreeSet<(i64, u32)>,
+    /// organization, then by number, in due order. Kept apart so that a pass takes the
+    /// organizations in turn, and each organization's numbers in turn: one number's backlog,
+    /// however deep, cannot fill every pass's read of the queue while another's events (of its
+    /// tenant or another) wait behind it, and a call's later events never take a head's place.
+    heads: Turns<Turns<BTreeSet<(i64, u32)>>>,
+    /// The numbers of queued events, each by the key `Queued::phone` holds.
+    phones: HashMap<String, u32>,
     /// Events waiting off the queue, by phone, in ascending order: their number has no
     /// upstream, or its upstream is held by its breaker. Sequence numbers only (the call is
     /// read back from the journal when they are released): there can be millions.
@@ -186,7 +277,8 @@ impl Index {
                 self.park_call(e.phone, e.call);
                 self.park(e.phone, e.seq);
             } else {
-                self.enqueue(e.seq, e.due_ms, e.call);
+                let phone = self.phone_key(e.phone);
+                self.enqueue(e.seq, e.due_ms, e.call, phone);
             }
         }
         Ok(())
@@ -221,8 +313,8 @@ impl Index {
     /// queued events of its call: left queued, a later one could go before it once the
     /// upstream answers again. Returns how many it took off the queue.
     pub fn hold(&mut self, seq: u32, phone: &str) -> usize {
-        let Some((_, call)) = self.queued.get(&seq).copied() else { return 0 };
-        self.park_call(phone, call)
+        let Some(q) = self.queued.get(&seq).copied() else { return 0 };
+        self.park_call(phone, q.call)
     }
 
     /// Takes every queued event of a call off the queue and parks it with `phone`.
@@ -237,7 +329,7 @@ impl Index {
 
     /// When the earliest queued call head is due.
     pub fn next_due(&self) -> Option<i64> {
-        self.firsts.first().map(|(due, _)| *due)
+        self.heads.earliest()
     }
 
     /// How many events are on the queue (due or not).
@@ -266,10 +358,20 @@ impl Index {
         self.parked.keys().cloned().collect()
     }
 
-    fn enqueue(&mut self, seq: u32, due: i64, call: u64) {
+    /// The key of a number's queued events, made the first time one is queued.
+    fn phone_key(&mut self, phone: &str) -> u32 {
+        if let Some(key) = self.phones.get(phone) {
+            return *key;
+        }
+        let key = self.phones.len() as u32;
+        self.phones.insert(phone.to_owned(), key);
+        key
+    }
+
+    fn enqueue(&mut self, seq: u32, due: i64, call: u64, phone: u32) {
         let head = self.call_head(call);
         self.calls.insert((call, seq));
-        self.queued.insert(seq, (due, call));
+        self.queued.insert(seq, Queued { due, call, phone });
         match head {
             Some(h) if h < seq => {}
             _ => {
@@ -283,11 +385,11 @@ impl Index {
     }
 
     fn unqueue(&mut self, seq: u32) {
-        let was_head = self.queued.get(&seq).is_some_and(|(_, call)| self.call_head(*call) == Some(seq));
+        let was_head = self.is_call_head(seq);
         if was_head {
             self.set_head(seq, false);
         }
-        if let Some((_, call)) = self.queued.remove(&seq) {
+        if let Some(Queued { call, .. }) = self.queued.remove(&seq) {
             self.calls.remove(&(call, seq));
             if let Some(next) = self.call_head(call).filter(|_| was_head) {
                 self.set_head(next, true);
@@ -295,38 +397,22 @@ impl Index {
         }
     }
 
-    /// Puts a queued event among the heads (`head: true`) or takes it out, keeping its
-    /// organization's earliest in `firsts`.
+    /// Puts a queued event among the heads (`head: true`) or takes it out.
     fn set_head(&mut self, seq: u32, head: bool) {
-        let (Some(org), Some((due, _))) =
+        let (Some(org), Some(q)) =
             ((seq < self.len()).then(|| self.orgs[seq as usize]), self.queued.get(&seq).copied())
         else {
             return;
         };
-        let set = self.heads.entry(org).or_default();
-        let before = set.first().map(|(d, _)| *d);
-        if head {
-            set.insert((due, seq));
-        } else {
-            set.remove(&(due, seq));
-        }
-        let after = set.first().map(|(d, _)| *d);
-        if set.is_empty() {
-            self.heads.remove(&org);
-        }
-        self.first_moved(org, before, after);
-    }
-
-    fn first_moved(&mut self, org: u32, before: Option<i64>, after: Option<i64>) {
-        if before == after {
-            return;
-        }
-        if let Some(d) = before {
-            self.firsts.remove(&(d, org));
-        }
-        if let Some(d) = after {
-            self.firsts.insert((d, org));
-        }
+        self.heads.change(org, |numbers| {
+            numbers.change(q.phone, |set| {
+                if head {
+                    set.insert((q.due, seq));
+                } else {
+                    set.remove(&(q.due, seq));
+                }
+            })
+        });
     }
 
     /// Puts up to `limit` of a phone's parked events back on the queue, oldest first, due now.
@@ -334,6 +420,7 @@ impl Index {
     /// Returns how many went on the queue.
     pub fn release(&mut self, phone: &str, limit: usize, call_of: impl Fn(Loc) -> Option<u64>) -> usize {
         let Some(mut list) = self.parked.remove(phone) else { return 0 };
+        let key = self.phone_key(phone);
         let mut unreadable = Vec::new();
         let mut n = 0;
         while n < limit {
@@ -344,7 +431,7 @@ impl Index {
             }
             match call_of(self.locs[seq as usize]) {
                 Some(call) => {
-                    self.enqueue(seq, 0, call);
+                    self.enqueue(seq, 0, call, key);
                     n += 1;
                 }
                 None => unreadable.push(seq),
@@ -360,27 +447,15 @@ impl Index {
     }
 
     /// Up to `limit` call heads due by `now_ms`: a turn of each organization that has one, the
-    /// organization with the earliest first, then another turn, and so on, each organization's
-    /// in due order.
+    /// organization with the earliest first, then another turn, and so on. An organization's
+    /// turns go to its numbers the same way, and a number's to its heads in due order.
     pub fn due(&self, now_ms: i64, limit: usize) -> Vec<u32> {
         let by = (now_ms, u32::MAX);
-        let mut turns: Vec<_> = self
-            .firsts
-            .range(..=by)
-            .take(limit)
-            .filter_map(|(_, org)| Some(self.heads.get(org)?.range(..=by)))
-            .collect();
-        let mut out = Vec::with_capacity(limit.min(self.queued.len()));
-        while out.len() < limit && !turns.is_empty() {
-            turns.retain_mut(|t| match t.next() {
-                Some((_, seq)) if out.len() < limit => {
-                    out.push(*seq);
-                    true
-                }
-                _ => false,
-            });
-        }
-        out
+        let orgs = self
+            .heads
+            .due(by, limit)
+            .map(|numbers| in_turn(numbers.due(by, limit).map(|heads| heads.range(..=by).map(|(_, seq)| *seq))));
+        in_turn(orgs).take(limit).collect()
     }
 
     /// The oldest queued event of a call.
@@ -392,7 +467,7 @@ impl Index {
     /// record names: a record made before a change of how call keys are formed still finds
     /// its call.
     pub fn is_call_head(&self, seq: u32) -> bool {
-        self.queued.get(&seq).is_some_and(|(_, call)| self.call_head(*call) == Some(seq))
+        self.queued.get(&seq).is_some_and(|q| self.call_head(q.call) == Some(seq))
     }
 
     /// Drops markers whose time is up, oldest first; returns how many.
@@ -464,12 +539,18 @@ impl Index {
         w.put(&block)?;
         // Events added since the count above are not in this snapshot: their queue places
         // come back with them from the journal.
+        w.put(&(ix.phones.len() as u32).to_le_bytes())?;
+        for (phone, key) in &ix.phones {
+            w.bytes(phone.as_bytes())?;
+            w.put(&key.to_le_bytes())?;
+        }
         let queued: Vec<_> = ix.queued.iter().filter(|(seq, _)| (**seq as usize) < n).collect();
         w.put(&(queued.len() as u32).to_le_bytes())?;
-        for (seq, (due, call)) in queued {
+        for (seq, q) in queued {
             w.put(&seq.to_le_bytes())?;
-            w.put(&due.to_le_bytes())?;
-            w.put(&call.to_le_bytes())?;
+            w.put(&q.due.to_le_bytes())?;
+            w.put(&q.call.to_le_bytes())?;
+            w.put(&q.phone.to_le_bytes())?;
         }
         w.put(&(ix.parked.len() as u32).to_le_bytes())?;
         for (phone, list) in &ix.parked {
@@ -536,13 +617,28 @@ impl Index {
         if !sound {
             return Ok(None);
         }
+        let phones = r.u32()?;
+        for _ in 0..phones {
+            let phone = r.string()?;
+            ix.phones.insert(phone, r.u32()?);
+        }
+        // Keys are handed out by count: a table whose keys are not 0..len is not one we wrote.
+        if ix.phones.len() != phones as usize || ix.phones.values().any(|k| *k >= phones) {
+            return Ok(None);
+        }
         let queued = r.u32()? as usize;
-        r.items::<20>(queued, |q| {
+        let mut sound = true;
+        r.items::<24>(queued, |q| {
             let seq = u32::from_le_bytes(q[..4].try_into().unwrap_or_default());
             let due = i64::from_le_bytes(q[4..12].try_into().unwrap_or_default());
-            let call = u64::from_le_bytes(q[12..].try_into().unwrap_or_default());
-            ix.enqueue(seq, due, call);
+            let call = u64::from_le_bytes(q[12..20].try_into().unwrap_or_default());
+            let phone = u32::from_le_bytes(q[20..].try_into().unwrap_or_default());
+            sound &= phone < phones;
+            ix.enqueue(seq, due, call, phone);
         })?;
+        if !sound {
+            return Ok(None);
+        }
         for _ in 0..r.u32()? {
             let phone = r.string()?;
             let len = r.u32()? as usize;
@@ -635,7 +731,8 @@ impl Written {
     }
 }
 
-const MAGIC: &[u8; 8] = b"CGINDEX2";
+/// 3: queued events name their number (a snapshot of 2 is not loaded: the journal is read).
+const MAGIC: &[u8; 8] = b"CGINDEX3";
 const RECORD: usize = 33;
 const BLOCK_RECORDS: usize = 2048;
 /// Records a snapshot copies per hold of the index lock (about 2 MB, a millisecond or two).
@@ -887,7 +984,8 @@ mod tests {
         // Released oldest first, two at a time, due at once, each under its call again.
         assert_eq!(ix.release("ph_b", 5, call_at), 0);
         assert_eq!(ix.release("ph_a", 2, call_at), 2);
-        assert_eq!((ix.due(i64::MAX, 10), ix.queued()), (vec![0, 1, 5], 5));
+        // The numbers take turns: a's first, b's, then a's next.
+        assert_eq!((ix.due(i64::MAX, 10), ix.queued()), (vec![0, 5, 1], 5));
         assert_eq!((ix.call_head(1), ix.parked_len()), (Some(0), 1));
         // Event 4 is delivered while parked (a redelivery's record): the release skips it, and
         // the number, with nothing left parked, queues its new events again.
@@ -895,7 +993,7 @@ mod tests {
         assert_eq!(ix.release("ph_a", 5, call_at), 0);
         assert!(ix.parked_phones().is_empty());
         ix.apply(8 * 64, &pending(6, org, "ph_a", call(6))).unwrap();
-        assert_eq!((ix.due(i64::MAX, 10), ix.queued()), (vec![0, 1, 5], 6));
+        assert_eq!((ix.due(i64::MAX, 10), ix.queued()), (vec![0, 5, 1], 6));
 
         // Events whose records cannot be read stay parked, in order.
         assert_eq!((ix.hold(6, "ph_a"), ix.hold(5, "ph_b")), (3, 1), "6 takes call 1's 0 and 2 with it");
@@ -938,6 +1036,34 @@ mod tests {
             ix.apply(u64::from(701 + seq) * 64, &done).unwrap();
         }
         assert_eq!((ix.next_due(), ix.due(i64::MAX, 10)), (Some(600), vec![600, 603, 601]));
+    }
+
+    #[test]
+    fn an_organizations_numbers_share_its_turns_however_deep_ones_backlog() {
+        let (org, other) = (OrgId::generate(), OrgId::generate());
+        let mut ix = Index::default();
+        // One number's 600 calls, due first; then two calls of a second number of the same
+        // organization, one of a third, and another organization's one.
+        for seq in 0..600 {
+            ix.apply(u64::from(seq) * 64, &pending(seq, org.as_str(), "ph_a", u64::from(seq))).unwrap();
+        }
+        let rest = [(600, &org, "ph_b", 1_000), (601, &org, "ph_b", 1_001), (602, &org, "ph_c", 2_000)];
+        for (seq, org, phone, call) in rest.into_iter().chain([(603, &other, "ph_d", 3_000)]) {
+            ix.apply(u64::from(seq) * 64, &pending(seq, org.as_str(), phone, call)).unwrap();
+        }
+        // The organizations in turn, and within the first its numbers in turn, by their earliest.
+        assert_eq!(ix.due(i64::MAX, 8), [0, 603, 600, 602, 1, 601, 2, 3]);
+        // Before, the organization's share of a pass's read was all the first number's.
+        let most = ix.due(i64::MAX, 512);
+        assert_eq!(most.len(), 512);
+        assert!([600, 601, 602, 603].iter().all(|s| most.contains(s)));
+        // What is not due yet waits its time, whoever's turn it is.
+        assert_eq!(ix.due(600, 5), [0, 600, 1, 2, 3]);
+        // The second number's first delivered: its second call takes its turns.
+        ix.apply(700 * 64, &Entry { state: DeliveryState::Delivered, ..pending(600, org.as_str(), "ph_b", 1_000) })
+            .unwrap();
+        assert_eq!(ix.due(i64::MAX, 6), [0, 603, 601, 602, 1, 2]);
+        assert_eq!(ix.next_due(), Some(0));
     }
 
     /// What the index holds, column by column and in its queues, for comparing two.
@@ -1169,7 +1295,7 @@ mod tests {
                 let mut want: Vec<u32> = first_queued.into_values().collect();
                 want.sort_unstable();
                 assert_eq!(heads, want, "seed {seed} step {step}");
-                let earliest = want.iter().map(|s| ix.queued[s].0).min();
+                let earliest = want.iter().map(|s| ix.queued[s].due).min();
                 assert_eq!(ix.next_due(), earliest, "seed {seed} step {step}");
             }
         }

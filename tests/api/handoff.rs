@@ -991,21 +991,38 @@ fn pinned(extra: &[(&str, &str)]) -> Options {
 #[tokio::test]
 async fn a_slow_upstream_takes_half_the_workers_and_others_go_meanwhile() {
     // Before, all 4 workers waited on the slow upstream, 1.5 s at a time, 12 events deep.
-    others_go_at_once_behind_a_slow_upstreams_backlog(12).await;
+    others_go_at_once_behind_a_slow_upstreams_backlog(12, Tenant::Other).await;
 }
 
 /// A backlog deeper than what a pass reads of the queue (512) once filled every pass, and
 /// other tenants' events, due after it, waited for it to drain.
 #[tokio::test]
 async fn a_slow_upstreams_backlog_deeper_than_a_pass_holds_back_no_other_tenant() {
-    others_go_at_once_behind_a_slow_upstreams_backlog(600).await;
+    others_go_at_once_behind_a_slow_upstreams_backlog(600, Tenant::Other).await;
 }
 
-async fn others_go_at_once_behind_a_slow_upstreams_backlog(backlog: usize) {
+/// The same within a tenant: its number whose upstream is slow once took every place the
+/// tenant had in a pass's read, and its other numbers' events waited for that backlog to drain.
+#[tokio::test]
+async fn a_slow_numbers_backlog_holds_back_none_of_its_tenants_other_numbers() {
+    others_go_at_once_behind_a_slow_upstreams_backlog(600, Tenant::Same).await;
+}
+
+/// Whose event is recorded behind the slow upstream's backlog.
+enum Tenant {
+    Same,
+    Other,
+}
+
+async fn others_go_at_once_behind_a_slow_upstreams_backlog(backlog: usize, whose: Tenant) {
     let slow = FakeHttp::start(|_| Reply::status(200).delayed(Duration::from_millis(1_500))).await;
     let fast = FakeHttp::start(|_| Reply::status(200)).await;
     let app = upstream_app(&fast, &[("CALLGATE_DELIVERY_WORKERS", "4")]).await;
-    let (tenant, other) = (app.create_org("Slow").await, app.create_org("Other").await);
+    let tenant = app.create_org("Slow").await;
+    let other = match whose {
+        Tenant::Same => tenant.clone(),
+        Tenant::Other => app.create_org("Other").await,
+    };
     let mut cfg = config(None, None);
     cfg.upstream_url = Some(slow.url("/slow"));
     let slow_line = add_line(&app, &tenant, Carrier::Twilio, "+16282020041", cfg);
@@ -1531,6 +1548,7 @@ async fn a_redelivery_asked_during_an_attempt_is_made_after_it() {
     assert_eq!(res.json::<Value>().await.unwrap(), json!({"event_id": id, "delivery": "pending"}));
     let hits = wait_hits(&upstream, "the redelivery", |h| h.len() == 2).await;
     assert_eq!((hits[0].webhook_id(), hits[1].webhook_id()), (id.clone(), id.clone()));
+    assert_eq!(hits[0].body, hits[1].body, "a redelivery sends what the first attempt did");
     let d = wait_state(&app, &org, &id, "delivered").await;
     assert_eq!(d["attempts"].as_array().unwrap().len(), 2, "both attempts are on record: {d}");
     tokio::time::sleep(Duration::from_millis(1_200)).await;
