@@ -3,7 +3,8 @@
 //! yet delivered is simply due. Events of one call go in order, one at a time; different calls
 //! go in parallel, up to `delivery_workers`. An upstream that keeps failing is held behind its
 //! circuit breaker (see `breaker`) and probed, instead of being tried with every event. One
-//! that is slow but answers gets at most half the workers, and each pass reads the due calls
+//! that is slow but answers gets at most half the workers, those known slow at most half
+//! between them (else two of them could take every worker), and each pass reads the due calls
 //! of every organization in turn, and of each organization's numbers in turn (see
 //! `event_index::Index::due`), so a number's backlog, however deep, holds back no other
 //! number's deliveries, of its tenant or another.
@@ -36,6 +37,10 @@ const RELEASE_EVERY: Duration = Duration::from_millis(250);
 
 /// Deliveries read from the queue per pass.
 const SCAN: usize = 512;
+
+/// An attempt that took this long or longer makes its upstream known slow, until one takes
+/// less. A webhook receiver answers in well under a second (taking the event, not acting on it).
+const SLOW: Duration = Duration::from_secs(1);
 
 /// How long a pass waits for an upstream that has its share of the workers out to free one.
 /// One that answers within it (any healthy upstream) is fed from the pass's read of the queue
@@ -72,13 +77,32 @@ pub struct Outbox {
 #[derive(Default)]
 struct Slots {
     calls: HashSet<String>,
-    /// Attempts out, by upstream URL. An upstream gets at most half the workers: one that is
-    /// slow, but answers, trips no breaker, and with every worker waiting on it the events of
-    /// every other upstream (other organizations') would wait behind its backlog.
-    upstreams: HashMap<String, usize>,
+    /// Attempts out, by upstream URL. An upstream gets at most half the workers, and those
+    /// known slow (`SLOW`) at most half between them: one that is slow, but answers, trips no
+    /// breaker, and with every worker waiting on slow ones the events of every other upstream
+    /// would wait behind their backlogs.
+    upstreams: HashMap<String, Upstream>,
+    /// Attempts out to upstreams known slow.
+    slow_out: usize,
     /// Events asked to be delivered again while their call's attempt was out, by call: the
     /// attempt's outcome would overwrite the request, so they are requeued once it is written.
     again: HashMap<String, Vec<(OrgId, EventId)>>,
+}
+
+/// An upstream's attempts out, and whether its last one was slow.
+#[derive(Default)]
+struct Upstream {
+    out: usize,
+    slow: bool,
+}
+
+/// Why an upstream could not take another worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Full {
+    /// It has its own share out.
+    Own,
+    /// It is known slow, and the slow ones have their share out between them.
+    Slow,
 }
 
 /// What one pass over the due deliveries did.
@@ -144,23 +168,37 @@ impl Outbox {
         false
     }
 
-    /// Counts an attempt to `url` out, unless `most` are.
-    fn claim(&self, url: &str, most: usize) -> bool {
+    /// Counts an attempt to `url` out, unless `most` are, or it is known slow and `most` are
+    /// out to the slow ones.
+    fn claim(&self, url: &str, most: usize) -> Result<(), Full> {
         let mut slots = self.slots();
-        let out = slots.upstreams.entry(url.to_owned()).or_default();
-        if *out >= most {
-            return false;
+        let Slots { upstreams, slow_out, .. } = &mut *slots;
+        let up = upstreams.entry(url.to_owned()).or_default();
+        if up.out >= most {
+            return Err(Full::Own);
         }
-        *out += 1;
-        true
+        if up.slow && *slow_out >= most {
+            return Err(Full::Slow);
+        }
+        up.out += 1;
+        *slow_out += usize::from(up.slow);
+        Ok(())
     }
 
-    fn unclaim(&self, url: &str) {
+    /// Counts an attempt to `url` back in; `took`: how long it took, if it was made.
+    fn unclaim(&self, url: &str, took: Option<Duration>) {
         let mut slots = self.slots();
-        if let Some(out) = slots.upstreams.get_mut(url) {
-            *out -= 1;
-            if *out == 0 {
-                slots.upstreams.remove(url);
+        let Slots { upstreams, slow_out, .. } = &mut *slots;
+        if let Some(up) = upstreams.get_mut(url) {
+            // Its attempts out count among the slow ones' as long as it is known slow.
+            *slow_out -= usize::from(up.slow) * up.out;
+            up.out -= 1;
+            if let Some(took) = took {
+                up.slow = took >= SLOW;
+            }
+            *slow_out += usize::from(up.slow) * up.out;
+            if up.out == 0 && !up.slow {
+                upstreams.remove(url);
             }
         }
         drop(slots);
@@ -351,8 +389,7 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
     let breakers = &state.outbox.breakers;
     let per_upstream = state.settings.handoff.delivery_workers.div_ceil(2).max(1);
     let mut held: Vec<(EventId, PhoneId)> = Vec::new();
-    // Upstreams whose share stayed out for SHARE_WAIT this pass.
-    let mut slow: HashSet<String> = HashSet::new();
+    let mut passed_over = PassedOver::default();
     for (ev, d) in due {
         if !state.store.is_call_head(&d.event_id) {
             continue;
@@ -389,12 +426,12 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         // Its upstream has its share of the workers out: it waits a moment for one of them, and
         // else stays due, for a later pass. Skipped at once, a drain to a single upstream read
         // the whole queue window for each few attempts it could start.
-        if !claim_within(state, &url, per_upstream, &mut slow).await {
+        if !claim_within(state, &url, per_upstream, &mut passed_over).await {
             free(state, &d.call_key);
             continue;
         }
         let release = || {
-            state.outbox.unclaim(&url);
+            state.outbox.unclaim(&url, None);
             free(state, &d.call_key);
         };
         let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
@@ -411,8 +448,8 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         pass.started += 1;
         tokio::spawn(async move {
             let key = d.call_key.clone();
-            attempt(&st, d, url.clone(), how).await;
-            st.outbox.unclaim(&url);
+            let took = attempt(&st, d, url.clone(), how).await;
+            st.outbox.unclaim(&url, took);
             free(&st, &key);
             drop(permit);
             // The call's next event may be due now.
@@ -425,14 +462,36 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
     pass
 }
 
-/// Takes one of the upstream's share of the workers, waiting up to [`SHARE_WAIT`] for one to
-/// free, unless it already failed to free one in time this pass (`slow`).
-async fn claim_within(state: &AppState, url: &str, most: usize, slow: &mut HashSet<String>) -> bool {
-    let outbox = &state.outbox;
-    if outbox.claim(url, most) {
-        return true;
+/// What a pass no longer waits for: upstreams whose share stayed out for [`SHARE_WAIT`], and
+/// the slow ones' share, once it did.
+#[derive(Default)]
+struct PassedOver {
+    upstreams: HashSet<String>,
+    slow_ones: bool,
+}
+
+impl PassedOver {
+    fn contains(&self, url: &str, full: Full) -> bool {
+        self.upstreams.contains(url) || (full == Full::Slow && self.slow_ones)
     }
-    if slow.contains(url) {
+
+    fn insert(&mut self, url: &str, full: Full) {
+        match full {
+            Full::Own => {
+                self.upstreams.insert(url.to_owned());
+            }
+            // Every slow upstream waits on the same share: one wait a pass is enough.
+            Full::Slow => self.slow_ones = true,
+        }
+    }
+}
+
+/// Takes one of the upstream's share of the workers, waiting up to [`SHARE_WAIT`] for one to
+/// free, unless what it waits for already failed to free one in time this pass.
+async fn claim_within(state: &AppState, url: &str, most: usize, passed_over: &mut PassedOver) -> bool {
+    let outbox = &state.outbox;
+    let Err(mut full) = outbox.claim(url, most) else { return true };
+    if passed_over.contains(url, full) {
         return false;
     }
     let until = tokio::time::Instant::now() + SHARE_WAIT;
@@ -441,29 +500,38 @@ async fn claim_within(state: &AppState, url: &str, most: usize, slow: &mut HashS
         let freed = outbox.freed.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
-        if outbox.claim(url, most) {
-            return true;
+        match outbox.claim(url, most) {
+            Ok(()) => return true,
+            Err(f) => full = f,
         }
         if tokio::time::timeout_at(until, freed).await.is_err() {
-            slow.insert(url.to_owned());
+            passed_over.insert(url, full);
             return false;
         }
     }
 }
 
-/// One delivery attempt; its outcome tells the upstream's breaker, which admitted it.
-async fn attempt(state: &AppState, d: DeliveryRecord, url: String, how: Admitted) {
-    let reached = deliver(state, d, &url).await;
+/// One delivery attempt; its outcome tells the upstream's breaker, which admitted it. Returns
+/// how long its request took, if one was made.
+async fn attempt(state: &AppState, d: DeliveryRecord, url: String, how: Admitted) -> Option<Duration> {
+    let tried = deliver(state, d, &url).await;
     let breakers = &state.outbox.breakers;
-    match reached {
-        Some(r) => breakers.report(&url, how, r, state.clock.now_ms()),
+    match &tried {
+        Some(t) => breakers.report(&url, how, t.reached, state.clock.now_ms()),
         None => breakers.forgo(&url, how),
     }
+    tried.map(|t| t.took)
 }
 
-/// Whether the upstream was reached (answered other than 5xx or 429); `None` when no request
-/// was made.
-async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<bool> {
+/// A request made to an upstream.
+struct Tried {
+    /// It answered other than 5xx or 429.
+    reached: bool,
+    took: Duration,
+}
+
+/// The request made, if one was.
+async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<Tried> {
     let now = state.clock.now_ms();
     // Read again rather than taken from the scan: an incoming call's answer is noted on its
     // event after recording, and the copy the scan decoded may predate it.
@@ -518,7 +586,8 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
     } else {
         None
     };
-    let latency_ms = started.elapsed().as_millis() as u64;
+    let took = started.elapsed();
+    let latency_ms = took.as_millis() as u64;
     // An upstream that asks for a pause (429 or 503 with `Retry-After` in seconds) gets it, up
     // to the longest backoff step: tried sooner, it would only refuse again.
     let asked_pause_ms = result
@@ -575,7 +644,7 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<b
     if let Err(e) = state.commit.put_delivery(d).await {
         tracing::error!(event = %event_id, error = %e, "recording a delivery attempt failed");
     }
-    Some(status_code.is_some_and(|s| s < 500 && s != 429))
+    Some(Tried { reached: status_code.is_some_and(|s| s < 500 && s != 429), took })
 }
 
 #[cfg(test)]
@@ -670,6 +739,38 @@ mod tests {
         let (calls, more) = plan(&numbers[..2], &[("http://up/", Flow::All)], 9);
         assert_eq!(calls, [(A.to_owned(), 9, 5), (B.to_owned(), 4, 4)]);
         assert!(!more);
+    }
+
+    #[test]
+    fn upstreams_known_slow_share_half_the_workers_between_them() {
+        let outbox = Outbox::new(0);
+        let secs = |s: f64| Some(Duration::from_secs_f64(s));
+        let slow_out = || outbox.slots().slow_out;
+        // Not yet known slow: each takes its own share.
+        assert_eq!(
+            [outbox.claim("a", 2), outbox.claim("a", 2), outbox.claim("a", 2)],
+            [Ok(()), Ok(()), Err(Full::Own)]
+        );
+        assert_eq!([outbox.claim("b", 2), outbox.claim("b", 2)], [Ok(()), Ok(())]);
+        // An attempt of each took a second or more: the other, still out, counts as slow.
+        outbox.unclaim("a", secs(1.5));
+        outbox.unclaim("b", secs(1.0));
+        assert_eq!(slow_out(), 2);
+        assert_eq!((outbox.claim("a", 2), outbox.claim("c", 2)), (Err(Full::Slow), Ok(())));
+        // An attempt not made leaves what is known of its upstream.
+        outbox.unclaim("b", None);
+        assert_eq!((slow_out(), outbox.claim("b", 2), slow_out()), (1, Ok(()), 2));
+        // A quick one clears it, and its upstream has its own share again.
+        outbox.unclaim("a", secs(0.2));
+        assert_eq!(slow_out(), 1);
+        assert_eq!(
+            [outbox.claim("a", 2), outbox.claim("a", 2), outbox.claim("a", 2)],
+            [Ok(()), Ok(()), Err(Full::Own)]
+        );
+        assert_eq!(slow_out(), 1);
+        // What is neither out nor slow is forgotten.
+        outbox.unclaim("c", secs(0.1));
+        assert!(!outbox.slots().upstreams.contains_key("c"));
     }
 
     #[test]
