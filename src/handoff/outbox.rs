@@ -10,7 +10,7 @@
 //! number's deliveries, of its tenant or another.
 //!
 //! What is queued is bounded: events whose upstream is held are parked off the queue with their
-//! number (4 bytes each in memory, against about 95 queued), and parked events are released a
+//! number (4 bytes each in memory, against about 100 queued), and parked events are released a
 //! bounded number at a time as their upstream takes them. So an outage of any length neither
 //! grows the memory by the queue's cost nor hides another upstream's deliveries behind a
 //! backlog that cannot go.
@@ -82,7 +82,8 @@ struct Slots {
     /// breaker, and with every worker waiting on slow ones the events of every other upstream
     /// would wait behind their backlogs.
     upstreams: HashMap<String, Upstream>,
-    /// Attempts out to upstreams known slow.
+    /// Attempts out to upstreams known slow. Counted as they change rather than summed at each
+    /// claim: an upstream known slow stays in `upstreams` while it has nothing out.
     slow_out: usize,
     /// Events asked to be delivered again while their call's attempt was out, by call: the
     /// attempt's outcome would overwrite the request, so they are requeued once it is written.
