@@ -63,7 +63,7 @@ fn undelivered(s: u8) -> bool {
 }
 
 /// A queued event: when it is due, its call, and its number (its key in `Index::phones`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Queued {
     due: i64,
     call: u64,
@@ -179,7 +179,8 @@ pub struct Index {
     /// however deep, cannot fill every pass's read of the queue while another's events (of its
     /// tenant or another) wait behind it, and a call's later events never take a head's place.
     heads: Turns<Turns<BTreeSet<(i64, u32)>>>,
-    /// The numbers of queued events, each by the key `Queued::phone` holds.
+    /// Every number an event was ever queued under, with the key `Queued::phone` holds for it
+    /// (kept while none is queued: there are as many as numbers, not events).
     phones: HashMap<String, u32>,
     /// Events waiting off the queue, by phone, in ascending order: their number has no
     /// upstream, or its upstream is held by its breaker. Sequence numbers only (the call is
@@ -1078,7 +1079,7 @@ mod tests {
             .collect();
         let states: Vec<u8> = (0..ix.states.len()).map(|s| ix.states[s]).collect();
         let mut queued: Vec<_> = ix.queued.iter().map(|(s, v)| (*s, *v)).collect();
-        queued.sort_unstable();
+        queued.sort_unstable_by_key(|(s, _)| *s);
         (all(&ix.ids), all(&ix.locs), states, markers, queued, ix.due(i64::MAX, usize::MAX), ix.parked.clone())
     }
 
