@@ -6,14 +6,15 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
+/// The CLI on `data_dir`, with the master key from its file.
+fn command(data_dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_callgate"));
+    cmd.env("CALLGATE_DATA_DIR", data_dir).env("CALLGATE_LOG", "warn").env_remove("CALLGATE_MASTER_KEY");
+    cmd
+}
+
 fn callgate(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_callgate"))
-        .args(args)
-        .env("CALLGATE_DATA_DIR", data_dir)
-        .env("CALLGATE_LOG", "warn")
-        .env_remove("CALLGATE_MASTER_KEY")
-        .output()
-        .expect("run callgate")
+    command(data_dir).args(args).output().expect("run callgate")
 }
 
 fn field<'a>(out: &'a str, name: &str) -> &'a str {
@@ -242,15 +243,8 @@ fn a_key_file_others_may_read_is_made_private_and_a_key_file_the_variable_overri
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Under CALLGATE_MASTER_KEY the file is not the key: one that holds another is named.
-    let with_key = |key: &str| {
-        Command::new(env!("CARGO_BIN_EXE_callgate"))
-            .args(["org", "list"])
-            .env("CALLGATE_DATA_DIR", data_dir)
-            .env("CALLGATE_LOG", "warn")
-            .env("CALLGATE_MASTER_KEY", key)
-            .output()
-            .unwrap()
-    };
+    let with_key =
+        |key: &str| command(data_dir).args(["org", "list"]).env("CALLGATE_MASTER_KEY", key).output().unwrap();
     let same = std::fs::read_to_string(&key_file).unwrap();
     let out = with_key(same.trim());
     assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
