@@ -26,13 +26,37 @@ fn rejected(
 ) -> HttpResponse {
     state.metrics.rejected(carrier, why.code());
     tracing::warn!(carrier = %carrier, phone = ?phone, client_ip = %ip, reason = why.code(), "webhook rejected");
+    refusal(why)
+}
+
+fn refusal(why: Reject) -> HttpResponse {
     HttpResponse::build(why.status()).json(json!({"error": {"code": why.code(), "message": why.message()}}))
 }
 
 fn not_found(carrier: crate::domain::Carrier, state: &AppState, ip: std::net::IpAddr) -> HttpResponse {
+    unknown_noted(carrier, state, ip);
+    HttpResponse::NotFound().json(json!({"error": {"code": "not_found", "message": "phone number not found"}}))
+}
+
+/// An event whose payload names no number here (Telnyx) is refused as a bad signature is, in
+/// answer and in time: a 404 would tell anyone who posts events naming numbers which ones are
+/// imported, across every tenant. A path names one of this gateway's own URLs, which tells
+/// nothing, so there an unknown number stays a 404.
+async fn unknown_in_payload(
+    carrier: crate::domain::Carrier,
+    state: &AppState,
+    ip: std::net::IpAddr,
+    inbound: &Inbound<'_>,
+) -> HttpResponse {
+    // Whatever it says, the event is refused: its number has no key here.
+    let _ = settle(state, super::telnyx::decoy_check(inbound)).await;
+    unknown_noted(carrier, state, ip);
+    refusal(Reject::InvalidSignature)
+}
+
+fn unknown_noted(carrier: crate::domain::Carrier, state: &AppState, ip: std::net::IpAddr) {
     state.metrics.rejected(carrier, "unknown_phone");
     tracing::info!(carrier = %carrier, client_ip = %ip, "webhook for an unknown phone number");
-    HttpResponse::NotFound().json(json!({"error": {"code": "not_found", "message": "phone number not found"}}))
 }
 
 /// Where the phone number comes from: the path, or (Telnyx) the verified-later payload.
@@ -99,6 +123,7 @@ pub async fn handle<C: CarrierHooks>(
         now_secs: now_ms.div_euclid(1000),
     };
 
+    let by_payload = matches!(locate, Locate::Payload);
     let phone = match locate {
         Locate::Path(id) => {
             let Ok(id) = PhoneId::parse(&id) else { return not_found(carrier, &state, ip) };
@@ -111,6 +136,7 @@ pub async fn handle<C: CarrierHooks>(
     };
     let phone = match phone {
         Ok(Some(p)) if p.provider == carrier => p,
+        Ok(_) if by_payload => return unknown_in_payload(carrier, &state, ip, &inbound).await,
         Ok(_) => return not_found(carrier, &state, ip),
         Err(e) => return ApiError::internal(e).into_response(),
     };

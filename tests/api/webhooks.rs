@@ -289,6 +289,64 @@ async fn telnyx_events_arriving_together_are_each_judged_by_their_own_signature(
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_telnyx_event_is_refused_alike_whether_or_not_its_number_is_imported() {
+    // Telnyx names the number in the unverified body: a refusal that told an imported number
+    // from another would let anyone ask which numbers are here.
+    let base = load("telnyx/call_answered");
+    let (app, org) = serve(&base).await;
+    let wrong_seed = "33".repeat(32);
+    let wrong_key = json!({"api_key": "KEYwrong", "public_key": fixtures::public_key_base64(&wrong_seed).unwrap()});
+    let unknown = "+13125550111";
+    let request = |to: &str, timestamp: i64| {
+        let body =
+            telnyx_event("call.answered", "b1a2c3d4-0000-4000-8000-00000000f001", Some("incoming"), "+13125550100", to);
+        sign(SignRequest {
+            carrier: Some(Carrier::Telnyx),
+            credential: wrong_key.clone(),
+            method: "POST".into(),
+            url: format!("{}{}", base.public_url, base.path),
+            body,
+            seed: Some(wrong_seed.clone()),
+            timestamp: Some(timestamp),
+            now: Some(base.now),
+            number: Some(base.phone.number.to_string()),
+            phone_id: Some(base.phone.id.clone()),
+            ..SignRequest::default()
+        })
+    };
+    type Spoil = fn(&mut Fixture);
+    let cases: [(&str, i64, Spoil, &str); 4] = [
+        ("another key's signature", base.now, |_| {}, "invalid_signature"),
+        ("a stale timestamp", base.now - 301, |_| {}, "stale_timestamp"),
+        (
+            "a signature that is not base64",
+            base.now,
+            |f| drop(f.headers.insert("telnyx-signature-ed25519".into(), "abc".into())),
+            "invalid_signature",
+        ),
+        ("no timestamp", base.now, |f| drop(f.headers.remove("telnyx-timestamp")), "missing_signature"),
+    ];
+    let http = client();
+    for (case, timestamp, spoil, code) in cases {
+        let mut answers = Vec::new();
+        for to in [base.phone.number.as_str(), unknown] {
+            let mut f = request(to, timestamp);
+            spoil(&mut f);
+            let got = fixtures::send(&http, &app.base, &f).await.unwrap();
+            answers.push((got.status, got.error_code, got.body));
+        }
+        assert_eq!((answers[0].0, answers[0].1.as_deref()), (403, Some(code)), "{case}");
+        assert_eq!(answers[0], answers[1], "{case}: imported, then unknown");
+    }
+    assert!(events(&app, &org).await.is_empty());
+    let text = http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    // Only the well-formed, fresh event reaches the lookup; the others stop before it.
+    let unknown_seen = metric(&text, "callgate_webhooks_rejected_total", "carrier=\"telnyx\",reason=\"unknown_phone\"");
+    assert_eq!(unknown_seen, 1);
+    app.stop().await;
+}
+
 fn run_cli(args: Vec<String>) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_callgate"))
         .args(args)
@@ -1756,16 +1814,16 @@ fn telnyx_cases(g: &mut Generated) {
     g.add(
         c,
         "unknown_phone",
-        "A signed event for a number that is not imported (and no matching connection_id)",
+        "A signed event for a number that is not imported (and no matching connection_id): refused as a bad signature is",
         signed(&seed, &stranger, NOW),
-        not_found(),
+        rejected("invalid_signature"),
     );
     g.add(
         c,
         "other_carrier_phone",
-        "The event's number is imported, but as a Plivo number",
+        "The event's number is imported, but as a Plivo number: refused as a bad signature is",
         phone_of(signed(&seed, &answered_ev, NOW), Carrier::Plivo, plivo_cred(), number),
-        not_found(),
+        rejected("invalid_signature"),
     );
 }
 

@@ -22,15 +22,14 @@ const TIMESTAMP: &str = "telnyx-timestamp";
 const SCHEME: &str = "telnyx-ed25519";
 
 /// Finds the number an event is for, to know whose key verifies it. Nothing read here is
-/// trusted until that key has verified the body. Unsigned requests stop before any lookup.
-/// The parsed body is kept on `req` for `parse`.
+/// trusted until that key has verified the body. A request whose signature headers fail the
+/// checks that need no key (missing, malformed, stale) stops before any lookup, so its answer
+/// does not depend on the number it names. The parsed body is kept on `req` for `parse`.
 pub fn locate(
     req: &mut Inbound<'_>,
     store: &dyn Store,
 ) -> Result<Result<Option<std::sync::Arc<PhoneRecord>>, crate::store::StoreError>, Reject> {
-    if req.header(SIGNATURE).is_none_or(str::is_empty) || req.header(TIMESTAMP).is_none_or(str::is_empty) {
-        return Err(Reject::MissingSignature);
-    }
+    signature::check_headers(req.header(SIGNATURE), req.header(TIMESTAMP), req.now_secs).map_err(rejection)?;
     let envelope = req.envelope.insert(Envelope::read(req.body).ok_or(Reject::MalformedBody)?);
     let payload = &envelope.data.payload;
     let connection = payload.connection_id.as_deref();
@@ -73,6 +72,29 @@ pub fn locate(
     Ok(or_connection(None, store, connection).map(|p| p.or(moved)))
 }
 
+fn rejection(e: TelnyxError) -> Reject {
+    match e {
+        TelnyxError::Missing => Reject::MissingSignature,
+        TelnyxError::Stale => Reject::StaleTimestamp,
+        TelnyxError::Malformed | TelnyxError::Invalid => Reject::InvalidSignature,
+    }
+}
+
+/// The check of an event whose number is not here, against a key no account has: it costs
+/// what a bad signature for an imported number costs, so that the time of the refusal does not
+/// tell either. Its private half is no secret (a seed of sevens): it can only ever refuse,
+/// because the event is refused whatever the check says.
+pub fn decoy_check(req: &Inbound<'_>) -> Result<Check, Reject> {
+    static DECOY: std::sync::OnceLock<signature::TelnyxKey> = std::sync::OnceLock::new();
+    let key = DECOY.get_or_init(|| {
+        let public = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        signature::TelnyxKey::from_bytes(public.as_bytes()).expect("a key from a seed is never of small order")
+    });
+    signature::prepare(key, req.header(SIGNATURE), req.header(TIMESTAMP), req.body, req.now_secs)
+        .map(|pending| Check::Ed25519 { pending, scheme: SCHEME })
+        .map_err(rejection)
+}
+
 /// `found`, else the one number on the event's application.
 fn or_connection(
     found: Option<std::sync::Arc<PhoneRecord>>,
@@ -106,11 +128,7 @@ impl CarrierHooks for Telnyx {
         let Prepared::Telnyx { key, .. } = keys else { return Err(Reject::CredentialUnavailable) };
         signature::prepare(key, req.header(SIGNATURE), req.header(TIMESTAMP), req.body, req.now_secs)
             .map(|pending| Check::Ed25519 { pending, scheme: SCHEME })
-            .map_err(|e| match e {
-                TelnyxError::Missing => Reject::MissingSignature,
-                TelnyxError::Stale => Reject::StaleTimestamp,
-                TelnyxError::Malformed | TelnyxError::Invalid => Reject::InvalidSignature,
-            })
+            .map_err(rejection)
     }
 
     fn parse(req: &mut Inbound<'_>, _: Hook) -> Parsed {
