@@ -99,6 +99,8 @@ struct RawCarriers {
     exotel_api_url: Option<String>,
 }
 
+const BODY_LIMIT_MAX: usize = 1 << 20;
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub listen: SocketAddr,
@@ -429,8 +431,10 @@ impl Settings {
                 .collect::<Result<_, _>>()?,
         };
         crate::telemetry::parse_filter(&raw.log).map_err(|e| bad("CALLGATE_LOG", e.to_string()))?;
-        if raw.body_limit_bytes < 1024 {
-            return Err(bad("CALLGATE_BODY_LIMIT_BYTES", "must be at least 1024"));
+        // A webhook is a few kilobytes; the ceiling keeps every verified body, once encoded with
+        // its event, inside what one journal record holds.
+        if !(1024..=BODY_LIMIT_MAX).contains(&raw.body_limit_bytes) {
+            return Err(bad("CALLGATE_BODY_LIMIT_BYTES", "must be from 1024 to 1048576"));
         }
         if raw.byok_rate_limit_per_minute == 0 {
             return Err(bad("CALLGATE_BYOK_RATE_LIMIT_PER_MINUTE", "must be at least 1"));
@@ -661,6 +665,18 @@ mod tests {
         assert_eq!(s.admin_token.unwrap().expose(), "admin-token-0123456789");
         let s = Settings::load(None, &env(&[("CALLGATE_REPLAY_WINDOW_SECS", "600")])).unwrap();
         assert_eq!(s.replay_window, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_body_limit_is_taken_from_1024_to_a_mebibyte() {
+        for bad_value in ["1023", "1048577", "18446744073709551615"] {
+            let e = Settings::load(None, &env(&[("CALLGATE_BODY_LIMIT_BYTES", bad_value)])).unwrap_err();
+            assert_eq!(e.name, "CALLGATE_BODY_LIMIT_BYTES", "{bad_value}");
+        }
+        for good in [1024, 1 << 20] {
+            let s = Settings::load(None, &env(&[("CALLGATE_BODY_LIMIT_BYTES", &good.to_string())])).unwrap();
+            assert_eq!(s.body_limit_bytes, good);
+        }
     }
 
     #[test]

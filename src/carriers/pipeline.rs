@@ -193,6 +193,15 @@ pub async fn handle<C: CarrierHooks>(
             };
             return respond::<C>(&phone, Some(&decision), first.as_ref().unwrap_or(&ev));
         }
+        Ok(Recorded::TooLarge) => {
+            tracing::warn!(carrier = %carrier, phone = %phone.id, "verified webhook too large to record");
+            return ApiError::new(
+                actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the event is too large to record",
+            )
+            .into_response();
+        }
         Err(e) => return ApiError::from(e).into_response(),
     }
     state.metrics.accepted(carrier);
@@ -282,6 +291,9 @@ pub fn event(phone: &PhoneRecord, p: Parsed, verified_by: VerifiedBy, now_ms: i6
 /// carrier's to make unique, not a sender's, and one signed event of another number (or
 /// organization) that repeats it must not pass for a replay and go unrecorded. Else what makes
 /// this callback itself unique (call, status, and a hash of everything signed).
+/// Longest carrier id a replay key holds as it is.
+const REPLAY_ID_KEPT: usize = 256;
+
 fn replay_key(
     carrier: crate::domain::Carrier,
     phone: &PhoneRecord,
@@ -294,10 +306,18 @@ fn replay_key(
     key.extend_from_slice(carrier.as_str().as_bytes());
     key.push(0);
     match &p.replay_id {
-        Some(id) => {
+        // A carrier's ids are short (a nonce, a UUID); a longer one, which only the holder of
+        // the number's credential can sign, is kept as its hash, so that a key stays small
+        // whatever a header or body holds. The separator tells the two forms apart.
+        Some(id) if id.len() <= REPLAY_ID_KEPT => {
             key.extend_from_slice(phone.id.as_str().as_bytes());
             key.push(0);
             key.extend_from_slice(id.as_bytes());
+        }
+        Some(id) => {
+            key.extend_from_slice(phone.id.as_str().as_bytes());
+            key.push(1);
+            key.extend_from_slice(&Sha256::digest(id.as_bytes()));
         }
         None => {
             let mut h = Sha256::new();

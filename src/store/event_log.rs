@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use sha2::{Digest, Sha256};
 
 use super::event_index::{state_code, state_from, Entry, Index};
-use super::journal::{frame, Access, Journal, JournalOptions, Loc, Segments, TornTail};
+use super::journal::{frame, Access, Journal, JournalOptions, Loc, Segments, TornTail, FRAME_MAX};
 use super::{
     decode_event, encode, encode_event, DeliveryRecord, DeliveryState, EventFilter, EventRecord, PreparedEvent,
     Recorded, StoreError, SCHEMA,
@@ -72,7 +72,19 @@ pub(super) struct Record<'a> {
     pub delivery: &'a [u8],
 }
 
+/// The largest event a record takes: half a frame, so that its later versions (with an answer
+/// beside it) fit as well.
+pub(super) const EVENT_MAX: usize = FRAME_MAX as usize / 2;
+
+/// Whether a new event's record can be written so that it reads back: its replay key within
+/// the length its two bytes of length can say, the event within [`EVENT_MAX`]. Anything longer
+/// would be written durably and then never read again, stopping every later start.
+fn fits(replay_key: &[u8], event: &[u8]) -> bool {
+    replay_key.len() <= usize::from(u16::MAX) && event.len() <= EVENT_MAX
+}
+
 fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
+    debug_assert!(s.len() <= usize::from(u16::MAX), "a string the writer did not check");
     buf.extend_from_slice(&(s.len() as u16).to_le_bytes());
     buf.extend_from_slice(s);
 }
@@ -576,6 +588,10 @@ impl EventLog {
                     Some((k, e)) => (k.as_slice(), *e),
                     None => (&[][..], 0),
                 };
+                if !fits(key, &p.event) {
+                    verdicts.push(Recorded::TooLarge);
+                    continue;
+                }
                 let fp = if key.is_empty() { 0 } else { fingerprint(key) };
                 if fp != 0 {
                     if let Some((_, _, first)) = in_batch.iter().find(|(f, k, _)| *f == fp && *k == key) {
@@ -695,6 +711,11 @@ impl EventLog {
     fn append(&self, journal: &mut Journal, buf: &mut Vec<u8>, frames: &[usize]) -> Result<(), StoreError> {
         if buf.is_empty() {
             return Ok(());
+        }
+        // Every frame must read back before the batch goes to disk: one that did not would leave
+        // the batch durable, the index half-applied, and every later start stopped at it.
+        for off in frames {
+            decode_record(&buf[off + 8..])?;
         }
         let base = journal.place(buf.len())?;
         journal.write_durably(buf)?;
@@ -911,6 +932,42 @@ mod tests {
         assert_eq!(log.sweep(61_000), 2);
         let out = record(&log, &[prepared(&org, "c3", b"k2", 61_000, 120_000)]);
         assert!(matches!(out[0], Recorded::New { parked: false, .. }));
+    }
+
+    #[test]
+    fn an_event_a_record_cannot_hold_is_refused_alone_and_the_journal_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let org = OrgId::generate();
+        let (a, b) = {
+            let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
+            // Its length would not fit the record's two bytes for it.
+            let long_key = vec![b'n'; usize::from(u16::MAX) + 1];
+            let mut huge = prepared(&org, "c3", b"k3", 1_000, 90_000);
+            huge.event = vec![b' '; EVENT_MAX + 1];
+            let out = record(
+                &log,
+                &[
+                    prepared(&org, "c1", b"k1", 1_000, 90_000),
+                    prepared(&org, "c2", &long_key, 1_000, 90_000),
+                    huge,
+                    prepared(&org, "c4", b"k4", 1_000, 90_000),
+                ],
+            );
+            assert_eq!((&out[1], &out[2]), (&Recorded::TooLarge, &Recorded::TooLarge));
+            let at_the_limit = vec![b'n'; usize::from(u16::MAX)];
+            let fits = record(&log, &[prepared(&org, "c5", &at_the_limit, 1_000, 90_000)]);
+            assert!(matches!(fits[0], Recorded::New { .. }), "{fits:?}");
+            assert_eq!(
+                record(&log, &[prepared(&org, "c5", &at_the_limit, 1_000, 90_000)]),
+                vec![Recorded::Duplicate(Some(new_id(&fits[0])))]
+            );
+            (new_id(&out[0]), new_id(&out[3]))
+        };
+        let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
+        assert!(log.verify().unwrap().is_empty());
+        let kept = all(&log, &org);
+        assert_eq!(kept.len(), 3);
+        assert_eq!(&kept[..2], &[a, b]);
     }
 
     #[test]

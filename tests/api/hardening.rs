@@ -521,3 +521,34 @@ async fn names_and_labels_refuse_control_and_invisible_formatting_characters() {
     let res = app.admin_post("/admin/orgs", json!({"name": "São Paulo Voz — 東京"})).await;
     assert_eq!(res.status(), 201);
 }
+
+/// Whoever holds a number's credential can sign any nonce; one longer than a record's key
+/// holds once made the journal unreadable, stopping every later start.
+#[tokio::test]
+async fn a_callback_signed_with_an_outsized_nonce_is_recorded_once_and_survives_a_restart() {
+    let app = spawn_app().await;
+    let (_, id) = plivo_number(&app).await;
+    let path = format!("/plivo/status/{id}");
+    let url = app.url(&path);
+    let nonce = "7".repeat(70_000);
+    let params = [("CallUUID", "c-outsized-nonce"), ("CallStatus", "completed")];
+    let signature = signed(&path, &params, &nonce);
+    for _ in 0..2 {
+        let res = app
+            .client
+            .post(&url)
+            .header("x-plivo-signature-v3", &signature)
+            .header("x-plivo-signature-v3-nonce", &nonce)
+            .form(&params)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    }
+    assert_eq!(recorded(&app, &url).len(), 1, "the second was a replay");
+    let app = app.restart().await;
+    assert_healthy(&app).await;
+    let kept = recorded(&app, &url);
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].call_id.as_deref(), Some("c-outsized-nonce"));
+}
