@@ -460,6 +460,25 @@ impl Store for SledStore {
         if users.iter().any(|p| !checked.contains(&p.id)) {
             return Ok(Err(Conflict::CredentialChanged));
         }
+        // Numbers moved off the old credential still verify with it until their grace ends, so
+        // it is kept (retired) until the last of them, as `byok_delete` keeps it.
+        let in_grace_until = match &old_id {
+            Some(old) => self
+                .phones_where(&rec.org_id, |p| {
+                    p.previous_credential
+                        .as_ref()
+                        .is_some_and(|c| &c.secret_id == old && c.valid_until_ms >= audit.at_ms)
+                })?
+                .iter()
+                .filter_map(|p| p.previous_credential.as_ref().map(|c| c.valid_until_ms))
+                .max(),
+            None => None,
+        };
+        // Its users move off it now and verify with it for a grace of their own.
+        let retired_until = match (users.is_empty(), in_grace_until) {
+            (true, until) => until,
+            (false, until) => Some(until.map_or(grace_until_ms, |u| u.max(grace_until_ms))),
+        };
         let audit_key = scoped(&rec.org_id, uuid::Uuid::now_v7().as_bytes());
         self.phone_cache.around(|| {
             (&self.secrets, &self.byok, &self.audit, &self.phones)
@@ -468,25 +487,26 @@ impl Store for SledStore {
                     byok.insert(slot.as_slice(), rec.id.as_str())?;
                     audit_t.insert(audit_key.as_slice(), encode(audit))?;
                     if let Some(old) = &old_id {
-                        if users.is_empty() {
-                            secrets.remove(old.as_str())?;
-                        } else {
-                            if let Some(raw) = secrets.get(old.as_str())? {
-                                let mut old_rec: SecretRecord = match dec(SECRETS, &raw) {
-                                    Ok(r) => r,
-                                    Err(e) => return abort(e),
-                                };
-                                old_rec.retired_until_ms = Some(grace_until_ms);
-                                secrets.insert(old.as_str(), encode(&old_rec))?;
+                        match retired_until {
+                            None => drop(secrets.remove(old.as_str())?),
+                            Some(until) => {
+                                if let Some(raw) = secrets.get(old.as_str())? {
+                                    let mut old_rec: SecretRecord = match dec(SECRETS, &raw) {
+                                        Ok(r) => r,
+                                        Err(e) => return abort(e),
+                                    };
+                                    old_rec.retired_until_ms = Some(until);
+                                    secrets.insert(old.as_str(), encode(&old_rec))?;
+                                }
                             }
-                            for p in &users {
-                                let mut p = p.clone();
-                                p.previous_credential =
-                                    Some(PreviousCredential { secret_id: old.clone(), valid_until_ms: grace_until_ms });
-                                p.credential = rec.id.clone();
-                                p.updated_at_ms = audit.at_ms;
-                                phones.insert(p.id.as_str(), encode(&p))?;
-                            }
+                        }
+                        for p in &users {
+                            let mut p = p.clone();
+                            p.previous_credential =
+                                Some(PreviousCredential { secret_id: old.clone(), valid_until_ms: grace_until_ms });
+                            p.credential = rec.id.clone();
+                            p.updated_at_ms = audit.at_ms;
+                            phones.insert(p.id.as_str(), encode(&p))?;
                         }
                     }
                     Ok(())

@@ -2347,6 +2347,34 @@ async fn a_saved_credential_in_a_numbers_grace_cannot_be_deleted() {
     assert_eq!(send(app.delete(&org, "/byok/twilio")).await.status, 200);
 }
 
+/// Replacing the saved credential must not take away the one a number moved off it still
+/// verifies with during its grace, as deleting it may not either.
+#[tokio::test]
+async fn a_saved_credential_replaced_while_in_a_numbers_grace_verifies_until_the_grace_ends() {
+    let (_fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let first = save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
+    let r = import(&app, &org, Carrier::Twilio, json!({"number": twilio.numbers[0]})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let id = str_of(&r.json(), "id").to_owned();
+    let r = patch_phone(&app, &org, &id, json!({"credentials": credentials(Carrier::Twilio, TWILIO_ROTATED)})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Nothing verifies with the saved one as its current credential any more: it is replaced.
+    let second = save_byok(&app, &org, Carrier::Twilio, TWILIO_ROTATED).await;
+    assert_ne!(first, second);
+    let r = twilio_status(&app, &id, twilio.secret, "CAgrace").await;
+    assert_eq!(r.status, 200, "the old token still verifies in the grace: {}", r.text);
+    assert!(secret_ids(&app).contains(&first));
+    app.state.store.sweep(T0 + GRACE_MS).unwrap();
+    assert!(secret_ids(&app).contains(&first), "kept to the grace's last moment");
+    app.state.store.sweep(T0 + GRACE_MS + 1).unwrap();
+    assert!(!secret_ids(&app).contains(&first), "gone with the grace");
+    // Replaced with no number in its grace, a saved credential goes at once.
+    let third = save_byok(&app, &org, Carrier::Twilio, twilio.secret).await;
+    assert!(!secret_ids(&app).contains(&second));
+    assert!(secret_ids(&app).contains(&third));
+}
+
 /// Exotel is configured by hand from the steps the import returns; with a webhook token the
 /// URLs work only with the token added, which the steps must say.
 #[tokio::test]
