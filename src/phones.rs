@@ -611,6 +611,13 @@ async fn patch(
             let rec = state.store.byok_get(&auth.org_id, phone.provider.as_str())?.ok_or_else(|| {
                 ApiError::unprocessable("no_saved_credentials", format!("no saved {} credentials", phone.provider))
             })?;
+            // The same check as for credentials given inline: saved credentials may be of
+            // another account, and taken on trust they would push out the ones the carrier signs
+            // with. A number already on them changes nothing.
+            if rec.id != phone.credential {
+                let cred = state.vault.open_phone(&rec).map_err(ApiError::internal)?;
+                on_account(&state, &auth.org_id, phone.provider, &cred, &phone.number).await?;
+            }
             Some(rec.id)
         }
         (None, Some(_)) => return Err(invalid("credential: the only accepted value is \"byok\"")),

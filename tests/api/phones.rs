@@ -2394,6 +2394,28 @@ async fn exotel_steps_say_where_the_webhook_token_goes() {
     }
 }
 
+/// Saved credentials are checked as inline ones are before a number moves onto them: taken on
+/// trust, another account's would push out the token the carrier signs with.
+#[tokio::test]
+async fn saved_credentials_are_checked_with_the_carrier_before_a_number_moves_onto_them() {
+    let (_fake, app, org) = setup().await;
+    let twilio = account(Carrier::Twilio);
+    let v = import_inline(&app, &org, twilio, 0).await;
+    let id = str_of(&v, "id").to_owned();
+    let before = get_phone(&app, &org, &id).await.json();
+    save_byok(&app, &org, Carrier::Twilio, WRONG).await;
+    let rejected = format!("twilio rejected the credentials: {}", carrier_auth_message(Carrier::Twilio));
+    let r = patch_phone(&app, &org, &id, json!({"credential": "byok"})).await;
+    assert_error(&r, 422, "invalid_provider_credentials", &rejected, "saved wrong token");
+    assert_eq!(get_phone(&app, &org, &id).await.json(), before, "nothing changed");
+    let r = twilio_status(&app, &id, twilio.secret, "CAkept").await;
+    assert_eq!(r.status, 200, "the number's token still verifies: {}", r.text);
+    let saved = save_byok(&app, &org, Carrier::Twilio, TWILIO_ROTATED).await;
+    let r = patch_phone(&app, &org, &id, json!({"credential": "byok"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(str_of(&r.json(), "credential_secret_id"), saved);
+}
+
 /// A number keeps one previous credential, so a new one is taken only once the carrier shows
 /// the number on its account: a wrong one would push out the token the carrier signs with.
 #[tokio::test]
