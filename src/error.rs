@@ -159,9 +159,12 @@ pub mod extractors {
         ApiError::bad_request("invalid_query", bounded(format!("invalid query string: {err}"))).into()
     }
 
-    /// serde's messages quote what the client sent (an unknown field's name): a client may send
-    /// kilobytes of it, and gets back only enough to know which.
-    fn bounded(mut message: String) -> String {
+    /// serde's messages quote what the client sent (an unknown field's name, a value of the
+    /// wrong type): what is quoted is shown only when it reads as a field name, since a secret
+    /// pasted in the wrong place would come back in the answer and in every log of it; and a
+    /// client may send kilobytes of it, so the message is cut.
+    fn bounded(message: String) -> String {
+        let mut message = super::unquoted_secrets(&message);
         const MOST: usize = 300;
         if let Some((cut, _)) = message.char_indices().nth(MOST) {
             message.truncate(cut);
@@ -191,5 +194,71 @@ pub mod extractors {
             .app_data(web::PathConfig::default().error_handler(path))
             .app_data(web::FormConfig::default().limit(body_limit).error_handler(form))
             .app_data(web::PayloadConfig::new(body_limit));
+    }
+}
+
+/// `name` as an error message may show it: a client's own field name is, and anything that
+/// does not read as one (a key, a token, a value pasted where a field name goes) is not.
+pub fn shown_field(name: &str) -> &str {
+    if looks_like_a_field(name) {
+        name
+    } else {
+        "(a field whose name is not shown)"
+    }
+}
+
+/// Short snake_case: what every field of this API looks like, and no carrier or LLM secret does
+/// (they are longer, or mixed case, or hold `-`).
+fn looks_like_a_field(s: &str) -> bool {
+    (1..=30).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Every `…` or "…" span of serde's message that does not read as a field name is replaced.
+fn unquoted_secrets(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(quote) else { break };
+        out.push_str(&rest[..open]);
+        let inner = &after[..close];
+        if looks_like_a_field(inner) {
+            out.push(quote);
+            out.push_str(inner);
+            out.push(quote);
+        } else {
+            out.push_str("(not shown)");
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_input_is_shown_only_when_it_reads_as_a_field_name() {
+        let serde = "unknown field `numbr`, expected one of `number`, `config` at line 1 column 9";
+        assert_eq!(unquoted_secrets(serde), serde);
+        assert_eq!(
+            unquoted_secrets("invalid type: string \"sk-proj-SECRET0001\", expected a boolean at line 1 column 40"),
+            "invalid type: string (not shown), expected a boolean at line 1 column 40"
+        );
+        assert_eq!(
+            unquoted_secrets("unknown field `0123456789abcdef0123456789abcdef`, expected `label`"),
+            "unknown field (not shown), expected `label`"
+        );
+        assert_eq!(unquoted_secrets("unknown field `AuthToken`"), "unknown field (not shown)");
+        assert_eq!(unquoted_secrets("a quote \"left open"), "a quote \"left open");
+        assert_eq!(shown_field("scope"), "scope");
+        for secret in ["sk-proj-SECRET0001", "0123456789abcdef0123456789abcdef", "MAXXXX", "", "a b"] {
+            assert_eq!(shown_field(secret), "(a field whose name is not shown)", "{secret}");
+        }
     }
 }

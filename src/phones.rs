@@ -179,7 +179,10 @@ async fn validate(
         body.as_object().ok_or_else(|| ApiError::unprocessable("invalid_field", "the body must be a JSON object"))?;
     // Either {"credentials": {...}} and nothing else, or the credential object itself.
     if let Some(other) = obj.get("credentials").and_then(|_| obj.keys().find(|k| *k != "credentials")) {
-        return Err(ApiError::unprocessable("invalid_field", format!("{other}: unknown field")));
+        return Err(ApiError::unprocessable(
+            "invalid_field",
+            format!("{}: unknown field", crate::error::shown_field(other)),
+        ));
     }
     let given = obj.get("credentials").or((!obj.is_empty()).then_some(&*body));
     let source = credential_source(&state, &auth, carrier, given)?;

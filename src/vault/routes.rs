@@ -119,7 +119,10 @@ async fn store_secret(
         .flat_map(|o| o.keys())
         .find(|k| !["provider", key_field, "label"].contains(&k.as_str()))
     {
-        return Err(ApiError::unprocessable("invalid_field", format!("{unknown}: unknown field")));
+        return Err(ApiError::unprocessable(
+            "invalid_field",
+            format!("{}: unknown field", crate::error::shown_field(unknown)),
+        ));
     }
     let now = state.clock.now_ms();
     state.byok_limiter.check(&auth.org_id, now).map_err(ApiError::rate_limited)?;

@@ -272,6 +272,12 @@ async fn bad_credentials_get_422_naming_the_field() {
         ),
         (json!({"provider": "openai", "api_key": OPENAI_KEY, "scope": "all"}), "invalid_field", "scope: unknown field"),
         (
+            // A secret pasted as a field's name does not come back.
+            json!({"provider": "openai", "api_key": "x", "sk-proj-pasted-again": ""}),
+            "invalid_field",
+            "(a field whose name is not shown): unknown field",
+        ),
+        (
             json!({"provider": "vobiz", "api_key": {"auth_id": "VB1", "auth_token": "tok\u{1}en"}}),
             "invalid_credentials",
             "auth_token: must not contain control characters",
@@ -299,15 +305,18 @@ async fn bad_credentials_get_422_naming_the_field() {
     }
     let v: Value = app.get(&org, "/byok").send().await.unwrap().json().await.unwrap();
     assert!(v["credentials"].as_array().unwrap().is_empty());
-    // serde's message quotes the client's field name: a long one comes back cut.
+    // serde's message quotes the client's field name: one that does not read as a field name
+    // (here 20,000 characters of it) does not come back.
     let long = "a".repeat(20_000);
     let res = app.get(&org, &format!("/phone-numbers?{long}=1")).send().await.unwrap();
     assert_eq!(res.status(), 400);
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_query");
     let message = v["error"]["message"].as_str().unwrap();
-    assert!(message.starts_with("invalid query string: ") && message.ends_with('…'), "{message}");
-    assert_eq!(message.chars().count(), 301, "{message}");
+    assert_eq!(
+        message,
+        "invalid query string: Query deserialize error: unknown field (not shown), expected one of `provider`, `after`, `limit`"
+    );
 }
 
 #[tokio::test]
