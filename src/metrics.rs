@@ -103,6 +103,8 @@ impl Metrics {
         render_writer(&mut out, writer);
         out.push_str("# TYPE callgate_outbox_queued gauge\n");
         let _ = writeln!(out, "callgate_outbox_queued {}", outbox.queued);
+        out.push_str("# TYPE callgate_outbox_retrying gauge\n");
+        let _ = writeln!(out, "callgate_outbox_retrying {}", outbox.retrying);
         out.push_str("# TYPE callgate_outbox_parked gauge\n");
         let _ = writeln!(out, "callgate_outbox_parked {}", outbox.parked);
         out.push_str("# TYPE callgate_journal_damaged_events gauge\n");

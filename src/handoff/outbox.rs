@@ -314,9 +314,13 @@ fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
 }
 
 /// Puts parked events back on the queue while it has room: as many as an upstream whose
-/// breaker is closed takes, one for an upstream whose probe is due.
+/// breaker is closed takes, one for an upstream whose probe is due. Events queued for a retry
+/// take none of the room: an upstream that answers but refuses (401, 404) keeps its events
+/// queued, retrying, for as long as the delivery horizon, and thousands of them would otherwise
+/// keep every other upstream's parked events parked.
 fn release_parked(state: &AppState, now: i64) {
-    let room = QUEUE_ROOM.saturating_sub(state.store.outbox().queued);
+    let depth = state.store.outbox();
+    let room = QUEUE_ROOM.saturating_sub(depth.queued.saturating_sub(depth.retrying));
     let more = release_into(
         state.store.parked_phones(),
         room,

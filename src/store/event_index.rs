@@ -68,6 +68,9 @@ struct Queued {
     due: i64,
     call: u64,
     phone: u32,
+    /// Queued after a failed attempt, for a retry at `due` (not one released from parking,
+    /// which is due at once).
+    retry: bool,
 }
 
 /// What a group of queued call heads must tell the group it is in.
@@ -172,6 +175,8 @@ pub struct Index {
     marker_floor: u32,
     /// Every queued event.
     queued: HashMap<u32, Queued>,
+    /// How many of them wait for a retry.
+    retrying: usize,
     calls: BTreeSet<(u64, u32)>,
     /// The queued events that head their calls (the only ones an attempt can be made of), by
     /// organization, then by number, in due order. Kept apart so that a pass takes the
@@ -338,6 +343,11 @@ impl Index {
         self.queued.len()
     }
 
+    /// How many of the queued events wait for a retry after a failed attempt.
+    pub fn retrying(&self) -> usize {
+        self.retrying
+    }
+
     /// The first `limit` parked events of a phone, with where their records are.
     pub fn parked_head(&self, phone: &str, limit: usize) -> Vec<(u32, Loc)> {
         let Some(list) = self.parked.get(phone) else { return Vec::new() };
@@ -372,7 +382,12 @@ impl Index {
     fn enqueue(&mut self, seq: u32, due: i64, call: u64, phone: u32) {
         let head = self.call_head(call);
         self.calls.insert((call, seq));
-        self.queued.insert(seq, Queued { due, call, phone });
+        // Released from parking, a failed event is due at once (0): it takes room like any other.
+        let retry = due > 0 && seq < self.len() && state_from(self.states[seq as usize]) == Some(DeliveryState::Failed);
+        self.retrying += usize::from(retry);
+        if let Some(old) = self.queued.insert(seq, Queued { due, call, phone, retry }) {
+            self.retrying -= usize::from(old.retry);
+        }
         match head {
             Some(h) if h < seq => {}
             _ => {
@@ -390,7 +405,8 @@ impl Index {
         if was_head {
             self.set_head(seq, false);
         }
-        if let Some(Queued { call, .. }) = self.queued.remove(&seq) {
+        if let Some(Queued { call, retry, .. }) = self.queued.remove(&seq) {
+            self.retrying -= usize::from(retry);
             self.calls.remove(&(call, seq));
             if let Some(next) = self.call_head(call).filter(|_| was_head) {
                 self.set_head(next, true);
@@ -951,6 +967,41 @@ mod tests {
             org,
             phone,
         }
+    }
+
+    #[test]
+    fn queued_events_waiting_for_a_retry_are_counted_apart_and_loaded_back_so() {
+        let org = OrgId::generate();
+        let org = org.as_str();
+        let mut ix = Index::default();
+        for seq in 0..4 {
+            ix.apply(u64::from(seq) * 64, &pending(seq, org, "a", u64::from(seq))).unwrap();
+        }
+        let failed =
+            |seq: u32| Entry { state: DeliveryState::Failed, due_ms: 60_000, ..pending(seq, org, "a", u64::from(seq)) };
+        ix.apply(4 * 64, &failed(0)).unwrap();
+        ix.apply(5 * 64, &failed(1)).unwrap();
+        ix.apply(6 * 64, &failed(1)).unwrap();
+        assert_eq!((ix.queued(), ix.retrying()), (4, 2));
+        // Its retry delivers it; a redelivery queues another anew, as pending.
+        ix.apply(7 * 64, &Entry { state: DeliveryState::Delivered, ..failed(0) }).unwrap();
+        ix.apply(8 * 64, &pending(1, org, "a", 1)).unwrap();
+        assert_eq!((ix.queued(), ix.retrying()), (3, 0));
+        ix.apply(9 * 64, &failed(2)).unwrap();
+        // Held while its upstream is down, it is parked; released, it is due at once.
+        assert_eq!(ix.hold(2, "a"), 1);
+        assert_eq!((ix.queued(), ix.retrying()), (2, 0));
+        assert_eq!(ix.release("a", 10, |_| Some(2)), 1);
+        assert_eq!((ix.queued(), ix.retrying()), (3, 0), "released, it is due at once");
+        ix.apply(10 * 64, &failed(3)).unwrap();
+        assert_eq!((ix.queued(), ix.retrying()), (3, 1));
+        ix.covered = 11 * 64;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        let ix = save(ix, &path);
+        let back = Index::load(&path).unwrap().expect("a sound snapshot");
+        assert_eq!((back.queued(), back.retrying()), (3, 1));
+        assert_eq!(contents(&back), contents(&ix));
     }
 
     #[test]

@@ -553,10 +553,10 @@ impl EventLog {
         self.read_index().next_due()
     }
 
-    /// How many events are queued, and how many parked.
-    pub fn outbox(&self) -> (usize, usize) {
+    /// How many events are queued, how many of those wait for a retry, and how many parked.
+    pub fn outbox(&self) -> (usize, usize, usize) {
         let ix = self.read_index();
-        (ix.queued(), ix.parked_len())
+        (ix.queued(), ix.retrying(), ix.parked_len())
     }
 
     /// The numbers that have events parked.
@@ -1182,17 +1182,17 @@ mod tests {
                 &[PreparedEvent::new(&later, Some((b"k2", 90_000))), PreparedEvent::new(&other, Some((b"k3", 90_000)))],
             );
             assert!(matches!(out[..], [Recorded::New { parked: true, .. }, Recorded::New { parked: false, .. }]));
-            assert_eq!((log.outbox(), log.parked_phones()), ((1, 2), vec![phone.as_str().to_owned()]));
+            assert_eq!((log.outbox(), log.parked_phones()), ((1, 0, 2), vec![phone.as_str().to_owned()]));
         }
         // The same after a restart that rebuilds the index from the journal alone.
         std::fs::remove_file(dir.path().join("index.snapshot")).ok();
         let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
-        assert_eq!((log.outbox(), log.parked_phones()), ((1, 2), vec![phone.as_str().to_owned()]));
+        assert_eq!((log.outbox(), log.parked_phones()), ((1, 0, 2), vec![phone.as_str().to_owned()]));
         assert_eq!(log.deliveries_due(i64::MAX, 10).unwrap().len(), 1);
         assert_eq!(log.release("ph_other", usize::MAX), 0);
         assert_eq!(log.release(phone.as_str(), 1), 1);
         assert_eq!(log.release(phone.as_str(), usize::MAX), 1);
-        assert_eq!((log.outbox(), log.parked_phones()), ((3, 0), vec![]));
+        assert_eq!((log.outbox(), log.parked_phones()), ((3, 0, 0), vec![]));
         let due: Vec<String> =
             log.deliveries_due(i64::MAX, 10).unwrap().into_iter().map(|(e, _)| e.id.to_string()).collect();
         // The heads of c1 and c2, in due order; c1's second event waits behind its first.

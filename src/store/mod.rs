@@ -83,6 +83,8 @@ pub enum Recorded {
 pub struct OutboxDepth {
     /// On the queue, due or not.
     pub queued: usize,
+    /// Of those, how many wait for a retry after a failed attempt.
+    pub retrying: usize,
     /// Off the queue, with their number (an upstream that is missing or held).
     pub parked: usize,
 }

@@ -817,8 +817,8 @@ impl Store for SledStore {
     }
 
     fn outbox(&self) -> OutboxDepth {
-        let (queued, parked) = self.events.outbox();
-        OutboxDepth { queued, parked }
+        let (queued, retrying, parked) = self.events.outbox();
+        OutboxDepth { queued, retrying, parked }
     }
 
     fn damaged_events(&self) -> usize {

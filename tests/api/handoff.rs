@@ -2653,3 +2653,53 @@ async fn a_nonce_repeated_on_another_number_is_not_taken_for_a_replay() {
         assert_eq!(evs[0]["call_id"], format!("call-{i}"));
     }
 }
+
+/// An upstream that answers but refuses (here 401) keeps its events queued for their retries
+/// for as long as the delivery horizon. Thousands of them once took all the queue's room, so a
+/// held upstream's parked events were never released, not even for its probe, and it stayed held.
+#[tokio::test]
+async fn events_queued_for_retries_leave_room_for_another_upstreams_parked_events() {
+    let refusing = FakeHttp::start(|_| Reply::status(401)).await;
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&up);
+    let recovering =
+        FakeHttp::start(move |_| Reply::status(if seen.load(std::sync::atomic::Ordering::SeqCst) { 200 } else { 503 }))
+            .await;
+    let app = upstream_app(&recovering, &[]).await;
+    let (tenant, other) = (app.create_org("Refused").await, app.create_org("Recovering").await);
+    let mut cfg = config(None, None);
+    cfg.upstream_url = Some(refusing.url("/refuse"));
+    let refused = add_line(&app, &tenant, Carrier::Twilio, "+16282020061", cfg);
+    // More than the queue's room (4,096), each its own call, each tried once.
+    let backlog = 4_100;
+    let calls: Vec<String> = (0..backlog).map(|i| format!("CAREF{i}")).collect();
+    for chunk in calls.chunks(50) {
+        let posts = chunk.iter().map(|call| twilio_status(&app.client, &app.base, &refused, call, "completed", 1));
+        assert!(futures_util::future::join_all(posts).await.iter().all(|s| *s == 200));
+    }
+    wait_hits_within(&refusing, "every refused event tried", Duration::from_secs(60), |h| h.len() >= backlog).await;
+    let line = add_line(&app, &other, Carrier::Twilio, "+16282020062", config(None, None));
+    // Five failures hold the upstream; what comes after waits parked.
+    let mut failing = Vec::new();
+    for i in 0..5 {
+        failing.push(record_status(&app, &other, &line, &format!("CAFAIL{i}"), "completed", 1).await);
+    }
+    for id in &failing {
+        wait_state(&app, &other, id, "failed").await;
+    }
+    // The breaker hears of an attempt just after its outcome is recorded.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut parked = Vec::new();
+    for i in 0..3 {
+        parked.push(record_status(&app, &other, &line, &format!("CAPARK{i}"), "completed", 1).await);
+    }
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric_value(&text, "callgate_outbox_retrying"), backlog as u64 + 5, "{text}");
+    // The upstream answers again; its probe is due after a second.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    app.clock.set_ms(app.clock.now_ms() + 1_100);
+    for id in &parked {
+        wait_state(&app, &other, id, "delivered").await;
+    }
+    assert_eq!(refusing.hits().len(), backlog, "no retry was due yet");
+}
