@@ -243,33 +243,44 @@ fn free(state: &Arc<AppState>, call: &str) {
 pub async fn redeliver(state: &AppState, events: &[(OrgId, EventId)]) -> Result<usize, StoreError> {
     let mut asked = events.to_vec();
     let mut found = None;
-    // A round frees the slots it took; what was asked of those calls meanwhile is the next.
+    let mut failed = None;
+    // A round frees the slots it took, whatever failed in it (a slot kept would hold its call's
+    // deliveries until a restart); what was asked of those calls meanwhile is the next round.
     while !asked.is_empty() {
         let now = state.clock.now_ms();
         let (mut n, mut updates, mut held) = (0, Vec::new(), Vec::new());
-        for (org, id) in &asked {
-            let Some(d) = state.store.delivery_get(org, id)? else { continue };
-            n += 1;
-            if !held.contains(&d.call_key) {
-                if !state.outbox.take_or_ask(&d.call_key, org, id) {
-                    continue;
+        let mut read = || -> Result<(), StoreError> {
+            for (org, id) in &asked {
+                let Some(d) = state.store.delivery_get(org, id)? else { continue };
+                n += 1;
+                if !held.contains(&d.call_key) {
+                    if !state.outbox.take_or_ask(&d.call_key, org, id) {
+                        continue;
+                    }
+                    held.push(d.call_key.clone());
                 }
-                held.push(d.call_key.clone());
+                // Read again with the slot held: an attempt that finished just before wrote its
+                // outcome.
+                if let Some(d) = state.store.delivery_get(org, id)? {
+                    updates.push(requeued(d, now));
+                }
             }
-            // Read again with the slot held: an attempt that finished just before wrote its
-            // outcome.
-            if let Some(d) = state.store.delivery_get(org, id)? {
-                updates.push(requeued(d, now));
-            }
-        }
+            Ok(())
+        };
+        let read = read();
         found.get_or_insert(n);
-        // One durable write for the lot.
+        // One durable write for what was read.
         let written = state.commit.put_deliveries(updates).await;
         asked = held.iter().flat_map(|call| state.outbox.release(call)).collect();
         state.outbox.poke();
-        written?;
+        if let Err(e) = read.and(written) {
+            failed.get_or_insert(e);
+        }
     }
-    Ok(found.unwrap_or(0))
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(found.unwrap_or(0)),
+    }
 }
 
 fn requeued(mut d: DeliveryRecord, now_ms: i64) -> DeliveryRecord {

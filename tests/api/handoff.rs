@@ -2322,6 +2322,18 @@ async fn a_damaged_record_hides_no_other_event_and_holds_up_no_other_delivery() 
     assert_eq!(delivered, [ids[0].clone(), ids[2].clone()]);
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l == "callgate_journal_damaged_events 1"), "{metrics}");
+
+    // A redelivery that fails on the damaged record frees the call it took before it: kept,
+    // that call's deliveries waited for a restart.
+    let org_id = callgate::domain::OrgId::parse(&org.id).unwrap();
+    let both: Vec<_> =
+        ids[..2].iter().map(|id| (org_id.clone(), callgate::domain::EventId::parse(id).unwrap())).collect();
+    assert!(callgate::handoff::outbox::redeliver(&app.state, &both).await.is_err());
+    let res = app.post(&org, &format!("/events/{}/redeliver", ids[0])).send().await.unwrap();
+    assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
+    // Once for the failed redelivery's own write, once for the one after it.
+    wait_hits(&upstream, "the event sent twice more", |h| h.iter().filter(|h| h.webhook_id() == ids[0]).count() >= 3)
+        .await;
     app.stop().await;
 }
 
