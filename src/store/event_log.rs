@@ -669,9 +669,15 @@ impl EventLog {
             }
             for (id, answer) in batch.answers {
                 let Some((seq, v)) = seq_of(&ix, id) else { continue };
-                if let Some((_, old)) = self.current(&ix, seq, v)? {
+                if let Some((at, old)) = self.current(&ix, seq, v)? {
                     let r = decode_record(&old)?;
-                    let mut ev = self.event_of(&r)?;
+                    let mut ev = match self.event_of(&r) {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            self.passed::<()>(if r.event_loc == HERE { at } else { r.event_loc }, e)?;
+                            continue;
+                        }
+                    };
                     ev.answer = Some(answer.clone());
                     let event = encode_event(&ev);
                     // A delivery not yet tried, held for this answer, is due now: it starts again
@@ -731,21 +737,44 @@ impl EventLog {
 
     /// The latest version of event `seq`, if its full id is `v` (the index matched only the
     /// high half).
+    /// A damaged one is passed over as if it were not there.
     fn current(&self, ix: &Index, seq: u32, v: u128) -> Result<Option<(Loc, Vec<u8>)>, StoreError> {
         let at = ix.locs[seq as usize];
-        let bytes = self.read(at)?;
-        let same = decode_record(&bytes)?.entry.id == v;
-        Ok(same.then_some((at, bytes)))
+        let read = self.read(at).and_then(|bytes| Ok((decode_record(&bytes)?.entry.id == v, bytes)));
+        match read {
+            Ok((same, bytes)) => Ok(same.then_some((at, bytes))),
+            Err(e) => self.passed(at, e),
+        }
+    }
+
+    /// What the writer makes of a record it cannot read: a damaged one is passed over (logged
+    /// once, counted), so that the batch of everyone's webhooks it would have failed goes on;
+    /// the disk refusing a read stops the batch, to be tried again.
+    fn passed<T>(&self, at: Loc, e: StoreError) -> Result<Option<T>, StoreError> {
+        match e {
+            StoreError::Corrupt { .. } => {
+                self.pass_over(at, &e);
+                Ok(None)
+            }
+            e => Err(e),
+        }
     }
 
     /// The first event recorded under this replay key, if its marker is live. Every version of
     /// an event keeps its key, so the latest one tells.
     fn first_with(&self, ix: &Index, fp: u64, key: &[u8], now_ms: i64) -> Result<Option<EventId>, StoreError> {
         for seq in ix.marked(fp, now_ms) {
-            let bytes = self.read(ix.locs[seq as usize])?;
-            let r = decode_record(&bytes)?;
-            if r.replay_key == key {
-                return Ok(Some(EventId::from_value(r.entry.id)));
+            let at = ix.locs[seq as usize];
+            let first = self.read(at).and_then(|bytes| {
+                let r = decode_record(&bytes)?;
+                Ok((r.replay_key == key).then(|| EventId::from_value(r.entry.id)))
+            });
+            match first {
+                Ok(Some(id)) => return Ok(Some(id)),
+                Ok(None) => {}
+                Err(e) => {
+                    self.passed::<()>(at, e)?;
+                }
             }
         }
         Ok(None)

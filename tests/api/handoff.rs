@@ -2329,11 +2329,26 @@ async fn a_damaged_record_hides_no_other_event_and_holds_up_no_other_delivery() 
     let both: Vec<_> =
         ids[..2].iter().map(|id| (org_id.clone(), callgate::domain::EventId::parse(id).unwrap())).collect();
     assert!(callgate::handoff::outbox::redeliver(&app.state, &both).await.is_err());
+    let first = ids[0].clone();
+    let sent = |n: usize| {
+        let first = first.clone();
+        move |h: &[Hit]| h.iter().filter(|h| h.webhook_id() == first).count() >= n
+    };
+    // What it read before the damaged record is redelivered, and its call is free again for the
+    // next redelivery.
+    wait_hits(&upstream, "the event sent again", sent(2)).await;
     let res = app.post(&org, &format!("/events/{}/redeliver", ids[0])).send().await.unwrap();
     assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
-    // Once for the failed redelivery's own write, once for the one after it.
-    wait_hits(&upstream, "the event sent twice more", |h| h.iter().filter(|h| h.webhook_id() == ids[0]).count() >= 3)
-        .await;
+    wait_hits(&upstream, "the event sent a third time", sent(3)).await;
+
+    // The carrier sends the damaged event again. The record its replay marker points at cannot
+    // be read: it is passed over, and the event recorded anew, where it once failed the whole
+    // batch it was written in (everyone's webhooks of that moment).
+    assert_eq!(twilio_status(&app.client, &app.base, &lines[1], "CADAMAGED1", "completed", 1).await, 200);
+    let listed: Value = app.get(&org, "/events").send().await.unwrap().json().await.unwrap();
+    let again = listed["events"].as_array().unwrap();
+    assert_eq!(again.len(), 3);
+    assert_eq!(again[2]["call_id"], "CADAMAGED1");
     app.stop().await;
 }
 
