@@ -162,6 +162,9 @@ pub struct Journal {
     /// What an inspection found and left in place.
     torn: Option<TornTail>,
     access: Access,
+    /// A failed write could not be cut off: nothing more is written until a restart, whose
+    /// open cuts it as the torn tail it then is.
+    broken: bool,
 }
 
 /// Read access to every segment, shared with readers so they never wait for the writer. Only
@@ -315,6 +318,7 @@ impl Journal {
             spare: if serve { Spare::new(dir, options.preallocate_bytes) } else { Spare::none(dir) },
             next_batch: last_batch.map_or(0, |n| n + 1),
             torn,
+            broken: false,
             access,
         })
     }
@@ -341,6 +345,7 @@ impl Journal {
                 "the journal is open to inspect only",
             )));
         }
+        self.writable()?;
         let end = self.active_len + (len + MARKER_FRAME) as u64;
         if end <= self.active_room {
             return Ok(self.end());
@@ -352,6 +357,13 @@ impl Journal {
             self.roll(None)?;
         }
         Ok(self.end())
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.broken {
+            return Err(io(std::io::Error::other("the journal could not cut off a failed write; restart to recover")));
+        }
+        Ok(())
     }
 
     /// Seals the active segment and makes the next one active: the prepared `spare`, or a new
@@ -394,6 +406,7 @@ impl Journal {
     /// On failure the segment is cut back, so a half-written batch never sits in front of the
     /// next one. `buf` comes back as it was given.
     pub fn write_durably(&mut self, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        self.writable()?;
         let given = buf.len();
         put_marker(buf, self.next_batch);
         self.next_batch += 1;
@@ -416,10 +429,17 @@ impl Journal {
                 Ok(())
             }
             Err(e) => {
-                if let Err(cut) = self.active.set_len(self.active_len) {
-                    tracing::error!(error = %cut, "could not cut a failed write off the journal");
+                // What the failed write left past the end, whole or in part, goes before anything
+                // else is written, and durably: left there, the next batch would land in front of
+                // it, or a roll would seal it inside a segment, which every start then refuses
+                // as damaged.
+                match self.active.set_len(self.active_len).and_then(|()| self.active.sync_all()) {
+                    Ok(()) => self.active_room = self.active_len,
+                    Err(cut) => {
+                        tracing::error!(error = %cut, "could not cut a failed write off the journal; nothing more is written until a restart");
+                        self.broken = true;
+                    }
                 }
-                self.active_room = self.active_len;
                 Err(io(e))
             }
         }
@@ -878,6 +898,36 @@ mod tests {
         drop(j);
         let (_, seen) = collect(dir.path(), 13);
         assert_eq!(seen, vec![(13, b"second".to_vec())]);
+    }
+
+    #[test]
+    fn a_failed_write_that_cannot_be_cut_off_stops_writes_until_a_restart_cuts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = collect(dir.path(), 0);
+        let mut buf = Vec::new();
+        frame(&mut buf, |b| b.extend_from_slice(b"kept"));
+        j.place(buf.len()).unwrap();
+        j.write_durably(&mut buf).unwrap();
+        let end = j.end();
+        // The next write fails after part of it landed, and the file cannot be cut back (a
+        // descriptor that refuses both, as a failing disk would).
+        let path = segment_path(dir.path(), 0);
+        let writable = std::mem::replace(&mut j.active, File::open(&path).unwrap());
+        writable.write_all_at(b"half a batch", end).unwrap();
+        let mut next = Vec::new();
+        frame(&mut next, |b| b.extend_from_slice(b"refused"));
+        j.place(next.len()).unwrap();
+        assert!(j.write_durably(&mut next).is_err());
+        // The disk takes writes again; the journal does not, until a restart.
+        j.active = writable;
+        assert!(j.place(next.len()).is_err(), "placed over what the failed write left");
+        assert!(j.write_durably(&mut next).is_err(), "written over what the failed write left");
+        drop(j);
+        let (mut j, seen) = collect(dir.path(), 0);
+        assert_eq!(seen, vec![(0, b"kept".to_vec())]);
+        assert_eq!(j.end(), end);
+        j.place(next.len()).unwrap();
+        j.write_durably(&mut next).unwrap();
     }
 
     #[test]
