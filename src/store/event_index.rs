@@ -432,6 +432,14 @@ impl Index {
         });
     }
 
+    /// Takes a queued event whose record at `at` cannot be read off the queue, unless a later
+    /// version has been written since.
+    pub fn pass_over(&mut self, seq: u32, at: Loc) {
+        if seq < self.len() && self.locs[seq as usize] == at {
+            self.unqueue(seq);
+        }
+    }
+
     /// Puts up to `limit` of a phone's parked events back on the queue, oldest first, due now.
     /// `call_of` reads an event's call from its record; one it cannot read stays parked.
     /// Returns how many went on the queue.

@@ -502,11 +502,33 @@ impl EventLog {
     }
 
     pub fn deliveries_due(&self, now_ms: i64, limit: usize) -> Result<Vec<(EventRecord, DeliveryRecord)>, StoreError> {
-        let locs: Vec<Loc> = {
+        let due: Vec<(u32, Loc)> = {
             let ix = self.read_index();
-            ix.due(now_ms, limit).into_iter().map(|s| ix.locs[s as usize]).collect()
+            ix.due(now_ms, limit).into_iter().map(|s| (s, ix.locs[s as usize])).collect()
         };
-        Ok(locs.into_iter().filter_map(|at| self.load_or_pass(at)).collect())
+        let mut out = Vec::with_capacity(due.len());
+        let mut damaged = Vec::new();
+        for (seq, at) in due {
+            match self.load(at) {
+                Ok(both) => out.push(both),
+                Err(e) => {
+                    self.pass_over(at, &e);
+                    // Left at the head of its call, a damaged event would hold the call's later
+                    // events for ever: it leaves the queue (a restart finds it again, and passes
+                    // it over again). The disk refusing a read leaves it for the next pass.
+                    if matches!(e, StoreError::Corrupt { .. }) {
+                        damaged.push((seq, at));
+                    }
+                }
+            }
+        }
+        if !damaged.is_empty() {
+            let mut ix = self.index.write().unwrap_or_else(|e| e.into_inner());
+            for (seq, at) in damaged {
+                ix.pass_over(seq, at);
+            }
+        }
+        Ok(out)
     }
 
     /// Puts up to `limit` of a number's parked events on the queue, oldest first.

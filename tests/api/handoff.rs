@@ -2352,6 +2352,43 @@ async fn a_damaged_record_hides_no_other_event_and_holds_up_no_other_delivery() 
     app.stop().await;
 }
 
+/// A damaged event at the head of its call is passed over on the queue too: left there, it held
+/// every later event of its call, and each pass read it again.
+#[tokio::test]
+async fn a_damaged_event_heading_its_call_holds_up_none_of_the_calls_later_events() {
+    let down = FakeHttp::start(|_| Reply::status(503)).await;
+    let app = upstream_app(&down, &[]).await;
+    let org = app.create_org("Acme").await;
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020071", config(None, None));
+    let first = record_status(&app, &org, &line, "CAHEAD", "ringing", 1).await;
+    wait_state(&app, &org, &first, "failed").await;
+    // Behind it in its call: not tried while the first waits for its retry.
+    let second = record_status(&app, &org, &line, "CAHEAD", "completed", 2).await;
+    let (data_dir, mut env) = (app.data_dir.clone(), app.env.clone());
+    let _dir = app.stop().await;
+
+    // One byte of the first event's status flipped: only its first version holds the word.
+    let segments = std::fs::read_dir(data_dir.join("db/events")).unwrap().map(|e| e.unwrap().path());
+    let (segment, mut bytes, at) = segments
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .find_map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            let at = bytes.windows(7).position(|w| w == b"ringing")?;
+            Some((p, bytes, at))
+        })
+        .expect("the status is in the journal");
+    bytes[at] ^= 0x20;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    // Started on the system clock, long after the first's retry was due.
+    let upstream = FakeHttp::start(|_| Reply::status(200)).await;
+    env.insert("CALLGATE_UPSTREAM_URL".into(), upstream.url("/hook"));
+    let app = spawn_on_with(&data_dir, env).await;
+    wait_state(&app, &org, &second, "delivered").await;
+    assert_eq!(upstream.hits_to("/hook").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [second]);
+    app.stop().await;
+}
+
 /// Runs the binary's `args` on `data_dir`: whether it succeeded, and what it printed.
 fn cli(data_dir: &Path, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_callgate"))
