@@ -464,10 +464,16 @@ pub async fn run_once(state: &Arc<AppState>, permits: &Arc<Semaphore>) -> Pass {
         pass.started += 1;
         tokio::spawn(async move {
             let key = d.call_key.clone();
-            let took = attempt(&st, d, url.clone(), how).await;
+            let (took, unrecorded) = attempt(&st, d, url.clone(), how).await;
             st.outbox.unclaim(&url, took);
-            free(&st, &key);
             drop(permit);
+            if unrecorded {
+                // Its record still says it is due: freed at once, the call would be tried on the
+                // next pass, and the next, as fast as the upstream answers, for as long as the
+                // disk refuses.
+                tokio::time::sleep(UNRECORDED_PAUSE).await;
+            }
+            free(&st, &key);
             // The call's next event may be due now.
             st.outbox.poke();
         });
@@ -527,16 +533,19 @@ async fn claim_within(state: &AppState, url: &str, most: usize, passed_over: &mu
     }
 }
 
+/// How long a call whose delivery could not be read or recorded is left alone.
+const UNRECORDED_PAUSE: Duration = Duration::from_secs(5);
+
 /// One delivery attempt; its outcome tells the upstream's breaker, which admitted it. Returns
-/// how long its request took, if one was made.
-async fn attempt(state: &AppState, d: DeliveryRecord, url: String, how: Admitted) -> Option<Duration> {
-    let tried = deliver(state, d, &url).await;
+/// how long its request took, if one was made, and whether what came of it went unrecorded.
+async fn attempt(state: &AppState, d: DeliveryRecord, url: String, how: Admitted) -> (Option<Duration>, bool) {
+    let (tried, unrecorded) = deliver(state, d, &url).await;
     let breakers = &state.outbox.breakers;
     match &tried {
         Some(t) => breakers.report(&url, how, t.reached, state.clock.now_ms()),
         None => breakers.forgo(&url, how),
     }
-    tried.map(|t| t.took)
+    (tried.map(|t| t.took), unrecorded)
 }
 
 /// A request made to an upstream.
@@ -546,8 +555,9 @@ struct Tried {
     took: Duration,
 }
 
-/// The request made, if one was.
-async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<Tried> {
+/// The request made, if one was, and whether the delivery's record could not be read or
+/// written (the disk refusing).
+async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> (Option<Tried>, bool) {
     let now = state.clock.now_ms();
     // Read again rather than taken from the scan: an incoming call's answer is noted on its
     // event after recording, and the copy the scan decoded may predate it.
@@ -559,7 +569,7 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<T
             if REFUSED.due() {
                 tracing::error!(event = %d.event_id, error = %detail, "reading an event to deliver failed; will retry");
             }
-            return None;
+            return (None, true);
         }
         // Gone, or damaged past reading: there is nothing to send, now or later.
         found => {
@@ -569,8 +579,8 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<T
             };
             tracing::warn!(event = %d.event_id, reason = %why, "delivery given up (dead): the event cannot be read");
             d.state = DeliveryState::Dead;
-            let _ = state.commit.put_delivery(d).await;
-            return None;
+            let unrecorded = state.commit.put_delivery(d).await.is_err();
+            return (None, unrecorded);
         }
     };
     // An incoming call's event waits for its answer, noted on it once decided, up to its hold:
@@ -581,10 +591,11 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<T
         d.next_attempt_ms = hold_until;
         if let Err(e) = state.commit.put_delivery(d).await {
             tracing::error!(event = %ev.id, error = %e, "holding a delivery for its answer failed");
+            return (None, true);
         }
-        return None;
+        return (None, false);
     }
-    let body = serde_json::to_vec(&event_json(&ev, None)).ok()?;
+    let Ok(body) = serde_json::to_vec(&event_json(&ev, None)) else { return (None, false) };
     let ts = state.clock.now_secs();
     let started = Instant::now();
     // A URL stored before its address was refused is not called either.
@@ -657,10 +668,11 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> Option<T
         }
     }
     let event_id = d.event_id.clone();
-    if let Err(e) = state.commit.put_delivery(d).await {
+    let recorded = state.commit.put_delivery(d).await;
+    if let Err(e) = &recorded {
         tracing::error!(event = %event_id, error = %e, "recording a delivery attempt failed");
     }
-    Some(Tried { reached: status_code.is_some_and(|s| s < 500 && s != 429), took })
+    (Some(Tried { reached: status_code.is_some_and(|s| s < 500 && s != 429), took }), recorded.is_err())
 }
 
 #[cfg(test)]
