@@ -346,9 +346,13 @@ fn release_parked(state: &AppState, now: i64) {
 }
 
 /// Hands each parked number's events to `release` as far as `room` and its upstream's flow
-/// allow. An upstream whose probe is due gets one event in all, however many of its numbers
-/// have events parked: one probe is all its breaker admits, so any more would be parked again
-/// at once. Whether the queue ran out of room with numbers still to look at.
+/// allow. The numbers whose upstream takes everything first get an even share of the room each
+/// (one at least), then what is left goes to those that filled their share, in turn: given all
+/// the room in the order the numbers come, one deep backlog filled every release while another
+/// number's few events stayed parked. An upstream whose probe is due gets one event in all,
+/// however many of its numbers have events parked: one probe is all its breaker admits, so any
+/// more would be parked again at once. Whether the queue ran out of room with numbers still to
+/// look at.
 fn release_into(
     phones: Vec<PhoneId>,
     mut room: usize,
@@ -356,25 +360,46 @@ fn release_into(
     flow: impl Fn(&str) -> Flow,
     mut release: impl FnMut(&PhoneId, usize) -> usize,
 ) -> bool {
-    let mut probed: HashSet<String> = HashSet::new();
-    for phone in phones {
+    let numbers: Vec<(PhoneId, String, Flow)> = phones
+        .into_iter()
+        .filter_map(|phone| {
+            let url = upstream_of(&phone)?;
+            let f = flow(&url);
+            Some((phone, url, f))
+        })
+        .collect();
+    let open = numbers.iter().filter(|(.., f)| *f == Flow::All).count();
+    let share = (room / open.max(1)).max(1);
+    let mut probed: HashSet<&str> = HashSet::new();
+    let mut filled = Vec::new();
+    for (phone, url, f) in &numbers {
         if room == 0 {
             return true;
         }
-        let Some(url) = upstream_of(&phone) else { continue };
-        let (want, probe) = match flow(&url) {
-            Flow::All => (room, false),
-            Flow::Probe if probed.contains(&url) => continue,
+        let (want, probe) = match f {
+            Flow::All => (share.min(room), false),
+            Flow::Probe if probed.contains(url.as_str()) => continue,
             Flow::Probe => (1, true),
             Flow::Held => continue,
         };
-        let released = release(&phone, want).min(room);
+        let released = release(phone, want).min(room);
         if probe && released > 0 {
             probed.insert(url);
         }
+        if !probe && released == want {
+            filled.push(phone);
+        }
         room -= released;
     }
-    false
+    let topped_up = !filled.is_empty();
+    for phone in filled {
+        if room == 0 {
+            return true;
+        }
+        room -= release(phone, room).min(room);
+    }
+    // The last to take the rest may have more.
+    topped_up && room == 0
 }
 
 /// Releases parked events when due, then starts every delivery that is due, whose call has
@@ -761,12 +786,33 @@ mod tests {
     #[test]
     fn releasing_stops_when_the_queue_is_full_and_says_more_waits() {
         let numbers = [(A, Some("http://up/"), 5), (B, Some("http://up/"), 4), (C, Some("http://up/"), 1)];
+        // Two each, then what is left to those that took all of theirs.
         let (calls, more) = plan(&numbers, &[("http://up/", Flow::All)], 6);
-        assert_eq!(calls, [(A.to_owned(), 6, 5), (B.to_owned(), 1, 1)]);
-        assert!(more, "C still waits");
-        let (calls, more) = plan(&numbers[..2], &[("http://up/", Flow::All)], 9);
-        assert_eq!(calls, [(A.to_owned(), 9, 5), (B.to_owned(), 4, 4)]);
+        assert_eq!(calls, [(A.to_owned(), 2, 2), (B.to_owned(), 2, 2), (C.to_owned(), 2, 1), (A.to_owned(), 1, 1)]);
+        assert!(more, "B may have more");
+        let (calls, more) = plan(&numbers[..2], &[("http://up/", Flow::All)], 10);
+        assert_eq!(calls, [(A.to_owned(), 5, 5), (B.to_owned(), 5, 4), (A.to_owned(), 1, 0)]);
         assert!(!more);
+    }
+
+    #[test]
+    fn a_deep_backlog_takes_no_more_than_its_share_while_another_number_waits() {
+        let numbers = [(A, Some("http://up/"), 1_000_000), (B, Some("http://up/"), 50), (C, Some("http://up/"), 3)];
+        let (calls, more) = plan(&numbers, &[("http://up/", Flow::All)], 4_096);
+        assert_eq!(
+            calls,
+            [
+                (A.to_owned(), 1_365, 1_365),
+                (B.to_owned(), 1_365, 50),
+                (C.to_owned(), 1_365, 3),
+                (A.to_owned(), 2_678, 2_678)
+            ]
+        );
+        assert!(more, "A has more");
+        // More numbers than room: one each, as far as it goes.
+        let (calls, more) = plan(&numbers, &[("http://up/", Flow::All)], 2);
+        assert_eq!(calls, [(A.to_owned(), 1, 1), (B.to_owned(), 1, 1)]);
+        assert!(more);
     }
 
     #[test]
