@@ -347,6 +347,22 @@ async fn a_telnyx_event_is_refused_alike_whether_or_not_its_number_is_imported()
     app.stop().await;
 }
 
+/// Vobiz's documented signature covers the URL (without its query) and the nonce, not the
+/// fields: an event verified that way says so, for whoever acts on its fields.
+#[tokio::test]
+async fn a_vobiz_event_says_whether_its_signature_covered_its_fields() {
+    for (name, scheme) in [("vobiz/status_form_sdk", "vobiz-v3"), ("vobiz/status_form_docs", "vobiz-v3-url-only")] {
+        let f = load(name);
+        let (app, org) = serve(&f).await;
+        let got = fixtures::send(&client(), &app.base, &f).await.unwrap();
+        assert_eq!(got.status, 200, "{name}: {}", got.body);
+        let stored = events(&app, &org).await;
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0]["verified_by"]["scheme"], scheme, "{name}");
+        app.stop().await;
+    }
+}
+
 fn run_cli(args: Vec<String>) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_callgate"))
         .args(args)

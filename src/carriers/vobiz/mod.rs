@@ -29,10 +29,17 @@ impl CarrierHooks for Vobiz {
         _: &VerifyContext<'_>,
     ) -> Result<&'static str, Reject> {
         let Prepared::Vobiz(key) = keys else { return Err(Reject::CredentialUnavailable) };
+        let form = std::cell::Cell::new(None);
         verify_v3_family(req, &HEADERS, |method, nonce, header| {
-            signature::verify_v3(key, method, req.url, &req.form, nonce, header)
+            let matched = signature::v3_form(key, method, req.url, &req.form, nonce, header);
+            form.set(form.get().or(matched));
+            matched.is_some()
         })?;
-        Ok("vobiz-v3")
+        // The event says when its fields were not signed, for whoever acts on them.
+        Ok(match form.get() {
+            Some(signature::V3Form::Docs) => "vobiz-v3-url-only",
+            _ => "vobiz-v3",
+        })
     }
 
     fn parse(req: &mut Inbound<'_>, hook: Hook) -> Parsed {

@@ -84,12 +84,32 @@ pub fn verify_v3<K: AsRef<str>, V: AsRef<str>>(
     nonce: &str,
     header: &str,
 ) -> bool {
-    let docs = docs_tag(key, url, nonce);
-    match plivo::v3_tag(&key.0, method, url, params, nonce) {
-        Ok(sdk) => plivo::header_matches_any(header, &[&docs, &sdk]),
-        // The docs form never looks at the query, so it stays checkable.
-        Err(_) => plivo::header_matches_any(header, &[&docs]),
+    v3_form(key, method, url, params, nonce, header).is_some()
+}
+
+/// Which of the two canonical strings a V3 signature was made over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V3Form {
+    /// The SDKs' (Plivo's): URL, query and parameters.
+    Sdk,
+    /// The docs': the URL without its query, and the nonce; the fields are not covered.
+    Docs,
+}
+
+/// As [`verify_v3`], saying which form matched: the SDK form first, as it covers the most.
+pub fn v3_form<K: AsRef<str>, V: AsRef<str>>(
+    key: &VobizKey,
+    method: Method,
+    url: &str,
+    params: &[(K, V)],
+    nonce: &str,
+    header: &str,
+) -> Option<V3Form> {
+    // The docs form never looks at the query, so it stays checkable when the SDK form is not.
+    if plivo::v3_tag(&key.0, method, url, params, nonce).is_ok_and(|sdk| plivo::header_matches_any(header, &[&sdk])) {
+        return Some(V3Form::Sdk);
     }
+    plivo::header_matches_any(header, &[&docs_tag(key, url, nonce)]).then_some(V3Form::Docs)
 }
 
 /// V2 (docs): base URL immediately followed by the nonce; identical to Plivo V2.
