@@ -264,9 +264,17 @@ pub(super) fn short_of(dir: &Path, index: &Index) -> Result<Option<String>, Stor
     };
     let (seg, off) = super::journal::split(index.covered);
     need(seg, off);
+    // And the last record the index holds in each: a segment is made at its full size, zeros
+    // ahead of what is written, so a length alone does not show writes the disk lost.
+    let mut last: Vec<Option<u64>> = Vec::new();
     for at in index.locs.iter() {
         let (seg, off) = super::journal::split(*at);
         need(seg, off + super::journal::FRAME_HEADER as u64);
+        let seg = seg as usize;
+        if last.len() <= seg {
+            last.resize(seg + 1, None);
+        }
+        last[seg] = last[seg].max(Some(off));
     }
     for (seg, need) in needs.into_iter().enumerate().filter(|(_, n)| *n > 0) {
         let seg = seg as u32;
@@ -279,6 +287,18 @@ pub(super) fn short_of(dir: &Path, index: &Index) -> Result<Option<String>, Stor
             return Ok(Some(format!(
                 "journal segment {seg} ends at byte {len}, and the index snapshot holds events up to byte {need}"
             )));
+        }
+        if let Some(off) = last.get(seg as usize).copied().flatten() {
+            use std::os::unix::fs::FileExt;
+            let mut frame_len = [0u8; 4];
+            let file = std::fs::File::open(&path).map_err(|e| StoreError::Io { detail: e.to_string() })?;
+            file.read_exact_at(&mut frame_len, off).map_err(|e| StoreError::Io { detail: e.to_string() })?;
+            // A damaged record is passed over when read; zeros are a record never written.
+            if frame_len == [0; 4] {
+                return Ok(Some(format!(
+                    "journal segment {seg} holds zeros at byte {off}, where the index snapshot has a record"
+                )));
+            }
         }
     }
     Ok(None)
@@ -1376,6 +1396,44 @@ mod tests {
         assert!(msg.contains(&format!("journal segment 1 ends at byte {}", len / 2)), "{msg}");
         let found = salvage(&from, None, SMALL).unwrap();
         assert_eq!(found.events + found.lost, 80, "{found:?}");
+    }
+
+    /// A segment keeps its full size with zeros ahead of what is written: writes the disk lost
+    /// (or a copy taken mid-write) leave its length whole, and only the records tell.
+    #[test]
+    fn a_journal_whose_last_records_are_zeros_is_refused_like_a_short_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("events");
+        let org = OrgId::generate();
+        let options = JournalOptions { preallocate_bytes: 1 << 20 };
+        let last_at = {
+            let log = EventLog::open(&from, options, Access::Serve).unwrap();
+            let last = || {
+                let ix = log.read_index();
+                ix.locs[ix.len() as usize - 1]
+            };
+            // The first segment grows as written; the next, prepared meanwhile, is made whole.
+            let mut i = 0i64;
+            while i < 3 || super::super::journal::split(last()).0 == 0 {
+                record(&log, &[prepared(&org, &format!("c{i}"), &[], 1_000 + i, 0)]);
+                i += 1;
+                assert!(i < 1_000, "no prepared segment");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            log.save_snapshot().unwrap();
+            last()
+        };
+        let (seg, off) = super::super::journal::split(last_at);
+        let path = from.join(super::super::journal::segment_file(seg));
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len >= 1 << 20, "made at its full size");
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[0; 256], off).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        for access in [Access::Serve, Access::Inspect] {
+            let msg = EventLog::open(&from, options, access).err().expect("refused").to_string();
+            assert!(msg.contains(&format!("journal segment {seg} holds zeros at byte {off}")), "{msg}");
+        }
     }
 
     #[test]
