@@ -534,8 +534,9 @@ impl EventLog {
                 Err(e) => {
                     self.pass_over(at, &e);
                     // Left at the head of its call, a damaged event would hold the call's later
-                    // events for ever: it leaves the queue (a restart finds it again, and passes
-                    // it over again). The disk refusing a read leaves it for the next pass.
+                    // events for ever: it leaves the queue, and the snapshot with it (a start
+                    // that rebuilds the index from the journal queues it again, and it is passed
+                    // over again). The disk refusing a read leaves it for the next pass.
                     if matches!(e, StoreError::Corrupt { .. }) {
                         damaged.push((seq, at));
                     }
@@ -615,6 +616,9 @@ impl EventLog {
     /// in one durable write. Returns a verdict per event.
     pub fn write(&self, batch: Batch<'_>) -> Result<Vec<Recorded>, StoreError> {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        // A journal that writes nothing until a restart fails every batch, one with nothing to
+        // write too, so that readiness keeps saying so.
+        journal.writable()?;
         let mut buf = std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
         buf.clear();
         // Where each frame starts in `buf`: the index takes them in once the write is durable.

@@ -359,7 +359,7 @@ impl Journal {
         Ok(self.end())
     }
 
-    fn writable(&self) -> Result<(), StoreError> {
+    pub fn writable(&self) -> Result<(), StoreError> {
         if self.broken {
             return Err(io(std::io::Error::other("the journal could not cut off a failed write; restart to recover")));
         }

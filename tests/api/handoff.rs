@@ -2751,8 +2751,9 @@ async fn events_queued_for_retries_leave_room_for_another_upstreams_parked_event
     for id in &failing {
         wait_state(&app, &other, id, "failed").await;
     }
-    // The breaker hears of an attempt just after its outcome is recorded.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The breaker hears of an attempt just after its outcome is recorded (the same task, once
+    // woken: a second is far more than that takes on a loaded machine).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut parked = Vec::new();
     for i in 0..3 {
         parked.push(record_status(&app, &other, &line, &format!("CAPARK{i}"), "completed", 1).await);
