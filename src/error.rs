@@ -215,24 +215,32 @@ fn looks_like_a_field(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-/// Every `…` or "…" span of serde's message that does not read as a field name is replaced.
+/// Every `…` or "…" span of serde's message that does not read as a field name is replaced,
+/// and with it everything up to serde's next clause: what is quoted may hold quotes of its own,
+/// unescaped, so its end cannot be told from them.
 fn unquoted_secrets(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(open) = rest.find(['`', '"']) {
-        let quote = rest[open..].chars().next().unwrap_or('"');
+        let quote = if rest.as_bytes()[open] == b'`' { '`' } else { '"' };
         let after = &rest[open + 1..];
-        let Some(close) = after.find(quote) else { break };
         out.push_str(&rest[..open]);
-        let inner = &after[..close];
-        if looks_like_a_field(inner) {
-            out.push(quote);
-            out.push_str(inner);
-            out.push(quote);
-        } else {
-            out.push_str("(not shown)");
+        match after.find(quote).map(|close| (&after[..close], &after[close + 1..])) {
+            // A name serde closed is followed by its punctuation, or nothing: one followed by
+            // more text was cut short by a quote inside it.
+            Some((inner, next))
+                if looks_like_a_field(inner) && (next.is_empty() || next.starts_with([',', ' ', ')', ';'])) =>
+            {
+                out.push(quote);
+                out.push_str(inner);
+                out.push(quote);
+                rest = next;
+            }
+            _ => {
+                out.push_str("(not shown)");
+                rest = after.find(", expected").map_or("", |at| &after[at..]);
+            }
         }
-        rest = &after[close + 1..];
     }
     out.push_str(rest);
     out
@@ -255,7 +263,12 @@ mod tests {
             "unknown field (not shown), expected `label`"
         );
         assert_eq!(unquoted_secrets("unknown field `AuthToken`"), "unknown field (not shown)");
-        assert_eq!(unquoted_secrets("a quote \"left open"), "a quote \"left open");
+        assert_eq!(unquoted_secrets("a quote \"left open"), "a quote (not shown)");
+        // A name holding a quote of its own does not leak what follows it.
+        assert_eq!(
+            unquoted_secrets("unknown field `x`SECRET0001`, expected `label`"),
+            "unknown field (not shown), expected `label`"
+        );
         assert_eq!(shown_field("scope"), "scope");
         for secret in ["sk-proj-SECRET0001", "0123456789abcdef0123456789abcdef", "MAXXXX", "", "a b"] {
             assert_eq!(shown_field(secret), "(a field whose name is not shown)", "{secret}");

@@ -287,7 +287,7 @@ fn apply_config(cfg: &mut PhoneConfig, given: &Map<String, Value>) -> Result<Opt
                     _ => return Err(invalid("config.label: must be a string")),
                 })
             }
-            other => return Err(invalid(format!("config.{other}: unknown setting"))),
+            other => return Err(invalid(format!("config.{}: unknown setting", crate::error::shown_field(other)))),
         }
     }
     Ok(label_out)

@@ -302,13 +302,20 @@ impl SledStore {
                         Some(raw) => match dec::<PhoneRecord>(PHONES, &raw) {
                             Ok(old) if old.org_id == phone.org_id => {
                                 // A credential it moves onto must still be there: a saved one
-                                // replaced or deleted since the caller read it is not.
+                                // replaced or deleted since the caller read it is not, nor one
+                                // kept only for others' grace (retired), which the sweep removes.
                                 let given = inline.is_some_and(|s| s.id == phone.credential);
-                                if old.credential != phone.credential
-                                    && !given
-                                    && secrets.get(phone.credential.as_str())?.is_none()
-                                {
-                                    return Ok(Modified::CredentialGone);
+                                if old.credential != phone.credential && !given {
+                                    let live = match secrets.get(phone.credential.as_str())? {
+                                        Some(raw) => match dec::<SecretRecord>(SECRETS, &raw) {
+                                            Ok(rec) => rec.retired_until_ms.is_none(),
+                                            Err(e) => return abort(e),
+                                        },
+                                        None => false,
+                                    };
+                                    if !live {
+                                        return Ok(Modified::CredentialGone);
+                                    }
                                 }
                                 if let Some((id, until)) = outgoing.as_ref().filter(|(id, _)| *id == old.credential) {
                                     if let Some(raw) = secrets.get(id.as_str())? {

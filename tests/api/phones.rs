@@ -1799,6 +1799,11 @@ async fn list_paginates_and_filters_and_get_patch_delete_manage_one_number() {
         ),
         (json!({"config": {"voice": "alloy"}}), "invalid_field", "config.voice: unknown setting"),
         (
+            json!({"config": {"sk-proj-PASTEDsecret0001": 1}}),
+            "invalid_field",
+            "config.(a field whose name is not shown): unknown setting",
+        ),
+        (
             json!({"label": "top", "config": {"label": "inner"}}),
             "invalid_field",
             "label: give label or config.label, not both",
@@ -2460,6 +2465,18 @@ async fn a_number_is_never_moved_onto_a_credential_that_is_gone() {
     assert!(matches!(r, Modified::CredentialGone), "{r:?}");
     let now = store.phone_get(&org_id, &phone.id).unwrap().unwrap();
     assert_eq!((now.credential, now.label), (phone.credential.clone(), None), "nothing was written");
+    // Nor onto one kept only for another number's grace (retired), which the sweep removes.
+    let rotated = credentials(Carrier::Twilio, TWILIO_ROTATED);
+    let other =
+        insert_phone(store, &app.state.vault, &org.id, Carrier::Twilio, a.numbers[1], &rotated, Default::default(), T0);
+    let fresh = app.state.vault.seal(&org_id, &callgate::vault::validate("twilio", &cred).unwrap(), None, T0);
+    let fresh_id = fresh.id.clone();
+    let r = store.phone_modify(&org_id, &other.id, Some(&fresh), &mut |p| p.credential = fresh_id.clone()).unwrap();
+    assert!(matches!(r, Modified::Written(_)), "{r:?}");
+    let retired = other.credential.clone();
+    assert!(store.secrets_all().unwrap().iter().any(|s| s.id == retired && s.retired_until_ms.is_some()));
+    let r = store.phone_modify(&org_id, &phone.id, None, &mut |p| p.credential = retired.clone()).unwrap();
+    assert!(matches!(r, Modified::CredentialGone), "{r:?}");
     // A number that is gone stays gone.
     assert!(store.phone_delete(&org_id, &phone.id).unwrap());
     let r = store.phone_modify(&org_id, &phone.id, None, &mut |p| p.label = Some("back".into())).unwrap();
