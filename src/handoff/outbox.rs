@@ -16,7 +16,7 @@
 //! backlog that cannot go.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,8 @@ pub struct Outbox {
     released: Mutex<Option<Instant>>,
     /// Look at the parked events on the next pass, not at the next interval.
     release_asked: AtomicBool,
+    /// Releases so far: where the next one starts among the numbers.
+    releases: AtomicUsize,
 }
 
 /// The calls with an attempt out, one at a time each, and what was asked of them meanwhile.
@@ -124,6 +126,7 @@ impl Outbox {
             breakers: Breakers::new(breaker_after),
             released: Mutex::default(),
             release_asked: AtomicBool::new(false),
+            releases: AtomicUsize::new(0),
         }
     }
 
@@ -328,13 +331,17 @@ fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
 /// breaker is closed takes, one for an upstream whose probe is due. Events queued for a retry
 /// take none of the room: an upstream that answers but refuses (401, 404) keeps its events
 /// queued, retrying, for as long as the delivery horizon, and thousands of them would otherwise
-/// keep every other upstream's parked events parked.
+/// keep every other upstream's parked events parked. A number with a queue's room of its own
+/// events retrying gets none released meanwhile, so that such an upstream cannot draw a whole
+/// parked backlog onto the queue a room at a time.
 fn release_parked(state: &AppState, now: i64) {
     let depth = state.store.outbox();
     let room = QUEUE_ROOM.saturating_sub(depth.queued.saturating_sub(depth.retrying));
+    let start = state.outbox.releases.fetch_add(1, Ordering::Relaxed);
     let more = release_into(
         state.store.parked_phones(),
         room,
+        start,
         |phone| upstream_of(state, phone),
         |url| state.outbox.breakers.flow(url, now),
         |phone, want| state.store.release(phone, want),
@@ -346,28 +353,37 @@ fn release_parked(state: &AppState, now: i64) {
 }
 
 /// Hands each parked number's events to `release` as far as `room` and its upstream's flow
-/// allow. The numbers whose upstream takes everything first get an even share of the room each
-/// (one at least), then what is left goes to those that filled their share, in turn: given all
-/// the room in the order the numbers come, one deep backlog filled every release while another
-/// number's few events stayed parked. An upstream whose probe is due gets one event in all,
-/// however many of its numbers have events parked: one probe is all its breaker admits, so any
-/// more would be parked again at once. Whether the queue ran out of room with numbers still to
-/// look at.
+/// allow. An upstream whose probe is due gets one event in all, first, however many of its
+/// numbers have events parked: one probe is all its breaker admits, so any more would be parked
+/// again at once. The numbers whose upstream takes everything then get an even share of the
+/// room each (one at least), starting from the `start`th, so that with more numbers than room
+/// each has its turn over the releases; then what is left goes to those that filled their
+/// share, in turn. Given all the room in the order the numbers came, one deep backlog filled
+/// every release while another number's few events stayed parked. A number with a queue's room
+/// of events (`phones`' count) waiting for their retries is passed over. Whether the queue ran
+/// out of room with numbers still to look at.
 fn release_into(
-    phones: Vec<PhoneId>,
+    phones: Vec<(PhoneId, usize)>,
     mut room: usize,
+    start: usize,
     upstream_of: impl Fn(&PhoneId) -> Option<String>,
     flow: impl Fn(&str) -> Flow,
     mut release: impl FnMut(&PhoneId, usize) -> usize,
 ) -> bool {
-    let numbers: Vec<(PhoneId, String, Flow)> = phones
+    let mut numbers: Vec<(PhoneId, String, Flow)> = phones
         .into_iter()
-        .filter_map(|phone| {
+        .filter_map(|(phone, retrying)| {
             let url = upstream_of(&phone)?;
             let f = flow(&url);
-            Some((phone, url, f))
+            (f == Flow::Probe || retrying < QUEUE_ROOM).then_some((phone, url, f))
         })
         .collect();
+    if !numbers.is_empty() {
+        let at = start % numbers.len();
+        numbers.rotate_left(at);
+    }
+    // Stable: the rest keep their turns.
+    numbers.sort_by_key(|(.., f)| *f != Flow::Probe);
     let open = numbers.iter().filter(|(.., f)| *f == Flow::All).count();
     let share = (room / open.max(1)).max(1);
     let mut probed: HashSet<&str> = HashSet::new();
@@ -713,7 +729,20 @@ mod tests {
         flows: &[(&str, Flow)],
         room: usize,
     ) -> (Vec<(String, usize, usize)>, bool) {
-        let phones: Vec<PhoneId> = numbers.iter().map(|(p, ..)| PhoneId::parse(p).unwrap()).collect();
+        plan_at(numbers, flows, room, 0, &[])
+    }
+
+    /// As `plan`, starting at the `start`th number, with numbers' events waiting for retries.
+    fn plan_at(
+        numbers: &[(&str, Option<&str>, usize)],
+        flows: &[(&str, Flow)],
+        room: usize,
+        start: usize,
+        retrying: &[(&str, usize)],
+    ) -> (Vec<(String, usize, usize)>, bool) {
+        let retrying: HashMap<&str, usize> = retrying.iter().copied().collect();
+        let phones: Vec<(PhoneId, usize)> =
+            numbers.iter().map(|(p, ..)| (PhoneId::parse(p).unwrap(), retrying.get(p).copied().unwrap_or(0))).collect();
         let upstreams: HashMap<&str, Option<&str>> = numbers.iter().map(|(p, u, _)| (*p, *u)).collect();
         let mut parked: HashMap<&str, usize> = numbers.iter().map(|(p, _, n)| (*p, *n)).collect();
         let flows: HashMap<&str, Flow> = flows.iter().copied().collect();
@@ -721,6 +750,7 @@ mod tests {
         let more = release_into(
             phones,
             room,
+            start,
             |p| upstreams[p.as_str()].map(str::to_owned),
             |u| flows[u],
             |p, want| {
@@ -793,6 +823,28 @@ mod tests {
         let (calls, more) = plan(&numbers[..2], &[("http://up/", Flow::All)], 10);
         assert_eq!(calls, [(A.to_owned(), 5, 5), (B.to_owned(), 5, 4), (A.to_owned(), 1, 0)]);
         assert!(!more);
+    }
+
+    #[test]
+    fn probes_go_first_numbers_take_turns_and_one_with_a_rooms_worth_retrying_waits() {
+        let up = [(A, Some("http://up/"), 10), (B, Some("http://up/"), 10), (C, Some("http://up/"), 10)];
+        let all = [("http://up/", Flow::All)];
+        // More numbers than room: each release starts one further on.
+        let (calls, more) = plan_at(&up, &all, 2, 1, &[]);
+        assert_eq!((calls, more), (vec![(B.to_owned(), 1, 1), (C.to_owned(), 1, 1)], true));
+        let (calls, _) = plan_at(&up, &all, 2, 5, &[]);
+        assert_eq!(calls, [(C.to_owned(), 1, 1), (A.to_owned(), 1, 1)]);
+        // A probe is not left behind the others' share of the room.
+        let mixed = [(A, Some("http://up/"), 10), (B, Some("http://up/"), 10), (D, Some("http://down/"), 3)];
+        let (calls, _) = plan_at(&mixed, &[("http://up/", Flow::All), ("http://down/", Flow::Probe)], 2, 0, &[]);
+        assert_eq!(calls, [(D.to_owned(), 1, 1), (A.to_owned(), 1, 1)]);
+        // A number with a queue's room of events retrying gets nothing more meanwhile; a probe
+        // still goes.
+        let (calls, _) = plan_at(&up, &all, 100, 0, &[(A, QUEUE_ROOM), (B, QUEUE_ROOM - 1)]);
+        assert_eq!(calls, [(B.to_owned(), 50, 10), (C.to_owned(), 50, 10)]);
+        let probe = [(A, Some("http://down/"), 3)];
+        let (calls, _) = plan_at(&probe, &[("http://down/", Flow::Probe)], 100, 0, &[(A, QUEUE_ROOM)]);
+        assert_eq!(calls, [(A.to_owned(), 1, 1)]);
     }
 
     #[test]

@@ -175,8 +175,9 @@ pub struct Index {
     marker_floor: u32,
     /// Every queued event.
     queued: HashMap<u32, Queued>,
-    /// How many of them wait for a retry.
+    /// How many of them wait for a retry, in all and by number (by `Queued::phone`).
     retrying: usize,
+    retrying_by: HashMap<u32, usize>,
     calls: BTreeSet<(u64, u32)>,
     /// The queued events that head their calls (the only ones an attempt can be made of), by
     /// organization, then by number, in due order. Kept apart so that a pass takes the
@@ -348,6 +349,26 @@ impl Index {
         self.retrying
     }
 
+    /// How many of a number's queued events wait for a retry.
+    pub fn retrying_of(&self, phone: &str) -> usize {
+        self.phones.get(phone).and_then(|k| self.retrying_by.get(k)).copied().unwrap_or(0)
+    }
+
+    fn retry_counted(&mut self, phone: u32, added: bool) {
+        if added {
+            self.retrying += 1;
+            *self.retrying_by.entry(phone).or_default() += 1;
+        } else {
+            self.retrying -= 1;
+            if let Some(n) = self.retrying_by.get_mut(&phone) {
+                *n -= 1;
+                if *n == 0 {
+                    self.retrying_by.remove(&phone);
+                }
+            }
+        }
+    }
+
     /// The first `limit` parked events of a phone, with where their records are.
     pub fn parked_head(&self, phone: &str, limit: usize) -> Vec<(u32, Loc)> {
         let Some(list) = self.parked.get(phone) else { return Vec::new() };
@@ -384,9 +405,13 @@ impl Index {
         self.calls.insert((call, seq));
         // Released from parking, a failed event is due at once (0): it takes room like any other.
         let retry = due > 0 && seq < self.len() && state_from(self.states[seq as usize]) == Some(DeliveryState::Failed);
-        self.retrying += usize::from(retry);
+        if retry {
+            self.retry_counted(phone, true);
+        }
         if let Some(old) = self.queued.insert(seq, Queued { due, call, phone, retry }) {
-            self.retrying -= usize::from(old.retry);
+            if old.retry {
+                self.retry_counted(old.phone, false);
+            }
         }
         match head {
             Some(h) if h < seq => {}
@@ -405,8 +430,10 @@ impl Index {
         if was_head {
             self.set_head(seq, false);
         }
-        if let Some(Queued { call, retry, .. }) = self.queued.remove(&seq) {
-            self.retrying -= usize::from(retry);
+        if let Some(Queued { call, retry, phone, .. }) = self.queued.remove(&seq) {
+            if retry {
+                self.retry_counted(phone, false);
+            }
             self.calls.remove(&(call, seq));
             if let Some(next) = self.call_head(call).filter(|_| was_head) {
                 self.set_head(next, true);
@@ -990,7 +1017,7 @@ mod tests {
         ix.apply(4 * 64, &failed(0)).unwrap();
         ix.apply(5 * 64, &failed(1)).unwrap();
         ix.apply(6 * 64, &failed(1)).unwrap();
-        assert_eq!((ix.queued(), ix.retrying()), (4, 2));
+        assert_eq!((ix.queued(), ix.retrying(), ix.retrying_of("a"), ix.retrying_of("b")), (4, 2, 2, 0));
         // Its retry delivers it; a redelivery queues another anew, as pending.
         ix.apply(7 * 64, &Entry { state: DeliveryState::Delivered, ..failed(0) }).unwrap();
         ix.apply(8 * 64, &pending(1, org, "a", 1)).unwrap();
@@ -1008,7 +1035,7 @@ mod tests {
         let path = dir.path().join("index.snapshot");
         let ix = save(ix, &path);
         let back = Index::load(&path).unwrap().expect("a sound snapshot");
-        assert_eq!((back.queued(), back.retrying()), (3, 1));
+        assert_eq!((back.queued(), back.retrying(), back.retrying_of("a")), (3, 1, 1));
         assert_eq!(contents(&back), contents(&ix));
     }
 

@@ -602,9 +602,11 @@ impl EventLog {
         (ix.queued(), ix.retrying(), ix.parked_len())
     }
 
-    /// The numbers that have events parked.
-    pub fn parked_phones(&self) -> Vec<String> {
-        self.read_index().parked_phones()
+    /// The numbers that have events parked, each with how many of its queued events wait for
+    /// a retry.
+    pub fn parked_phones(&self) -> Vec<(String, usize)> {
+        let ix = self.read_index();
+        ix.parked_phones().into_iter().map(|p| (ix.retrying_of(&p), p)).map(|(n, p)| (p, n)).collect()
     }
 
     pub fn sweep(&self, now_ms: i64) -> usize {
@@ -1257,12 +1259,12 @@ mod tests {
                 &[PreparedEvent::new(&later, Some((b"k2", 90_000))), PreparedEvent::new(&other, Some((b"k3", 90_000)))],
             );
             assert!(matches!(out[..], [Recorded::New { parked: true, .. }, Recorded::New { parked: false, .. }]));
-            assert_eq!((log.outbox(), log.parked_phones()), ((1, 0, 2), vec![phone.as_str().to_owned()]));
+            assert_eq!((log.outbox(), log.parked_phones()), ((1, 0, 2), vec![(phone.as_str().to_owned(), 0)]));
         }
         // The same after a restart that rebuilds the index from the journal alone.
         std::fs::remove_file(dir.path().join("index.snapshot")).ok();
         let log = EventLog::open(dir.path(), SMALL, Access::Serve).unwrap();
-        assert_eq!((log.outbox(), log.parked_phones()), ((1, 0, 2), vec![phone.as_str().to_owned()]));
+        assert_eq!((log.outbox(), log.parked_phones()), ((1, 0, 2), vec![(phone.as_str().to_owned(), 0)]));
         assert_eq!(log.deliveries_due(i64::MAX, 10).unwrap().len(), 1);
         assert_eq!(log.release("ph_other", usize::MAX), 0);
         assert_eq!(log.release(phone.as_str(), 1), 1);

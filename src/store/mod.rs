@@ -310,8 +310,9 @@ pub trait Store: Send + Sync + 'static {
     fn outbox(&self) -> OutboxDepth;
     /// How many event records were found unreadable since start, and passed over.
     fn damaged_events(&self) -> usize;
-    /// The numbers with deliveries parked.
-    fn parked_phones(&self) -> Vec<PhoneId>;
+    /// The numbers with deliveries parked, each with how many of its queued deliveries wait
+    /// for a retry.
+    fn parked_phones(&self) -> Vec<(PhoneId, usize)>;
     /// Saves what makes the next start fast; called once the writer has stopped.
     fn close(&self) -> Result<(), StoreError>;
     /// Saves the event index if much has been written since it was last saved, which bounds

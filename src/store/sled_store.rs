@@ -832,10 +832,10 @@ impl Store for SledStore {
         self.events.damaged()
     }
 
-    fn parked_phones(&self) -> Vec<PhoneId> {
+    fn parked_phones(&self) -> Vec<(PhoneId, usize)> {
         // A key the index took from a record it accepted parses; one that somehow does not is
         // left parked rather than guessed at.
-        self.events.parked_phones().iter().filter_map(|p| PhoneId::parse(p).ok()).collect()
+        self.events.parked_phones().into_iter().filter_map(|(p, n)| Some((PhoneId::parse(&p).ok()?, n))).collect()
     }
 
     fn close(&self) -> Result<(), StoreError> {
