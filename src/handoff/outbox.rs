@@ -173,11 +173,12 @@ impl Outbox {
     }
 
     /// Counts an attempt to `url` out, unless `most` are, or it is known slow and `most` are
-    /// out to the slow ones.
+    /// out to the slow ones. Counted by origin: URLs that differ only in path or query are one
+    /// upstream's, or a tenant could give each number its own and take every worker.
     fn claim(&self, url: &str, most: usize) -> Result<(), Full> {
         let mut slots = self.slots();
         let Slots { upstreams, slow_out, .. } = &mut *slots;
-        let up = upstreams.entry(url.to_owned()).or_default();
+        let up = upstreams.entry(origin(url).to_owned()).or_default();
         if up.out >= most {
             return Err(Full::Own);
         }
@@ -191,6 +192,7 @@ impl Outbox {
 
     /// Counts an attempt to `url` back in; `took`: how long it took, if it was made.
     fn unclaim(&self, url: &str, took: Option<Duration>) {
+        let url = origin(url);
         let mut slots = self.slots();
         let Slots { upstreams, slow_out, .. } = &mut *slots;
         if let Some(up) = upstreams.get_mut(url) {
@@ -216,6 +218,15 @@ impl Outbox {
         let mut slots = self.slots();
         slots.calls.remove(call);
         slots.again.remove(call).unwrap_or_default()
+    }
+}
+
+/// `scheme://authority` of a URL: the upstream its workers are counted by.
+fn origin(url: &str) -> &str {
+    let start = url.find("://").map_or(0, |at| at + 3);
+    match url[start..].find(['/', '?', '#']) {
+        Some(end) => &url[..start + end],
+        None => url,
     }
 }
 
@@ -535,13 +546,13 @@ struct PassedOver {
 
 impl PassedOver {
     fn contains(&self, url: &str, full: Full) -> bool {
-        self.upstreams.contains(url) || (full == Full::Slow && self.slow_ones)
+        self.upstreams.contains(origin(url)) || (full == Full::Slow && self.slow_ones)
     }
 
     fn insert(&mut self, url: &str, full: Full) {
         match full {
             Full::Own => {
-                self.upstreams.insert(url.to_owned());
+                self.upstreams.insert(origin(url).to_owned());
             }
             // Every slow upstream waits on the same share: one wait a pass is enough.
             Full::Slow => self.slow_ones = true,
@@ -897,6 +908,25 @@ mod tests {
         // What is neither out nor slow is forgotten.
         outbox.unclaim("c", secs(0.1));
         assert!(!outbox.slots().upstreams.contains_key("c"));
+    }
+
+    #[test]
+    fn urls_of_one_origin_count_as_one_upstream() {
+        assert_eq!(origin("https://h.example:8443/hook/a?n=1"), "https://h.example:8443");
+        assert_eq!(origin("http://h?x"), "http://h");
+        assert_eq!(origin("http://[::1]:9/"), "http://[::1]:9");
+        let outbox = Outbox::new(0);
+        assert_eq!(
+            [outbox.claim("http://h/a?n=1", 2), outbox.claim("http://h/b", 2), outbox.claim("http://h/c#x", 2)],
+            [Ok(()), Ok(()), Err(Full::Own)]
+        );
+        assert_eq!(outbox.claim("http://other/a", 2), Ok(()));
+        // Known slow by one of its URLs, the origin is slow by every other.
+        outbox.unclaim("http://h/a?n=1", Some(Duration::from_secs(2)));
+        assert_eq!(outbox.slots().slow_out, 1);
+        outbox.unclaim("http://h/b", None);
+        assert_eq!(outbox.slots().slow_out, 0);
+        assert!(outbox.slots().upstreams["http://h"].slow);
     }
 
     #[test]
