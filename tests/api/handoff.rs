@@ -2301,17 +2301,7 @@ async fn a_damaged_record_hides_no_other_event_and_holds_up_no_other_delivery() 
     let _dir = app.stop().await;
 
     // One byte of the second event's call id flipped: its frame's checksum no longer holds.
-    let segments = std::fs::read_dir(data_dir.join("db/events")).unwrap().map(|e| e.unwrap().path());
-    let (segment, mut bytes, at) = segments
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .find_map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            let at = bytes.windows(10).position(|w| w == b"CADAMAGED1")?;
-            Some((p, bytes, at))
-        })
-        .expect("the call id is in the journal");
-    bytes[at] ^= 0x20;
-    std::fs::write(&segment, &bytes).unwrap();
+    flip_first(&data_dir, b"CADAMAGED1");
 
     let upstream = FakeHttp::start(|_| Reply::status(200)).await;
     env.insert("CALLGATE_UPSTREAM_URL".into(), upstream.url("/hook"));
@@ -2376,17 +2366,7 @@ async fn a_damaged_event_heading_its_call_holds_up_none_of_the_calls_later_event
     let _dir = app.stop().await;
 
     // One byte of the first event's status flipped: only its first version holds the word.
-    let segments = std::fs::read_dir(data_dir.join("db/events")).unwrap().map(|e| e.unwrap().path());
-    let (segment, mut bytes, at) = segments
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .find_map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            let at = bytes.windows(7).position(|w| w == b"ringing")?;
-            Some((p, bytes, at))
-        })
-        .expect("the status is in the journal");
-    bytes[at] ^= 0x20;
-    std::fs::write(&segment, &bytes).unwrap();
+    flip_first(&data_dir, b"ringing");
 
     // Started on the system clock, long after the first's retry was due.
     let upstream = FakeHttp::start(|_| Reply::status(200)).await;
@@ -2395,6 +2375,22 @@ async fn a_damaged_event_heading_its_call_holds_up_none_of_the_calls_later_event
     wait_state(&app, &org, &second, "delivered").await;
     assert_eq!(upstream.hits_to("/hook").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [second]);
     app.stop().await;
+}
+
+/// Flips a bit of the first byte of `needle` in the stopped server's journal, as a damaged disk
+/// or a hand edit would: the frame holding it no longer passes its checksum.
+fn flip_first(data_dir: &Path, needle: &[u8]) {
+    let segments = std::fs::read_dir(data_dir.join("db/events")).unwrap().map(|e| e.unwrap().path());
+    let (segment, mut bytes, at) = segments
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .find_map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            let at = bytes.windows(needle.len()).position(|w| w == needle)?;
+            Some((p, bytes, at))
+        })
+        .expect("the bytes are in the journal");
+    bytes[at] ^= 0x20;
+    std::fs::write(&segment, &bytes).unwrap();
 }
 
 /// Runs the binary's `args` on `data_dir`: whether it succeeded, and what it printed.
