@@ -2378,8 +2378,9 @@ async fn a_damaged_event_heading_its_call_holds_up_none_of_the_calls_later_event
 }
 
 /// Flips a bit of the first byte of `needle` in the stopped server's journal, as a damaged disk
-/// or a hand edit would: the frame holding it no longer passes its checksum.
-fn flip_first(data_dir: &Path, needle: &[u8]) {
+/// or a hand edit would: the frame holding it no longer passes its checksum. The segment's
+/// file, and what it now holds.
+fn flip_first(data_dir: &Path, needle: &[u8]) -> (std::path::PathBuf, Vec<u8>) {
     let segments = std::fs::read_dir(data_dir.join("db/events")).unwrap().map(|e| e.unwrap().path());
     let (segment, mut bytes, at) = segments
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
@@ -2391,6 +2392,7 @@ fn flip_first(data_dir: &Path, needle: &[u8]) {
         .expect("the bytes are in the journal");
     bytes[at] ^= 0x20;
     std::fs::write(&segment, &bytes).unwrap();
+    (segment, bytes)
 }
 
 /// Runs the binary's `args` on `data_dir`: whether it succeeded, and what it printed.
@@ -2438,20 +2440,9 @@ async fn salvage_rewrites_a_damaged_journal_from_every_record_that_reads_back() 
     // start must read the journal, and refuses it.
     let events = data_dir.join("db/events");
     // Whichever segment holds it: the first may have rolled over before the events came.
-    let (name, mut bytes, at) = std::fs::read_dir(&events)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.ends_with(".log"))
-        .find_map(|n| {
-            let bytes = std::fs::read(events.join(&n)).unwrap();
-            let at = bytes.windows(10).position(|w| w == b"CASALVAGE1")?;
-            Some((n, bytes, at))
-        })
-        .expect("the call id is in the journal");
-    let segment = events.join(&name);
+    let (segment, bytes) = flip_first(&data_dir, b"CASALVAGE1");
+    let name = segment.file_name().unwrap().to_str().unwrap().to_owned();
     let no: u32 = name.trim_end_matches(".log").parse().unwrap();
-    bytes[at] ^= 0x20;
-    std::fs::write(&segment, &bytes).unwrap();
     std::fs::remove_file(events.join("index.snapshot")).unwrap();
     let (ok, out) = cli(&data_dir, &["check"]);
     assert!(!ok && out.contains(&format!("segment {no} is damaged at byte")), "{out}");
