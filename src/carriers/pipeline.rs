@@ -287,13 +287,13 @@ pub fn event(phone: &PhoneRecord, p: Parsed, verified_by: VerifiedBy, now_ms: i6
     }
 }
 
+/// Longest carrier id a replay key holds as it is.
+const REPLAY_ID_KEPT: usize = 256;
+
 /// The carrier's own redelivery id when it has one, for this number: a nonce is the
 /// carrier's to make unique, not a sender's, and one signed event of another number (or
 /// organization) that repeats it must not pass for a replay and go unrecorded. Else what makes
 /// this callback itself unique (call, status, and a hash of everything signed).
-/// Longest carrier id a replay key holds as it is.
-const REPLAY_ID_KEPT: usize = 256;
-
 fn replay_key(
     carrier: crate::domain::Carrier,
     phone: &PhoneRecord,

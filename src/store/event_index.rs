@@ -175,8 +175,7 @@ pub struct Index {
     marker_floor: u32,
     /// Every queued event.
     queued: HashMap<u32, Queued>,
-    /// How many of them wait for a retry, in all and by number (by `Queued::phone`).
-    retrying: usize,
+    /// How many of them wait for a retry, by number (by `Queued::phone`).
     retrying_by: HashMap<u32, usize>,
     calls: BTreeSet<(u64, u32)>,
     /// The queued events that head their calls (the only ones an attempt can be made of), by
@@ -346,7 +345,7 @@ impl Index {
 
     /// How many of the queued events wait for a retry after a failed attempt.
     pub fn retrying(&self) -> usize {
-        self.retrying
+        self.retrying_by.values().sum()
     }
 
     /// How many of a number's queued events wait for a retry.
@@ -356,15 +355,11 @@ impl Index {
 
     fn retry_counted(&mut self, phone: u32, added: bool) {
         if added {
-            self.retrying += 1;
             *self.retrying_by.entry(phone).or_default() += 1;
-        } else {
-            self.retrying -= 1;
-            if let Some(n) = self.retrying_by.get_mut(&phone) {
-                *n -= 1;
-                if *n == 0 {
-                    self.retrying_by.remove(&phone);
-                }
+        } else if let Some(n) = self.retrying_by.get_mut(&phone) {
+            *n -= 1;
+            if *n == 0 {
+                self.retrying_by.remove(&phone);
             }
         }
     }

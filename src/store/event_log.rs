@@ -606,7 +606,13 @@ impl EventLog {
     /// a retry.
     pub fn parked_phones(&self) -> Vec<(String, usize)> {
         let ix = self.read_index();
-        ix.parked_phones().into_iter().map(|p| (ix.retrying_of(&p), p)).map(|(n, p)| (p, n)).collect()
+        ix.parked_phones()
+            .into_iter()
+            .map(|p| {
+                let retrying = ix.retrying_of(&p);
+                (p, retrying)
+            })
+            .collect()
     }
 
     pub fn sweep(&self, now_ms: i64) -> usize {

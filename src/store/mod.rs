@@ -72,9 +72,8 @@ pub enum Recorded {
     New { id: EventId, parked: bool },
     /// Seen before: the event the first delivery of it became.
     Duplicate(Option<EventId>),
-    /// Not recorded: larger than a record holds (an event over 8 MiB encoded, or a replay key over
-    /// 65,535 bytes). Only a body limit raised far past a webhook's size lets
-    /// one through.
+    /// Not recorded: larger than a record holds (an event over 8 MiB encoded, or a replay key
+    /// over 65,535 bytes). Only a body far past a webhook's size can make one.
     TooLarge,
 }
 
