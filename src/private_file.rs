@@ -8,11 +8,18 @@ use std::path::Path;
 use zeroize::Zeroizing;
 
 /// Writes `text` and a newline through a temporary file (mode 0600), synced, then renamed into
-/// place: a crash leaves the old file or the new one, never half of one.
+/// place, and the rename synced: a crash leaves the old file or the new one, never half of one,
+/// and once this returns the key is there for whatever comes to depend on it.
 pub fn write(path: &Path, text: &str) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
+    // A leftover (a crash, a copy) is not written into: it may be readable by others, or a link
+    // to somewhere else. Made anew, the file has its mode from the start.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -22,7 +29,16 @@ pub fn write(path: &Path, text: &str) -> io::Result<()> {
     f.write_all(text.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
+/// Makes the directory entries of `path`'s directory durable (a rename into it, say).
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => fs::File::open(dir)?.sync_all(),
+        None => fs::File::open(".")?.sync_all(),
+    }
 }
 
 /// The file's text. One that other users may read (a restore or a copy under a loose umask)
@@ -78,5 +94,22 @@ mod tests {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
         read(&path).unwrap();
         assert_eq!(mode(&path), 0o400, "a private file is left as it is");
+    }
+
+    #[test]
+    fn a_leftover_temporary_file_is_not_written_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        // Left world-readable, it kept its mode when written into, and the key with it.
+        fs::write(path.with_extension("tmp"), "old").unwrap();
+        fs::set_permissions(path.with_extension("tmp"), fs::Permissions::from_mode(0o644)).unwrap();
+        write(&path, "k2").unwrap();
+        assert_eq!((mode(&path), fs::read_to_string(&path).unwrap()), (0o600, "k2\n".to_owned()));
+        // A link in its place is replaced, not followed.
+        let elsewhere = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, path.with_extension("tmp")).unwrap();
+        write(&path, "k3").unwrap();
+        assert!(!elsewhere.exists());
+        assert_eq!((mode(&path), fs::read_to_string(&path).unwrap()), (0o600, "k3\n".to_owned()));
     }
 }
