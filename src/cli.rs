@@ -168,8 +168,10 @@ pub enum KeysCommand {
     /// Re-wrap every stored secret under a new master key. With a key file, the new key
     /// replaces it; with CALLGATE_MASTER_KEY, pass the new key and set the variable to it after.
     Rotate {
-        /// Base64 of 32 bytes; generated when omitted (key file only).
-        #[arg(long, value_name = "BASE64")]
+        /// Base64 of 32 bytes; generated when omitted (key file only). Better given as
+        /// CALLGATE_NEW_MASTER_KEY: a command line is visible to every local user (`ps`) and
+        /// kept in shell history.
+        #[arg(long, value_name = "BASE64", env = "CALLGATE_NEW_MASTER_KEY", hide_env_values = true)]
         new_key: Option<String>,
     },
 }

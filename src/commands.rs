@@ -10,7 +10,7 @@ use crate::clock::{rfc3339, Clock};
 use crate::settings::{MasterKeyInput, Settings};
 use crate::startup::{keyring_for, open_data};
 use crate::store::{SledStore, Store, StoreError};
-use crate::vault::crypto::{generate_key, write_key_file, Keyring, Owner, KEY_FILE, NEXT_KEY_FILE};
+use crate::vault::crypto::{generate_key, read_key_file, write_key_file, Keyring, Owner, KEY_FILE, NEXT_KEY_FILE};
 
 fn locked_hint(e: anyhow::Error) -> anyhow::Error {
     locked_then(e, "")
@@ -64,15 +64,32 @@ pub fn keys(settings: &Settings, cmd: KeysCommand) -> anyhow::Result<()> {
     existing_data(settings)?;
     let (store, old_ring) = open_data(settings).map_err(locked_hint)?;
     let from_env = settings.master_key.is_some();
-    let new_key = match (new_key, from_env) {
-        (Some(k), _) => MasterKeyInput::parse_base64("--new-key", &k).map_err(|e| anyhow::anyhow!("{e}"))?.0,
-        (None, false) => generate_key(),
-        (None, true) => anyhow::bail!(
+    let next_path = settings.data_dir.join(NEXT_KEY_FILE);
+    // A rotation stopped before its end left its new key here, and records may be sealed under
+    // it alone: it is finished, with that key, before any other is made. Written over, the key
+    // would exist only in this process until the records were re-sealed, and a failure before
+    // then would leave them under a key that exists nowhere.
+    let pending = if from_env || !next_path.exists() {
+        None
+    } else {
+        Some(read_key_file(&next_path).context("reading the new master key of a rotation that did not finish")?)
+    };
+    let finishing = pending.is_some();
+    let new_key = match (new_key, from_env, pending) {
+        (None, false, Some(pending)) => {
+            println!("finishing the rotation that did not: its new key is in {NEXT_KEY_FILE}");
+            pending
+        }
+        (Some(_), false, Some(_)) => anyhow::bail!(
+            "a rotation that did not finish left its new key in {NEXT_KEY_FILE}: run `callgate keys rotate` without --new-key to finish it first"
+        ),
+        (Some(k), _, _) => MasterKeyInput::parse_base64("--new-key", &k).map_err(|e| anyhow::anyhow!("{e}"))?.0,
+        (None, false, None) => generate_key(),
+        (None, true, _) => anyhow::bail!(
             "the master key comes from CALLGATE_MASTER_KEY: pass --new-key <base64 of 32 bytes>, then set CALLGATE_MASTER_KEY to it"
         ),
     };
-    let next_path = settings.data_dir.join(NEXT_KEY_FILE);
-    if !from_env {
+    if !from_env && !finishing {
         // The new key is on disk before any record depends on it.
         write_key_file(&next_path, &new_key).context("writing the new master key")?;
     }
@@ -95,7 +112,9 @@ pub fn keys(settings: &Settings, cmd: KeysCommand) -> anyhow::Result<()> {
             ring.current_id()
         );
     } else {
-        std::fs::rename(&next_path, settings.data_dir.join(KEY_FILE)).context("installing the new master key")?;
+        let key_path = settings.data_dir.join(KEY_FILE);
+        std::fs::rename(&next_path, &key_path).context("installing the new master key")?;
+        crate::private_file::sync_parent(&key_path).context("installing the new master key")?;
         println!("re-wrapped {} secret(s) under master key {}", rewrapped.len(), ring.current_id());
     }
     Ok(())

@@ -9,7 +9,10 @@ use crate::helpers::*;
 /// The CLI on `data_dir`, with the master key from its file.
 fn command(data_dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_callgate"));
-    cmd.env("CALLGATE_DATA_DIR", data_dir).env("CALLGATE_LOG", "warn").env_remove("CALLGATE_MASTER_KEY");
+    cmd.env("CALLGATE_DATA_DIR", data_dir)
+        .env("CALLGATE_LOG", "warn")
+        .env_remove("CALLGATE_MASTER_KEY")
+        .env_remove("CALLGATE_NEW_MASTER_KEY");
     cmd
 }
 
@@ -217,6 +220,51 @@ async fn keys_rotate_rewraps_every_secret_without_changing_it() {
     assert_eq!(app.state.vault.open(&rec).unwrap().expose(), secret);
     assert_eq!(rec.sealed.master_key_id, app.state.vault.keyring().current_id());
     app.stop().await;
+}
+
+/// A rotation stopped between re-sealing the records and installing its key leaves the key in
+/// `master.key.next`, and the records under it alone. The next rotation finishes that one with
+/// that key: it once wrote a new key over it, and failing before its own end (here on a record
+/// it cannot re-seal) left the records under a key that existed nowhere.
+#[tokio::test]
+async fn a_rotation_that_did_not_finish_is_finished_with_its_own_key() {
+    let (dir, _org, _ids) = data_dir_with_events().await;
+    let data_dir = dir.path();
+    let first = std::fs::read(data_dir.join("master.key")).unwrap();
+    let out = callgate(data_dir, &["keys", "rotate"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rotated = std::fs::read(data_dir.join("master.key")).unwrap();
+    // As the first rotation's crash would have left it: the old key installed, the new one next.
+    std::fs::write(data_dir.join("master.key.next"), &rotated).unwrap();
+    std::fs::write(data_dir.join("master.key"), &first).unwrap();
+
+    // A record that cannot be re-sealed (its wrapped key altered) stops the next rotation.
+    let app = spawn_on(data_dir).await;
+    let mut rec = app.state.store.secrets_all().unwrap().pop().unwrap();
+    rec.sealed.wrapped_dek[0] ^= 1;
+    let phone = app.state.store.phone_list(&rec.org_id, None, None, 10).unwrap().pop().unwrap();
+    assert!(app.state.store.phone_update(&phone, Some(&rec)).unwrap());
+    let _dir = app.stop().await;
+    let out = callgate(data_dir, &["keys", "rotate", "--new-key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without --new-key to finish it first"));
+    let out = callgate(data_dir, &["keys", "rotate"]);
+    assert!(!out.status.success(), "the altered record cannot be re-sealed");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("finishing the rotation that did not"));
+    assert_eq!(std::fs::read(data_dir.join("master.key.next")).unwrap(), rotated, "the pending key is kept");
+}
+
+/// The new key can come from the environment, where other local users cannot read it (a
+/// command line they can).
+#[tokio::test]
+async fn keys_rotate_takes_the_new_key_from_the_environment() {
+    let (dir, _org, _ids) = data_dir_with_events().await;
+    let key = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+    let out = command(dir.path()).args(["keys", "rotate"]).env("CALLGATE_NEW_MASTER_KEY", key).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(dir.path().join("master.key")).unwrap().trim(), key);
+    let out = callgate(dir.path(), &["check"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[cfg(unix)]
