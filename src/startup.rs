@@ -30,7 +30,13 @@ pub struct Application {
 /// gateway would look ready and then refuse every webhook of the numbers whose credentials it
 /// cannot open; a missing key file replaced by a new key would do the same, for good.
 pub fn open_data(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Keyring)> {
-    std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
+    // Made readable by its owner alone: besides the key files it holds every webhook's body
+    // (callers' numbers) and the numbers' configuration. A data dir that exists keeps its mode.
+    let mut dir = std::fs::DirBuilder::new();
+    dir.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+    dir.create(&settings.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot create the data dir {} (CALLGATE_DATA_DIR): {e}", settings.data_dir.display())
     })?;
     let store = SledStore::open(&settings.data_dir.join("db"), settings.journal).map_err(|e| match e {

@@ -254,6 +254,18 @@ async fn a_rotation_that_did_not_finish_is_finished_with_its_own_key() {
     assert_eq!(std::fs::read(data_dir.join("master.key.next")).unwrap(), rotated, "the pending key is kept");
 }
 
+/// A data dir callgate makes is its owner's alone: it holds every webhook's body.
+#[cfg(unix)]
+#[test]
+fn a_data_dir_callgate_makes_is_readable_by_its_owner_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("fresh");
+    let out = callgate(&data_dir, &["org", "create", "Acme"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::metadata(&data_dir).unwrap().permissions().mode() & 0o777, 0o700);
+}
+
 /// The new key can come from the environment, where other local users cannot read it (a
 /// command line they can).
 #[tokio::test]
