@@ -77,7 +77,7 @@ pub fn keys(settings: &Settings, cmd: KeysCommand) -> anyhow::Result<()> {
     let finishing = pending.is_some();
     let new_key = match (new_key, from_env, pending) {
         (None, false, Some(pending)) => {
-            println!("finishing the rotation that did not: its new key is in {NEXT_KEY_FILE}");
+            println!("finishing a rotation that did not finish: its new key is in {NEXT_KEY_FILE}");
             pending
         }
         (Some(_), false, Some(_)) => anyhow::bail!(

@@ -250,7 +250,7 @@ async fn a_rotation_that_did_not_finish_is_finished_with_its_own_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("without --new-key to finish it first"));
     let out = callgate(data_dir, &["keys", "rotate"]);
     assert!(!out.status.success(), "the altered record cannot be re-sealed");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("finishing the rotation that did not"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("finishing a rotation that did not finish"));
     assert_eq!(std::fs::read(data_dir.join("master.key.next")).unwrap(), rotated, "the pending key is kept");
 }
 
