@@ -340,7 +340,7 @@ fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
 
 /// Puts parked events back on the queue while it has room: as many as an upstream whose
 /// breaker is closed takes, one for an upstream whose probe is due. Events queued for a retry
-/// take none of the room: an upstream that answers but refuses (401, 404) keeps its events
+/// take none of the room: an upstream that answers but refuses each event (400, 422) keeps its events
 /// queued, retrying, for as long as the delivery horizon, and thousands of them would otherwise
 /// keep every other upstream's parked events parked. A number with a queue's room of its own
 /// events retrying gets none released meanwhile, so that such an upstream cannot draw a whole
@@ -602,7 +602,7 @@ async fn attempt(state: &AppState, d: DeliveryRecord, url: String, how: Admitted
 
 /// A request made to an upstream.
 struct Tried {
-    /// It answered other than 5xx or 429.
+    /// It answered, and takes events: other than 5xx, 429, or a refusal of every event alike.
     reached: bool,
     took: Duration,
 }
@@ -724,7 +724,18 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> (Option<
     if let Err(e) = &recorded {
         tracing::error!(event = %event_id, error = %e, "recording a delivery attempt failed");
     }
-    (Some(Tried { reached: status_code.is_some_and(|s| s < 500 && s != 429), took }), recorded.is_err())
+    (
+        Some(Tried { reached: status_code.is_some_and(|s| s < 500 && s != 429 && !refuses_every_event(s)), took }),
+        recorded.is_err(),
+    )
+}
+
+/// An answer that refuses every event alike, whatever it holds: the secret or the URL is wrong
+/// (401, 403, 404, 405). The upstream is held as a down one is, so that its events wait parked
+/// at 4 bytes each instead of retrying on the queue for as long as the delivery horizon. An
+/// answer about the event itself (400, 409, 413, 422) is that event's alone.
+fn refuses_every_event(status: u16) -> bool {
+    matches!(status, 401 | 403 | 404 | 405)
 }
 
 #[cfg(test)]

@@ -1384,7 +1384,18 @@ async fn no_probe_until(app: &TestApp, upstream: &FakeHttp, at_ms: i64, hits: us
 /// through everything waiting is delivered.
 #[tokio::test]
 async fn an_upstream_that_keeps_failing_is_held_and_probed_until_it_answers() {
-    let upstream = FakeHttp::start(|_| Reply::status(503)).await;
+    held_and_probed_until_it_answers(503).await;
+}
+
+/// An upstream that answers 401 (a wrong secret) refuses every event alike: it is held as a
+/// down one is, so its events wait parked instead of retrying on the queue for a day.
+#[tokio::test]
+async fn an_upstream_that_refuses_every_event_is_held_and_probed_until_it_takes_them() {
+    held_and_probed_until_it_answers(401).await;
+}
+
+async fn held_and_probed_until_it_answers(status: u16) {
+    let upstream = FakeHttp::start(move |_| Reply::status(status)).await;
     // One worker: attempts go one after the other, so exactly five are made before the hold.
     let app = upstream_app(&upstream, &[("CALLGATE_DELIVERY_WORKERS", "1")]).await;
     let org = app.create_org("Acme").await;
@@ -2713,12 +2724,12 @@ async fn a_nonce_repeated_on_another_number_is_not_taken_for_a_replay() {
     }
 }
 
-/// An upstream that answers but refuses (here 401) keeps its events queued for their retries
+/// An upstream that answers but refuses each event (here 422) keeps its events queued for their retries
 /// for as long as the delivery horizon. Thousands of them once took all the queue's room, so a
 /// held upstream's parked events were never released, not even for its probe, and it stayed held.
 #[tokio::test]
 async fn events_queued_for_retries_leave_room_for_another_upstreams_parked_events() {
-    let refusing = FakeHttp::start(|_| Reply::status(401)).await;
+    let refusing = FakeHttp::start(|_| Reply::status(422)).await;
     let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = Arc::clone(&up);
     let recovering =
