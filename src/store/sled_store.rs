@@ -460,27 +460,26 @@ impl Store for SledStore {
             ),
             None => None,
         };
-        let users = match &old_id {
-            Some(old) => self.phones_using(&rec.org_id, old)?,
-            None => Vec::new(),
+        // One pass over the organization's numbers: those that verify with the old credential,
+        // and those moved off it that still do until their grace ends (it is kept, retired,
+        // until the last of them, as `byok_delete` keeps it).
+        let (users, in_grace): (Vec<PhoneRecord>, Vec<PhoneRecord>) = match &old_id {
+            Some(old) => self
+                .phones_where(&rec.org_id, |p| {
+                    &p.credential == old
+                        || p.previous_credential
+                            .as_ref()
+                            .is_some_and(|c| &c.secret_id == old && c.valid_until_ms >= audit.at_ms)
+                })?
+                .into_iter()
+                .partition(|p| &p.credential == old),
+            None => (Vec::new(), Vec::new()),
         };
         if users.iter().any(|p| !checked.contains(&p.id)) {
             return Ok(Err(Conflict::CredentialChanged));
         }
-        // Numbers moved off the old credential still verify with it until their grace ends, so
-        // it is kept (retired) until the last of them, as `byok_delete` keeps it.
-        let in_grace_until = match &old_id {
-            Some(old) => self
-                .phones_where(&rec.org_id, |p| {
-                    p.previous_credential
-                        .as_ref()
-                        .is_some_and(|c| &c.secret_id == old && c.valid_until_ms >= audit.at_ms)
-                })?
-                .iter()
-                .filter_map(|p| p.previous_credential.as_ref().map(|c| c.valid_until_ms))
-                .max(),
-            None => None,
-        };
+        let in_grace_until =
+            in_grace.iter().filter_map(|p| p.previous_credential.as_ref().map(|c| c.valid_until_ms)).max();
         // Its users move off it now and verify with it for a grace of their own.
         let retired_until = match (users.is_empty(), in_grace_until) {
             (true, until) => until,
