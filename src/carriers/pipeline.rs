@@ -124,27 +124,36 @@ pub async fn handle<C: CarrierHooks>(
     };
 
     let by_payload = matches!(locate, Locate::Payload);
-    let phone = match locate {
+    let found = match locate {
         Locate::Path(id) => {
             let Ok(id) = PhoneId::parse(&id) else { return not_found(carrier, &state, ip) };
-            state.store.phone_resolve(&id)
+            state.store.phone_resolve(&id).map(|p| (p, None))
         }
         Locate::Payload => match super::telnyx::locate(&mut inbound, state.store.as_ref()) {
             Ok(p) => p,
             Err(why) => return rejected(carrier, &state, why, None, ip),
         },
     };
-    let phone = match phone {
-        Ok(Some(p)) if p.provider == carrier => p,
+    let (phone, other) = match found {
+        Ok((Some(p), other)) if p.provider == carrier => (p, other),
         Ok(_) if by_payload => return unknown_in_payload(carrier, &state, ip, &inbound).await,
         Ok(_) => return not_found(carrier, &state, ip),
         Err(e) => return ApiError::internal(e).into_response(),
     };
 
     let ctx = VerifyContext { exotel_allowed: &settings.exotel_allowed_ips };
-    let verified_by = match verify::<C>(&state, &inbound, &phone, &ctx, now_ms).await {
-        Ok(v) => v,
-        Err(why) => return rejected(carrier, &state, why, Some(&phone.id), ip),
+    let (phone, verified_by) = match verify::<C>(&state, &inbound, &phone, &ctx, now_ms).await {
+        Ok(v) => (phone, v),
+        Err(why) => match other {
+            // The event may be the other party's, at another account here (Telnyx only).
+            Some(other) if why == Reject::InvalidSignature => {
+                match verify::<C>(&state, &inbound, &other, &ctx, now_ms).await {
+                    Ok(v) => (other, v),
+                    Err(_) => return rejected(carrier, &state, why, Some(&phone.id), ip),
+                }
+            }
+            _ => return rejected(carrier, &state, why, Some(&phone.id), ip),
+        },
     };
 
     let parsed = C::parse(&mut inbound, hook);

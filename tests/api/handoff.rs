@@ -2652,6 +2652,63 @@ async fn a_telnyx_event_without_direction_goes_to_the_number_on_its_application(
     assert!(events_of(&app, &one, &twilio).await.is_empty());
 }
 
+/// A call between numbers of two accounts here, neither on a known application, is signed by
+/// whichever account the event is for: both parties' keys are tried, so neither account's
+/// events are refused, and a key of neither still is.
+#[tokio::test]
+async fn a_telnyx_event_between_two_accounts_here_is_verified_by_either_partys_key() {
+    let app = spawn_app().await;
+    let (one, two) = (app.create_org("One").await, app.create_org("Two").await);
+    let keys = [SigningKey::from_bytes(&[21; 32]), SigningKey::from_bytes(&[22; 32])];
+    let with_key = |org: &Org, number: &str, key: &SigningKey| {
+        let credential = json!({"api_key": TELNYX_API_KEY, "public_key": B64.encode(key.verifying_key().as_bytes())});
+        insert_phone(
+            app.state.store.as_ref(),
+            &app.state.vault,
+            &org.id,
+            Carrier::Telnyx,
+            number,
+            &credential,
+            config(None, None),
+            app.clock.now_ms(),
+        )
+    };
+    let a = with_key(&one, "+13125550171", &keys[0]);
+    let b = with_key(&two, "+13125550172", &keys[1]);
+    let send = |id: &str, key: &SigningKey| {
+        let body = json!({"data": {"event_type": "call.hangup", "id": id, "record_type": "event", "payload": {
+            "call_control_id": format!("v3:{id}"), "connection_id": "conn-unknown", "from": b.number.as_str(),
+            "to": a.number.as_str(), "state": "hangup", "hangup_cause": "normal_clearing"}}})
+        .to_string();
+        let ts = Clock::system().now_secs().to_string();
+        let sig = telnyx_sig::sign(key, &ts, body.as_bytes());
+        app.client
+            .post(app.url("/webhooks/telnyx/voice"))
+            .header("content-type", "application/json")
+            .header("telnyx-signature-ed25519", sig)
+            .header("telnyx-timestamp", ts)
+            .body(body)
+            .send()
+    };
+    // Two's leg (signed by Two, `from` its number), then One's.
+    assert_eq!(send("e-two", &keys[1]).await.unwrap().status(), 200);
+    assert_eq!(send("e-one", &keys[0]).await.unwrap().status(), 200);
+    let refused = send("e-none", &SigningKey::from_bytes(&[23; 32])).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "invalid_signature");
+    for (org, phone, id) in [(&one, &a, "v3:e-one"), (&two, &b, "v3:e-two")] {
+        let line = Line {
+            carrier: Carrier::Telnyx,
+            phone_id: phone.id.to_string(),
+            number: String::new(),
+            token: String::new(),
+        };
+        let evs = events_of(&app, org, &line).await;
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        assert_eq!((&evs[0]["call_id"], &evs[0]["verified_by"]["scheme"]), (&json!(id), &json!("telnyx-ed25519")));
+    }
+}
+
 /// The lookup by application finds the one number on it, none where several share it, and
 /// follows the numbers as they are changed.
 #[tokio::test]

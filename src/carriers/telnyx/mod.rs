@@ -6,12 +6,14 @@ mod envelope;
 pub mod rest;
 pub mod signature;
 
+use std::sync::Arc;
+
 use actix_web::HttpResponse;
 
 use super::answer::Decision;
 use super::{CarrierHooks, Check, Hook, Inbound, Parsed, Prepared, Reject, VerifyContext};
 use crate::domain::{Carrier, E164};
-use crate::store::{EventRecord, PhoneRecord, Store};
+use crate::store::{EventRecord, PhoneRecord, Store, StoreError};
 pub use envelope::Envelope;
 use signature::TelnyxError;
 
@@ -21,55 +23,57 @@ const SIGNATURE: &str = "telnyx-signature-ed25519";
 const TIMESTAMP: &str = "telnyx-timestamp";
 const SCHEME: &str = "telnyx-ed25519";
 
+/// The numbers an event may be for, most likely first: the second is tried only when the
+/// first's key refuses the event.
+pub type Candidates = (Option<Arc<PhoneRecord>>, Option<Arc<PhoneRecord>>);
+
 /// Finds the number an event is for, to know whose key verifies it. Nothing read here is
 /// trusted until that key has verified the body. A request whose signature headers fail the
 /// checks that need no key (missing, malformed, stale) stops before any lookup, so its answer
 /// does not depend on the number it names. The parsed body is kept on `req` for `parse`.
-pub fn locate(
-    req: &mut Inbound<'_>,
-    store: &dyn Store,
-) -> Result<Result<Option<std::sync::Arc<PhoneRecord>>, crate::store::StoreError>, Reject> {
+pub fn locate(req: &mut Inbound<'_>, store: &dyn Store) -> Result<Result<Candidates, StoreError>, Reject> {
     signature::check_headers(req.header(SIGNATURE), req.header(TIMESTAMP), req.now_secs).map_err(rejection)?;
     let envelope = req.envelope.insert(Envelope::read(req.body).ok_or(Reject::MalformedBody)?);
-    let payload = &envelope.data.payload;
+    Ok(candidates(&envelope.data.payload, store))
+}
+
+fn candidates(payload: &envelope::Payload, store: &dyn Store) -> Result<Candidates, StoreError> {
     let connection = payload.connection_id.as_deref();
-    let telnyx_number = |n: &Option<String>| -> Result<Option<std::sync::Arc<PhoneRecord>>, crate::store::StoreError> {
+    let telnyx_number = |n: &Option<String>| -> Result<Option<Arc<PhoneRecord>>, StoreError> {
         let Some(number) = n.as_deref().and_then(|s| E164::normalize(s).ok()) else { return Ok(None) };
         // A number held at another carrier has no key for a Telnyx event.
         Ok(store.phone_by_number(&number)?.filter(|p| p.provider == Carrier::Telnyx))
     };
     // Our number is `to` of an incoming call and `from` of an outgoing one.
     match payload.direction.as_deref() {
-        Some("incoming") => return Ok(telnyx_number(&payload.to).and_then(|p| or_connection(p, store, connection))),
-        Some("outgoing") => return Ok(telnyx_number(&payload.from).and_then(|p| or_connection(p, store, connection))),
+        Some("incoming") => return Ok((or_connection(telnyx_number(&payload.to)?, store, connection)?, None)),
+        Some("outgoing") => return Ok((or_connection(telnyx_number(&payload.from)?, store, connection)?, None)),
         _ => {}
     }
     // Most events after the first (`call.answered`, `call.hangup`) carry no direction, and
     // either party may hold a number here, at another carrier or another tenant: the account's
-    // application (`connection_id`) tells ours from theirs. A number last seen on another
-    // application is taken only when nothing else claims the event (it may have been moved).
-    let mut unsure = None;
-    let mut moved = None;
+    // application (`connection_id`) tells ours from theirs. Where it cannot (a number whose
+    // application is not known), both parties are candidates, in the order `to`, `from`: a
+    // call between two accounts here is signed by either, and tried with one key only, the
+    // other's events would be refused for good. A number last seen on another application comes
+    // after the one on the event's application (it may have been moved).
+    let mut unsure = Vec::with_capacity(2);
+    let mut moved = Vec::with_capacity(2);
     for n in [&payload.to, &payload.from] {
-        let found = match telnyx_number(n) {
-            Ok(found) => found,
-            Err(e) => return Ok(Err(e)),
-        };
-        let Some(p) = found else { continue };
+        let Some(p) = telnyx_number(n)? else { continue };
         match (p.connection_id.as_deref(), connection) {
-            (Some(ours), Some(theirs)) if ours == theirs => return Ok(Ok(Some(p))),
-            (Some(_), Some(_)) => {
-                moved.get_or_insert(p);
-            }
-            _ => {
-                unsure.get_or_insert(p);
-            }
+            (Some(ours), Some(theirs)) if ours == theirs => return Ok((Some(p), None)),
+            (Some(_), Some(_)) => moved.push(p),
+            _ => unsure.push(p),
         }
     }
-    if unsure.is_some() {
-        return Ok(Ok(unsure));
+    if unsure.len() < 2 {
+        unsure.extend(or_connection(None, store, connection)?);
     }
-    Ok(or_connection(None, store, connection).map(|p| p.or(moved)))
+    let mut found = unsure.into_iter().chain(moved);
+    let first = found.next();
+    let second = found.find(|p| first.as_ref().is_some_and(|f| f.id != p.id));
+    Ok((first, second))
 }
 
 fn rejection(e: TelnyxError) -> Reject {
@@ -97,10 +101,10 @@ pub fn decoy_check(req: &Inbound<'_>) -> Result<Check, Reject> {
 
 /// `found`, else the one number on the event's application.
 fn or_connection(
-    found: Option<std::sync::Arc<PhoneRecord>>,
+    found: Option<Arc<PhoneRecord>>,
     store: &dyn Store,
     connection: Option<&str>,
-) -> Result<Option<std::sync::Arc<PhoneRecord>>, crate::store::StoreError> {
+) -> Result<Option<Arc<PhoneRecord>>, StoreError> {
     match (found, connection) {
         (Some(p), _) => Ok(Some(p)),
         (None, Some(conn)) => store.phone_by_connection(Carrier::Telnyx, conn),
