@@ -18,6 +18,32 @@ pub fn write(path: &Path, text: &str) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
+    write_new(&tmp, text)?;
+    fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
+/// Writes `text` and a newline to `path` only if no file is there, however many processes try
+/// at once (the gateway starting, `callgate upstream secret`): each makes its file whole under a
+/// name of its own, then links it into place, which fails where a file already is. Whether
+/// this one's file is the one in place: `false`, another was there first, and stands.
+pub fn create(path: &Path, text: &str) -> io::Result<bool> {
+    let tmp = path.with_extension(format!("new-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let made = write_new(&tmp, text).and_then(|()| fs::hard_link(&tmp, path));
+    let removed = fs::remove_file(&tmp);
+    match made {
+        Ok(()) => {
+            removed?;
+            sync_parent(path)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes `path` (which must not exist) with mode 0600, holding `text` and a newline, synced.
+fn write_new(path: &Path, text: &str) -> io::Result<()> {
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -25,12 +51,10 @@ pub fn write(path: &Path, text: &str) -> io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(&tmp)?;
+    let mut f = opts.open(path)?;
     f.write_all(text.as_bytes())?;
     f.write_all(b"\n")?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    sync_parent(path)
+    f.sync_all()
 }
 
 /// Makes the directory entries of `path`'s directory durable (a rename into it, say).
@@ -111,5 +135,27 @@ mod tests {
         write(&path, "k3").unwrap();
         assert!(!elsewhere.exists());
         assert_eq!((mode(&path), fs::read_to_string(&path).unwrap()), (0o600, "k3\n".to_owned()));
+    }
+
+    #[test]
+    fn a_file_is_created_once_whoever_tries_at_the_same_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        let made: Vec<bool> = std::thread::scope(|s| {
+            let tries: Vec<_> = (0..8)
+                .map(|i| {
+                    let path = &path;
+                    s.spawn(move || create(path, &format!("s{i}")).unwrap())
+                })
+                .collect();
+            tries.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert_eq!(made.iter().filter(|m| **m).count(), 1, "{made:?}");
+        let first = made.iter().position(|m| *m).unwrap();
+        assert_eq!((mode(&path), fs::read_to_string(&path).unwrap()), (0o600, format!("s{first}\n")));
+        assert!(!create(&path, "later").unwrap());
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("s{first}\n"), "what was there stands");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, [std::ffi::OsString::from("secret")], "no temporary file is left");
     }
 }
