@@ -83,7 +83,13 @@ pub fn keys(settings: &Settings, cmd: KeysCommand) -> anyhow::Result<()> {
         (Some(_), false, Some(_)) => anyhow::bail!(
             "a rotation that did not finish left its new key in {NEXT_KEY_FILE}: run `callgate keys rotate` without --new-key to finish it first"
         ),
-        (Some(k), _, _) => MasterKeyInput::parse_base64("--new-key", &k).map_err(|e| anyhow::anyhow!("{e}"))?.0,
+        (Some(k), _, _) => {
+            let k = MasterKeyInput::parse_base64("--new-key", &k).map_err(|e| anyhow::anyhow!("{e}"))?.0;
+            if crate::vault::crypto::patterned(&k) {
+                anyhow::bail!("{}", crate::vault::crypto::VaultError::Patterned("--new-key".into()));
+            }
+            k
+        }
         (None, false, None) => generate_key(),
         (None, true, _) => anyhow::bail!(
             "the master key comes from CALLGATE_MASTER_KEY: pass --new-key <base64 of 32 bytes>, then set CALLGATE_MASTER_KEY to it"

@@ -38,6 +38,25 @@ pub enum VaultError {
          need the key they were sealed under: restore the file or set CALLGATE_MASTER_KEY (a new key could not open them)"
     )]
     MissingKey { path: PathBuf, secrets: usize },
+    #[error(
+        "the master key ({0}) is not random: it has fewer than {PATTERN_BYTES} distinct byte values, as no 32 random \
+         bytes have; give one made by e.g. `openssl rand -base64 32`"
+    )]
+    Patterned(String),
+}
+
+/// Fewer distinct byte values than this among 32 and a key was not drawn at random (all
+/// zeros, a repeated byte or short pattern, a test value): 32 random bytes have about 30, and
+/// fewer than 8 with a chance under 1 in 10^30.
+const PATTERN_BYTES: usize = 8;
+
+/// Whether a master key is made of a few byte values only, as no random key is.
+pub fn patterned(key: &[u8; 32]) -> bool {
+    let mut seen = [false; 256];
+    for b in key {
+        seen[usize::from(*b)] = true;
+    }
+    seen.iter().filter(|s| **s).count() < PATTERN_BYTES
 }
 
 struct MasterKey {
@@ -107,6 +126,14 @@ fn stale_key_file(data_dir: &Path, given: &[u8; 32]) {
     }
 }
 
+/// Where the master key came from, for a message about it.
+fn source(given: Option<&MasterKeyInput>) -> String {
+    match given {
+        Some(_) => "CALLGATE_MASTER_KEY".to_owned(),
+        None => KEY_FILE.to_owned(),
+    }
+}
+
 impl Keyring {
     /// The operator's key if given; otherwise `<data_dir>/master.key`, generated on first start,
     /// that is while no secret is stored (`sealed` counts them): a key made later could open
@@ -133,6 +160,18 @@ impl Keyring {
                 }
             }
         };
+        if patterned(&current.key) {
+            // Refused while nothing depends on it; with secrets sealed under it, refusing would
+            // lock them out of the rotation that mends it.
+            if sealed == 0 {
+                return Err(VaultError::Patterned(source(given)));
+            }
+            tracing::warn!(
+                key = %current.id,
+                "the master key is not random (it has fewer than {PATTERN_BYTES} distinct byte values): anyone who \
+                 guesses it opens every stored secret; rotate to a random one with `callgate keys rotate`"
+            );
+        }
         let mut ring = Keyring { current, others: HashMap::new() };
         let next = data_dir.join(NEXT_KEY_FILE);
         if next.exists() {
@@ -268,6 +307,36 @@ impl Owner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key of few byte values (all zeros, a repeated pattern) is refused while no secret
+    /// depends on it, whether given or in the key file; with secrets sealed under it, it is
+    /// taken (with a warning) so that a rotation can move them off it.
+    #[test]
+    fn a_master_key_that_is_not_random_is_refused_while_nothing_is_sealed_under_it() {
+        let mut counting = [0u8; 32];
+        for (i, b) in counting.iter_mut().enumerate() {
+            *b = (i % 7) as u8;
+        }
+        for weak in [[0u8; 32], [0xA5; 32], counting] {
+            assert!(patterned(&weak));
+            let dir = tempfile::tempdir().unwrap();
+            let given = MasterKeyInput(Zeroizing::new(weak));
+            let refused = Keyring::load(dir.path(), Some(&given), 0).unwrap_err();
+            assert!(matches!(&refused, VaultError::Patterned(from) if from == "CALLGATE_MASTER_KEY"), "{refused}");
+            assert!(Keyring::load(dir.path(), Some(&given), 1).is_ok());
+            write_key_file(&dir.path().join(KEY_FILE), &weak).unwrap();
+            assert!(matches!(Keyring::load(dir.path(), None, 0), Err(VaultError::Patterned(_))));
+            assert!(Keyring::load(dir.path(), None, 3).is_ok());
+        }
+        let mut eight = [0u8; 32];
+        for (i, b) in eight.iter_mut().enumerate() {
+            *b = (i % 8) as u8;
+        }
+        assert!(!patterned(&eight));
+        assert!(!patterned(&generate_key()));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Keyring::load(dir.path(), Some(&MasterKeyInput(generate_key())), 0).is_ok());
+    }
 
     #[test]
     fn seal_open_and_moved_ciphertext_fails() {

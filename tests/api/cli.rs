@@ -271,6 +271,16 @@ fn a_data_dir_callgate_makes_is_readable_by_its_owner_alone() {
 #[tokio::test]
 async fn keys_rotate_takes_the_new_key_from_the_environment() {
     let (dir, _org, _ids) = data_dir_with_events().await;
+    let before = std::fs::read_to_string(dir.path().join("master.key")).unwrap();
+    // A key of a few byte values is no random key, and is refused before anything is written.
+    for weak in ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "MDEyMzAxMjMwMTIzMDEyMzAxMjMwMTIzMDEyMzAxMjM="] {
+        let out = command(dir.path()).args(["keys", "rotate"]).env("CALLGATE_NEW_MASTER_KEY", weak).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("is not random"), "{stderr}");
+        assert!(!stderr.contains(weak), "{stderr}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("master.key")).unwrap(), before);
+        assert!(!dir.path().join("master.key.next").exists());
+    }
     let key = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
     let out = command(dir.path()).args(["keys", "rotate"]).env("CALLGATE_NEW_MASTER_KEY", key).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

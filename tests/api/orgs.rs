@@ -30,7 +30,7 @@ async fn first_start_generates_a_private_master_key() {
 
 #[tokio::test]
 async fn a_given_master_key_creates_no_key_file() {
-    let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]);
+    let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, rand::random::<[u8; 32]>());
     let app = spawn_with(Options::default().env("CALLGATE_MASTER_KEY", key)).await;
     assert!(!app.data_dir.join("master.key").exists());
 }
