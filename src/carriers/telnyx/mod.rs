@@ -57,22 +57,24 @@ fn candidates(payload: &envelope::Payload, store: &dyn Store) -> Result<Candidat
     // call between two accounts here is signed by either, and tried with one key only, the
     // other's events would be refused for good. A number last seen on another application comes
     // after the one on the event's application (it may have been moved).
-    let mut unsure = Vec::with_capacity(2);
-    let mut moved = Vec::with_capacity(2);
-    for n in [&payload.to, &payload.from] {
+    let mut parties = [None, None];
+    for (party, n) in parties.iter_mut().zip([&payload.to, &payload.from]) {
         let Some(p) = telnyx_number(n)? else { continue };
-        match (p.connection_id.as_deref(), connection) {
-            (Some(ours), Some(theirs)) if ours == theirs => return Ok((Some(p), None)),
-            (Some(_), Some(_)) => moved.push(p),
-            _ => unsure.push(p),
+        if let (Some(ours), Some(theirs)) = (p.connection_id.as_deref(), connection) {
+            if ours == theirs {
+                return Ok((Some(p), None));
+            }
         }
+        *party = Some(p);
     }
-    if unsure.len() < 2 {
-        unsure.extend(or_connection(None, store, connection)?);
-    }
-    let mut found = unsure.into_iter().chain(moved);
-    let first = found.next();
-    let second = found.find(|p| first.as_ref().is_some_and(|f| f.id != p.id));
+    let moved = |p: &&Arc<PhoneRecord>| p.connection_id.is_some() && connection.is_some();
+    let unsure = || parties.iter().flatten().filter(|p| !moved(p));
+    // Asked only when no party is a candidate: most events name one number here, and a lookup
+    // more for each would be paid for a candidate tried only when its key refuses the event.
+    let on_connection = if unsure().next().is_none() { or_connection(None, store, connection)? } else { None };
+    let mut found = unsure().chain(&on_connection).chain(parties.iter().flatten().filter(moved));
+    let first = found.next().cloned();
+    let second = found.find(|p| first.as_ref().is_some_and(|f| f.id != p.id)).cloned();
     Ok((first, second))
 }
 
