@@ -5,7 +5,7 @@ use base64::Engine;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{Carrier, Secret};
+use super::{Carrier, Secret, WipedJson};
 
 #[derive(Clone, Debug)]
 pub struct AuthPair {
@@ -92,8 +92,8 @@ impl PhoneCredential {
         let owned;
         let obj = match value {
             Value::String(s) => {
-                owned = serde_json::from_str::<Value>(s).ok();
-                owned.as_ref().and_then(Value::as_object)
+                owned = serde_json::from_str::<Value>(s).ok().map(WipedJson);
+                owned.as_ref().and_then(|o| o.0.as_object())
             }
             other => other.as_object(),
         };
@@ -111,8 +111,10 @@ impl PhoneCredential {
         let obj = match value {
             Value::Object(o) => o,
             Value::String(s) => {
-                owned = serde_json::from_str::<Value>(s).map_err(|_| err("credentials", "must be a JSON object"))?;
-                owned.as_object().ok_or(err("credentials", "must be a JSON object"))?
+                owned = WipedJson(
+                    serde_json::from_str::<Value>(s).map_err(|_| err("credentials", "must be a JSON object"))?,
+                );
+                owned.0.as_object().ok_or(err("credentials", "must be a JSON object"))?
             }
             _ => return Err(err("credentials", "must be a JSON object")),
         };

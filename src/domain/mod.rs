@@ -11,4 +11,4 @@ pub use credentials::PhoneCredential;
 pub use e164::E164;
 pub use ids::{ApiKeyId, AuditId, EventId, OrgId, PhoneId, SecretId};
 pub use provider::Carrier;
-pub use secret::Secret;
+pub use secret::{Secret, WipedJson};

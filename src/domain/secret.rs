@@ -50,9 +50,38 @@ impl<'de> serde::Deserialize<'de> for Secret {
     }
 }
 
+/// A JSON value that may hold secrets (a credential as sealed, or as a client sent it inside a
+/// string): every string in it is zeroized when it is dropped, as `Secret`'s are, so that the
+/// copies made while reading it do not outlive it in freed memory.
+pub struct WipedJson(pub serde_json::Value);
+
+impl Drop for WipedJson {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+fn wipe(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    use zeroize::Zeroize;
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(wipe),
+        Value::Object(fields) => fields.values_mut().for_each(wipe),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_string_of_a_wiped_value_is_zeroized() {
+        let mut v = serde_json::json!({"auth_id": "MA1", "auth_token": "tok", "nested": [{"k": "v"}, 1, null]});
+        wipe(&mut v);
+        assert_eq!(v, serde_json::json!({"auth_id": "", "auth_token": "", "nested": [{"k": ""}, 1, null]}));
+    }
 
     #[test]
     fn debug_is_redacted_and_hints_are_short() {

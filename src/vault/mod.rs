@@ -6,7 +6,7 @@ pub mod routes;
 
 use serde_json::Value;
 
-use crate::domain::{Carrier, OrgId, PhoneCredential, Secret, SecretId};
+use crate::domain::{Carrier, OrgId, PhoneCredential, Secret, SecretId, WipedJson};
 use crate::error::ApiError;
 use crate::store::SecretRecord;
 use catalog::ProviderEntry;
@@ -114,7 +114,7 @@ impl Vault {
     pub fn open_phone(&self, rec: &SecretRecord) -> Result<PhoneCredential, VaultError> {
         let carrier: Carrier = rec.provider.parse().map_err(|_| VaultError::Open)?;
         let text = self.open(rec)?;
-        let value: Value = serde_json::from_str(text.expose()).map_err(|_| VaultError::Open)?;
-        PhoneCredential::parse(carrier, &value).map_err(|_| VaultError::Open)
+        let value = WipedJson(serde_json::from_str(text.expose()).map_err(|_| VaultError::Open)?);
+        PhoneCredential::parse(carrier, &value.0).map_err(|_| VaultError::Open)
     }
 }
