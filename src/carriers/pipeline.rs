@@ -145,14 +145,13 @@ pub async fn handle<C: CarrierHooks>(
     let (phone, verified_by) = match verify::<C>(&state, &inbound, &phone, &ctx, now_ms).await {
         Ok(v) => (phone, v),
         Err(why) => match other {
-            // The event may be the other party's, at another account here (Telnyx only).
-            Some(other) if why == Reject::InvalidSignature => {
-                match verify::<C>(&state, &inbound, &other, &ctx, now_ms).await {
-                    Ok(v) => (other, v),
-                    Err(_) => return rejected(carrier, &state, why, Some(&phone.id), ip),
-                }
-            }
-            _ => return rejected(carrier, &state, why, Some(&phone.id), ip),
+            // The event may be the other party's, at another account here (Telnyx only), whatever
+            // kept the first's key from taking it (its credential may not even open).
+            Some(other) => match verify::<C>(&state, &inbound, &other, &ctx, now_ms).await {
+                Ok(v) => (other, v),
+                Err(_) => return rejected(carrier, &state, why, Some(&phone.id), ip),
+            },
+            None => return rejected(carrier, &state, why, Some(&phone.id), ip),
         },
     };
 
