@@ -318,7 +318,7 @@ fn a_key_file_others_may_read_is_made_private_and_a_key_file_the_variable_overri
     let same = std::fs::read_to_string(&key_file).unwrap();
     let out = with_key(same.trim());
     assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = with_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+    let out = with_key("AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("this master key file holds another key: it is not used"), "{stderr}");
