@@ -340,7 +340,7 @@ fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
 
 /// Puts parked events back on the queue while it has room: as many as an upstream whose
 /// breaker is closed takes, one for an upstream whose probe is due. Events queued for a retry
-/// take none of the room: an upstream that takes some events and refuses others keeps those
+/// take none of the room: an upstream that answers but refuses each event (400, 422) keeps its events
 /// queued, retrying, for as long as the delivery horizon, and thousands of them would otherwise
 /// keep every other upstream's parked events parked. A number with a queue's room of its own
 /// events retrying gets none released meanwhile, so that such an upstream cannot draw a whole
@@ -602,7 +602,7 @@ async fn attempt(state: &AppState, d: DeliveryRecord, url: String, how: Admitted
 
 /// A request made to an upstream.
 struct Tried {
-    /// It answered, and takes events ([`takes_events`]).
+    /// It answered, and takes events: other than 5xx, 429, or a refusal of every event alike.
     reached: bool,
     took: Duration,
 }
@@ -724,18 +724,18 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> (Option<
     if let Err(e) = &recorded {
         tracing::error!(event = %event_id, error = %e, "recording a delivery attempt failed");
     }
-    (Some(Tried { reached: status_code.is_some_and(takes_events), took }), recorded.is_err())
+    (
+        Some(Tried { reached: status_code.is_some_and(|s| s < 500 && s != 429 && !refuses_every_event(s)), took }),
+        recorded.is_err(),
+    )
 }
 
-/// Whether an answer shows the upstream taking events: it took this one (2xx), or said that
-/// this one is not wanted (410). Any other answer, a 4xx too, counts towards its breaker: an
-/// upstream that refuses event after event, whatever its reason (a wrong secret is as often
-/// 400 as 401, a schema it no longer reads 422), is held as a down one is, so that its events
-/// wait parked at 4 bytes each, and a probe finds when it takes them again, instead of each
-/// retrying on the queue, at about 100 bytes, for as long as the delivery horizon. Only a run
-/// of refusals holds it: one that takes events between them refuses those events alone.
-fn takes_events(status: u16) -> bool {
-    (200..300).contains(&status) || status == 410
+/// An answer that refuses every event alike, whatever it holds: the secret or the URL is wrong
+/// (401, 403, 404, 405). The upstream is held as a down one is, so that its events wait parked
+/// at 4 bytes each instead of retrying on the queue for as long as the delivery horizon. An
+/// answer about the event itself (400, 409, 413, 422) is that event's alone.
+fn refuses_every_event(status: u16) -> bool {
+    matches!(status, 401 | 403 | 404 | 405)
 }
 
 #[cfg(test)]

@@ -1394,13 +1394,6 @@ async fn an_upstream_that_refuses_every_event_is_held_and_probed_until_it_takes_
     held_and_probed_until_it_answers(401).await;
 }
 
-/// So is one that refuses event after event on their merits, as it says (422): a run of
-/// refusals holds it all the same, or its events would each retry on the queue for a day.
-#[tokio::test]
-async fn an_upstream_that_refuses_event_after_event_as_unreadable_is_held_too() {
-    held_and_probed_until_it_answers(422).await;
-}
-
 async fn held_and_probed_until_it_answers(status: u16) {
     let upstream = FakeHttp::start(move |_| Reply::status(status)).await;
     // One worker: attempts go one after the other, so exactly five are made before the hold.
@@ -2788,16 +2781,19 @@ async fn a_nonce_repeated_on_another_number_is_not_taken_for_a_replay() {
     }
 }
 
-/// An upstream that answers but refuses events, without a run of refusals long enough for its
-/// breaker (here, never), keeps them queued for their retries for as long as the delivery
-/// horizon. Thousands of them once took all the queue's room, so parked events were never
-/// released, not even once their number had an upstream to go to.
+/// An upstream that answers but refuses each event (here 422) keeps its events queued for their retries
+/// for as long as the delivery horizon. Thousands of them once took all the queue's room, so a
+/// held upstream's parked events were never released, not even for its probe, and it stayed held.
 #[tokio::test]
-async fn events_queued_for_retries_leave_room_for_another_numbers_parked_events() {
+async fn events_queued_for_retries_leave_room_for_another_upstreams_parked_events() {
     let refusing = FakeHttp::start(|_| Reply::status(422)).await;
-    let taking = FakeHttp::start(|_| Reply::status(200)).await;
-    let app = spawn_with(pinned(&[("CALLGATE_DELIVERY_BREAKER_AFTER", "0")])).await;
-    let (tenant, other) = (app.create_org("Refused").await, app.create_org("Parked").await);
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&up);
+    let recovering =
+        FakeHttp::start(move |_| Reply::status(if seen.load(std::sync::atomic::Ordering::SeqCst) { 200 } else { 503 }))
+            .await;
+    let app = upstream_app(&recovering, &[]).await;
+    let (tenant, other) = (app.create_org("Refused").await, app.create_org("Recovering").await);
     let mut cfg = config(None, None);
     cfg.upstream_url = Some(refusing.url("/refuse"));
     let refused = add_line(&app, &tenant, Carrier::Twilio, "+16282020061", cfg);
@@ -2809,19 +2805,29 @@ async fn events_queued_for_retries_leave_room_for_another_numbers_parked_events(
         assert!(futures_util::future::join_all(posts).await.iter().all(|s| *s == 200));
     }
     wait_hits_within(&refusing, "every refused event tried", Duration::from_secs(60), |h| h.len() >= backlog).await;
-    // With no upstream anywhere, the other number's events wait parked.
     let line = add_line(&app, &other, Carrier::Twilio, "+16282020062", config(None, None));
+    // Five failures hold the upstream; what comes after waits parked.
+    let mut failing = Vec::new();
+    for i in 0..5 {
+        failing.push(record_status(&app, &other, &line, &format!("CAFAIL{i}"), "completed", 1).await);
+    }
+    for id in &failing {
+        wait_state(&app, &other, id, "failed").await;
+    }
+    // The breaker hears of an attempt just after its outcome is recorded (the same task, once
+    // woken: a second is far more than that takes on a loaded machine).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut parked = Vec::new();
     for i in 0..3 {
         parked.push(record_status(&app, &other, &line, &format!("CAPARK{i}"), "completed", 1).await);
     }
     let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert_eq!(metric_value(&text, "callgate_outbox_retrying"), backlog as u64, "{text}");
-    assert_eq!(metric_value(&text, "callgate_outbox_parked"), 3, "{text}");
-    assert_eq!(set_upstream(&app, &other, &line, Some(&taking.url("/hook"))).await.status(), 200);
+    assert_eq!(metric_value(&text, "callgate_outbox_retrying"), backlog as u64 + 5, "{text}");
+    // The upstream answers again; its probe is due after a second.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    app.clock.set_ms(app.clock.now_ms() + 1_100);
     for id in &parked {
         wait_state(&app, &other, id, "delivered").await;
     }
-    assert_eq!(taking.hits().len(), 3);
     assert_eq!(refusing.hits().len(), backlog, "no retry was due yet");
 }
