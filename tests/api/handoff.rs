@@ -1394,6 +1394,13 @@ async fn an_upstream_that_refuses_every_event_is_held_and_probed_until_it_takes_
     held_and_probed_until_it_answers(401).await;
 }
 
+/// So is one that redirects every event (its URL moved): deliveries follow no redirect, so each
+/// event would otherwise retry on the queue for a day.
+#[tokio::test]
+async fn an_upstream_that_redirects_every_event_is_held_and_probed_too() {
+    held_and_probed_until_it_answers(308).await;
+}
+
 async fn held_and_probed_until_it_answers(status: u16) {
     let upstream = FakeHttp::start(move |_| Reply::status(status)).await;
     // One worker: attempts go one after the other, so exactly five are made before the hold.
