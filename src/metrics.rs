@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::domain::Carrier;
 use crate::store::{OutboxDepth, WriterStats, WRITE_BUCKETS_US};
 
-pub const REJECT_REASONS: [&str; 7] = [
+pub const REJECT_REASONS: [&str; 8] = [
+    "malformed_body",
     "invalid_signature",
     "missing_signature",
     "stale_timestamp",

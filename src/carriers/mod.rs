@@ -119,7 +119,7 @@ impl Reject {
             Reject::IpNotAllowed => "the request comes from an address that is not allowed",
             Reject::InvalidToken => "the request token is missing or not valid",
             Reject::CredentialUnavailable => "no credential is available to verify this request",
-            Reject::MalformedBody => "the body is not a Telnyx event (JSON)",
+            Reject::MalformedBody => "the body cannot be read: not a form that decodes, or (Telnyx) not JSON",
         }
     }
 }

@@ -97,9 +97,7 @@ pub async fn handle<C: CarrierHooks>(
     let form_pairs = if is_form {
         match form::parse(&raw) {
             Ok(p) => p,
-            Err(_) => {
-                return ApiError::bad_request("malformed_body", "the form body cannot be decoded").into_response();
-            }
+            Err(_) => return rejected(carrier, &state, Reject::MalformedBody, None, ip),
         }
     } else {
         Vec::new()

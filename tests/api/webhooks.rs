@@ -855,6 +855,26 @@ async fn metrics_count_rejections_per_carrier_and_reason() {
         let got = fixtures::send(&c, &app.base, &load(name)).await.unwrap();
         assert_eq!(got.status, status, "{name}: {}", got.body);
     }
+    // Bodies that cannot be read at all: a form that does not decode (to a number that is not
+    // even looked up), and a Telnyx event that is not JSON under headers that pass.
+    let unreadable = [
+        c.post(app.url("/plivo/status/ph_0190e000000070008000000000000099"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("CallUUID=%FF%FE"),
+        c.post(app.url("/webhooks/telnyx/voice"))
+            .header("content-type", "application/json")
+            .header(
+                "telnyx-signature-ed25519",
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0u8; 64]),
+            )
+            .header("telnyx-timestamp", base.now.to_string())
+            .body("not json"),
+    ];
+    for req in unreadable {
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 400);
+        assert_eq!(res.json::<serde_json::Value>().await.unwrap()["error"]["code"], "malformed_body");
+    }
     let text = c.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let rejected = |carrier: &str, reason: &str| {
         metric(&text, "callgate_webhooks_rejected_total", &format!("carrier=\"{carrier}\",reason=\"{reason}\""))
@@ -868,6 +888,7 @@ async fn metrics_count_rejections_per_carrier_and_reason() {
     assert_eq!(rejected("telnyx", "stale_timestamp"), 1);
     assert_eq!(rejected("telnyx", "missing_signature"), 1);
     assert_eq!(rejected("vobiz", "invalid_signature"), 0);
+    assert_eq!((rejected("plivo", "malformed_body"), rejected("telnyx", "malformed_body")), (1, 1));
     assert_eq!(metric(&text, "callgate_webhooks_accepted_total", "carrier=\"plivo\""), 1);
     assert_eq!(metric(&text, "callgate_webhooks_accepted_total", "carrier=\"twilio\""), 0);
     app.stop().await;
