@@ -48,8 +48,11 @@ async fn unknown_in_payload(
     ip: std::net::IpAddr,
     inbound: &Inbound<'_>,
 ) -> HttpResponse {
-    // Whatever it says, the event is refused: its number has no key here.
-    let _ = settle(state, super::telnyx::decoy_check(inbound)).await;
+    // Whatever it says, the event is refused: its number has no key here. One without direction
+    // is checked twice, as one naming numbers here would be (its other party's key).
+    for _ in 0..if super::telnyx::two_sided(inbound) { 2 } else { 1 } {
+        let _ = settle(state, super::telnyx::decoy_check(inbound)).await;
+    }
     unknown_noted(carrier, state, ip);
     refusal(Reject::InvalidSignature)
 }
@@ -57,6 +60,28 @@ async fn unknown_in_payload(
 fn unknown_noted(carrier: crate::domain::Carrier, state: &AppState, ip: std::net::IpAddr) {
     state.metrics.rejected(carrier, "unknown_phone");
     tracing::info!(carrier = %carrier, client_ip = %ip, "webhook for an unknown phone number");
+}
+
+/// The other party of a Telnyx event that `first`'s key refused, with what verified it, if its
+/// key takes the event. An event without direction is refused after two checks whatever is
+/// imported (the other party's key, else the decoy's), so that the time of the refusal does not
+/// tell whether its other number is here.
+async fn other_party<C: CarrierHooks>(
+    state: &AppState,
+    inbound: &Inbound<'_>,
+    first: &PhoneRecord,
+    ctx: &VerifyContext<'_>,
+    now_ms: i64,
+) -> Result<Option<(Arc<PhoneRecord>, VerifiedBy)>, crate::store::StoreError> {
+    match super::telnyx::other_party(inbound, state.store.as_ref(), first)? {
+        Some(other) => Ok(verify::<C>(state, inbound, &other, ctx, now_ms).await.ok().map(|v| (other, v))),
+        None => {
+            if super::telnyx::two_sided(inbound) {
+                let _ = settle(state, super::telnyx::decoy_check(inbound)).await;
+            }
+            Ok(None)
+        }
+    }
 }
 
 /// Where the phone number comes from: the path, or (Telnyx) the verified-later payload.
@@ -125,15 +150,15 @@ pub async fn handle<C: CarrierHooks>(
     let found = match locate {
         Locate::Path(id) => {
             let Ok(id) = PhoneId::parse(&id) else { return not_found(carrier, &state, ip) };
-            state.store.phone_resolve(&id).map(|p| (p, None))
+            state.store.phone_resolve(&id)
         }
         Locate::Payload => match super::telnyx::locate(&mut inbound, state.store.as_ref()) {
             Ok(p) => p,
             Err(why) => return rejected(carrier, &state, why, None, ip),
         },
     };
-    let (phone, other) = match found {
-        Ok((Some(p), other)) if p.provider == carrier => (p, other),
+    let phone = match found {
+        Ok(Some(p)) if p.provider == carrier => p,
         Ok(_) if by_payload => return unknown_in_payload(carrier, &state, ip, &inbound).await,
         Ok(_) => return not_found(carrier, &state, ip),
         Err(e) => return ApiError::internal(e).into_response(),
@@ -142,15 +167,15 @@ pub async fn handle<C: CarrierHooks>(
     let ctx = VerifyContext { exotel_allowed: &settings.exotel_allowed_ips };
     let (phone, verified_by) = match verify::<C>(&state, &inbound, &phone, &ctx, now_ms).await {
         Ok(v) => (phone, v),
-        Err(why) => match other {
-            // The event may be the other party's, at another account here (Telnyx only), whatever
-            // kept the first's key from taking it (its credential may not even open).
-            Some(other) => match verify::<C>(&state, &inbound, &other, &ctx, now_ms).await {
-                Ok(v) => (other, v),
-                Err(_) => return rejected(carrier, &state, why, Some(&phone.id), ip),
-            },
-            None => return rejected(carrier, &state, why, Some(&phone.id), ip),
-        },
+        // A Telnyx event without direction may be the other party's, at another account here.
+        Err(Reject::InvalidSignature) if by_payload => {
+            match other_party::<C>(&state, &inbound, &phone, &ctx, now_ms).await {
+                Ok(Some(found)) => found,
+                Ok(None) => return rejected(carrier, &state, Reject::InvalidSignature, Some(&phone.id), ip),
+                Err(e) => return ApiError::internal(e).into_response(),
+            }
+        }
+        Err(why) => return rejected(carrier, &state, why, Some(&phone.id), ip),
     };
 
     let parsed = C::parse(&mut inbound, hook);

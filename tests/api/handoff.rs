@@ -2666,7 +2666,8 @@ async fn a_telnyx_event_without_direction_goes_to_the_number_on_its_application(
 async fn a_telnyx_event_between_two_accounts_here_is_verified_by_either_partys_key() {
     let app = spawn_app().await;
     let (one, two) = (app.create_org("One").await, app.create_org("Two").await);
-    let keys = [SigningKey::from_bytes(&[21; 32]), SigningKey::from_bytes(&[22; 32])];
+    let keys =
+        [SigningKey::from_bytes(&[21; 32]), SigningKey::from_bytes(&[22; 32]), SigningKey::from_bytes(&[24; 32])];
     let with_key = |org: &Org, number: &str, key: &SigningKey| {
         let credential = json!({"api_key": TELNYX_API_KEY, "public_key": B64.encode(key.verifying_key().as_bytes())});
         insert_phone(
@@ -2682,10 +2683,14 @@ async fn a_telnyx_event_between_two_accounts_here_is_verified_by_either_partys_k
     };
     let a = with_key(&one, "+13125550171", &keys[0]);
     let b = with_key(&two, "+13125550172", &keys[1]);
-    let send = |id: &str, key: &SigningKey| {
+    // A number of a third account, on a known application, that is neither party of the call.
+    let mut c = with_key(&two, "+13125550173", &keys[2]);
+    c.connection_id = Some("conn-c".into());
+    assert!(app.state.store.phone_update(&c, None).unwrap());
+    let send = |id: &str, key: &SigningKey, from: &str, to: &str, connection: &str| {
         let body = json!({"data": {"event_type": "call.hangup", "id": id, "record_type": "event", "payload": {
-            "call_control_id": format!("v3:{id}"), "connection_id": "conn-unknown", "from": b.number.as_str(),
-            "to": a.number.as_str(), "state": "hangup", "hangup_cause": "normal_clearing"}}})
+            "call_control_id": format!("v3:{id}"), "connection_id": connection, "from": from,
+            "to": to, "state": "hangup", "hangup_cause": "normal_clearing"}}})
         .to_string();
         let ts = Clock::system().now_secs().to_string();
         let sig = telnyx_sig::sign(key, &ts, body.as_bytes());
@@ -2697,13 +2702,16 @@ async fn a_telnyx_event_between_two_accounts_here_is_verified_by_either_partys_k
             .body(body)
             .send()
     };
+    let (an, bn) = (a.number.as_str(), b.number.as_str());
     // Two's leg (signed by Two, `from` its number), then One's.
-    assert_eq!(send("e-two", &keys[1]).await.unwrap().status(), 200);
-    assert_eq!(send("e-one", &keys[0]).await.unwrap().status(), 200);
-    let refused = send("e-none", &SigningKey::from_bytes(&[23; 32])).await.unwrap();
+    assert_eq!(send("e-two", &keys[1], bn, an, "conn-unknown").await.unwrap().status(), 200);
+    assert_eq!(send("e-one", &keys[0], bn, an, "conn-unknown").await.unwrap().status(), 200);
+    // The event of the application's own number, which One's number (`to`) comes before.
+    assert_eq!(send("e-app", &keys[2], "+13125550999", an, "conn-c").await.unwrap().status(), 200);
+    let refused = send("e-none", &SigningKey::from_bytes(&[23; 32]), bn, an, "conn-unknown").await.unwrap();
     assert_eq!(refused.status(), 403);
     assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "invalid_signature");
-    for (org, phone, id) in [(&one, &a, "v3:e-one"), (&two, &b, "v3:e-two")] {
+    for (org, phone, id) in [(&one, &a, "v3:e-one"), (&two, &b, "v3:e-two"), (&two, &c, "v3:e-app")] {
         let line = Line {
             carrier: Carrier::Telnyx,
             phone_id: phone.id.to_string(),

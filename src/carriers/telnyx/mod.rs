@@ -23,21 +23,54 @@ const SIGNATURE: &str = "telnyx-signature-ed25519";
 const TIMESTAMP: &str = "telnyx-timestamp";
 const SCHEME: &str = "telnyx-ed25519";
 
-/// The numbers an event may be for, most likely first: the second is tried only when the
-/// first's key refuses the event.
-pub type Candidates = (Option<Arc<PhoneRecord>>, Option<Arc<PhoneRecord>>);
-
 /// Finds the number an event is for, to know whose key verifies it. Nothing read here is
 /// trusted until that key has verified the body. A request whose signature headers fail the
 /// checks that need no key (missing, malformed, stale) stops before any lookup, so its answer
-/// does not depend on the number it names. The parsed body is kept on `req` for `parse`.
-pub fn locate(req: &mut Inbound<'_>, store: &dyn Store) -> Result<Result<Candidates, StoreError>, Reject> {
+/// does not depend on the number it names. The parsed body is kept on `req` for `parse`, and
+/// for [`other_party`] should this number's key refuse the event.
+pub fn locate(
+    req: &mut Inbound<'_>,
+    store: &dyn Store,
+) -> Result<Result<Option<Arc<PhoneRecord>>, StoreError>, Reject> {
     signature::check_headers(req.header(SIGNATURE), req.header(TIMESTAMP), req.now_secs).map_err(rejection)?;
     let envelope = req.envelope.insert(Envelope::read(req.body).ok_or(Reject::MalformedBody)?);
-    Ok(candidates(&envelope.data.payload, store))
+    Ok(candidates(&envelope.data.payload, store, None))
 }
 
-fn candidates(payload: &envelope::Payload, store: &dyn Store) -> Result<Candidates, StoreError> {
+/// The number of a directionless event that comes after `first` among those it may be for,
+/// to be tried once `first`'s key has refused it: a call between two accounts here, neither
+/// on a known application, is signed by whichever account the event is for, and tried with
+/// one key only, the other account's events would be refused for good. Looked up only then,
+/// so that the events `first` takes pay for no lookup more.
+pub fn other_party(
+    req: &Inbound<'_>,
+    store: &dyn Store,
+    first: &PhoneRecord,
+) -> Result<Option<Arc<PhoneRecord>>, StoreError> {
+    match &req.envelope {
+        Some(envelope) if directionless(&envelope.data.payload) => {
+            candidates(&envelope.data.payload, store, Some(first))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Whether the event names no direction: either party may be the number it is for, so its
+/// refusal checks two keys (the other party's, else the decoy's), whatever is imported here.
+pub fn two_sided(req: &Inbound<'_>) -> bool {
+    req.envelope.as_ref().is_some_and(|e| directionless(&e.data.payload))
+}
+
+fn directionless(payload: &envelope::Payload) -> bool {
+    !matches!(payload.direction.as_deref(), Some("incoming" | "outgoing"))
+}
+
+/// The most likely number the event is for, or with `after`, the next one after that number.
+fn candidates(
+    payload: &envelope::Payload,
+    store: &dyn Store,
+    after: Option<&PhoneRecord>,
+) -> Result<Option<Arc<PhoneRecord>>, StoreError> {
     let connection = payload.connection_id.as_deref();
     let telnyx_number = |n: &Option<String>| -> Result<Option<Arc<PhoneRecord>>, StoreError> {
         let Some(number) = n.as_deref().and_then(|s| E164::normalize(s).ok()) else { return Ok(None) };
@@ -46,36 +79,38 @@ fn candidates(payload: &envelope::Payload, store: &dyn Store) -> Result<Candidat
     };
     // Our number is `to` of an incoming call and `from` of an outgoing one.
     match payload.direction.as_deref() {
-        Some("incoming") => return Ok((or_connection(telnyx_number(&payload.to)?, store, connection)?, None)),
-        Some("outgoing") => return Ok((or_connection(telnyx_number(&payload.from)?, store, connection)?, None)),
+        Some("incoming") => return or_connection(telnyx_number(&payload.to)?, store, connection),
+        Some("outgoing") => return or_connection(telnyx_number(&payload.from)?, store, connection),
         _ => {}
     }
     // Most events after the first (`call.answered`, `call.hangup`) carry no direction, and
     // either party may hold a number here, at another carrier or another tenant: the account's
-    // application (`connection_id`) tells ours from theirs. Where it cannot (a number whose
-    // application is not known), both parties are candidates, in the order `to`, `from`: a
-    // call between two accounts here is signed by either, and tried with one key only, the
-    // other's events would be refused for good. A number last seen on another application comes
-    // after the one on the event's application (it may have been moved).
+    // application (`connection_id`) tells ours from theirs. Else a party here comes first (`to`,
+    // then `from`), then the number on the event's application, then a number last seen on
+    // another application (it may have been moved).
     let mut parties = [None, None];
     for (party, n) in parties.iter_mut().zip([&payload.to, &payload.from]) {
         let Some(p) = telnyx_number(n)? else { continue };
         if let (Some(ours), Some(theirs)) = (p.connection_id.as_deref(), connection) {
-            if ours == theirs {
-                return Ok((Some(p), None));
+            if ours == theirs && after.is_none() {
+                return Ok(Some(p));
             }
         }
         *party = Some(p);
     }
-    let moved = |p: &&Arc<PhoneRecord>| p.connection_id.is_some() && connection.is_some();
+    let on_app = |p: &&Arc<PhoneRecord>| p.connection_id.is_some() && p.connection_id.as_deref() == connection;
+    let moved = |p: &&Arc<PhoneRecord>| p.connection_id.is_some() && connection.is_some() && !on_app(p);
     let unsure = || parties.iter().flatten().filter(|p| !moved(p));
-    // Asked only when no party is a candidate: most events name one number here, and a lookup
-    // more for each would be paid for a candidate tried only when its key refuses the event.
-    let on_connection = if unsure().next().is_none() { or_connection(None, store, connection)? } else { None };
+    // The first candidate is looked up on the application only when no party is one.
+    let on_connection = match after {
+        None if unsure().next().is_some() => None,
+        _ => or_connection(None, store, connection)?,
+    };
     let mut found = unsure().chain(&on_connection).chain(parties.iter().flatten().filter(moved));
-    let first = found.next().cloned();
-    let second = found.find(|p| first.as_ref().is_some_and(|f| f.id != p.id)).cloned();
-    Ok((first, second))
+    Ok(match after {
+        None => found.next().cloned(),
+        Some(first) => found.find(|p| p.id != first.id).cloned(),
+    })
 }
 
 fn rejection(e: TelnyxError) -> Reject {
