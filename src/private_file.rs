@@ -26,20 +26,31 @@ pub fn write(path: &Path, text: &str) -> io::Result<()> {
 /// Writes `text` and a newline to `path` only if no file is there, however many processes try
 /// at once (the gateway starting, `callgate upstream secret`): each makes its file whole under a
 /// name of its own, then links it into place, which fails where a file already is. Whether
-/// this one's file is the one in place: `false`, another was there first, and stands.
+/// this one's file is the one in place: `false`, another was there first, and stands. Either
+/// way the file in place is durable once this returns. On a filesystem without hard links
+/// (FAT, some network and FUSE mounts) the file is written as `write` does, without that guard.
 pub fn create(path: &Path, text: &str) -> io::Result<bool> {
     let tmp = path.with_extension(format!("new-{}-{:016x}", std::process::id(), rand::random::<u64>()));
     let made = write_new(&tmp, text).and_then(|()| fs::hard_link(&tmp, path));
-    let removed = fs::remove_file(&tmp);
-    match made {
-        Ok(()) => {
-            removed?;
-            sync_parent(path)?;
-            Ok(true)
+    if let Err(e) = fs::remove_file(&tmp) {
+        // The key is in place (or another's is): a leftover copy is no reason to fail the start.
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %tmp.display(), error = %e, "could not remove a temporary key file; remove it by hand");
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
     }
+    let created = match made {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e)
+            if matches!(e.kind(), io::ErrorKind::Unsupported | io::ErrorKind::PermissionDenied) && !path.exists() =>
+        {
+            write(path, text)?;
+            return Ok(true);
+        }
+        Err(e) => return Err(e),
+    };
+    sync_parent(path)?;
+    Ok(created)
 }
 
 /// Makes `path` (which must not exist) with mode 0600, holding `text` and a newline, synced.
