@@ -40,7 +40,8 @@ pub enum VaultError {
     MissingKey { path: PathBuf, secrets: usize },
     #[error(
         "the master key ({0}) is not random: it has fewer than {PATTERN_BYTES} distinct byte values, as no 32 random \
-         bytes have; give one made by e.g. `openssl rand -base64 32`"
+         bytes have, and no stored secret needs it; give one made by e.g. `openssl rand -base64 32` (or remove the \
+         key file, and a random one is generated)"
     )]
     Patterned(String),
 }
@@ -166,8 +167,8 @@ impl Keyring {
             if sealed == 0 {
                 return Err(VaultError::Patterned(source(given)));
             }
+            // Not even its id: with so few byte values to try, an id confirms a guess offline.
             tracing::warn!(
-                key = %current.id,
                 "the master key is not random (it has fewer than {PATTERN_BYTES} distinct byte values): anyone who \
                  guesses it opens every stored secret; rotate to a random one with `callgate keys rotate`"
             );
