@@ -67,7 +67,13 @@ fn wipe(v: &mut serde_json::Value) {
     match v {
         Value::String(s) => s.zeroize(),
         Value::Array(items) => items.iter_mut().for_each(wipe),
-        Value::Object(fields) => fields.values_mut().for_each(wipe),
+        // Keys too: a secret pasted where a field's name goes is one.
+        Value::Object(fields) => {
+            for (mut name, mut value) in std::mem::take(fields) {
+                name.zeroize();
+                wipe(&mut value);
+            }
+        }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
@@ -80,7 +86,10 @@ mod tests {
     fn every_string_of_a_wiped_value_is_zeroized() {
         let mut v = serde_json::json!({"auth_id": "MA1", "auth_token": "tok", "nested": [{"k": "v"}, 1, null]});
         wipe(&mut v);
-        assert_eq!(v, serde_json::json!({"auth_id": "", "auth_token": "", "nested": [{"k": ""}, 1, null]}));
+        assert_eq!(v, serde_json::json!({}));
+        let mut v = serde_json::json!(["tok", [{"k": "v"}, 1, null]]);
+        wipe(&mut v);
+        assert_eq!(v, serde_json::json!(["", [{}, 1, null]]));
     }
 
     #[test]
