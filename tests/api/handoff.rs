@@ -854,11 +854,16 @@ fn telnyx_call_initiated(line: &Line, ccid: &str, event_id: &str) -> String {
 }
 
 async fn send_telnyx(app: &TestApp, body: String) -> (u16, Duration) {
-    let ts = Clock::system().now_secs().to_string();
-    let sig = telnyx_sig::sign(&telnyx_signing_key(), &ts, body.as_bytes());
     let started = Instant::now();
-    let res = app
-        .client
+    let res = send_telnyx_signed(app, body, telnyx_signing_key()).await;
+    (res.status().as_u16(), started.elapsed())
+}
+
+/// A Telnyx event signed now with `key`.
+async fn send_telnyx_signed(app: &TestApp, body: String, key: SigningKey) -> reqwest::Response {
+    let ts = Clock::system().now_secs().to_string();
+    let sig = telnyx_sig::sign(&key, &ts, body.as_bytes());
+    app.client
         .post(app.url("/webhooks/telnyx/voice"))
         .header("content-type", "application/json")
         .header("telnyx-signature-ed25519", sig)
@@ -866,8 +871,7 @@ async fn send_telnyx(app: &TestApp, body: String) -> (u16, Duration) {
         .body(body)
         .send()
         .await
-        .unwrap();
-    (res.status().as_u16(), started.elapsed())
+        .unwrap()
 }
 
 async fn wait_commands(fake: &FakeCarrier, n: usize) -> Vec<crate::fake_carrier::Recorded> {
@@ -2692,23 +2696,15 @@ async fn a_telnyx_event_between_two_accounts_here_is_verified_by_either_partys_k
             "call_control_id": format!("v3:{id}"), "connection_id": connection, "from": from,
             "to": to, "state": "hangup", "hangup_cause": "normal_clearing"}}})
         .to_string();
-        let ts = Clock::system().now_secs().to_string();
-        let sig = telnyx_sig::sign(key, &ts, body.as_bytes());
-        app.client
-            .post(app.url("/webhooks/telnyx/voice"))
-            .header("content-type", "application/json")
-            .header("telnyx-signature-ed25519", sig)
-            .header("telnyx-timestamp", ts)
-            .body(body)
-            .send()
+        send_telnyx_signed(&app, body, key.clone())
     };
     let (an, bn) = (a.number.as_str(), b.number.as_str());
     // Two's leg (signed by Two, `from` its number), then One's.
-    assert_eq!(send("e-two", &keys[1], bn, an, "conn-unknown").await.unwrap().status(), 200);
-    assert_eq!(send("e-one", &keys[0], bn, an, "conn-unknown").await.unwrap().status(), 200);
+    assert_eq!(send("e-two", &keys[1], bn, an, "conn-unknown").await.status(), 200);
+    assert_eq!(send("e-one", &keys[0], bn, an, "conn-unknown").await.status(), 200);
     // The event of the application's own number, which One's number (`to`) comes before.
-    assert_eq!(send("e-app", &keys[2], "+13125550999", an, "conn-c").await.unwrap().status(), 200);
-    let refused = send("e-none", &SigningKey::from_bytes(&[23; 32]), bn, an, "conn-unknown").await.unwrap();
+    assert_eq!(send("e-app", &keys[2], "+13125550999", an, "conn-c").await.status(), 200);
+    let refused = send("e-none", &SigningKey::from_bytes(&[23; 32]), bn, an, "conn-unknown").await;
     assert_eq!(refused.status(), 403);
     assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "invalid_signature");
     for (org, phone, id) in [(&one, &a, "v3:e-one"), (&two, &b, "v3:e-two"), (&two, &c, "v3:e-app")] {
