@@ -106,8 +106,8 @@ impl Breakers {
     }
 
     /// The outcome of an admitted attempt. `reached`: the upstream answered with anything but
-    /// a 5xx or 429, or an answer that refuses every event alike (a redirect, 401, 403, 404, 405), so it is
-    /// up and takes events, whatever it thought of this one.
+    /// a 5xx or 429, or an answer that refuses every event alike (a redirect, 401, 403, 404,
+    /// 405), so it is up and takes events, whatever it thought of this one.
     pub fn report(&self, url: &str, how: Admitted, reached: bool, now_ms: i64) {
         self.with(|m| {
             if reached {

@@ -732,9 +732,10 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> (Option<
 
 /// An answer that refuses every event alike, whatever it holds: the secret or the URL is wrong
 /// (401, 403, 404, 405), or the URL has moved (a redirect, which deliveries do not follow: a
-/// signed event is not re-sent to wherever a `Location` points). The upstream is held as a down one is, so that its events wait parked
-/// at 4 bytes each instead of retrying on the queue for as long as the delivery horizon. An
-/// answer about the event itself (400, 409, 413, 422) is that event's alone.
+/// signed event is not re-sent to wherever a `Location` points). The upstream is held as a
+/// down one is, so that its events wait parked at 4 bytes each instead of retrying on the
+/// queue for as long as the delivery horizon. An answer about the event itself (400, 409, 413,
+/// 422) is that event's alone.
 fn refuses_every_event(status: u16) -> bool {
     matches!(status, 300..=399 | 401 | 403 | 404 | 405)
 }
