@@ -108,6 +108,7 @@ impl Application {
             byok_limiter: RateLimiter::per_minute(settings.byok_rate_limit_per_minute),
             carrier_limiter: RateLimiter::per_minute(settings.carrier_rate_limit_per_minute),
             outbox: crate::handoff::outbox::Outbox::new(settings.handoff.delivery_breaker_after),
+            telnyx_legs: Default::default(),
             settings: Arc::new(settings),
             store,
             commit,

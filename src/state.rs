@@ -26,4 +26,6 @@ pub struct AppState {
     pub http: reqwest::Client,
     pub signer: crate::handoff::signing::Signer,
     pub outbox: crate::handoff::outbox::Outbox,
+    /// The number each Telnyx call leg is for, as its first event said.
+    pub telnyx_legs: crate::carriers::telnyx::legs::Legs,
 }

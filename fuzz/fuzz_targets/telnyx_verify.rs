@@ -17,6 +17,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use callgate::carriers::params::nests_too_deep;
 use callgate::carriers::telnyx::signature::{self as telnyx, TelnyxError, TelnyxKey, TOLERANCE_SECS};
+use callgate::carriers::telnyx::legs::Legs;
 use callgate::carriers::telnyx::{locate, other_party, Telnyx};
 use callgate::carriers::{CarrierHooks, Hook, Inbound, Prepared, Reject, VerifyContext};
 use callgate::domain::{Carrier, Secret};
@@ -151,7 +152,7 @@ fuzz_target!(|data: &[u8]| {
     // What the gateway reads as an event: JSON it could read back as a tree once stored.
     let json = serde_json::from_slice::<serde_json::Value>(body).ok().filter(|_| !nests_too_deep(body));
 
-    match (locate(&mut inbound, telnyx_store()), headers_pass) {
+    match (locate(&mut inbound, telnyx_store(), &Legs::default()), headers_pass) {
         (Err(Reject::MissingSignature), Err(TelnyxError::Missing))
         | (Err(Reject::StaleTimestamp), Err(TelnyxError::Stale))
         | (Err(Reject::InvalidSignature), Err(TelnyxError::Malformed)) => {}

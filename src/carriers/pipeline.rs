@@ -152,7 +152,7 @@ pub async fn handle<C: CarrierHooks>(
             let Ok(id) = PhoneId::parse(&id) else { return not_found(carrier, &state, ip) };
             state.store.phone_resolve(&id)
         }
-        Locate::Payload => match super::telnyx::locate(&mut inbound, state.store.as_ref()) {
+        Locate::Payload => match super::telnyx::locate(&mut inbound, state.store.as_ref(), &state.telnyx_legs) {
             Ok(p) => p,
             Err(why) => return rejected(carrier, &state, why, None, ip),
         },
@@ -177,6 +177,9 @@ pub async fn handle<C: CarrierHooks>(
         }
         Err(why) => return rejected(carrier, &state, why, Some(&phone.id), ip),
     };
+    if by_payload {
+        super::telnyx::learn(&inbound, &state.telnyx_legs, &phone);
+    }
 
     let parsed = C::parse(&mut inbound, hook);
     let replay_key = replay_key(carrier, &phone, hook, &parsed, &inbound);

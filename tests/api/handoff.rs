@@ -2720,6 +2720,47 @@ async fn a_telnyx_event_between_two_accounts_here_is_verified_by_either_partys_k
     }
 }
 
+/// Two tenants on one Telnyx account share its key, so the signature cannot say whose leg an
+/// event without direction is. The leg's first event, which says its direction, does: each
+/// leg's hang-up goes to the number its `call.initiated` was for, whichever party comes first.
+#[tokio::test]
+async fn a_telnyx_legs_later_events_go_to_the_number_its_first_event_was_for() {
+    let app = spawn_app().await;
+    let (one, two) = (app.create_org("One").await, app.create_org("Two").await);
+    // Both with the account's one key, neither on a known application.
+    let a = add_line(&app, &one, Carrier::Telnyx, "+13125550181", config(None, None));
+    let b = add_line(&app, &two, Carrier::Telnyx, "+13125550182", config(None, None));
+    let event = |kind: &str, id: &str, leg: &str, direction: Option<&str>| {
+        let mut payload = json!({"call_control_id": leg, "connection_id": "conn-shared", "from": a.number,
+            "to": b.number, "state": "parked"});
+        if let Some(d) = direction {
+            payload["direction"] = json!(d);
+        }
+        json!({"data": {"event_type": kind, "id": id, "record_type": "event", "payload": payload}}).to_string()
+    };
+    // One calls Two: One's leg is outgoing, Two's incoming, and each ends with a hang-up that
+    // names Two's number first.
+    let sent = [
+        event("call.initiated", "e1", "v3:leg-one", Some("outgoing")),
+        event("call.initiated", "e2", "v3:leg-two", Some("incoming")),
+        event("call.hangup", "e3", "v3:leg-one", None),
+        event("call.hangup", "e4", "v3:leg-two", None),
+    ];
+    for body in sent {
+        assert_eq!(send_telnyx(&app, body).await.0, 200);
+    }
+    let kinds = |evs: Vec<Value>| {
+        evs.iter()
+            .map(|e| (e["call_id"].as_str().unwrap().to_owned(), e["kind"].as_str().unwrap().to_owned()))
+            .collect::<Vec<_>>()
+    };
+    let of = |leg: &str, kinds: &[&str]| kinds.iter().map(|k| (leg.to_owned(), (*k).to_owned())).collect::<Vec<_>>();
+    assert_eq!(kinds(events_of(&app, &one, &a).await), of("v3:leg-one", &["call.initiated", "call.hangup"]));
+    assert_eq!(kinds(events_of(&app, &two, &b).await), of("v3:leg-two", &["call.incoming", "call.hangup"]));
+    // The hang-ups ended both legs: nothing is kept of them.
+    assert!(app.state.telnyx_legs.is_empty());
+}
+
 /// The lookup by application finds the one number on it, none where several share it, and
 /// follows the numbers as they are changed.
 #[tokio::test]

@@ -3,6 +3,7 @@
 
 pub mod batch;
 mod envelope;
+pub mod legs;
 pub mod rest;
 pub mod signature;
 
@@ -31,10 +32,33 @@ const SCHEME: &str = "telnyx-ed25519";
 pub fn locate(
     req: &mut Inbound<'_>,
     store: &dyn Store,
+    legs: &legs::Legs,
 ) -> Result<Result<Option<Arc<PhoneRecord>>, StoreError>, Reject> {
     signature::check_headers(req.header(SIGNATURE), req.header(TIMESTAMP), req.now_secs).map_err(rejection)?;
     let envelope = req.envelope.insert(Envelope::read(req.body).ok_or(Reject::MalformedBody)?);
-    Ok(candidates(&envelope.data.payload, store, None))
+    let payload = &envelope.data.payload;
+    // A leg whose first event was for a number here is that number's, whoever else it names.
+    if directionless(payload) {
+        let known = payload.call_control_id.as_deref().and_then(|c| legs.with(c, |id| store.phone_resolve(id)));
+        match known {
+            Some(Ok(Some(p))) if p.provider == Carrier::Telnyx => return Ok(Ok(Some(p))),
+            Some(Err(e)) => return Ok(Err(e)),
+            _ => {}
+        }
+    }
+    Ok(candidates(payload, store, None))
+}
+
+/// Notes what a verified event tells of its leg: the number its first event (which says its
+/// direction) was for, and that it is over at its hang-up.
+pub fn learn(req: &Inbound<'_>, legs: &legs::Legs, phone: &PhoneRecord) {
+    let Some(envelope) = &req.envelope else { return };
+    let Some(call) = envelope.data.payload.call_control_id.as_deref() else { return };
+    if envelope.data.event_type.as_deref() == Some("call.hangup") {
+        legs.forget(call);
+    } else if !directionless(&envelope.data.payload) {
+        legs.learn(call, &phone.id, req.now_secs);
+    }
 }
 
 /// The number of a directionless event that comes after `first` among those it may be for,
