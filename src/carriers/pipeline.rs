@@ -177,9 +177,7 @@ pub async fn handle<C: CarrierHooks>(
         }
         Err(why) => return rejected(carrier, &state, why, Some(&phone.id), ip),
     };
-    if by_payload {
-        super::telnyx::learn(&inbound, &state.telnyx_legs, &phone);
-    }
+    let leg_news = if by_payload { super::telnyx::leg_news(&inbound) } else { None };
 
     let parsed = C::parse(&mut inbound, hook);
     let replay_key = replay_key(carrier, &phone, hook, &parsed, &inbound);
@@ -201,7 +199,13 @@ pub async fn handle<C: CarrierHooks>(
         prepared = prepared.due_at(now_ms + crate::handoff::outbox::answer_hold(&state));
     }
     // The writer acknowledges only once the batch holding this event is on disk.
-    match state.commit.record(prepared).await {
+    let recorded = state.commit.record(prepared).await;
+    // What the event tells of its Telnyx leg counts once the event is on disk: refused, its
+    // retry must find the leg as it was.
+    if let (Some(news), Ok(Recorded::New { .. } | Recorded::Duplicate(_))) = (leg_news, &recorded) {
+        super::telnyx::note(news, &state.telnyx_legs, &phone, now_ms.div_euclid(1000));
+    }
+    match recorded {
         Ok(Recorded::New { id, parked: waits }) => {
             ev.id = id;
             parked = waits;

@@ -39,25 +39,39 @@ pub fn locate(
     let payload = &envelope.data.payload;
     // A leg whose first event was for a number here is that number's, whoever else it names.
     if directionless(payload) {
-        let known = payload.call_control_id.as_deref().and_then(|c| legs.with(c, |id| store.phone_resolve(id)));
-        match known {
-            Some(Ok(Some(p))) if p.provider == Carrier::Telnyx => return Ok(Ok(Some(p))),
-            Some(Err(e)) => return Ok(Err(e)),
-            _ => {}
+        if let Some(id) = payload.call_control_id.as_deref().and_then(|c| legs.get(c, req.now_secs)) {
+            match store.phone_resolve(&id) {
+                Ok(Some(p)) if p.provider == Carrier::Telnyx => return Ok(Ok(Some(p))),
+                Ok(_) => {}
+                Err(e) => return Ok(Err(e)),
+            }
         }
     }
     Ok(candidates(payload, store, None))
 }
 
-/// Notes what a verified event tells of its leg: the number its first event (which says its
-/// direction) was for, and that it is over at its hang-up.
-pub fn learn(req: &Inbound<'_>, legs: &legs::Legs, phone: &PhoneRecord) {
-    let Some(envelope) = &req.envelope else { return };
-    let Some(call) = envelope.data.payload.call_control_id.as_deref() else { return };
-    if envelope.data.event_type.as_deref() == Some("call.hangup") {
-        legs.forget(call);
-    } else if !directionless(&envelope.data.payload) {
-        legs.learn(call, &phone.id, req.now_secs);
+/// What a recorded event tells of its leg, to be noted once it is recorded: the number it is
+/// for, if it says its direction, and that the leg is over, at its hang-up.
+pub struct LegNews {
+    call: String,
+    hung_up: bool,
+}
+
+/// The news of a verified event for `phone`, taken before the event is parsed (which takes its
+/// envelope).
+pub fn leg_news(req: &Inbound<'_>) -> Option<LegNews> {
+    let envelope = req.envelope.as_ref()?;
+    let call = envelope.data.payload.call_control_id.as_deref()?;
+    let hung_up = envelope.data.event_type.as_deref() == Some("call.hangup");
+    (hung_up || !directionless(&envelope.data.payload)).then(|| LegNews { call: call.to_owned(), hung_up })
+}
+
+/// Notes the news of an event now recorded for `phone`.
+pub fn note(news: LegNews, legs: &legs::Legs, phone: &PhoneRecord, now_secs: i64) {
+    if news.hung_up {
+        legs.hung_up(&news.call, &phone.id, now_secs);
+    } else {
+        legs.learn(&news.call, &phone.id, &phone.org_id, now_secs);
     }
 }
 
@@ -109,9 +123,9 @@ fn candidates(
     }
     // Most events after the first (`call.answered`, `call.hangup`) carry no direction, and
     // either party may hold a number here, at another carrier or another tenant: the account's
-    // application (`connection_id`) tells ours from theirs. Else a party here comes first (`to`,
-    // then `from`), then the number on the event's application, then a number last seen on
-    // another application (it may have been moved).
+    // application (`connection_id`) tells ours from theirs: a party on it comes first, then a
+    // party whose application is not known (`to`, then `from`), then the number on the event's
+    // application, then a party last seen on another application (it may have been moved).
     let mut parties = [None, None];
     for (party, n) in parties.iter_mut().zip([&payload.to, &payload.from]) {
         let Some(p) = telnyx_number(n)? else { continue };
@@ -124,13 +138,14 @@ fn candidates(
     }
     let on_app = |p: &&Arc<PhoneRecord>| p.connection_id.is_some() && p.connection_id.as_deref() == connection;
     let moved = |p: &&Arc<PhoneRecord>| p.connection_id.is_some() && connection.is_some() && !on_app(p);
-    let unsure = || parties.iter().flatten().filter(|p| !moved(p));
+    let all = || parties.iter().flatten();
+    let ranked = || all().filter(on_app).chain(all().filter(|p| !on_app(p) && !moved(p)));
     // The first candidate is looked up on the application only when no party is one.
     let on_connection = match after {
-        None if unsure().next().is_some() => None,
+        None if ranked().next().is_some() => None,
         _ => or_connection(None, store, connection)?,
     };
-    let mut found = unsure().chain(&on_connection).chain(parties.iter().flatten().filter(moved));
+    let mut found = ranked().chain(&on_connection).chain(all().filter(moved));
     Ok(match after {
         None => found.next().cloned(),
         Some(first) => found.find(|p| p.id != first.id).cloned(),
