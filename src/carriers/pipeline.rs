@@ -202,8 +202,10 @@ pub async fn handle<C: CarrierHooks>(
     let recorded = state.commit.record(prepared).await;
     // What the event tells of its Telnyx leg counts once the event is on disk: refused, its
     // retry must find the leg as it was.
-    if let (Some(news), Ok(Recorded::New { .. } | Recorded::Duplicate(_))) = (leg_news, &recorded) {
-        super::telnyx::note(news, &state.telnyx_legs, &phone, now_ms.div_euclid(1000));
+    if let (Some(hung_up), Some(call), Ok(Recorded::New { .. } | Recorded::Duplicate(_))) =
+        (leg_news, ev.call_id.as_deref(), &recorded)
+    {
+        super::telnyx::note(hung_up, call, &state.telnyx_legs, &phone, now_ms.div_euclid(1000));
     }
     match recorded {
         Ok(Recorded::New { id, parked: waits }) => {

@@ -18,7 +18,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use crate::domain::{OrgId, PhoneId};
@@ -60,6 +59,7 @@ impl Legs {
     }
 
     /// Notes that the leg is `phone`'s (of `org`), as an event that says its direction showed.
+    /// Nothing is allocated unless the leg is new and there is room for it.
     pub fn learn(&self, call_control_id: &str, phone: &PhoneId, org: &OrgId, now_secs: i64) {
         if self.learned.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.sweep(now_secs);
@@ -68,27 +68,39 @@ impl Legs {
             return;
         }
         let until = now_secs + KEEP_SECS;
-        // Counted before the entry is taken: its shard stays locked while the entry is held.
-        let full = self.legs.len() >= MOST;
-        match self.legs.entry(call_control_id.into()) {
-            Entry::Occupied(mut known) if known.get().phone == *phone => known.get_mut().until = until,
+        if let Some(mut known) = self.legs.get_mut(call_control_id) {
+            if known.phone == *phone {
+                known.until = until;
+                return;
+            }
+            drop(known);
             // Two numbers claim it: neither is believed.
-            Entry::Occupied(known) => {
-                let (_, leg) = known.remove_entry();
-                self.uncount(&leg.org);
+            self.unsettle(call_control_id);
+            return;
+        }
+        if self.legs.len() >= MOST {
+            return;
+        }
+        match self.per_org.get_mut(org) {
+            Some(held) if *held >= MOST_PER_ORG => return,
+            Some(mut held) => *held += 1,
+            None => {
+                self.per_org.insert(org.clone(), 1);
             }
-            Entry::Vacant(new) => {
-                if full {
-                    return;
-                }
-                let mut held = self.per_org.entry(org.clone()).or_insert(0);
-                if *held >= MOST_PER_ORG {
-                    return;
-                }
-                *held += 1;
-                drop(held);
-                new.insert(Leg { phone: phone.clone(), org: org.clone(), until });
+        }
+        let leg = Leg { phone: phone.clone(), org: org.clone(), until };
+        if let Some(before) = self.legs.insert(call_control_id.into(), leg) {
+            // Another event of the leg was learned meanwhile.
+            self.uncount(&before.org);
+            if before.phone != *phone {
+                self.unsettle(call_control_id);
             }
+        }
+    }
+
+    fn unsettle(&self, call_control_id: &str) {
+        if let Some((_, leg)) = self.legs.remove(call_control_id) {
+            self.uncount(&leg.org);
         }
     }
 
@@ -116,12 +128,10 @@ impl Legs {
     }
 
     fn uncount(&self, org: &OrgId) {
-        if let Entry::Occupied(mut held) = self.per_org.entry(org.clone()) {
-            *held.get_mut() -= 1;
-            if *held.get() == 0 {
-                held.remove();
-            }
+        if let Some(mut held) = self.per_org.get_mut(org) {
+            *held = held.saturating_sub(1);
         }
+        self.per_org.remove_if(org, |_, held| *held == 0);
     }
 
     pub fn len(&self) -> usize {

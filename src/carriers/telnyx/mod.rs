@@ -50,28 +50,21 @@ pub fn locate(
     Ok(candidates(payload, store, None))
 }
 
-/// What a recorded event tells of its leg, to be noted once it is recorded: the number it is
-/// for, if it says its direction, and that the leg is over, at its hang-up.
-pub struct LegNews {
-    call: String,
-    hung_up: bool,
-}
-
-/// The news of a verified event for `phone`, taken before the event is parsed (which takes its
-/// envelope).
-pub fn leg_news(req: &Inbound<'_>) -> Option<LegNews> {
+/// What a verified event tells of its leg, taken before the event is parsed (which takes its
+/// envelope), to be noted once it is recorded: `Some(false)`, the number it is for, as it says
+/// its direction; `Some(true)`, that the leg hung up.
+pub fn leg_news(req: &Inbound<'_>) -> Option<bool> {
     let envelope = req.envelope.as_ref()?;
-    let call = envelope.data.payload.call_control_id.as_deref()?;
     let hung_up = envelope.data.event_type.as_deref() == Some("call.hangup");
-    (hung_up || !directionless(&envelope.data.payload)).then(|| LegNews { call: call.to_owned(), hung_up })
+    (hung_up || !directionless(&envelope.data.payload)).then_some(hung_up)
 }
 
-/// Notes the news of an event now recorded for `phone`.
-pub fn note(news: LegNews, legs: &legs::Legs, phone: &PhoneRecord, now_secs: i64) {
-    if news.hung_up {
-        legs.hung_up(&news.call, &phone.id, now_secs);
+/// Notes the news of an event of leg `call` now recorded for `phone`.
+pub fn note(hung_up: bool, call: &str, legs: &legs::Legs, phone: &PhoneRecord, now_secs: i64) {
+    if hung_up {
+        legs.hung_up(call, &phone.id, now_secs);
     } else {
-        legs.learn(&news.call, &phone.id, &phone.org_id, now_secs);
+        legs.learn(call, &phone.id, &phone.org_id, now_secs);
     }
 }
 
