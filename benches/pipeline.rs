@@ -10,6 +10,7 @@ use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ipnet::IpNet;
 
+use callgate::carriers::exotel::Exotel;
 use callgate::carriers::plivo::{signature as plivo_sig, Plivo};
 use callgate::carriers::{params, pipeline, CarrierHooks, Hook, Inbound, Prepared, VerifyContext};
 use callgate::domain::{Carrier, EventId, OrgId, PhoneId, SecretId, E164};
@@ -165,8 +166,17 @@ fn unique(template: &EventRecord, expires: i64) -> PreparedEvent {
 fn bench_store(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(&dir.path().join("db"), Default::default()).unwrap();
-    let phone = phone();
-    store.phone_insert(&phone, None).unwrap().unwrap();
+    let mut phone = phone();
+    // A number is stored with its credential, sealed as the import seals it.
+    let vault = callgate::vault::Vault::new(callgate::vault::crypto::Keyring::from_key(
+        callgate::vault::crypto::generate_key(),
+    ));
+    let credential =
+        serde_json::json!({"auth_id": "MABENCH0000000000001", "auth_token": "MAtestAuthToken0123456789abcdefXYZ"});
+    let new = callgate::vault::validate("plivo", &credential).unwrap();
+    let sealed = vault.seal(&phone.org_id, &new, None, phone.created_at_ms);
+    phone.credential = sealed.id.clone();
+    store.phone_insert(&phone, Some(&sealed)).unwrap().unwrap();
     store.flush().unwrap();
     let template = event(&phone);
     let expires = template.received_at_ms + 86_400_000;
@@ -228,9 +238,36 @@ fn bench_path(c: &mut Criterion) {
     group.finish();
 }
 
+/// Exotel's check: the client address against an allow-list of six ranges (the request's in
+/// the last), then the number's webhook token from the query against its hash.
+fn bench_exotel(c: &mut Criterion) {
+    use sha2::{Digest, Sha256};
+    let token = "exotel-webhook-token-0123456789";
+    let mut phone = phone();
+    phone.provider = Carrier::Exotel;
+    phone.config.exotel_webhook_token_sha256 = Some(Sha256::digest(token.as_bytes()).into());
+    let allowed: Vec<IpNet> =
+        ["54.251.0.0/16", "13.228.0.0/15", "52.74.0.0/16", "18.139.0.0/16", "103.27.142.0/24", "203.0.113.0/24"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+    let ctx = VerifyContext { exotel_allowed: &allowed };
+    let headers = HeaderMap::new();
+    let query = format!("token={token}");
+    let url = format!("{PUBLIC_URL}/exotel/status/ph_x?{query}");
+    let mut inbound = status_callback(&headers, &url, STATUS_BODY.as_bytes());
+    inbound.query = &query;
+    inbound.client_ip = IpAddr::from([203, 0, 113, 9]);
+    let mut group = c.benchmark_group("verify");
+    group.bench_function("exotel_ip_and_token", |b| {
+        b.iter(|| Exotel::verify(black_box(&inbound), &Prepared::Exotel, &phone, &ctx).unwrap())
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_net, bench_form, bench_event, bench_store, bench_path
+    targets = bench_net, bench_form, bench_event, bench_store, bench_path, bench_exotel
 }
 criterion_main!(benches);
