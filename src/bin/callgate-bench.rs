@@ -220,6 +220,9 @@ struct Account {
 struct BenchPhone {
     id: String,
     number: String,
+    /// Telnyx only: the application its events carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    connection_id: Option<String>,
 }
 
 impl Account {
@@ -325,7 +328,11 @@ fn provision(data_dir: &Path, public_url: &str, numbers: usize) -> anyhow::Resul
                 }
                 Err(Conflict::CredentialChanged) => bail!("the credential just saved for {carrier} is gone"),
             }
-            phones.push(BenchPhone { id: phone.id.to_string(), number: phone.number.to_string() });
+            phones.push(BenchPhone {
+                id: phone.id.to_string(),
+                number: phone.number.to_string(),
+                connection_id: phone.connection_id.clone(),
+            });
         }
         accounts.insert(carrier, Account { secret_id: rec.id.to_string(), credential, signing_seed_hex: seed, phones });
     }
@@ -579,23 +586,28 @@ impl<'a> Signer<'a> {
         Ok(http_post(&self.host, &path, &headers, body.as_bytes()))
     }
 
-    /// A Call Control event (initiated, answered or hangup) for one of the Telnyx numbers.
+    /// A Call Control event for one of the Telnyx numbers, as a call's leg sends them: every
+    /// three make one incoming leg, `call.initiated` (which says its direction), then
+    /// `call.answered` and `call.hangup` (which do not), with one `call_control_id`.
     fn telnyx_event(&self, i: usize) -> anyhow::Result<Vec<u8>> {
-        let phone = pick(&self.p.telnyx.phones, i)?;
+        let leg = i / 3;
+        let phone = pick(&self.p.telnyx.phones, leg)?;
         let event_type = ["call.initiated", "call.answered", "call.hangup"][i % 3];
         let mut payload = json!({
-            "call_control_id": format!("v3:{}", random_text(54)),
+            "call_control_id": format!("v3:{:011}-{leg:010}-{}", self.salt, "x".repeat(30)),
             "call_leg_id": uuid4(),
             "call_session_id": uuid4(),
             "caller_id_name": "Jane Doe",
             "client_state": null,
-            "connection_id": "1494404757140276705",
-            "direction": "incoming",
-            "from": format!("+{}", caller_number(i)),
+            "connection_id": phone.connection_id.as_deref().unwrap_or("1494404757140276705"),
+            "from": format!("+{}", caller_number(leg)),
             "to": phone.number,
             "start_time": "2024-05-01T10:00:00.000000Z",
             "state": if event_type == "call.hangup" { "hangup" } else { "parked" },
         });
+        if event_type == "call.initiated" {
+            payload["direction"] = json!("incoming");
+        }
         if event_type == "call.hangup" {
             payload["hangup_cause"] = json!("normal_clearing");
             payload["hangup_source"] = json!("caller");
@@ -799,6 +811,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         (generate(&signer, args.scenario, args.requests as usize)?, false)
     };
     let generated_in = gen_started.elapsed();
+    // Telnyx timestamps were signed before the pool was made: the run must end inside their
+    // window counting the time that took, or its last requests would be refused as stale.
+    if args.scenario.uses_telnyx() && generated_in.as_secs() + args.warmup + args.duration > TELNYX_MAX_SECONDS {
+        bail!(
+            "{}: making the pool took {:.0} s, and with warmup + duration that passes {TELNYX_MAX_SECONDS} s \
+             (Telnyx timestamps are signed before the pool is made and expire after 300 s): lower --requests \
+             or --duration",
+            args.scenario.name(),
+            generated_in.as_secs_f64()
+        );
+    }
     let body_sizes = pool.iter().map(|r| body_len(r)).fold((usize::MAX, 0), |(lo, hi), n| (lo.min(n), hi.max(n)));
     let pool_len = pool.len();
     let shared = Arc::new(Shared {
@@ -936,6 +959,7 @@ async fn connection_loop(
         let started = Instant::now();
         let outcome = tokio::time::timeout(shared.timeout, exchange(&mut stream, req, &mut buf)).await;
         let done = Instant::now();
+        // Errors are counted over the same window as answers.
         let counted = started >= measure_from && done <= end;
         match outcome {
             Ok(Ok((status, keep_alive))) => {
@@ -946,23 +970,34 @@ async fn connection_loop(
                     if let Some(h) = stats.hist.as_mut() {
                         h.saturating_record(done.duration_since(started).as_micros().max(1) as u64);
                     }
+                    // An answer-URL request is answered with call instructions: a 200 without
+                    // them is no answer.
+                    if status == 200 && asks_answer(req) && find(&buf, b"<Response>").is_none() {
+                        *stats.errors.entry("no_answer").or_default() += 1;
+                    }
                 }
                 broken = !keep_alive;
             }
             Ok(Err(e)) => {
-                if done < end {
+                if counted {
                     *stats.errors.entry(e.kind()).or_default() += 1;
                 }
                 broken = true;
             }
             Err(_) => {
-                if done < end {
+                if counted {
                     *stats.errors.entry("timeout").or_default() += 1;
                 }
                 broken = true;
             }
         }
     }
+}
+
+/// Whether the request is to an answer URL (its request line names `/incoming/`).
+fn asks_answer(req: &[u8]) -> bool {
+    let line = find(req, b"\r\n").map_or(req, |end| &req[..end]);
+    find(line, b"/incoming/").is_some()
 }
 
 #[derive(Debug)]
