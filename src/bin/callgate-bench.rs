@@ -56,7 +56,8 @@ Load generator for callgate's carrier webhook path.
 
   run        Pre-generates unique, correctly signed requests for a scenario (unique Plivo/Vobiz
              nonces, Twilio idempotency tokens and CallSids, Telnyx event ids with a fresh
-             telnyx-timestamp, Exotel CallSids; 500-800-byte bodies shaped like the carriers'
+             telnyx-timestamp, Telnyx events in legs of call.initiated, call.answered and
+             call.hangup, Exotel CallSids; 500-800-byte bodies shaped like the carriers'
              callbacks), opens C keep-alive HTTP/1.1 connections, then fires closed loop for
              WARMUP + DURATION seconds and prints one JSON line: scenario, connections,
              duration, requests, requests_per_sec, latency_ms {p50,p90,p99,max} (responses
@@ -64,7 +65,9 @@ Load generator for callgate's carrier webhook path.
              signed for the provision file's public URL, so the server must run with
              CALLGATE_PUBLIC_URL set to it (and EXOTEL_ALLOWED_IPS=127.0.0.1 for Exotel).
              Only loopback targets are accepted. A run ends early, with \"exhausted\": true,
-             if the pool of unique requests (--requests) runs out.
+             if the pool of unique requests (--requests) runs out. An answer-URL request
+             answered 200 without call instructions counts as an error (no_answer). A Telnyx
+             run must end within 280 s of its signing, counting the time the pool takes.
 
   baseline   A bare actix-web 4 server that reads the body and answers 200: the reference
              point (use `run --scenario bare` against it).
