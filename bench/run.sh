@@ -96,6 +96,18 @@ start_callgate() {
     wait_for "http://127.0.0.1:$port/ready"
 }
 
+# The sum of a counter of callgate's /metrics text ($1) over its labels ($2: the name).
+counter() {
+    awk -v m="$2" 'index($0, m "{") == 1 || $1 == m { s += $NF } END { print s + 0 }' <<<"$1"
+}
+
+# callgate's webhook counters: replayed and rejected requests, summed over carriers.
+webhook_counts() {
+    local m
+    m=$(curl -fsS "http://127.0.0.1:$1/metrics" 2>/dev/null || true)
+    echo "$(counter "$m" callgate_webhooks_replayed_total) $(counter "$m" callgate_webhooks_rejected_total)"
+}
+
 # A stand-in for the carriers' REST APIs on the generator's core: 200 to every call.
 sink_port=$(free_port)
 bare_start "$CLIENT_CPU" "$sink_port" "$OUT/carrier-sink.log"
@@ -124,9 +136,14 @@ for run in $(seq 1 "$RUNS"); do
             # The server idles while the generator builds its pool, so the CPU delta is this
             # scenario's work (plus, without ISOLATE, background work the previous one left).
             before=$(cpu_ticks "$server")
+            read -r replayed0 rejected0 <<<"$(webhook_counts "$port")"
             fire "$scenario" "$port" "$data" --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
                 --requests "$REQUESTS" >"$OUT/run$run-$label.json"
             echo "$(($(cpu_ticks "$server") - before))" >"$OUT/run$run-$label.cpu"
+            # Every request is unique and signed: one the server took for a replay (a 200 for
+            # an event not recorded) or refused means the run measured something else.
+            read -r replayed1 rejected1 <<<"$(webhook_counts "$port")"
+            echo "$((replayed1 - replayed0)) $((rejected1 - rejected0))" >"$OUT/run$run-$label.webhooks"
             if [ -n "${ISOLATE:-}" ]; then
                 rss_of "$server" >"$OUT/run$run-rss-callgate-$label.txt"
                 forget "$server"
@@ -171,6 +188,9 @@ for path in sorted(glob.glob(os.path.join(out, "run*-*.json"))):
     # The label is the file's: a scenario, `bare`, or `<scenario>@down`.
     label = re.match(r"run\d+-(.+)\.json$", os.path.basename(path)).group(1)
     cpu = path[: -len(".json")] + ".cpu"
+    counts = path[: -len(".json")] + ".webhooks"
+    if os.path.exists(counts):
+        d["replayed"], d["rejected"] = (int(x) for x in open(counts).read().split())
     if os.path.exists(cpu) and d.get("completed_total"):
         # Server CPU per answered request, warm-up included: robust to a busy machine.
         d["cpu_ms_per_req"] = int(open(cpu).read()) * 1000 / clk_tck / d["completed_total"]
@@ -241,9 +261,14 @@ def target(label, scenario, p99_max, rate_of=None, of_what="", need=0.0):
     bad = sum(n for d in ds for code, n in d["status"].items() if not code.startswith("2"))
     errs = sum(d["errors"] for d in ds)
     ex = sum(1 for d in ds if d["exhausted"])
-    if bad or errs or ex:
+    replayed = sum(d.get("replayed", 0) for d in ds)
+    refused = sum(d.get("rejected", 0) for d in ds)
+    if bad or errs or ex or replayed or refused:
         parts = [p.replace(": met", ": (not judged)").replace(": missed", ": (not judged)") for p in parts]
-        parts.append(f"INVALID: {bad} non-2xx, {errs} errors, {ex} run(s) out of requests")
+        parts.append(
+            f"INVALID: {bad} non-2xx, {errs} errors, {ex} run(s) out of requests, "
+            f"{replayed} taken for replays and {refused} refused by the gateway"
+        )
     print(f"- {label}: " + "; ".join(parts))
 
 print()
