@@ -48,11 +48,8 @@ async fn unknown_in_payload(
     ip: std::net::IpAddr,
     inbound: &Inbound<'_>,
 ) -> HttpResponse {
-    // Whatever it says, the event is refused: its number has no key here. One without direction
-    // is checked twice, as one naming numbers here would be (its other party's key).
-    for _ in 0..if super::telnyx::two_sided(inbound) { 2 } else { 1 } {
-        let _ = settle(state, super::telnyx::decoy_check(inbound)).await;
-    }
+    // Whatever it says, the event is refused: its number has no key here.
+    decoy_checks(state, inbound, super::telnyx::refusal_checks(inbound)).await;
     unknown_noted(carrier, state, ip);
     refusal(Reject::InvalidSignature)
 }
@@ -76,11 +73,18 @@ async fn other_party<C: CarrierHooks>(
     match super::telnyx::other_party(inbound, state.store.as_ref(), first)? {
         Some(other) => Ok(verify::<C>(state, inbound, &other, ctx, now_ms).await.ok().map(|v| (other, v))),
         None => {
-            if super::telnyx::two_sided(inbound) {
-                let _ = settle(state, super::telnyx::decoy_check(inbound)).await;
-            }
+            // The first number's check was one of them.
+            decoy_checks(state, inbound, super::telnyx::refusal_checks(inbound) - 1).await;
             Ok(None)
         }
+    }
+}
+
+/// `n` checks against the decoy key, which refuses whatever they say: what a refused event
+/// costs whether or not its numbers are here.
+async fn decoy_checks(state: &AppState, inbound: &Inbound<'_>, n: usize) {
+    for _ in 0..n {
+        let _ = settle(state, super::telnyx::decoy_check(inbound)).await;
     }
 }
 

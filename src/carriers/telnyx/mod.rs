@@ -86,10 +86,15 @@ pub fn other_party(
     }
 }
 
-/// Whether the event names no direction: either party may be the number it is for, so its
-/// refusal checks two keys (the other party's, else the decoy's), whatever is imported here.
-pub fn two_sided(req: &Inbound<'_>) -> bool {
-    req.envelope.as_ref().is_some_and(|e| directionless(&e.data.payload))
+/// The signature checks the refusal of this event costs, whatever is imported here: two for
+/// one without direction (either party may be the number it is for: the other party's key,
+/// else the decoy's), else one.
+pub fn refusal_checks(req: &Inbound<'_>) -> usize {
+    if req.envelope.as_ref().is_some_and(|e| directionless(&e.data.payload)) {
+        2
+    } else {
+        1
+    }
 }
 
 fn directionless(payload: &envelope::Payload) -> bool {
