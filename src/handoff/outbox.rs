@@ -332,9 +332,16 @@ pub fn spawn(state: Weak<AppState>) {
     });
 }
 
-/// Where a number's events go: its own upstream, else the gateway's.
+/// Where a number's events go: its own upstream, else the gateway's. A deleted number's go
+/// where they were going when it was deleted. While what the number says cannot be read,
+/// nowhere yet: they wait, rather than go to the gateway's upstream, which may be another
+/// party's than the number's own.
 fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
-    let own = state.store.phone_resolve(phone).ok().flatten().and_then(|p| p.config.upstream_url.clone());
+    let own = match state.store.phone_resolve(phone) {
+        Ok(Some(p)) => p.config.upstream_url.clone(),
+        Ok(None) => state.store.departed_upstream(phone).ok()?,
+        Err(_) => return None,
+    };
     own.or_else(|| state.settings.handoff.upstream_url.clone())
 }
 

@@ -277,7 +277,11 @@ pub trait Store: Send + Sync + 'static {
         inline: Option<&SecretRecord>,
         change: &mut dyn FnMut(&mut PhoneRecord),
     ) -> Result<Modified, StoreError>;
+    /// Deletes the number. Its events stay, and so does the upstream of its own it had, if any,
+    /// for the events of it still to be delivered (or delivered again).
     fn phone_delete(&self, org: &OrgId, id: &PhoneId) -> Result<bool, StoreError>;
+    /// The upstream of its own a deleted number had when it was deleted.
+    fn departed_upstream(&self, id: &PhoneId) -> Result<Option<String>, StoreError>;
 
     /// The durable writer's whole batch in one durable write: new events (event, delivery
     /// record and replay marker in one record: no event without its delivery, no second event

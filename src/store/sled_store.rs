@@ -21,6 +21,7 @@ const AUDIT: &str = "audit";
 const PHONES: &str = "phones";
 const PHONE_NUMBERS: &str = "phone_numbers";
 const ORG_PHONES: &str = "org_phones";
+const DEPARTED: &str = "departed_upstreams";
 
 /// In sled's default tree once the data dir has an event journal.
 const JOURNAL_MADE: &[u8] = b"journal made";
@@ -72,6 +73,10 @@ pub struct SledStore {
     phones: Tree,
     phone_numbers: Tree,
     org_phones: Tree,
+    /// Deleted numbers' own upstreams, by number id: their events may still be waiting, or be
+    /// delivered again, and the gateway's upstream is not where they were going. A few dozen
+    /// bytes for each deleted number, whose events are kept anyway.
+    departed: Tree,
     phone_cache: PhoneCache,
     events: EventLog,
     /// Held by the writes that decide which credential a number verifies with (saving or
@@ -233,6 +238,7 @@ impl SledStore {
             phones: t(PHONES)?,
             phone_numbers: t(PHONE_NUMBERS)?,
             org_phones: t(ORG_PHONES)?,
+            departed: t(DEPARTED)?,
             phone_cache: PhoneCache::default(),
             events,
             credential_writes: std::sync::Mutex::default(),
@@ -763,11 +769,14 @@ impl Store for SledStore {
             None => false,
         };
         self.phone_cache.around(|| {
-            (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets)
-                .transaction(|(phones, numbers, org_phones, secrets)| {
+            (&self.phones, &self.phone_numbers, &self.org_phones, &self.secrets, &self.departed)
+                .transaction(|(phones, numbers, org_phones, secrets, departed)| {
                     phones.remove(phone.id.as_str())?;
                     numbers.remove(phone.number.as_str())?;
                     org_phones.remove(scoped(org, phone.id.as_ref()))?;
+                    if let Some(url) = &phone.config.upstream_url {
+                        departed.insert(phone.id.as_str(), url.as_bytes())?;
+                    }
                     // An inline credential belongs to its number alone: it goes with it.
                     if drop_current {
                         secrets.remove(phone.credential.as_str())?;
@@ -779,6 +788,15 @@ impl Store for SledStore {
                 })
                 .map_err(tx_err)
         })
+    }
+
+    fn departed_upstream(&self, id: &PhoneId) -> Result<Option<String>, StoreError> {
+        match self.departed.get(id.as_str())? {
+            None => Ok(None),
+            Some(raw) => String::from_utf8(raw.to_vec())
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt { tree: DEPARTED, detail: format!("{id}'s upstream is not UTF-8") }),
+        }
     }
 
     fn write_batch(

@@ -1147,6 +1147,53 @@ async fn deliveries_are_signed_with_both_secrets_during_rotation_and_carry_the_e
     assert_eq!(upstream.hits().len(), 1);
 }
 
+/// A deleted number's events still to be delivered go to the upstream of its own, as do its
+/// events delivered again, after a restart too: the gateway's upstream, where they used to
+/// go, may be another party's.
+#[tokio::test]
+async fn a_deleted_numbers_events_still_go_to_its_own_upstream() {
+    let upstream = FakeHttp::start(|_| Reply::status(200)).await;
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&up);
+    let own =
+        FakeHttp::start(move |_| Reply::status(if seen.load(std::sync::atomic::Ordering::SeqCst) { 204 } else { 503 }))
+            .await;
+    let app = upstream_app(&upstream, &[]).await;
+    let org = app.create_org("Acme").await;
+    let mut cfg = config(None, None);
+    cfg.upstream_url = Some(own.url("/own"));
+    let line = add_line(&app, &org, Carrier::Twilio, "+16282020071", cfg);
+    let plain = add_line(&app, &org, Carrier::Twilio, "+16282020072", config(None, None));
+    let id = record_status(&app, &org, &line, "CA01", "completed", 1).await;
+    let d = wait_attempts(&app, &org, &id, 1).await;
+    assert_eq!((d["state"].as_str(), d["attempts"][0]["status_code"].as_u64()), (Some("failed"), Some(503)));
+    let plain_id = record_status(&app, &org, &plain, "CA02", "completed", 1).await;
+    wait_state(&app, &org, &plain_id, "delivered").await;
+
+    for l in [&line, &plain] {
+        let res = app.delete(&org, &format!("/phone-numbers/{}", l.phone_id)).send().await.unwrap();
+        assert_eq!(res.status(), 204);
+    }
+    let app = app.restart().await;
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Past the first retry's 5 s and its jitter.
+    app.clock.set_ms(app.clock.now_ms() + 6_000);
+    let d = wait_state(&app, &org, &id, "delivered").await;
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(d["attempts"][1]["status_code"], 204);
+
+    for ev in [&id, &plain_id] {
+        let res = app.post(&org, &format!("/events/{ev}/redeliver")).send().await.unwrap();
+        assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
+    }
+    let hits = wait_hits(&own, "the redelivery", |h| h.len() >= 3).await;
+    assert_eq!(hits.iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id.as_str(); 3]);
+    // The number that had no upstream of its own: the gateway's, as before it was deleted.
+    let hits = wait_hits(&upstream, "the other redelivery", |h| h.len() >= 2).await;
+    assert_eq!(hits.iter().map(Hit::webhook_id).collect::<Vec<_>>(), [plain_id.as_str(); 2]);
+    assert_eq!(own.hits().len(), 3);
+}
+
 /// Events that belong to no call are each a call of their own: one whose upstream fails holds
 /// back no other, of its org or another.
 #[tokio::test]
