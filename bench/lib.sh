@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the bench scripts (sourced, not run): where things run, and how a gateway under
 # test is provisioned, started, awaited and stopped, so every script measures the same server.
 #
@@ -49,6 +50,7 @@ gateway_start() {
         CALLGATE_LOG=warn \
         "$@" \
         "$CALLGATE" serve >>"$log" 2>&1 &
+    # shellcheck disable=SC2034 # read by the scripts that source this one
     server=$!
 }
 

@@ -3,7 +3,8 @@
 #
 # Per run: fresh data dir, `callgate-bench provision`, callgate pinned to one core, every
 # scenario fired from the other core, the server's RSS recorded, then the baseline server on
-# the same core with the `bare` scenario. Prints medians over the runs.
+# the same core with the `bare` scenario. Prints medians over the runs, and warns of a scenario
+# whose generator kept its own core busy (then the rate may be the generator's).
 #
 #   bench/run.sh                      # 3 runs x (6 scenarios + bare), 10 s each after 2 s warm-up
 #   DURATION=5 WARMUP=1 RUNS=1 bench/run.sh
@@ -13,9 +14,11 @@
 # UPSTREAM (unset: no hand-off upstream; e.g. http://127.0.0.1:9 for "upstream down")
 # VERIFY (1: after each run, criterion's one-verify Ed25519 time on the server's core, for the
 # Telnyx target; 0: skip) SERVER_CPU (0) CLIENT_CPU (1) OUT (bench/results/<timestamp>) KEEP_DATA (unset: data dirs removed)
-# ISOLATE (unset: one server and data dir per run, scenarios in order, so later scenarios meet a
-# bigger store and the outbox backlog of earlier ones; set: a fresh data dir and server per
-# scenario, RSS then recorded per scenario). UPDOWN (unset; set: ISOLATE, and every scenario of
+# ISOLATE (unset: one server and data dir per run, so a scenario meets the store and the outbox
+# backlog the ones before it left; the order turns by one scenario a run, run 1 as SCENARIOS
+# gives it, run 2 from its second, and so on, so that no scenario always comes last; set: a fresh
+# data dir and server per scenario, RSS then recorded per scenario; the order turns the same way).
+# Each run's order is in OUT/env.txt. UPDOWN (unset; set: ISOLATE, and every scenario of
 # every run is run twice in a row, once as above and once with its hand-off upstream down,
 # DOWN_URL (http://127.0.0.1:9, a closed port); the order alternates from run to run, and the
 # table gives each down row's rate as a fraction of the normal run beside it).
@@ -114,10 +117,16 @@ bare_start "$CLIENT_CPU" "$sink_port" "$OUT/carrier-sink.log"
 PIDS+=("$bare")
 SINK="http://127.0.0.1:$sink_port"
 
+read -ra scenario_list <<<"$SCENARIOS"
 for run in $(seq 1 "$RUNS"); do
     echo "== run $run/$RUNS" >&2
+    # Run N starts from the Nth scenario (wrapping): a scenario that always came late would
+    # always meet the biggest store and the most backlog.
+    turn=$((${#scenario_list[@]} ? (run - 1) % ${#scenario_list[@]} : 0))
+    order=("${scenario_list[@]:turn}" "${scenario_list[@]:0:turn}")
+    echo "run $run order: ${order[*]}" >>"$OUT/env.txt"
     [ -n "${ISOLATE:-}" ] || start_callgate "run$run"
-    for scenario in $SCENARIOS; do
+    for scenario in "${order[@]}"; do
         # With UPDOWN, each scenario twice: "normal" (UPSTREAM as given, unset by default) and
         # "down"; odd runs start with the normal one.
         modes=normal
@@ -178,8 +187,8 @@ for run in $(seq 1 "$RUNS"); do
 done
 echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/env.txt"
 
-python3 - "$OUT" "$(getconf CLK_TCK)" $SCENARIOS <<'EOF' | tee "$OUT/summary.md"
-import glob, json, os, re, statistics, sys
+python3 - "$OUT" "$(getconf CLK_TCK)" "${scenario_list[@]}" <<'EOF' | tee "$OUT/summary.md"
+import glob, json, math, os, re, statistics, sys
 
 out, clk_tck, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 rows = {}
@@ -221,9 +230,18 @@ def faults(ds):
     bad = sum(n for d in ds for code, n in d["status"].items() if not code.startswith("2"))
     return bad, sum(d["errors"] for d in ds), sum(1 for d in ds if d["exhausted"])
 updown = any(s.endswith("@down") for s in rows)
-print("| scenario | runs | req/s (median) | p50 ms | p99 ms | vs baseline | server CPU ms/req | non-2xx | errors | exhausted |"
+# The generator's CPU over the measured window per wall second, all its threads; absent from
+# results older than the field, and where the generator could not read /proc.
+def gen_share(ds):
+    return med([d["client_cpu_share"] for d in ds if "client_cpu_share" in d])
+
+# The generator has its core to itself: busy for 95 % of the window, it is near the end of it,
+# and the rate may be the generator's.
+GEN_SATURATED = 0.95
+print("| scenario | runs | req/s (median) | p50 ms | p99 ms | vs baseline | server CPU ms/req | gen cpu | non-2xx | errors | exhausted |"
       + (" down / normal |" if updown else ""))
-print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if updown else ""))
+print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if updown else ""))
+saturated = []
 order = [x for s in scenarios for x in (s, s + "@down") if x in rows]
 order += sorted(s for s in rows if s not in order and s != "bare")
 order += ["bare"] if "bare" in rows else []
@@ -235,8 +253,12 @@ for s in order:
     bad, errs, ex = faults(ds)
     ratio = of_bare(ds)
     cpu = med([d["cpu_ms_per_req"] for d in ds if "cpu_ms_per_req" in d])
+    gen = gen_share(ds)
     name = s[: -len("@down")] + " (upstream down)" if s.endswith("@down") else s
-    line = f"| {name} | {len(ds)} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {ratio:.3f} | {cpu:.3f} | {bad} | {errs} | {ex} |"
+    if gen >= GEN_SATURATED:
+        saturated.append((name, gen))
+    gen_cell = "-" if math.isnan(gen) else f"{gen:.2f}"
+    line = f"| {name} | {len(ds)} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {ratio:.3f} | {cpu:.3f} | {gen_cell} | {bad} | {errs} | {ex} |"
     if updown:
         up = rows.get(s[: -len("@down")]) if s.endswith("@down") else None
         # Each down run against the normal run beside it (same run number), then the median.
@@ -244,6 +266,10 @@ for s in order:
         line += f" {med(pairs):.3f} |" if pairs else " |"
     print(line)
 print()
+for name, gen in saturated:
+    print(f"- WARNING: {name}: the generator's core was saturated (median share {gen:.2f}): the rate may be the generator's")
+if saturated:
+    print()
 cg, cg_hwm = rss("callgate")
 bl, bl_hwm = rss("baseline")
 print(f"RSS after the runs (median): callgate {cg:.1f} MiB (peak {cg_hwm:.1f}), baseline {bl:.1f} MiB (peak {bl_hwm:.1f})")

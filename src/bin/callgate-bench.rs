@@ -61,9 +61,11 @@ Load generator for callgate's carrier webhook path.
              callbacks), opens C keep-alive HTTP/1.1 connections, then fires closed loop for
              WARMUP + DURATION seconds and prints one JSON line: scenario, connections,
              duration, requests, requests_per_sec, latency_ms {p50,p90,p99,max} (responses
-             completed inside the measured window), status counts and errors. The requests are
-             signed for the provision file's public URL, so the server must run with
-             CALLGATE_PUBLIC_URL set to it (and EXOTEL_ALLOWED_IPS=127.0.0.1 for Exotel).
+             completed inside the measured window), status counts, errors, and the generator's
+             own CPU time over the measured window, client_cpu_ms and client_cpu_share (of the
+             window's wall time; left out where /proc cannot tell). The requests are signed for
+             the provision file's public URL, so the server must run with CALLGATE_PUBLIC_URL
+             set to it (and EXOTEL_ALLOWED_IPS=127.0.0.1 for Exotel).
              Only loopback targets are accepted. A run ends early, with \"exhausted\": true,
              if the pool of unique requests (--requests) runs out. An answer-URL request
              answered 200 without call instructions counts as an error (no_answer). A Telnyx
@@ -840,7 +842,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads as usize).enable_all().build()?
     };
-    let (stats, exhausted_at) =
+    let (stats, exhausted_at, cpu) =
         rt.block_on(fire(Arc::clone(&shared), args.connections as usize, args.warmup, args.duration))?;
 
     // A run that ran out of unique requests measured only until then.
@@ -851,7 +853,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let hist = stats.hist.as_ref().context("histogram")?;
     let ms = |v: u64| v as f64 / 1000.0;
     let q = |x: f64| ms(hist.value_at_quantile(x));
-    let out = json!({
+    let mut out = json!({
         "scenario": args.scenario.name(),
         "target": args.target,
         "connections": args.connections,
@@ -873,6 +875,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "body_bytes": {"min": body_sizes.0, "max": body_sizes.1},
         "generated_secs": (generated_in.as_secs_f64() * 100.0).round() / 100.0,
     });
+    // Unknown is left out rather than reported as 0, which would read as an idle generator.
+    if let Some(c) = cpu.filter(|c| !c.wall.is_zero()) {
+        out["client_cpu_ms"] = json!((c.cpu.as_secs_f64() * 10_000.0).round() / 10.0);
+        out["client_cpu_share"] = json!((c.cpu.as_secs_f64() / c.wall.as_secs_f64() * 1000.0).round() / 1000.0);
+    }
     println!("{out}");
     if exhausted_at.is_some() {
         eprintln!("callgate-bench: the pool of {pool_len} unique requests ran out; raise --requests");
@@ -888,14 +895,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Opens every connection, then drives them closed loop. Returns the merged stats and, if the
-/// pool ran out inside the measured window, how far into it that happened.
+/// Opens every connection, then drives them closed loop. Returns the merged stats, how far into
+/// the measured window the pool ran out if it did, and the generator's own CPU time over that
+/// window if it can be read.
 async fn fire(
     shared: Arc<Shared>,
     connections: usize,
     warmup: u64,
     duration: u64,
-) -> anyhow::Result<(Stats, Option<Duration>)> {
+) -> anyhow::Result<(Stats, Option<Duration>, Option<CpuUse>)> {
     let mut streams = Vec::with_capacity(connections);
     for _ in 0..connections {
         streams.push(connect(shared.addr).await.with_context(|| format!("connecting to {}", shared.addr))?);
@@ -903,6 +911,11 @@ async fn fire(
     let t0 = Instant::now();
     let measure_from = t0 + Duration::from_secs(warmup);
     let end = measure_from + Duration::from_secs(duration);
+    // Spawned before the connections' tasks, so that with no warm-up it reads as they start.
+    let cpu_start = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        CpuReading::now()
+    });
     let tasks: Vec<_> =
         streams.into_iter().map(|s| tokio::spawn(connection_loop(Arc::clone(&shared), s, measure_from, end))).collect();
     let mut stats = Stats::new()?;
@@ -916,7 +929,15 @@ async fn fire(
         }
     }
     let exhausted_at = exhausted.map(|at| at.saturating_duration_since(measure_from));
-    Ok((stats, exhausted_at))
+    // The window's CPU ends with the last connection's last answer: at the window's end, or where
+    // the pool ran out. A pool that ran out in the warm-up left no window to read.
+    let cpu = if Instant::now() >= measure_from {
+        cpu_start.await?.and_then(CpuReading::since)
+    } else {
+        cpu_start.abort();
+        None
+    };
+    Ok((stats, exhausted_at, cpu))
 }
 
 async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -1107,6 +1128,100 @@ fn parse_head(head: &[u8]) -> Result<Head, ExchangeError> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// the generator's own CPU time
+//
+// The generator has a core of its own; if it is busy all the time on it, the rate a run reports
+// is the generator's, not the server's. Read from /proc, as the crate makes no libc calls.
+
+/// Where the CPU time was read from. Both ends of a window are read from the same one: they
+/// count at different resolutions and from different sets of threads.
+#[derive(Clone, Copy, Debug)]
+enum CpuSource {
+    /// `/proc/self/task/*/schedstat`: nanoseconds on a CPU, thread by thread.
+    Schedstat,
+    /// `/proc/self/stat`: user and system clock ticks of the whole process.
+    Stat,
+}
+
+/// The CPU time the whole process, all threads, user and system, had used at one moment.
+#[derive(Clone, Copy, Debug)]
+struct CpuReading {
+    source: CpuSource,
+    cpu: Duration,
+    at: Instant,
+}
+
+/// CPU time used over a window, and the window's wall time.
+#[derive(Clone, Copy, Debug)]
+struct CpuUse {
+    cpu: Duration,
+    wall: Duration,
+}
+
+impl CpuReading {
+    /// Schedstat where the kernel keeps it (nanoseconds), else stat (10 ms ticks), else none.
+    fn now() -> Option<Self> {
+        [CpuSource::Schedstat, CpuSource::Stat].into_iter().find_map(Self::read)
+    }
+
+    fn read(source: CpuSource) -> Option<Self> {
+        let cpu = match source {
+            CpuSource::Schedstat => schedstat_cpu()?,
+            CpuSource::Stat => stat_cpu()?,
+        };
+        Some(Self { source, cpu, at: Instant::now() })
+    }
+
+    /// The CPU used from this reading until now, read the same way.
+    fn since(self) -> Option<CpuUse> {
+        let end = Self::read(self.source)?;
+        Some(CpuUse { cpu: end.cpu.saturating_sub(self.cpu), wall: end.at.saturating_duration_since(self.at) })
+    }
+}
+
+/// The sum of every live thread's time on a CPU. A thread that ends takes its count with it, so
+/// a window counts only the threads alive at its end; that loses nothing here, as the threads
+/// that fire (the main thread with one runtime thread, the runtime's workers otherwise) start
+/// before the window and outlive it, and firing starts no others (no blocking pool: no file or
+/// DNS work).
+fn schedstat_cpu() -> Option<Duration> {
+    let mut total = 0u64;
+    let mut read_any = false;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        // A thread that ended since the listing has no file left.
+        let Ok(text) = std::fs::read_to_string(task.ok()?.path().join("schedstat")) else { continue };
+        total += parse_schedstat(&text)?;
+        read_any = true;
+    }
+    read_any.then(|| Duration::from_nanos(total))
+}
+
+/// The kernel reports stat's times in USER_HZ ticks, 100 a second on the architectures this
+/// runs on; sysconf(_SC_CLK_TCK) would confirm it, but is a libc call.
+const USER_HZ: u64 = 100;
+
+/// The whole process's user and system time, ended threads included, to a tick.
+fn stat_cpu() -> Option<Duration> {
+    let ticks = parse_stat_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    Some(Duration::from_millis(ticks * 1000 / USER_HZ))
+}
+
+/// The first field of a schedstat line: nanoseconds the thread has run on a CPU.
+fn parse_schedstat(line: &str) -> Option<u64> {
+    line.split_ascii_whitespace().next()?.parse().ok()
+}
+
+/// utime + stime, fields 14 and 15 of a `/proc/PID/stat` line. Field 2, the command name in
+/// parentheses, may itself hold spaces and parentheses, so fields are counted from the last ')':
+/// the first after it is field 3.
+fn parse_stat_ticks(line: &str) -> Option<u64> {
+    let mut fields = line[line.rfind(')')? + 1..].split_ascii_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+// ---------------------------------------------------------------------------------------------
 // baseline
 
 fn baseline(listen: SocketAddr) -> anyhow::Result<()> {
@@ -1127,4 +1242,43 @@ fn baseline(listen: SocketAddr) -> anyhow::Result<()> {
         .await
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedstat_gives_the_time_on_cpu() {
+        assert_eq!(parse_schedstat("558412671 757312 84\n"), Some(558_412_671));
+        assert_eq!(parse_schedstat("0 0 1"), Some(0));
+        assert_eq!(parse_schedstat(""), None);
+        assert_eq!(parse_schedstat("n/a 0 1"), None);
+    }
+
+    #[test]
+    fn stat_counts_fields_from_the_last_parenthesis() {
+        // utime 53 and stime 2 are fields 14 and 15; the name's own ") S 1 2 3" must not shift them.
+        let line = "1234 (my (weird) ) S 1 2 3 name) S 11204 11204 10594 0 -1 4194304 100 0 0 0 53 2 0 0 20 0 1 0 \
+                    724978 3133440 405 18446744073709551615 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+        assert_eq!(parse_stat_ticks(line), Some(55));
+        assert_eq!(parse_stat_ticks("1234 (my (weird) name) S 1 1 1 0 -1 0 0 0 0 0 7 5"), Some(12));
+        // Cut short before stime, or no name at all: unreadable, not zero.
+        assert_eq!(parse_stat_ticks("1234 (cat) R 1 1 1 0 -1 0 0 0 0 0 7"), None);
+        assert_eq!(parse_stat_ticks("1234 cat R 1 1 1 0 -1 0 0 0 0 0 7 5"), None);
+    }
+
+    #[test]
+    fn the_process_cpu_time_can_be_read_and_grows() {
+        let start = CpuReading::now().expect("/proc/self is readable on Linux");
+        let mut x = 0u64;
+        while start.at.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = start.since().expect("the same source reads again");
+        assert!(used.cpu > Duration::ZERO, "{used:?}");
+        assert!(used.wall >= Duration::from_millis(50), "{used:?}");
+        // The fallback, for kernels without schedstat.
+        assert!(CpuReading::read(CpuSource::Stat).is_some());
+    }
 }
