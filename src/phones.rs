@@ -11,8 +11,10 @@ use crate::carriers::rest::{ListedNumber, ProviderError, Release, WebhookTargets
 use crate::clock::rfc3339;
 use crate::domain::{Carrier, OrgId, PhoneCredential, PhoneId, SecretId, E164};
 use crate::error::ApiError;
+use crate::net::outbound::Reach;
 use crate::net::strict_json::{self, Strict};
 use crate::paging;
+use crate::settings::Settings;
 use crate::startup::{get_or_head, resource};
 use crate::state::AppState;
 use crate::store::{Conflict, Modified, PhoneConfig, PhoneRecord, PreviousCredential, SecretRecord};
@@ -232,14 +234,25 @@ fn url_field(v: &Value, name: &str, schemes: &[&str]) -> Result<Option<String>, 
 }
 
 /// A URL the gateway itself will call with the number's events: an organization may not aim
-/// it at addresses no service of its own can have (`net::outbound`), where the gateway's own
-/// network position is all the request would gain. A host name is checked when resolved.
-fn fetched_url_field(v: &Value, name: &str) -> Result<Option<String>, ApiError> {
+/// it at addresses no service of its own can have (`net::outbound`), nor into the networks the
+/// operator denies organizations (`CALLGATE_ORG_URL_DENY`), where the gateway's own network
+/// position is all the request would gain. The operator's own URL for the same purpose
+/// (`operators`) is taken as it is. A host name is checked when resolved.
+fn fetched_url_field(
+    v: &Value,
+    name: &str,
+    operators: Option<&str>,
+    reach: &Reach,
+) -> Result<Option<String>, ApiError> {
     let url = url_field(v, name, &["https", "http"])?;
-    if url.as_deref().is_some_and(|u| !crate::net::outbound::allowed_url(u)) {
+    let Some(u) = url.as_deref().filter(|u| Some(*u) != operators) else { return Ok(url) };
+    if !crate::net::outbound::allowed_url(u) {
         return Err(invalid(format!(
             "config.{name}: must not be a link-local, unspecified, broadcast or metadata address"
         )));
+    }
+    if !reach.allows_url(u) {
+        return Err(invalid(format!("config.{name}: must not be an address of the networks this gateway runs in")));
     }
     Ok(url)
 }
@@ -258,13 +271,22 @@ const TOKEN_SHAPE: &str =
 
 /// Applies a `config` object onto `cfg`; keys set to null are cleared. Returns a label found
 /// inside it, since the issue allows `config.label` as well as top-level `label`.
-fn apply_config(cfg: &mut PhoneConfig, given: &Map<String, Value>) -> Result<Option<Option<String>>, ApiError> {
+fn apply_config(
+    cfg: &mut PhoneConfig,
+    given: &Map<String, Value>,
+    settings: &Settings,
+) -> Result<Option<Option<String>>, ApiError> {
+    let (h, reach) = (&settings.handoff, &settings.org_reach);
     let mut label_out = None;
     for (k, v) in given {
         match k.as_str() {
             "stream_url" => cfg.stream_url = url_field(v, "stream_url", &["wss", "ws"])?,
-            "assistant_url" => cfg.assistant_url = fetched_url_field(v, "assistant_url")?,
-            "upstream_url" => cfg.upstream_url = fetched_url_field(v, "upstream_url")?,
+            "assistant_url" => {
+                cfg.assistant_url = fetched_url_field(v, "assistant_url", h.assistant_url.as_deref(), reach)?
+            }
+            "upstream_url" => {
+                cfg.upstream_url = fetched_url_field(v, "upstream_url", h.upstream_url.as_deref(), reach)?
+            }
             "exotel_webhook_token" => {
                 cfg.exotel_webhook_token_sha256 = match v {
                     Value::Null => None,
@@ -346,7 +368,7 @@ async fn import(
     let mut config = PhoneConfig::default();
     let mut lbl = label(body.label.as_deref())?;
     if let Some(c) = &body.config {
-        if let Some(l) = apply_config(&mut config, c)? {
+        if let Some(l) = apply_config(&mut config, c, &state.settings)? {
             lbl = lbl.or(l);
         }
     }
@@ -583,7 +605,7 @@ async fn patch(
             p.label = label(l.as_deref())?;
         }
         if let Some(c) = &body.config {
-            if let Some(l) = apply_config(&mut p.config, c)? {
+            if let Some(l) = apply_config(&mut p.config, c, &state.settings)? {
                 p.label = l;
             }
         }

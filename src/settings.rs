@@ -62,6 +62,7 @@ struct Raw {
     admin_token: Option<String>,
     trusted_proxies: Vec<String>,
     exotel_allowed_ips: Option<Vec<String>>,
+    org_url_deny: Vec<String>,
     log: String,
     body_limit_bytes: usize,
     byok_rate_limit_per_minute: u32,
@@ -111,6 +112,8 @@ pub struct Settings {
     pub admin_token: Option<Secret>,
     pub trusted_proxies: Vec<IpNet>,
     pub exotel_allowed_ips: Vec<IpNet>,
+    /// Where a number's own upstream and assistant URLs may not lead (`CALLGATE_ORG_URL_DENY`).
+    pub org_reach: crate::net::outbound::Reach,
     pub log: String,
     pub body_limit_bytes: usize,
     pub byok_rate_limit_per_minute: u32,
@@ -322,6 +325,9 @@ impl Settings {
         }
         if let Some(v) = env.var("EXOTEL_ALLOWED_IPS") {
             raw.exotel_allowed_ips = Some(split_list(&v));
+        }
+        if let Some(v) = env.var("CALLGATE_ORG_URL_DENY") {
+            raw.org_url_deny = split_list(&v);
         }
         if let Some(v) = env.var("CALLGATE_LOG") {
             raw.log = v;
@@ -542,6 +548,7 @@ impl Settings {
             admin_token,
             trusted_proxies: cidr_list("CALLGATE_TRUSTED_PROXIES", &raw.trusted_proxies)?,
             exotel_allowed_ips,
+            org_reach: crate::net::outbound::Reach::denying(cidr_list("CALLGATE_ORG_URL_DENY", &raw.org_url_deny)?),
             log: raw.log,
             body_limit_bytes: raw.body_limit_bytes,
             byok_rate_limit_per_minute: raw.byok_rate_limit_per_minute,
@@ -596,12 +603,16 @@ mod tests {
             &env(&[
                 ("CALLGATE_TRUSTED_PROXIES", "10.0.0.0/8, 2001:db8::/32"),
                 ("EXOTEL_ALLOWED_IPS", "203.0.113.7,198.51.100.0/24,::1"),
+                ("CALLGATE_ORG_URL_DENY", "10.0.0.0/8, 127.0.0.1"),
                 ("CALLGATE_PUBLIC_URL", "https://voice.example.com/"),
             ]),
         )
         .unwrap();
         assert_eq!(s.trusted_proxies.len(), 2);
         assert_eq!(s.exotel_allowed_ips.len(), 3);
+        let nets = ["10.0.0.0/8", "127.0.0.1/32"].map(|n| n.parse().unwrap());
+        assert_eq!(s.org_reach, crate::net::outbound::Reach::denying(nets.to_vec()));
+        assert!(Settings::load(None, &env(&[])).unwrap().org_reach.is_open());
         assert_eq!(s.public_url, "https://voice.example.com");
     }
 
@@ -610,6 +621,7 @@ mod tests {
         let cases = [
             ("CALLGATE_TRUSTED_PROXIES", "10.0.0.0/33"),
             ("EXOTEL_ALLOWED_IPS", "not-an-ip"),
+            ("CALLGATE_ORG_URL_DENY", "10.0.0.0/8,intranet"),
             ("CALLGATE_MASTER_KEY", "AAAA"),
             ("CALLGATE_LISTEN", "nowhere"),
             ("CALLGATE_PUBLIC_URL", "ftp://x"),

@@ -98,11 +98,15 @@ impl Application {
         let signer =
             crate::handoff::signing::Signer::new(&upstream_secret, settings.handoff.upstream_previous_secret.as_ref())
                 .ok_or_else(|| anyhow::anyhow!("the upstream signing secret is not whsec_ + base64"))?;
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(crate::net::outbound::AllowedOnly))
-            .user_agent(concat!("callgate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let client = |reach: crate::net::outbound::Reach| {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .dns_resolver(Arc::new(crate::net::outbound::AllowedOnly(reach)))
+                .user_agent(concat!("callgate/", env!("CARGO_PKG_VERSION")))
+                .build()
+        };
+        let http = client(crate::net::outbound::Reach::OPERATOR)?;
+        let org_http = if settings.org_reach.is_open() { http.clone() } else { client(settings.org_reach.clone())? };
         let state = web::Data::new(AppState {
             provider_api: ProviderApi::new(settings.carrier_urls.clone(), settings.provider_timeout)?,
             byok_limiter: RateLimiter::per_minute(settings.byok_rate_limit_per_minute),
@@ -117,6 +121,7 @@ impl Application {
             clock,
             metrics: Default::default(),
             http,
+            org_http,
             signer,
         });
         spawn_maintenance(state.clone());

@@ -79,13 +79,13 @@ async fn decide(state: &AppState, phone: &PhoneRecord, ev: &EventRecord) -> Deci
 
 async fn ask(state: &AppState, url: &str, ev: &EventRecord, deadline: Duration) -> Result<Decision, String> {
     // A URL stored before its address was refused is not called either.
-    if !crate::net::outbound::allowed_url(url) {
+    let (client, reach) = state.reach(url, state.settings.handoff.assistant_url.as_deref());
+    if !reach.allows_url(url) {
         return Err("address_not_allowed".into());
     }
     let body = serde_json::to_vec(&event_json(ev, None)).map_err(|e| e.to_string())?;
     let ts = state.clock.now_secs();
-    let req = state
-        .http
+    let req = client
         .post(url)
         .timeout(deadline)
         .header("content-type", "application/json")

@@ -658,9 +658,9 @@ async fn deliver(state: &AppState, mut d: DeliveryRecord, url: &str) -> (Option<
     let ts = state.clock.now_secs();
     let started = Instant::now();
     // A URL stored before its address was refused is not called either.
-    let result = if crate::net::outbound::allowed_url(url) {
-        let req = state
-            .http
+    let (client, reach) = state.reach(url, state.settings.handoff.upstream_url.as_deref());
+    let result = if reach.allows_url(url) {
+        let req = client
             .post(url)
             .timeout(state.settings.handoff.delivery_timeout)
             .header("content-type", "application/json")

@@ -2,10 +2,13 @@
 //! of their numbers by URL, and those requests leave from the gateway's network position: not
 //! to link-local addresses (cloud metadata services answer there) and the few metadata
 //! addresses outside that range, unspecified or broadcast ones, nor to any of these written as
-//! IPv6. A literal address is refused when the URL is set; a host name is checked each time
-//! it is resolved, since it can resolve to anything.
+//! IPv6; nor, for the organizations' URLs, to the ranges the operator denies them. A literal
+//! address is refused when the URL is set; a host name is checked each time it is resolved,
+//! since it can resolve to anything.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::IpNet;
 
 /// AWS's instance metadata service over IPv6, which is not link-local.
 const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
@@ -84,24 +87,72 @@ pub async fn body_within(mut res: reqwest::Response, most: usize) -> reqwest::Re
 /// Whether the gateway may call `url`: false for a literal address it may not use (a URL
 /// stored before that address was refused). Host names are checked when resolved.
 pub fn allowed_url(url: &str) -> bool {
-    let ip = match url::Url::parse(url).ok().and_then(|u| u.host().map(|h| h.to_owned())) {
-        Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
-        Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
-        _ => return true,
-    };
-    !forbidden(ip)
+    Reach::OPERATOR.allows_url(url)
 }
 
-/// Resolves host names for the hand-off's client, leaving out the addresses it may not use;
-/// a name with none left fails to resolve.
-pub struct AllowedOnly;
+/// The literal address a URL names, if it names one rather than a host name.
+fn literal_ip(url: &str) -> Option<IpAddr> {
+    match url::Url::parse(url).ok()?.host()? {
+        url::Host::Ipv4(v4) => Some(IpAddr::V4(v4)),
+        url::Host::Ipv6(v6) => Some(IpAddr::V6(v6)),
+        url::Host::Domain(_) => None,
+    }
+}
+
+/// Where a URL may lead: never to a [`forbidden`] address, nor into `deny`. An organization's
+/// own URLs (a number's upstream and assistant) are held to the operator's
+/// `CALLGATE_ORG_URL_DENY`: the networks the gateway sits in (its platform's internal
+/// services), which the gateway can reach and its tenants should not reach through it. The
+/// operator's own URLs are held to nothing more than `forbidden`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reach {
+    deny: Vec<IpNet>,
+}
+
+impl Reach {
+    /// The operator's own URLs.
+    pub const OPERATOR: Reach = Reach { deny: Vec::new() };
+
+    pub fn denying(deny: Vec<IpNet>) -> Self {
+        Self { deny }
+    }
+
+    /// Whether nothing beyond `forbidden` is refused.
+    pub fn is_open(&self) -> bool {
+        self.deny.is_empty()
+    }
+
+    /// Whether a request may not go to `ip`. An IPv6 address that leads to an IPv4 one is
+    /// refused if that one is.
+    pub fn refuses(&self, ip: IpAddr) -> bool {
+        let v4 = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        forbidden(ip) || self.deny.iter().any(|n| n.contains(&ip) || v4.is_some_and(|v4| n.contains(&v4)))
+    }
+
+    /// Whether `url` may be called: false for a literal address it refuses. Host names are
+    /// checked when resolved (`AllowedOnly`).
+    pub fn allows_url(&self, url: &str) -> bool {
+        literal_ip(url).is_none_or(|ip| !self.refuses(ip))
+    }
+}
+
+/// The operator's own URLs' reach, to lend out by reference.
+pub static OPERATOR: Reach = Reach::OPERATOR;
+
+/// Resolves host names for a client of the hand-off, leaving out the addresses its reach
+/// refuses; a name with none left fails to resolve.
+pub struct AllowedOnly(pub Reach);
 
 impl reqwest::dns::Resolve for AllowedOnly {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
+        let reach = self.0.clone();
         Box::pin(async move {
             let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.filter(|a| !forbidden(a.ip())).collect();
+                tokio::net::lookup_host((host.as_str(), 0)).await?.filter(|a| !reach.refuses(a.ip())).collect();
             if addrs.is_empty() {
                 return Err(format!("{host} resolves to no address the gateway may call").into());
             }
@@ -183,7 +234,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_that_resolves_only_to_forbidden_addresses_does_not_resolve() {
-        let resolve = |n: &str| AllowedOnly.resolve(Name::from_str(n).unwrap());
+        let resolve = |n: &str| AllowedOnly(Reach::OPERATOR).resolve(Name::from_str(n).unwrap());
         // Numeric names go through the system resolver as any name does.
         for bad in ["169.254.169.254", "0"] {
             let err = resolve(bad).await.err().unwrap_or_else(|| panic!("{bad} resolved"));
@@ -191,5 +242,42 @@ mod tests {
         }
         let ok: Vec<SocketAddr> = resolve("127.0.0.1").await.unwrap().collect();
         assert_eq!(ok, ["127.0.0.1:0".parse::<SocketAddr>().unwrap()]);
+    }
+    fn internal() -> Reach {
+        let nets = ["10.0.0.0/8", "127.0.0.0/8", "::1/128", "fc00::/7"];
+        Reach::denying(nets.iter().map(|n| n.parse().unwrap()).collect())
+    }
+
+    #[test]
+    fn an_organizations_urls_may_not_reach_the_ranges_the_operator_denies() {
+        let reach = internal();
+        for bad in [
+            "http://10.1.2.3/hook",
+            "http://127.0.0.1:9/hook",
+            "http://[::1]/",
+            "http://[fd12::1]/",
+            // The same addresses written as IPv6 that leads to IPv4.
+            "http://[::ffff:10.1.2.3]/",
+            "http://[64:ff9b::7f00:1]/",
+            // And what nobody may reach, as before.
+            "http://169.254.169.254/latest",
+        ] {
+            assert!(!reach.allows_url(bad), "{bad}");
+        }
+        for fine in ["http://11.0.0.1/hook", "https://agent.example.com/hook", "http://[2001:db8::1]/"] {
+            assert!(reach.allows_url(fine), "{fine}");
+        }
+        // The operator's own URLs: only what nobody may reach.
+        assert!(Reach::OPERATOR.allows_url("http://10.1.2.3/hook"));
+        assert!(Reach::OPERATOR.is_open() && !reach.is_open());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_only_into_denied_ranges_does_not_resolve_for_an_organization() {
+        let err = AllowedOnly(internal()).resolve(Name::from_str("localhost").unwrap()).await.err().expect("refused");
+        assert!(err.to_string().contains("no address the gateway may call"), "{err}");
+        let ok: Vec<SocketAddr> =
+            AllowedOnly(Reach::OPERATOR).resolve(Name::from_str("localhost").unwrap()).await.unwrap().collect();
+        assert!(ok.iter().any(|a| a.ip().is_loopback()), "{ok:?}");
     }
 }

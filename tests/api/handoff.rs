@@ -1692,6 +1692,59 @@ async fn a_stored_url_naming_a_refused_address_is_not_called() {
     assert!(upstream.hits().is_empty());
 }
 
+/// With `CALLGATE_ORG_URL_DENY`, a number's own upstream and assistant may not lead into the
+/// networks it names: set through the API they are refused, in any spelling; stored before,
+/// or behind a name that resolves there, they are not called. The operator's own upstream, in
+/// the same network, still gets its events, and a number may name it.
+#[tokio::test]
+async fn an_organizations_urls_may_not_lead_into_the_networks_the_operator_denies() {
+    let upstream = FakeHttp::start(|_| Reply::status(200)).await;
+    let own = FakeHttp::start(|_| Reply::status(204)).await;
+    let app = upstream_app(&upstream, &[("CALLGATE_ORG_URL_DENY", "127.0.0.0/8,::1/128")]).await;
+    let org = app.create_org("Acme").await;
+    let plain = add_line(&app, &org, Carrier::Twilio, "+16282020081", config(None, None));
+    let mapped = own.url("/own").replace("127.0.0.1", "[::ffff:127.0.0.1]");
+    for (field, url) in
+        [("upstream_url", own.url("/own")), ("upstream_url", mapped), ("assistant_url", own.url("/decide"))]
+    {
+        let body = json!({"config": {field: url}});
+        let res = app.patch(&org, &format!("/phone-numbers/{}", plain.phone_id)).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 422, "{url}");
+        let err: Value = res.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "invalid_field");
+        assert_eq!(
+            err["error"]["message"],
+            format!("config.{field}: must not be an address of the networks this gateway runs in")
+        );
+    }
+    assert_eq!(set_upstream(&app, &org, &plain, Some(&upstream.url("/hook"))).await.status(), 200);
+    assert_eq!(set_upstream(&app, &org, &plain, None).await.status(), 200);
+
+    let mut cfg = config(Some(STATIC_STREAM), Some(&own.url("/decide")));
+    cfg.upstream_url = Some(own.url("/own"));
+    let stored = add_line(&app, &org, Carrier::Twilio, "+16282020082", cfg);
+    let res = incoming_request(&app.client, &app.base, &stored, "CASTORED").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let id = events_of(&app, &org, &stored).await[0]["id"].as_str().unwrap().to_owned();
+    let ev = event(&app, &org, &id).await;
+    assert_eq!((&ev["answer"]["source"], &ev["answer"]["reason"]), (&json!("fallback"), &json!("address_not_allowed")));
+    let d = wait_state(&app, &org, &id, "failed").await;
+    assert_eq!(d["attempts"][0]["error"], "address not allowed", "{d}");
+
+    let mut cfg = config(None, None);
+    cfg.upstream_url = Some(own.url("/named").replace("127.0.0.1", "localhost"));
+    let named = add_line(&app, &org, Carrier::Twilio, "+16282020083", cfg);
+    let id = record_status(&app, &org, &named, "CANAMED", "completed", 1).await;
+    let d = wait_state(&app, &org, &id, "failed").await;
+    assert_eq!(d["attempts"][0]["status_code"], Value::Null, "{d}");
+    assert_eq!(d["attempts"][0]["error"], "connection failed", "{d}");
+
+    let id = record_status(&app, &org, &plain, "CAPLAIN", "completed", 1).await;
+    wait_state(&app, &org, &id, "delivered").await;
+    assert_eq!(upstream.hits_to("/hook").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id]);
+    assert!(own.hits().is_empty());
+}
+
 /// An upstream that answers 429 or 503 with `Retry-After` is not tried again before then
 /// (within the longest backoff step); one without it, or with a date, gets the backoff.
 #[tokio::test]
