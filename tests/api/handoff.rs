@@ -972,6 +972,17 @@ async fn upstream_app(upstream: &FakeHttp, extra: &[(&str, &str)]) -> TestApp {
     spawn_with(pinned(extra).env("CALLGATE_UPSTREAM_URL", upstream.url("/hook"))).await
 }
 
+/// An upstream that answers 503 until the flag is set, then `status`.
+async fn down_until_up(status: u16) -> (FakeHttp, Arc<std::sync::atomic::AtomicBool>) {
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&up);
+    let fake = FakeHttp::start(move |_| {
+        Reply::status(if seen.load(std::sync::atomic::Ordering::SeqCst) { status } else { 503 })
+    })
+    .await;
+    (fake, up)
+}
+
 /// Sets the number's own upstream (`None`: takes it away) through the API.
 async fn set_upstream(app: &TestApp, org: &Org, line: &Line, url: Option<&str>) -> reqwest::Response {
     let body = json!({"config": {"upstream_url": url}});
@@ -1153,11 +1164,7 @@ async fn deliveries_are_signed_with_both_secrets_during_rotation_and_carry_the_e
 #[tokio::test]
 async fn a_deleted_numbers_events_still_go_to_its_own_upstream() {
     let upstream = FakeHttp::start(|_| Reply::status(200)).await;
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let seen = Arc::clone(&up);
-    let own =
-        FakeHttp::start(move |_| Reply::status(if seen.load(std::sync::atomic::Ordering::SeqCst) { 204 } else { 503 }))
-            .await;
+    let (own, up) = down_until_up(204).await;
     let app = upstream_app(&upstream, &[]).await;
     let org = app.create_org("Acme").await;
     let mut cfg = config(None, None);
@@ -2943,11 +2950,7 @@ async fn a_nonce_repeated_on_another_number_is_not_taken_for_a_replay() {
 #[tokio::test]
 async fn events_queued_for_retries_leave_room_for_another_upstreams_parked_events() {
     let refusing = FakeHttp::start(|_| Reply::status(422)).await;
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let seen = Arc::clone(&up);
-    let recovering =
-        FakeHttp::start(move |_| Reply::status(if seen.load(std::sync::atomic::Ordering::SeqCst) { 200 } else { 503 }))
-            .await;
+    let (recovering, up) = down_until_up(200).await;
     let app = upstream_app(&recovering, &[]).await;
     let (tenant, other) = (app.create_org("Refused").await, app.create_org("Recovering").await);
     let mut cfg = config(None, None);
