@@ -338,11 +338,20 @@ pub fn spawn(state: Weak<AppState>) {
 /// party's than the number's own.
 fn upstream_of(state: &AppState, phone: &PhoneId) -> Option<String> {
     let own = match state.store.phone_resolve(phone) {
-        Ok(Some(p)) => p.config.upstream_url.clone(),
-        Ok(None) => state.store.departed_upstream(phone).ok()?,
-        Err(_) => return None,
+        Ok(Some(p)) => Ok(p.config.upstream_url.clone()),
+        Ok(None) => state.store.departed_upstream(phone),
+        Err(e) => Err(e),
     };
-    own.or_else(|| state.settings.handoff.upstream_url.clone())
+    match own {
+        Ok(own) => own.or_else(|| state.settings.handoff.upstream_url.clone()),
+        Err(e) => {
+            static UNREADABLE: crate::telemetry::OncePerSecond = crate::telemetry::OncePerSecond::new();
+            if UNREADABLE.due() {
+                tracing::error!(%phone, error = %e, "reading where a number's events go failed; they wait");
+            }
+            None
+        }
+    }
 }
 
 /// Puts parked events back on the queue while it has room: as many as an upstream whose

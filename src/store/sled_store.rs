@@ -775,7 +775,7 @@ impl Store for SledStore {
                     numbers.remove(phone.number.as_str())?;
                     org_phones.remove(scoped(org, phone.id.as_ref()))?;
                     if let Some(url) = &phone.config.upstream_url {
-                        departed.insert(phone.id.as_str(), url.as_bytes())?;
+                        departed.insert(phone.id.as_str(), super::encode(url))?;
                     }
                     // An inline credential belongs to its number alone: it goes with it.
                     if drop_current {
@@ -791,12 +791,7 @@ impl Store for SledStore {
     }
 
     fn departed_upstream(&self, id: &PhoneId) -> Result<Option<String>, StoreError> {
-        match self.departed.get(id.as_str())? {
-            None => Ok(None),
-            Some(raw) => String::from_utf8(raw.to_vec())
-                .map(Some)
-                .map_err(|_| StoreError::Corrupt { tree: DEPARTED, detail: format!("{id}'s upstream is not UTF-8") }),
-        }
+        Self::get(&self.departed, DEPARTED, id.as_ref())
     }
 
     fn write_batch(
@@ -900,6 +895,12 @@ impl Store for SledStore {
             let (number, id) = item?;
             if self.phones.get(&id)?.is_none() {
                 problems.push(format!("number {} points to a missing phone", String::from_utf8_lossy(&number)));
+            }
+        }
+        for item in self.departed.iter() {
+            let (id, raw) = item?;
+            if dec::<String>(DEPARTED, &raw).is_err() {
+                problems.push(format!("deleted number {}'s upstream does not read back", String::from_utf8_lossy(&id)));
             }
         }
         problems.extend(self.events.verify()?);

@@ -1158,14 +1158,14 @@ async fn deliveries_are_signed_with_both_secrets_during_rotation_and_carry_the_e
     assert_eq!(upstream.hits().len(), 1);
 }
 
-/// A deleted number's events still to be delivered go to the upstream of its own, as do its
-/// events delivered again, after a restart too: the gateway's upstream, where they used to
-/// go, may be another party's.
+/// A deleted number's events still to be delivered go to the upstream of its own, whether
+/// they wait for a retry or wait parked, as do its events delivered again, after a restart
+/// too: the gateway's upstream, where they used to go, may be another party's.
 #[tokio::test]
 async fn a_deleted_numbers_events_still_go_to_its_own_upstream() {
     let upstream = FakeHttp::start(|_| Reply::status(200)).await;
     let (own, up) = down_until_up(204).await;
-    let app = upstream_app(&upstream, &[]).await;
+    let app = upstream_app(&upstream, &[("CALLGATE_DELIVERY_BREAKER_AFTER", "1")]).await;
     let org = app.create_org("Acme").await;
     let mut cfg = config(None, None);
     cfg.upstream_url = Some(own.url("/own"));
@@ -1174,6 +1174,12 @@ async fn a_deleted_numbers_events_still_go_to_its_own_upstream() {
     let id = record_status(&app, &org, &line, "CA01", "completed", 1).await;
     let d = wait_attempts(&app, &org, &id, 1).await;
     assert_eq!((d["state"].as_str(), d["attempts"][0]["status_code"].as_u64()), (Some("failed"), Some(503)));
+    // Its upstream is held after that failure (the breaker hears of it just after the outcome
+    // is recorded): the next event waits parked, untried.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let parked = record_status(&app, &org, &line, "CA03", "completed", 1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(event(&app, &org, &parked).await["delivery"]["attempts"], json!([]));
     let plain_id = record_status(&app, &org, &plain, "CA02", "completed", 1).await;
     wait_state(&app, &org, &plain_id, "delivered").await;
 
@@ -1188,17 +1194,23 @@ async fn a_deleted_numbers_events_still_go_to_its_own_upstream() {
     let d = wait_state(&app, &org, &id, "delivered").await;
     assert_eq!(d["attempts"].as_array().unwrap().len(), 2);
     assert_eq!(d["attempts"][1]["status_code"], 204);
+    let d = wait_state(&app, &org, &parked, "delivered").await;
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 1);
 
     for ev in [&id, &plain_id] {
         let res = app.post(&org, &format!("/events/{ev}/redeliver")).send().await.unwrap();
         assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
     }
-    let hits = wait_hits(&own, "the redelivery", |h| h.len() >= 3).await;
-    assert_eq!(hits.iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id.as_str(); 3]);
+    let hits = wait_hits(&own, "the redelivery", |h| h.len() >= 4).await;
+    let mut ids: Vec<String> = hits.iter().map(Hit::webhook_id).collect();
+    ids.sort();
+    let mut want = vec![id.clone(), id.clone(), id.clone(), parked.clone()];
+    want.sort();
+    assert_eq!(ids, want);
     // The number that had no upstream of its own: the gateway's, as before it was deleted.
     let hits = wait_hits(&upstream, "the other redelivery", |h| h.len() >= 2).await;
     assert_eq!(hits.iter().map(Hit::webhook_id).collect::<Vec<_>>(), [plain_id.as_str(); 2]);
-    assert_eq!(own.hits().len(), 3);
+    assert_eq!(own.hits().len(), 4);
 }
 
 /// Events that belong to no call are each a call of their own: one whose upstream fails holds
