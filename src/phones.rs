@@ -245,7 +245,9 @@ fn fetched_url_field(
     reach: &Reach,
 ) -> Result<Option<String>, ApiError> {
     let url = url_field(v, name, &["https", "http"])?;
-    let Some(u) = url.as_deref().filter(|u| Some(*u) != operators) else { return Ok(url) };
+    let Some(u) = url.as_deref().filter(|u| !operators.is_some_and(|o| crate::net::outbound::same_url(o, u))) else {
+        return Ok(url);
+    };
     if !crate::net::outbound::allowed_url(u) {
         return Err(invalid(format!(
             "config.{name}: must not be a link-local, unspecified, broadcast or metadata address"

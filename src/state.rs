@@ -39,7 +39,7 @@ impl AppState {
     /// is an organization's, held to `CALLGATE_ORG_URL_DENY` as well. A number whose URL is the
     /// operator's gains nothing by naming it.
     pub fn reach(&self, url: &str, operators: Option<&str>) -> (&reqwest::Client, &crate::net::outbound::Reach) {
-        if operators == Some(url) {
+        if operators.is_some_and(|o| crate::net::outbound::same_url(o, url)) {
             (&self.http, &crate::net::outbound::OPERATOR)
         } else {
             (&self.org_http, &self.settings.org_reach)

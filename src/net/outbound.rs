@@ -90,6 +90,13 @@ pub fn allowed_url(url: &str) -> bool {
     Reach::OPERATOR.allows_url(url)
 }
 
+/// Whether two URLs are one as the URL parser reads them (the case of scheme and host, a
+/// default port, an empty path): a number naming the operator's own URL in another spelling
+/// names that URL.
+pub fn same_url(a: &str, b: &str) -> bool {
+    a == b || matches!((url::Url::parse(a), url::Url::parse(b)), (Ok(x), Ok(y)) if x == y)
+}
+
 /// The literal address a URL names, if it names one rather than a host name.
 fn literal_ip(url: &str) -> Option<IpAddr> {
     match url::Url::parse(url).ok()?.host()? {
@@ -113,7 +120,19 @@ impl Reach {
     /// The operator's own URLs.
     pub const OPERATOR: Reach = Reach { deny: Vec::new() };
 
+    /// An entry written as IPv4-mapped IPv6 (`::ffff:10.0.0.0/104`) is taken as the IPv4 range
+    /// it maps: addresses are matched in their IPv4 form, so as written it would match nothing.
     pub fn denying(deny: Vec<IpNet>) -> Self {
+        let deny = deny
+            .into_iter()
+            .map(|net| match net {
+                IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+                    Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+                    None => net,
+                },
+                other => other,
+            })
+            .collect();
         Self { deny }
     }
 
@@ -143,13 +162,47 @@ impl Reach {
 pub static OPERATOR: Reach = Reach::OPERATOR;
 
 /// Resolves host names for a client of the hand-off, leaving out the addresses its reach
-/// refuses; a name with none left fails to resolve.
-pub struct AllowedOnly(pub Reach);
+/// refuses; a name with none left fails to resolve. The client reaches its egress proxy through
+/// the same resolver, and the proxy is the operator's, in the operator's network: its names
+/// are held only to what nobody may reach, or a deny list naming that network would cut every
+/// organization's URL off.
+pub struct AllowedOnly {
+    reach: Reach,
+    proxies: Vec<String>,
+}
+
+impl AllowedOnly {
+    pub fn new(reach: Reach, proxies: Vec<String>) -> Self {
+        Self { reach, proxies }
+    }
+}
+
+/// The host names of the egress proxies reqwest takes from the environment (`var`), as the
+/// resolver is asked for them: lowercase, without a trailing dot.
+pub fn proxy_hosts(var: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+        .into_iter()
+        .filter_map(|name| var(name).filter(|v| !v.trim().is_empty()))
+        .filter_map(|v| {
+            let v = v.trim();
+            // reqwest takes `host:port` as an http proxy.
+            let url = if v.contains("://") { url::Url::parse(v) } else { url::Url::parse(&format!("http://{v}")) };
+            match url.ok()?.host()? {
+                // A scheme the URL parser does not know (socks5) leaves an address as text.
+                url::Host::Domain(d) if d.parse::<IpAddr>().is_err() => {
+                    Some(d.trim_end_matches('.').to_ascii_lowercase())
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
 
 impl reqwest::dns::Resolve for AllowedOnly {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
-        let reach = self.0.clone();
+        let asked = host.trim_end_matches('.').to_ascii_lowercase();
+        let reach = if self.proxies.contains(&asked) { Reach::OPERATOR } else { self.reach.clone() };
         Box::pin(async move {
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.filter(|a| !reach.refuses(a.ip())).collect();
@@ -234,7 +287,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_that_resolves_only_to_forbidden_addresses_does_not_resolve() {
-        let resolve = |n: &str| AllowedOnly(Reach::OPERATOR).resolve(Name::from_str(n).unwrap());
+        let resolve = |n: &str| AllowedOnly::new(Reach::OPERATOR, vec![]).resolve(Name::from_str(n).unwrap());
         // Numeric names go through the system resolver as any name does.
         for bad in ["169.254.169.254", "0"] {
             let err = resolve(bad).await.err().unwrap_or_else(|| panic!("{bad} resolved"));
@@ -256,9 +309,18 @@ mod tests {
             "http://127.0.0.1:9/hook",
             "http://[::1]/",
             "http://[fd12::1]/",
-            // The same addresses written as IPv6 that leads to IPv4.
+            // The same addresses written otherwise: as the URL parser reads them, and as IPv6
+            // that leads to IPv4.
+            "http://2130706433/",
+            "http://0177.0.0.1/",
+            "http://127.1/",
+            "http://127.0.0.1./",
+            "http://ok@127.0.0.1:8080/",
             "http://[::ffff:10.1.2.3]/",
             "http://[64:ff9b::7f00:1]/",
+            "http://[::127.0.0.1]/",
+            "http://[2002:7f00:1::]/",
+            "http://[64:ff9b:1:7f00:0:100::]/",
             // And what nobody may reach, as before.
             "http://169.254.169.254/latest",
         ] {
@@ -274,10 +336,45 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_that_resolves_only_into_denied_ranges_does_not_resolve_for_an_organization() {
-        let err = AllowedOnly(internal()).resolve(Name::from_str("localhost").unwrap()).await.err().expect("refused");
+        let localhost = || Name::from_str("localhost").unwrap();
+        let err = AllowedOnly::new(internal(), vec![]).resolve(localhost()).await.err().expect("refused");
         assert!(err.to_string().contains("no address the gateway may call"), "{err}");
         let ok: Vec<SocketAddr> =
-            AllowedOnly(Reach::OPERATOR).resolve(Name::from_str("localhost").unwrap()).await.unwrap().collect();
+            AllowedOnly::new(Reach::OPERATOR, vec![]).resolve(localhost()).await.unwrap().collect();
         assert!(ok.iter().any(|a| a.ip().is_loopback()), "{ok:?}");
+        // The egress proxy, in the denied network, is still reached.
+        let proxied = AllowedOnly::new(internal(), vec!["localhost".into()]);
+        let ok: Vec<SocketAddr> = proxied.resolve(localhost()).await.unwrap().collect();
+        assert!(ok.iter().any(|a| a.ip().is_loopback()), "{ok:?}");
+        let err = proxied.resolve(Name::from_str("127.0.0.1").unwrap()).await.err().expect("not the proxy");
+        assert!(err.to_string().contains("no address the gateway may call"), "{err}");
+    }
+
+    #[test]
+    fn the_egress_proxies_names_are_read_as_reqwest_reads_them() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        let hosts = proxy_hosts(env(&[("HTTPS_PROXY", "http://Egress.Internal.:3128"), ("http_proxy", "squid:3128")]));
+        assert_eq!(hosts, ["egress.internal", "squid"]);
+        // Literal addresses are not resolved, and nothing set is nothing.
+        assert!(proxy_hosts(env(&[("ALL_PROXY", "socks5://10.0.0.9:1080"), ("HTTP_PROXY", " ")])).is_empty());
+    }
+
+    #[test]
+    fn the_same_url_in_another_spelling_is_the_same() {
+        assert!(same_url("http://10.0.0.5:8080/hook", "HTTP://10.0.0.5:8080/hook"));
+        assert!(same_url("http://Up.Example:80", "http://up.example/"));
+        assert!(!same_url("http://up.example/hook", "http://up.example/hook2"));
+        assert!(!same_url("http://up.example/hook", "https://up.example/hook"));
+        assert!(!same_url("not a url", "http://up.example/"));
+    }
+
+    #[test]
+    fn a_denied_range_written_as_mapped_ipv6_is_its_ipv4_range() {
+        let reach = Reach::denying(vec!["::ffff:10.0.0.0/104".parse().unwrap(), "fd00::/8".parse().unwrap()]);
+        assert_eq!(reach, Reach::denying(vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]));
+        assert!(!reach.allows_url("http://10.1.2.3/") && !reach.allows_url("http://[::ffff:10.1.2.3]/"));
+        assert!(reach.allows_url("http://11.1.2.3/"));
     }
 }

@@ -1736,7 +1736,11 @@ async fn an_organizations_urls_may_not_lead_into_the_networks_the_operator_denie
             format!("config.{field}: must not be an address of the networks this gateway runs in")
         );
     }
-    assert_eq!(set_upstream(&app, &org, &plain, Some(&upstream.url("/hook"))).await.status(), 200);
+    // The operator's own upstream, even spelled otherwise, is the operator's: taken, and called.
+    let operators = upstream.url("/hook").replace("http://", "HTTP://");
+    assert_eq!(set_upstream(&app, &org, &plain, Some(&operators)).await.status(), 200);
+    let via_operator = record_status(&app, &org, &plain, "CAOPERATOR", "completed", 1).await;
+    wait_state(&app, &org, &via_operator, "delivered").await;
     assert_eq!(set_upstream(&app, &org, &plain, None).await.status(), 200);
 
     let mut cfg = config(Some(STATIC_STREAM), Some(&own.url("/decide")));
@@ -1758,9 +1762,9 @@ async fn an_organizations_urls_may_not_lead_into_the_networks_the_operator_denie
     assert_eq!(d["attempts"][0]["status_code"], Value::Null, "{d}");
     assert_eq!(d["attempts"][0]["error"], "connection failed", "{d}");
 
-    let id = record_status(&app, &org, &plain, "CAPLAIN", "completed", 1).await;
-    wait_state(&app, &org, &id, "delivered").await;
-    assert_eq!(upstream.hits_to("/hook").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [id]);
+    let second = record_status(&app, &org, &plain, "CAPLAIN", "completed", 1).await;
+    wait_state(&app, &org, &second, "delivered").await;
+    assert_eq!(upstream.hits_to("/hook").iter().map(Hit::webhook_id).collect::<Vec<_>>(), [via_operator, second]);
     assert!(own.hits().is_empty());
 }
 
