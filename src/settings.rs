@@ -63,6 +63,9 @@ struct Raw {
     trusted_proxies: Vec<String>,
     exotel_allowed_ips: Option<Vec<String>>,
     org_url_deny: Vec<String>,
+    /// Not a setting: the egress proxies' names, from the same environment reqwest reads.
+    #[serde(skip)]
+    proxies: Vec<String>,
     log: String,
     body_limit_bytes: usize,
     byok_rate_limit_per_minute: u32,
@@ -329,6 +332,7 @@ impl Settings {
         if let Some(v) = env.var("CALLGATE_ORG_URL_DENY") {
             raw.org_url_deny = split_list(&v);
         }
+        raw.proxies = crate::net::outbound::proxy_hosts(|name| env.var(name));
         if let Some(v) = env.var("CALLGATE_LOG") {
             raw.log = v;
         }
@@ -548,7 +552,10 @@ impl Settings {
             admin_token,
             trusted_proxies: cidr_list("CALLGATE_TRUSTED_PROXIES", &raw.trusted_proxies)?,
             exotel_allowed_ips,
-            org_reach: crate::net::outbound::Reach::denying(cidr_list("CALLGATE_ORG_URL_DENY", &raw.org_url_deny)?),
+            org_reach: crate::net::outbound::Reach::denying(
+                cidr_list("CALLGATE_ORG_URL_DENY", &raw.org_url_deny)?,
+                raw.proxies,
+            ),
             log: raw.log,
             body_limit_bytes: raw.body_limit_bytes,
             byok_rate_limit_per_minute: raw.byok_rate_limit_per_minute,
@@ -611,7 +618,7 @@ mod tests {
         assert_eq!(s.trusted_proxies.len(), 2);
         assert_eq!(s.exotel_allowed_ips.len(), 3);
         let nets = ["10.0.0.0/8", "127.0.0.1/32"].map(|n| n.parse().unwrap());
-        assert_eq!(s.org_reach, crate::net::outbound::Reach::denying(nets.to_vec()));
+        assert_eq!(s.org_reach, crate::net::outbound::Reach::denying(nets.to_vec(), vec![]));
         assert!(Settings::load(None, &env(&[])).unwrap().org_reach.is_open());
         assert_eq!(s.public_url, "https://voice.example.com");
     }

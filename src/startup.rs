@@ -98,11 +98,10 @@ impl Application {
         let signer =
             crate::handoff::signing::Signer::new(&upstream_secret, settings.handoff.upstream_previous_secret.as_ref())
                 .ok_or_else(|| anyhow::anyhow!("the upstream signing secret is not whsec_ + base64"))?;
-        let proxies = crate::net::outbound::proxy_hosts(|name| std::env::var(name).ok());
         let client = |reach: crate::net::outbound::Reach| {
             reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
-                .dns_resolver(Arc::new(crate::net::outbound::AllowedOnly::new(reach, proxies.clone())))
+                .dns_resolver(Arc::new(crate::net::outbound::AllowedOnly(reach)))
                 .user_agent(concat!("callgate/", env!("CARGO_PKG_VERSION")))
                 .build()
         };

@@ -97,32 +97,28 @@ pub fn same_url(a: &str, b: &str) -> bool {
     a == b || matches!((url::Url::parse(a), url::Url::parse(b)), (Ok(x), Ok(y)) if x == y)
 }
 
-/// The literal address a URL names, if it names one rather than a host name.
-fn literal_ip(url: &str) -> Option<IpAddr> {
-    match url::Url::parse(url).ok()?.host()? {
-        url::Host::Ipv4(v4) => Some(IpAddr::V4(v4)),
-        url::Host::Ipv6(v6) => Some(IpAddr::V6(v6)),
-        url::Host::Domain(_) => None,
-    }
-}
-
 /// Where a URL may lead: never to a [`forbidden`] address, nor into `deny`. An organization's
 /// own URLs (a number's upstream and assistant) are held to the operator's
 /// `CALLGATE_ORG_URL_DENY`: the networks the gateway sits in (its platform's internal
 /// services), which the gateway can reach and its tenants should not reach through it. The
 /// operator's own URLs are held to nothing more than `forbidden`.
+///
+/// The egress proxies (`proxies`, by name) are in those networks, and the client reaches them
+/// through the same resolver, so their names resolve whatever `deny` says; an organization's
+/// URL may then not name them itself, which would reach the proxy's host directly.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Reach {
     deny: Vec<IpNet>,
+    proxies: Vec<String>,
 }
 
 impl Reach {
     /// The operator's own URLs.
-    pub const OPERATOR: Reach = Reach { deny: Vec::new() };
+    pub const OPERATOR: Reach = Reach { deny: Vec::new(), proxies: Vec::new() };
 
     /// An entry written as IPv4-mapped IPv6 (`::ffff:10.0.0.0/104`) is taken as the IPv4 range
     /// it maps: addresses are matched in their IPv4 form, so as written it would match nothing.
-    pub fn denying(deny: Vec<IpNet>) -> Self {
+    pub fn denying(deny: Vec<IpNet>, proxies: Vec<String>) -> Self {
         let deny = deny
             .into_iter()
             .map(|net| match net {
@@ -133,7 +129,7 @@ impl Reach {
                 other => other,
             })
             .collect();
-        Self { deny }
+        Self { deny, proxies }
     }
 
     /// Whether nothing beyond `forbidden` is refused.
@@ -151,10 +147,20 @@ impl Reach {
         forbidden(ip) || self.deny.iter().any(|n| n.contains(&ip) || v4.is_some_and(|v4| n.contains(&v4)))
     }
 
-    /// Whether `url` may be called: false for a literal address it refuses. Host names are
-    /// checked when resolved (`AllowedOnly`).
+    /// Whether `url` may be called: false for a literal address it refuses, or a proxy's name
+    /// while anything is denied. Other host names are checked when resolved (`AllowedOnly`).
     pub fn allows_url(&self, url: &str) -> bool {
-        literal_ip(url).is_none_or(|ip| !self.refuses(ip))
+        match url::Url::parse(url).ok().and_then(|u| u.host().map(|h| h.to_owned())) {
+            Some(url::Host::Ipv4(v4)) => !self.refuses(IpAddr::V4(v4)),
+            Some(url::Host::Ipv6(v6)) => !self.refuses(IpAddr::V6(v6)),
+            Some(url::Host::Domain(d)) => self.is_open() || !self.is_proxy(&d),
+            None => true,
+        }
+    }
+
+    fn is_proxy(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.');
+        self.proxies.iter().any(|p| p.eq_ignore_ascii_case(name))
     }
 }
 
@@ -162,20 +168,9 @@ impl Reach {
 pub static OPERATOR: Reach = Reach::OPERATOR;
 
 /// Resolves host names for a client of the hand-off, leaving out the addresses its reach
-/// refuses; a name with none left fails to resolve. The client reaches its egress proxy through
-/// the same resolver, and the proxy is the operator's, in the operator's network: its names
-/// are held only to what nobody may reach, or a deny list naming that network would cut every
-/// organization's URL off.
-pub struct AllowedOnly {
-    reach: Reach,
-    proxies: Vec<String>,
-}
-
-impl AllowedOnly {
-    pub fn new(reach: Reach, proxies: Vec<String>) -> Self {
-        Self { reach, proxies }
-    }
-}
+/// refuses; a name with none left fails to resolve. The egress proxies' names are held only to
+/// what nobody may reach (see [`Reach`]).
+pub struct AllowedOnly(pub Reach);
 
 /// The host names of the egress proxies reqwest takes from the environment (`var`), as the
 /// resolver is asked for them: lowercase, without a trailing dot.
@@ -201,8 +196,7 @@ pub fn proxy_hosts(var: impl Fn(&str) -> Option<String>) -> Vec<String> {
 impl reqwest::dns::Resolve for AllowedOnly {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
-        let asked = host.trim_end_matches('.').to_ascii_lowercase();
-        let reach = if self.proxies.contains(&asked) { Reach::OPERATOR } else { self.reach.clone() };
+        let reach = if self.0.is_proxy(&host) { Reach::OPERATOR } else { self.0.clone() };
         Box::pin(async move {
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.filter(|a| !reach.refuses(a.ip())).collect();
@@ -287,7 +281,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_that_resolves_only_to_forbidden_addresses_does_not_resolve() {
-        let resolve = |n: &str| AllowedOnly::new(Reach::OPERATOR, vec![]).resolve(Name::from_str(n).unwrap());
+        let resolve = |n: &str| AllowedOnly(Reach::OPERATOR).resolve(Name::from_str(n).unwrap());
         // Numeric names go through the system resolver as any name does.
         for bad in ["169.254.169.254", "0"] {
             let err = resolve(bad).await.err().unwrap_or_else(|| panic!("{bad} resolved"));
@@ -296,9 +290,14 @@ mod tests {
         let ok: Vec<SocketAddr> = resolve("127.0.0.1").await.unwrap().collect();
         assert_eq!(ok, ["127.0.0.1:0".parse::<SocketAddr>().unwrap()]);
     }
-    fn internal() -> Reach {
+    fn internal_behind(proxies: &[&str]) -> Reach {
         let nets = ["10.0.0.0/8", "127.0.0.0/8", "::1/128", "fc00::/7"];
-        Reach::denying(nets.iter().map(|n| n.parse().unwrap()).collect())
+        let proxies = proxies.iter().map(|p| p.to_string()).collect();
+        Reach::denying(nets.iter().map(|n| n.parse().unwrap()).collect(), proxies)
+    }
+
+    fn internal() -> Reach {
+        internal_behind(&[])
     }
 
     #[test]
@@ -337,17 +336,20 @@ mod tests {
     #[tokio::test]
     async fn a_name_that_resolves_only_into_denied_ranges_does_not_resolve_for_an_organization() {
         let localhost = || Name::from_str("localhost").unwrap();
-        let err = AllowedOnly::new(internal(), vec![]).resolve(localhost()).await.err().expect("refused");
+        let err = AllowedOnly(internal()).resolve(localhost()).await.err().expect("refused");
         assert!(err.to_string().contains("no address the gateway may call"), "{err}");
-        let ok: Vec<SocketAddr> =
-            AllowedOnly::new(Reach::OPERATOR, vec![]).resolve(localhost()).await.unwrap().collect();
+        let ok: Vec<SocketAddr> = AllowedOnly(Reach::OPERATOR).resolve(localhost()).await.unwrap().collect();
         assert!(ok.iter().any(|a| a.ip().is_loopback()), "{ok:?}");
-        // The egress proxy, in the denied network, is still reached.
-        let proxied = AllowedOnly::new(internal(), vec!["localhost".into()]);
+        // The egress proxy, in the denied network, is still reached; an organization's URL
+        // may not name it.
+        let proxied = AllowedOnly(internal_behind(&["LocalHost"]));
         let ok: Vec<SocketAddr> = proxied.resolve(localhost()).await.unwrap().collect();
         assert!(ok.iter().any(|a| a.ip().is_loopback()), "{ok:?}");
         let err = proxied.resolve(Name::from_str("127.0.0.1").unwrap()).await.err().expect("not the proxy");
         assert!(err.to_string().contains("no address the gateway may call"), "{err}");
+        assert!(!proxied.0.allows_url("http://localhost.:8080/admin"));
+        assert!(internal().allows_url("http://localhost:8080/admin"), "checked when resolved");
+        assert!(Reach::denying(vec![], vec!["localhost".into()]).allows_url("http://localhost/"), "nothing denied");
     }
 
     #[test]
@@ -372,8 +374,8 @@ mod tests {
 
     #[test]
     fn a_denied_range_written_as_mapped_ipv6_is_its_ipv4_range() {
-        let reach = Reach::denying(vec!["::ffff:10.0.0.0/104".parse().unwrap(), "fd00::/8".parse().unwrap()]);
-        assert_eq!(reach, Reach::denying(vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]));
+        let reach = Reach::denying(vec!["::ffff:10.0.0.0/104".parse().unwrap(), "fd00::/8".parse().unwrap()], vec![]);
+        assert_eq!(reach, Reach::denying(vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()], vec![]));
         assert!(!reach.allows_url("http://10.1.2.3/") && !reach.allows_url("http://[::ffff:10.1.2.3]/"));
         assert!(reach.allows_url("http://11.1.2.3/"));
     }
