@@ -101,11 +101,11 @@ impl Application {
         let client = |reach: crate::net::outbound::Reach| {
             reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
-                .dns_resolver(Arc::new(crate::net::outbound::AllowedOnly(reach)))
+                .dns_resolver(Arc::new(crate::net::outbound::AllowedOnly(Arc::new(reach))))
                 .user_agent(concat!("callgate/", env!("CARGO_PKG_VERSION")))
                 .build()
         };
-        let http = client(crate::net::outbound::Reach::OPERATOR)?;
+        let http = client(crate::net::outbound::OPERATOR.clone())?;
         let org_http = if settings.org_reach.is_open() { http.clone() } else { client(settings.org_reach.clone())? };
         let state = web::Data::new(AppState {
             provider_api: ProviderApi::new(settings.carrier_urls.clone(), settings.provider_timeout)?,

@@ -7,6 +7,7 @@
 //! since it can resolve to anything.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -87,7 +88,7 @@ pub async fn body_within(mut res: reqwest::Response, most: usize) -> reqwest::Re
 /// Whether the gateway may call `url`: false for a literal address it may not use (a URL
 /// stored before that address was refused). Host names are checked when resolved.
 pub fn allowed_url(url: &str) -> bool {
-    Reach::OPERATOR.allows_url(url)
+    OPERATOR.allows_url(url)
 }
 
 /// Whether two URLs are one as the URL parser reads them (the case of scheme and host, a
@@ -113,9 +114,6 @@ pub struct Reach {
 }
 
 impl Reach {
-    /// The operator's own URLs.
-    pub const OPERATOR: Reach = Reach { deny: Vec::new(), proxies: Vec::new() };
-
     /// An entry written as IPv4-mapped IPv6 (`::ffff:10.0.0.0/104`) is taken as the IPv4 range
     /// it maps: addresses are matched in their IPv4 form, so as written it would match nothing.
     pub fn denying(deny: Vec<IpNet>, proxies: Vec<String>) -> Self {
@@ -164,13 +162,13 @@ impl Reach {
     }
 }
 
-/// The operator's own URLs' reach, to lend out by reference.
-pub static OPERATOR: Reach = Reach::OPERATOR;
+/// The operator's own URLs' reach: nothing beyond `forbidden`.
+pub static OPERATOR: Reach = Reach { deny: Vec::new(), proxies: Vec::new() };
 
 /// Resolves host names for a client of the hand-off, leaving out the addresses its reach
 /// refuses; a name with none left fails to resolve. The egress proxies' names are held only to
 /// what nobody may reach (see [`Reach`]).
-pub struct AllowedOnly(pub Reach);
+pub struct AllowedOnly(pub Arc<Reach>);
 
 /// The host names of the egress proxies reqwest takes from the environment (`var`), as the
 /// resolver is asked for them: lowercase, without a trailing dot.
@@ -196,10 +194,12 @@ pub fn proxy_hosts(var: impl Fn(&str) -> Option<String>) -> Vec<String> {
 impl reqwest::dns::Resolve for AllowedOnly {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
-        let reach = if self.0.is_proxy(&host) { Reach::OPERATOR } else { self.0.clone() };
+        let proxy = self.0.is_proxy(&host);
+        let reach = Arc::clone(&self.0);
         Box::pin(async move {
+            let refused = |ip: IpAddr| if proxy { forbidden(ip) } else { reach.refuses(ip) };
             let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.filter(|a| !reach.refuses(a.ip())).collect();
+                tokio::net::lookup_host((host.as_str(), 0)).await?.filter(|a| !refused(a.ip())).collect();
             if addrs.is_empty() {
                 return Err(format!("{host} resolves to no address the gateway may call").into());
             }
@@ -281,7 +281,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_that_resolves_only_to_forbidden_addresses_does_not_resolve() {
-        let resolve = |n: &str| AllowedOnly(Reach::OPERATOR).resolve(Name::from_str(n).unwrap());
+        let resolve = |n: &str| AllowedOnly(Arc::new(OPERATOR.clone())).resolve(Name::from_str(n).unwrap());
         // Numeric names go through the system resolver as any name does.
         for bad in ["169.254.169.254", "0"] {
             let err = resolve(bad).await.err().unwrap_or_else(|| panic!("{bad} resolved"));
@@ -329,20 +329,20 @@ mod tests {
             assert!(reach.allows_url(fine), "{fine}");
         }
         // The operator's own URLs: only what nobody may reach.
-        assert!(Reach::OPERATOR.allows_url("http://10.1.2.3/hook"));
-        assert!(Reach::OPERATOR.is_open() && !reach.is_open());
+        assert!(OPERATOR.allows_url("http://10.1.2.3/hook"));
+        assert!(OPERATOR.is_open() && !reach.is_open());
     }
 
     #[tokio::test]
     async fn a_name_that_resolves_only_into_denied_ranges_does_not_resolve_for_an_organization() {
         let localhost = || Name::from_str("localhost").unwrap();
-        let err = AllowedOnly(internal()).resolve(localhost()).await.err().expect("refused");
+        let err = AllowedOnly(Arc::new(internal())).resolve(localhost()).await.err().expect("refused");
         assert!(err.to_string().contains("no address the gateway may call"), "{err}");
-        let ok: Vec<SocketAddr> = AllowedOnly(Reach::OPERATOR).resolve(localhost()).await.unwrap().collect();
+        let ok: Vec<SocketAddr> = AllowedOnly(Arc::new(OPERATOR.clone())).resolve(localhost()).await.unwrap().collect();
         assert!(ok.iter().any(|a| a.ip().is_loopback()), "{ok:?}");
         // The egress proxy, in the denied network, is still reached; an organization's URL
         // may not name it.
-        let proxied = AllowedOnly(internal_behind(&["LocalHost"]));
+        let proxied = AllowedOnly(Arc::new(internal_behind(&["LocalHost"])));
         let ok: Vec<SocketAddr> = proxied.resolve(localhost()).await.unwrap().collect();
         assert!(ok.iter().any(|a| a.ip().is_loopback()), "{ok:?}");
         let err = proxied.resolve(Name::from_str("127.0.0.1").unwrap()).await.err().expect("not the proxy");
